@@ -1,0 +1,97 @@
+"""Decoder output heads, one per likelihood, looked up by name.
+
+Each head maps the decoder's last hidden layer h (B, H) to the distribution p(x|z,c) over
+G genes. Count heads follow scVI: mean = softmax proportions x library size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, Normal
+
+from genailab.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from genailab.model.config import ModelConfig
+
+_LOG_CLAMP = 15.0  # exp(15) ~ 3e6: keeps dispersions and variances finite in float32
+
+
+class Dispersion(nn.Module):
+    """Log-dispersion (NB log theta, or Gaussian log variance) per gene, gene-condition or cell.
+
+    ``forward(h, c)`` returns a tensor broadcastable to (B, G).
+    """
+
+    def __init__(self, hidden_dim: int, config: ModelConfig):
+        super().__init__()
+        self.mode = config.dispersion
+        self.per_gene = nn.Parameter(torch.zeros(config.input_dim))
+        if self.mode == "gene-condition":
+            # Linear in c: with one-hot conditions this is one log-dispersion per gene and category.
+            self.per_condition = nn.Linear(config.condition_dim, config.input_dim, bias=False)
+            nn.init.zeros_(self.per_condition.weight)
+        elif self.mode == "gene-cell":
+            self.per_cell = nn.Linear(hidden_dim, config.input_dim)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "gene-condition":
+            log_disp = self.per_gene + self.per_condition(c)
+        elif self.mode == "gene-cell":
+            log_disp = self.per_cell(h)
+        else:
+            log_disp = self.per_gene
+        return log_disp.clamp(-_LOG_CLAMP, _LOG_CLAMP)
+
+
+class GaussianHead(nn.Module):
+    """Normal(mean, variance) for log-normalised expression; variance from :class:`Dispersion`."""
+
+    def __init__(self, hidden_dim: int, config: ModelConfig):
+        super().__init__()
+        self.mean = nn.Linear(hidden_dim, config.input_dim)
+        self.log_variance = Dispersion(hidden_dim, config)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
+        mean = self.mean(h)  # (B, G)
+        scale = torch.exp(0.5 * self.log_variance(h, c)).expand_as(mean)
+        return Normal(mean, scale)
+
+
+class NegativeBinomialHead(nn.Module):
+    """NB(mu = library * softmax(W h), theta) for raw counts."""
+
+    def __init__(self, hidden_dim: int, config: ModelConfig):
+        super().__init__()
+        self.scale = nn.Linear(hidden_dim, config.input_dim)
+        self.log_theta = Dispersion(hidden_dim, config)
+
+    def parameters_for(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (px_rate, px_r), both (B, G)."""
+        px_scale = torch.softmax(self.scale(h), dim=-1)  # (B, G) expression proportions
+        px_rate = library * px_scale  # (B, G) expected counts
+        px_r = torch.exp(self.log_theta(h, c)).expand_as(px_rate)  # (B, G) inverse dispersion
+        return px_rate, px_r
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
+        return NegativeBinomial(*self.parameters_for(h, c, library))
+
+
+class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
+    """ZINB: the NB head plus per-cell, per-gene dropout logits."""
+
+    def __init__(self, hidden_dim: int, config: ModelConfig):
+        super().__init__(hidden_dim, config)
+        self.dropout_logits = nn.Linear(hidden_dim, config.input_dim)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
+        px_rate, px_r = self.parameters_for(h, c, library)
+        return ZeroInflatedNegativeBinomial(px_rate, px_r, self.dropout_logits(h))
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "gaussian": GaussianHead,
+    "nb": NegativeBinomialHead,
+    "zinb": ZeroInflatedNegativeBinomialHead,
+}
