@@ -1,0 +1,59 @@
+"""Schedules as pure functions of training progress (epochs, fractional within an epoch)."""
+
+from __future__ import annotations
+
+from genailab.errors import ConfigError
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+def kl_weight(
+    progress: float,
+    *,
+    schedule: str = "linear",
+    warmup_epochs: float = 10.0,
+    total_epochs: float = 1.0,
+    n_cycles: int = 4,
+    ramp_fraction: float = 0.5,
+) -> float:
+    """Weight in [0, 1] multiplying beta * KL at ``progress`` epochs into training.
+
+    - ``constant``: always 1.
+    - ``linear``: rises linearly from 0 to 1 over ``warmup_epochs`` (KL warm-up), then stays 1.
+    - ``cyclical``: ``n_cycles`` cycles over ``total_epochs``; each rises linearly over its first
+      ``ramp_fraction`` and then stays 1 (Fu et al., 2019, "Cyclical annealing schedule").
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 if warmup_epochs <= 0 else min(1.0, max(0.0, progress / warmup_epochs))
+    if schedule == "cyclical":
+        cycle_length = total_epochs / max(n_cycles, 1)
+        phase = (progress % cycle_length) / cycle_length
+        return min(1.0, phase / ramp_fraction)
+    raise ConfigError(f"kl_schedule={schedule!r} is not one of {KL_SCHEDULES}.")
+
+
+class EarlyStopping:
+    """Stop when a monitored loss has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = float("inf")
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record this epoch's value; True when training should stop."""
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]

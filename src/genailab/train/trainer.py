@@ -1,0 +1,235 @@
+"""A plain PyTorch training loop: AdamW, KL annealing, early stopping, LR on plateau, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from genailab.data.loader import MinibatchLoader
+from genailab.errors import CheckpointError, TrainingDivergedError
+from genailab.model.vae import ConditionalVAE
+from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
+from genailab.train.config import TrainConfig
+from genailab.train.schedules import EarlyStopping, kl_weight
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "genailab-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` gives CUDA when available, else CPU; other names are passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally demand deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class Trainer:
+    """Fits a :class:`ConditionalVAE` on minibatch loaders.
+
+    Parameters
+    ----------
+    model
+        The model to train, already on its device or moved there by the trainer.
+    config
+        Training options.
+    checkpoint_path
+        Where resumable checkpoints go (written atomically every ``config.checkpoint_every`` epochs).
+    checkpoint_extra
+        Plain data stored in every checkpoint (e.g. the data schema), returned by :func:`load_checkpoint`.
+    """
+
+    def __init__(
+        self,
+        model: ConditionalVAE,
+        config: TrainConfig,
+        *,
+        checkpoint_path: str | Path | None = None,
+        checkpoint_extra: dict | None = None,
+    ):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=config.lr_factor, patience=config.lr_plateau_patience, min_lr=config.min_lr
+            )
+            if config.lr_plateau_patience is not None
+            else None
+        )
+        self.early_stopping = (
+            EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+            if config.early_stopping_patience is not None
+            else None
+        )
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.stopped_early = False
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, train_loader: MinibatchLoader, val_loader: MinibatchLoader | None = None) -> list[dict]:
+        """Train until ``config.epochs`` or early stopping; returns the per-epoch history."""
+        cfg = self.config
+        epochs = range(self.start_epoch, cfg.epochs)
+        bar = tqdm(epochs, desc="training", unit="epoch", disable=None if cfg.progress else True, leave=False)
+        for epoch in bar:
+            started = time.perf_counter()
+            train = self._train_epoch(train_loader, epoch)
+            record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
+            if val_loader is not None:
+                record.update({f"val_{k}": v for k, v in evaluate(self.model, val_loader, self.device).items()})
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            record["seconds"] = time.perf_counter() - started
+            self.history.append(record)
+            monitored = record["val_elbo_loss"] if val_loader is not None else record["train_elbo_loss"]
+            if self.scheduler is not None:
+                self.scheduler.step(monitored)
+            stop = self.early_stopping is not None and self.early_stopping.step(monitored, epoch + 1)
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", monitored=f"{monitored:.4g}")
+            logger.info("epoch %d: %s", epoch + 1, _format_record(record))
+            self.start_epoch = epoch + 1
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if stop:
+                self.stopped_early = True
+                logger.info("Early stopping after epoch %d (best epoch %d).", epoch + 1, self.early_stopping.best_epoch)
+                break
+        bar.close()
+        return self.history
+
+    def _train_epoch(self, loader: MinibatchLoader, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        loader.set_epoch(epoch)
+        n_batches = len(loader)
+        sums = torch.zeros(3, dtype=torch.float64)  # objective, reconstruction, kl (summed over cells)
+        n_cells = 0
+        weight = 1.0
+        for step, batch in enumerate(loader):
+            batch = batch.to(self.device)
+            weight = kl_weight(
+                epoch + step / n_batches,
+                schedule=cfg.kl_schedule,
+                warmup_epochs=cfg.kl_warmup_epochs,
+                total_epochs=cfg.epochs,
+                n_cycles=cfg.kl_cycles,
+            )
+            out = self.model.loss(batch.x, batch.c, kl_weight=weight)
+            if not torch.isfinite(out.loss):
+                raise TrainingDivergedError(
+                    f"The loss became {out.loss.item()} at epoch {epoch + 1}, batch {step + 1} of {n_batches}. "
+                    "Lower the learning rate (lr), keep gradient clipping on (grad_clip), check the input for "
+                    "extreme values, or use a count model on raw counts. "
+                    + (f"The last good checkpoint is {self.checkpoint_path}." if self.checkpoint_path else "")
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            b = batch.x.shape[0]
+            sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum()]).cpu()
+            n_cells += b
+        loss, rec, kl = (sums / max(n_cells, 1)).tolist()
+        return {"loss": loss, "reconstruction": rec, "kl": kl, "elbo_loss": rec + kl, "kl_weight": weight}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "epoch": self.start_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "train_config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "extra": self.checkpoint_extra,
+        }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.early_stopping is not None:
+            state["early_stopping"] = self.early_stopping.state_dict()
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write a resumable checkpoint atomically; returns its path."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise CheckpointError("No checkpoint path was given to the trainer.")
+        atomic_torch_save(self.state_dict(), path)
+        return path
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore everything a checkpoint holds, so training continues the same loss curve."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.early_stopping is not None and "early_stopping" in state:
+            self.early_stopping.load_state_dict(state["early_stopping"])
+        self.history = list(state["history"])
+        self.start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and check a trainer checkpoint (no code runs from the file)."""
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a genailab training checkpoint.")
+    if state.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer genailab (checkpoint version {state['version']}); upgrade genailab."
+        )
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: ConditionalVAE, loader: Iterable, device: torch.device | None = None) -> dict[str, float]:
+    """Mean per-cell reconstruction, KL and negative ELBO (reconstruction + KL) over a loader."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    sums = torch.zeros(2, dtype=torch.float64)
+    n_cells = 0
+    for batch in loader:
+        batch = batch.to(device)
+        out = model.loss(batch.x, batch.c)
+        sums += torch.stack([out.reconstruction.sum(), out.kl.sum()]).cpu()
+        n_cells += batch.x.shape[0]
+    model.train(was_training)
+    rec, kl = (sums / max(n_cells, 1)).tolist()
+    return {"reconstruction": rec, "kl": kl, "elbo_loss": rec + kl}
+
+
+def _format_record(record: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}" for k, v in record.items())
