@@ -1,0 +1,252 @@
+"""How a model reads an AnnData: the layer, the genes and the condition columns.
+
+A :class:`DataSchema` is fitted on the training AnnData, saved with the model, and then encodes and
+validates every later AnnData the same way (same gene order, same category codes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
+
+logger = logging.getLogger(__name__)
+
+ENCODINGS = ("onehot", "embedding")
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """The layer, gene order and condition encoding a model was trained with."""
+
+    gene_names: tuple[str, ...]
+    layer: str | None = None  # None reads adata.X
+    categorical_keys: tuple[str, ...] = ()  # obs columns treated as categories (batch, cell type, drug)
+    categories: tuple[tuple[str, ...], ...] = ()  # the categories of each key, in code order
+    continuous_keys: tuple[str, ...] = ()  # numeric obs columns (dose, age), standardised
+    continuous_mean: tuple[float, ...] = ()
+    continuous_std: tuple[float, ...] = ()
+    encoding: str = "onehot"  # categorical conditions as one-hot columns or learned embeddings
+
+    @classmethod
+    def from_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        categorical_keys: Sequence[str] = (),
+        continuous_keys: Sequence[str] = (),
+        encoding: str = "onehot",
+    ) -> DataSchema:
+        """Record the genes, categories and continuous-column scales of ``adata``."""
+        if encoding not in ENCODINGS:
+            raise ConfigError(f"condition encoding {encoding!r} is not one of {ENCODINGS}.")
+        categorical_keys, continuous_keys = tuple(categorical_keys), tuple(continuous_keys)
+        overlap = set(categorical_keys) & set(continuous_keys)
+        if overlap:
+            raise ConfigError(f"Columns {sorted(overlap)} are listed as both categorical and continuous.")
+        _require_columns(adata.obs, categorical_keys + continuous_keys, when="training")
+        if layer is not None and layer not in adata.layers:
+            raise SchemaMismatchError(
+                f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); "
+                "pass layer=None to use adata.X."
+            )
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise InputDataError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+        if not adata.var_names.is_unique:
+            dupes = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+            raise InputDataError(f"Gene names are not unique (e.g. {dupes}); call adata.var_names_make_unique().")
+        categories = []
+        for key in categorical_keys:
+            column = adata.obs[key]
+            if column.isna().any():
+                raise InputDataError(f"obs[{key!r}] has {int(column.isna().sum())} missing values; fill or drop them.")
+            cats = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column)
+            used = set(column.astype(str))
+            categories.append(tuple(str(c) for c in cats if str(c) in used))
+        means, stds = [], []
+        for key in continuous_keys:
+            values = _continuous_column(adata.obs, key)
+            means.append(float(values.mean()))
+            stds.append(float(values.std()) or 1.0)
+        return cls(
+            gene_names=tuple(map(str, adata.var_names)),
+            layer=layer,
+            categorical_keys=categorical_keys,
+            categories=tuple(categories),
+            continuous_keys=continuous_keys,
+            continuous_mean=tuple(means),
+            continuous_std=tuple(stds),
+            encoding=encoding,
+        )
+
+    # -- layout of the condition vector ------------------------------------------------------
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_names)
+
+    @property
+    def categorical_sizes(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.categories)
+
+    def model_condition_options(self) -> dict:
+        """The :class:`~genailab.model.config.ModelConfig` fields that describe the conditions."""
+        n_cont = len(self.continuous_keys)
+        if self.encoding == "embedding" and self.categorical_keys:
+            return {"categorical_sizes": self.categorical_sizes, "n_continuous": n_cont}
+        return {"condition_dim": sum(self.categorical_sizes) + n_cont}
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode_obs(self, obs: pd.DataFrame) -> np.ndarray | None:
+        """Condition matrix (n_cells, raw_condition_dim) float32, or None without conditions."""
+        if not self.categorical_keys and not self.continuous_keys:
+            return None
+        _require_columns(obs, self.categorical_keys + self.continuous_keys, when="prediction")
+        values = {key: obs[key].to_numpy() for key in self.categorical_keys + self.continuous_keys}
+        return self._encode(values, len(obs))
+
+    def encode_values(self, values: Mapping[str, object], n: int) -> np.ndarray | None:
+        """Condition matrix (n, raw_condition_dim) for n cells that all share ``values``."""
+        missing = [k for k in self.categorical_keys + self.continuous_keys if k not in values]
+        if missing:
+            raise SchemaMismatchError(
+                f"Missing condition values for {missing}; give one value per condition "
+                f"({', '.join(self.categorical_keys + self.continuous_keys)})."
+            )
+        unknown = sorted(set(values) - set(self.categorical_keys + self.continuous_keys))
+        if unknown:
+            raise SchemaMismatchError(
+                f"Unknown condition keys {unknown}; this model's conditions are "
+                f"{list(self.categorical_keys + self.continuous_keys)}."
+            )
+        if not self.categorical_keys and not self.continuous_keys:
+            return None
+        return self._encode({k: np.repeat(np.asarray([values[k]], dtype=object), n) for k in values}, n)
+
+    def _encode(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        columns = []
+        for key, cats in zip(self.categorical_keys, self.categories):
+            codes = _category_codes(values[key], cats, key)
+            if self.encoding == "embedding":
+                columns.append(codes[:, None].astype(np.float32))
+            else:
+                onehot = np.zeros((n, len(cats)), dtype=np.float32)
+                onehot[np.arange(n), codes] = 1.0
+                columns.append(onehot)
+        for key, mean, std in zip(self.continuous_keys, self.continuous_mean, self.continuous_std):
+            raw = pd.to_numeric(pd.Series(values[key]), errors="coerce").to_numpy(dtype=np.float64)
+            if not np.isfinite(raw).all():
+                raise InputDataError(f"Condition {key!r} has missing or non-numeric values; fill them first.")
+            columns.append(((raw - mean) / std).astype(np.float32)[:, None])
+        return np.concatenate(columns, axis=1)
+
+    # -- expression --------------------------------------------------------------------------
+    def expression(self, adata: AnnData, *, align_genes: bool = False):
+        """The (n_cells, n_genes) matrix in the model's gene order: CSR float32 or dense float32.
+
+        Genes in a different order are reordered by name and extra genes are dropped. Genes the
+        model needs but ``adata`` lacks raise :class:`SchemaMismatchError`, unless
+        ``align_genes=True``, which fills them with zeros (with a warning).
+        """
+        matrix = _layer(adata, self.layer)
+        names = adata.var_names.astype(str)
+        if names.size == self.n_genes and np.array_equal(names.to_numpy(), np.asarray(self.gene_names)):
+            return _as_float32(matrix)
+        position = pd.Index(names).get_indexer(list(self.gene_names))
+        missing = np.flatnonzero(position < 0)
+        if missing.size and not align_genes:
+            shown = ", ".join(self.gene_names[i] for i in missing[:10])
+            raise SchemaMismatchError(
+                f"{missing.size} of the model's {self.n_genes} genes are missing from the data "
+                f"(e.g. {shown}). Use the same gene set (and var_names) as in training, or pass "
+                "align_genes=True to fill missing genes with zeros."
+            )
+        if missing.size:
+            logger.warning("Filling %d genes missing from the data with zeros.", missing.size)
+        extra = names.size - (self.n_genes - missing.size)
+        if extra:
+            logger.info("Ignoring %d genes the model was not trained on.", extra)
+        return _select_genes(_as_float32(matrix), position)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {k: [list(v) for v in data[k]] if k == "categories" else (list(v) if isinstance(v, tuple) else v)
+                for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> DataSchema:
+        data = dict(data)
+        data["categories"] = tuple(tuple(c) for c in data.get("categories", ()))
+        for key in ("gene_names", "categorical_keys", "continuous_keys", "continuous_mean", "continuous_std"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+
+def _require_columns(obs: pd.DataFrame, keys: Sequence[str], *, when: str) -> None:
+    missing = [k for k in keys if k not in obs.columns]
+    if missing:
+        raise SchemaMismatchError(
+            f"Condition columns {missing} are not in adata.obs at {when} time "
+            f"(available: {list(obs.columns)[:20]}); add them or choose other condition keys."
+        )
+
+
+def _continuous_column(obs: pd.DataFrame, key: str) -> np.ndarray:
+    values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise InputDataError(
+            f"obs[{key!r}] is used as a continuous condition but has missing or non-numeric values; "
+            "fill them, or list the column as categorical."
+        )
+    return values
+
+
+def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str) -> np.ndarray:
+    as_text = pd.Series(values).astype(str)
+    codes = pd.Index(categories).get_indexer(as_text)
+    if (codes < 0).any():
+        unknown = sorted(set(as_text[codes < 0]))[:10]
+        raise SchemaMismatchError(
+            f"obs[{key!r}] has categories the model has not seen: {unknown}. Known categories: "
+            f"{list(categories)[:20]}. Map them to a known category or retrain including them."
+        )
+    return codes
+
+
+def _layer(adata: AnnData, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise SchemaMismatchError(
+            f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); the model was "
+            "trained on that layer, so store the same kind of values there."
+        )
+    return adata.layers[layer]
+
+
+def _as_float32(matrix):
+    if sp.issparse(matrix):
+        matrix = sp.csr_matrix(matrix) if not sp.isspmatrix_csr(matrix) else matrix
+        return matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
+    return np.asarray(matrix, dtype=np.float32)
+
+
+def _select_genes(matrix, position: np.ndarray):
+    """Columns ``position`` of ``matrix``; -1 gives a column of zeros."""
+    present = position >= 0
+    if sp.issparse(matrix):
+        picked = matrix[:, np.where(present, position, 0)].tocsr()
+        if not present.all():
+            picked = picked @ sp.diags(present.astype(np.float32))
+            picked.eliminate_zeros()
+        return picked.tocsr()
+    picked = matrix[:, np.where(present, position, 0)]
+    picked[:, ~present] = 0.0
+    return picked

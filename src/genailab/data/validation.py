@@ -1,0 +1,91 @@
+"""Checks on expression matrices before a model sees them, with errors that say how to fix them.
+
+All checks work on dense arrays and on CSR/CSC matrices without densifying them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+
+from genailab.errors import InputDataError
+
+logger = logging.getLogger(__name__)
+
+EMPTY_CELL_ACTIONS = ("error", "drop", "warn")
+
+
+def _values(matrix) -> np.ndarray:
+    """The stored values of a matrix: ``.data`` for sparse, the flat array for dense."""
+    return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+
+
+def is_integer_counts(matrix) -> bool:
+    """True when every value is a non-negative integer (within float rounding)."""
+    values = _values(matrix)
+    if values.size == 0:
+        return True
+    if np.issubdtype(values.dtype, np.integer):
+        return bool(values.min() >= 0)
+    return bool(np.all(values >= 0) and np.all(np.abs(values - np.round(values)) < 1e-6))
+
+
+def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
+    """Raise :class:`InputDataError` for NaN/Inf, and for negative or non-integer values when
+    ``counts`` is True (count models need raw UMI/read counts)."""
+    values = _values(matrix)
+    if values.size and not np.issubdtype(values.dtype, np.number):
+        raise InputDataError(f"{source} has non-numeric values (dtype {values.dtype}); convert it to numbers.")
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise InputDataError(
+                f"{source} contains {int(bad.sum())} NaN or infinite values; remove or impute them "
+                "(e.g. replace with 0 for missing counts) before training."
+            )
+    if not counts or values.size == 0:
+        return
+    if values.min() < 0:
+        raise InputDataError(
+            f"{source} has negative values (min {values.min():.4g}), but count models (nb, zinb) need raw "
+            "counts. Point `layer` at the raw-count layer, or use the Gaussian model for normalised data."
+        )
+    if not is_integer_counts(matrix):
+        fractional = values[np.abs(values - np.round(values)) >= 1e-6]
+        raise InputDataError(
+            f"{source} has {fractional.size} non-integer values (e.g. {fractional[0]:.4g}); count models "
+            "(nb, zinb) need raw integer counts. Point `layer` at the raw-count layer (often "
+            "layers['counts']), or use the Gaussian model (likelihood='gaussian') for log-normalised data."
+        )
+
+
+def cell_totals(matrix) -> np.ndarray:
+    """Per-cell sum of a (n_cells, n_genes) matrix as float64, (n_cells,)."""
+    return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+
+
+def empty_cells(matrix, *, action: str = "error", source: str = "the data") -> np.ndarray:
+    """Return a boolean mask of cells to keep, acting on cells whose counts are all zero.
+
+    ``action`` is ``"error"`` (raise), ``"drop"`` (log a warning and drop them) or ``"warn"``
+    (log a warning and keep them).
+    """
+    if action not in EMPTY_CELL_ACTIONS:
+        raise InputDataError(f"empty_cells={action!r} is not one of {EMPTY_CELL_ACTIONS}.")
+    keep = cell_totals(matrix) > 0
+    n_empty = int((~keep).sum())
+    if n_empty == 0:
+        return keep
+    message = f"{source} has {n_empty} of {keep.size} cells with zero total counts"
+    if action == "error":
+        raise InputDataError(
+            message + "; remove them (e.g. sc.pp.filter_cells(adata, min_counts=1)) or pass "
+            "empty_cells='drop' to drop them with a warning."
+        )
+    if action == "drop":
+        logger.warning("%s; dropping them.", message)
+        return keep
+    logger.warning("%s; keeping them as asked.", message)
+    return np.ones_like(keep)
