@@ -1,0 +1,30 @@
+"""Shared CLI helpers: reading data and turning library errors into clean messages."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from genailab.errors import GenailabError
+
+
+def fail_cleanly(command):
+    """Show genailab's own errors as one clear line (exit code 2) instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except GenailabError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def read_data(path: Path):
+    """Read an AnnData from any supported file."""
+    import anndata as ad
+
+    return ad.read_h5ad(path)
