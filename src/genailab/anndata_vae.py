@@ -16,6 +16,7 @@ from genailab.data.loader import MinibatchLoader
 from genailab.data.schema import DataSchema
 from genailab.data.validation import cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
+from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
 from genailab.model_io import data_fingerprint, load_model_files, save_model_files
@@ -47,6 +48,11 @@ class VAE:
         ``"onehot"`` or ``"embedding"`` (learned embeddings, for many categories).
     empty_cells
         What to do with cells whose counts are all zero: ``"error"``, ``"drop"`` or ``"warn"``.
+    adversarial_key
+        A categorical condition (usually the batch) that an adversarial discriminator on the
+        latent must not be able to predict: batch correction. Must be one of ``condition_keys``.
+    adversary
+        Weight, warm-up and mode of the adversary (:class:`~genailab.model.adversary.AdversaryConfig`).
     **model_options
         Architecture options of :class:`~genailab.model.config.ModelConfig` (``latent_dim``,
         ``hidden_dims``, ``dispersion``, ``dropout``, ``norm``, ``activation``, ``inject_condition``,
@@ -69,8 +75,17 @@ class VAE:
         continuous_keys: Sequence[str] = (),
         condition_encoding: str = "onehot",
         empty_cells: str = "error",
+        adversarial_key: str | None = None,
+        adversary: AdversaryConfig | None = None,
         **model_options,
     ):
+        if adversarial_key is not None and adversarial_key not in condition_keys:
+            raise ConfigError(
+                f"adversarial_key={adversarial_key!r} must also be a condition so the decoder can model the "
+                f"batch effect the latent is freed of; add it to condition_keys (now {list(condition_keys)})."
+            )
+        if adversary is not None and adversarial_key is None:
+            raise ConfigError("An adversary needs adversarial_key=<obs column of the batch>.")
         if isinstance(condition_keys, str) or isinstance(continuous_keys, str):
             raise ConfigError("condition_keys and continuous_keys take lists of obs columns, e.g. ['batch'].")
         schema = DataSchema.from_anndata(
@@ -89,7 +104,10 @@ class VAE:
         self.schema = schema
         self.config = config
         self.empty_cells = empty_cells
+        self.adversarial_key = adversarial_key
+        self.adversary_config = adversary or (AdversaryConfig() if adversarial_key is not None else None)
         self.module = ConditionalVAE.from_config(config)
+        self.adversary: BatchDiscriminator | None = None
         self.adata = adata
         self.train_config: TrainConfig | None = None
         self.history: list[dict] = []
@@ -163,6 +181,7 @@ class VAE:
         seed_everything(config.seed, deterministic=config.deterministic)
         if resume_from is None:
             self.module = ConditionalVAE.from_config(self.config)  # initial weights depend on the seed
+            self.adversary = self._new_adversary()
         if self.config.is_count_model:
             library = cell_totals(matrix)[train_rows]
             self.module.default_library.fill_(float(np.median(library)))
@@ -175,15 +194,18 @@ class VAE:
             config,
             checkpoint_path=checkpoint_path,
             checkpoint_extra={"schema": self.schema.to_dict(), "empty_cells": self.empty_cells},
+            adversary=self.adversary,
         )
         if resume_from is not None:
             trainer.load_state_dict(_checked_checkpoint(resume_from, self.config, config))
         drop_last = train_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
+        labels = self._adversary_labels()
         train_loader = MinibatchLoader(
-            matrix, conditions, indices=train_rows, batch_size=config.batch_size, seed=config.seed, drop_last=drop_last
+            matrix, conditions, labels=labels, indices=train_rows, batch_size=config.batch_size, seed=config.seed,
+            drop_last=drop_last,
         )
         val_loader = (
-            MinibatchLoader(matrix, conditions, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
+            MinibatchLoader(matrix, conditions, labels=labels, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
             if val_rows.size
             else None
         )
@@ -199,6 +221,20 @@ class VAE:
         self._split = {"train": train_rows, "validation": val_rows}
         self.module.eval()
         return self
+
+    def _new_adversary(self) -> BatchDiscriminator | None:
+        if self.adversarial_key is None:
+            return None
+        n_batches = len(self.schema.categories[self.schema.categorical_keys.index(self.adversarial_key)])
+        return BatchDiscriminator(self.config.latent_dim, n_batches, self.adversary_config)
+
+    def _adversary_labels(self) -> np.ndarray | None:
+        """Codes of ``adversarial_key`` for every cell of the training data, or None."""
+        if self.adversarial_key is None:
+            return None
+        position = self.schema.categorical_keys.index(self.adversarial_key)
+        values = self.adata.obs[self.adversarial_key].astype(str)
+        return pd.Index(self.schema.categories[position]).get_indexer(values)
 
     # -- inference -------------------------------------------------------------------------------
     def _loader(self, adata: AnnData | None, align_genes: bool, batch_size: int) -> MinibatchLoader:
@@ -318,6 +354,8 @@ class VAE:
         if (directory / "genailab.json").exists() and not overwrite:
             raise CheckpointError(f"{directory} already holds a saved model; pass overwrite=True to replace it.")
         tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        if self.adversary is not None:
+            tensors.update({f"adversary.{k}": v for k, v in self.adversary.state_dict().items()})
         split = getattr(self, "_split", None)
         if split is not None:
             tensors["split.train"] = torch.from_numpy(split["train"])
@@ -327,6 +365,8 @@ class VAE:
             "train_config": None if self.train_config is None else self.train_config.to_dict(),
             "schema": self.schema.to_dict(),
             "empty_cells": self.empty_cells,
+            "adversarial_key": self.adversarial_key,
+            "adversary_config": None if self.adversary_config is None else self.adversary_config.to_dict(),
             "training": self.training_info,
             "history": self.history,
         }
@@ -343,10 +383,18 @@ class VAE:
         model.train_config = TrainConfig.from_dict(metadata["train_config"]) if metadata["train_config"] else None
         model.history = list(metadata.get("history", []))
         model.training_info = dict(metadata.get("training", {}))
+        model.adversarial_key = metadata.get("adversarial_key")
+        adversary_config = metadata.get("adversary_config")
+        model.adversary_config = AdversaryConfig(**adversary_config) if adversary_config else None
         model.module = ConditionalVAE.from_config(model.config)
+        model.adversary = model._new_adversary()
         state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
         try:
             model.module.load_state_dict(state)
+            if model.adversary is not None:
+                model.adversary.load_state_dict(
+                    {k.removeprefix("adversary."): v for k, v in tensors.items() if k.startswith("adversary.")}
+                )
         except RuntimeError as exc:
             raise CheckpointError(f"The weights in {directory} do not fit the saved architecture: {exc}") from exc
         if "split.train" in tensors:

@@ -19,6 +19,7 @@ class Batch:
     x: torch.Tensor  # (B, G) float32 expression
     c: torch.Tensor | None  # (B, raw_condition_dim) float32 conditions, or None
     index: torch.Tensor  # (B,) int64 row numbers in the source matrix
+    y: torch.Tensor | None = None  # (B,) int64 labels for an auxiliary head (batch codes for the adversary)
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
@@ -27,6 +28,7 @@ class Batch:
             x=self.x.to(device, non_blocking=True),
             c=None if self.c is None else self.c.to(device, non_blocking=True),
             index=self.index,
+            y=None if self.y is None else self.y.to(device, non_blocking=True),
         )
 
 
@@ -62,6 +64,8 @@ class MinibatchLoader:
         (n_cells, n_genes) CSR or dense matrix.
     conditions
         (n_cells, k) float32 condition matrix, or None.
+    labels
+        (n_cells,) integer labels carried as ``Batch.y`` (e.g. batch codes for an adversary), or None.
     indices
         Rows to iterate over (e.g. the training split); all rows by default.
     batch_size, shuffle, seed, drop_last
@@ -74,6 +78,7 @@ class MinibatchLoader:
         matrix,
         conditions: np.ndarray | None = None,
         *,
+        labels: np.ndarray | None = None,
         indices: np.ndarray | None = None,
         batch_size: int = 128,
         shuffle: bool = True,
@@ -86,6 +91,7 @@ class MinibatchLoader:
             matrix = sp.csr_matrix(matrix)
         self.matrix = matrix
         self.conditions = None if conditions is None else np.ascontiguousarray(conditions, dtype=np.float32)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.indices = np.arange(matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -116,4 +122,5 @@ class MinibatchLoader:
         """The :class:`Batch` for the given row numbers."""
         x = torch.from_numpy(gather_rows(self.matrix, rows))
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
-        return Batch(x=x, c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+        y = None if self.labels is None else torch.from_numpy(self.labels[rows])
+        return Batch(x=x, c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)), y=y)

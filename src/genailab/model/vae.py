@@ -38,6 +38,7 @@ class LossOutput:
     loss: torch.Tensor  # scalar: mean over cells of reconstruction + kl_weight * beta * kl
     reconstruction: torch.Tensor  # (B,) -log p(x|z,c), summed over genes
     kl: torch.Tensor  # (B,) KL(q(z|x,c) || N(0, I)), summed over latent dimensions
+    z: torch.Tensor  # (B, L) the reparameterised sample the reconstruction used
 
 
 def gaussian_kl(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,7 @@ class ConditionalVAE(nn.Module):
         reconstruction = -out.px.log_prob(x).sum(-1)
         kl = gaussian_kl(out.qz_mean, out.qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.beta) * kl)
-        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl)
+        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=out.z)
 
     @torch.no_grad()
     def sample(

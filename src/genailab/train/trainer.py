@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from genailab.data.loader import MinibatchLoader
 from genailab.errors import CheckpointError, TrainingDivergedError
+from genailab.model.adversary import BatchDiscriminator
 from genailab.model.vae import ConditionalVAE
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
@@ -56,6 +57,10 @@ class Trainer:
         Where resumable checkpoints go (written atomically every ``config.checkpoint_every`` epochs).
     checkpoint_extra
         Plain data stored in every checkpoint (e.g. the data schema), returned by :func:`load_checkpoint`.
+    adversary
+        Optional batch discriminator on the latent; the loaders must then carry batch codes as
+        ``Batch.y``. The trainer owns its optimiser and steps it after (alternating mode) or with
+        (gradient-reversal mode) the VAE.
     """
 
     def __init__(
@@ -65,10 +70,15 @@ class Trainer:
         *,
         checkpoint_path: str | Path | None = None,
         checkpoint_extra: dict | None = None,
+        adversary: BatchDiscriminator | None = None,
     ):
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        self.adversary = adversary.to(self.device) if adversary is not None else None
+        self.adversary_optimizer = (
+            torch.optim.Adam(adversary.parameters(), lr=adversary.config.lr) if adversary is not None else None
+        )
         optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = (
@@ -125,7 +135,7 @@ class Trainer:
         self.model.train()
         loader.set_epoch(epoch)
         n_batches = len(loader)
-        sums = torch.zeros(3, dtype=torch.float64)  # objective, reconstruction, kl (summed over cells)
+        sums = torch.zeros(4, dtype=torch.float64)  # objective, reconstruction, kl, adversary (summed over cells)
         n_cells = 0
         weight = 1.0
         for step, batch in enumerate(loader):
@@ -138,23 +148,46 @@ class Trainer:
                 n_cycles=cfg.kl_cycles,
             )
             out = self.model.loss(batch.x, batch.c, kl_weight=weight)
-            if not torch.isfinite(out.loss):
+            objective = out.loss
+            if self.adversary is not None:
+                adversary_weight = self.adversary.config.weight_at(epoch + step / n_batches)
+                objective = objective + self.adversary.encoder_loss(out.z, batch.y, adversary_weight)
+            if not torch.isfinite(objective):
                 raise TrainingDivergedError(
-                    f"The loss became {out.loss.item()} at epoch {epoch + 1}, batch {step + 1} of {n_batches}. "
+                    f"The loss became {objective.item()} at epoch {epoch + 1}, batch {step + 1} of {n_batches}. "
                     "Lower the learning rate (lr), keep gradient clipping on (grad_clip), check the input for "
                     "extreme values, or use a count model on raw counts. "
                     + (f"The last good checkpoint is {self.checkpoint_path}." if self.checkpoint_path else "")
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            objective.backward()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            adversary_loss = self._adversary_step(out.z, batch.y) if self.adversary is not None else objective.new_zeros(())
             b = batch.x.shape[0]
-            sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum()]).cpu()
+            sums += torch.stack(
+                [out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum(), adversary_loss * b]
+            ).cpu()
             n_cells += b
-        loss, rec, kl = (sums / max(n_cells, 1)).tolist()
-        return {"loss": loss, "reconstruction": rec, "kl": kl, "elbo_loss": rec + kl, "kl_weight": weight}
+        loss, rec, kl, adversary = (sums / max(n_cells, 1)).tolist()
+        record = {"loss": loss, "reconstruction": rec, "kl": kl, "elbo_loss": rec + kl, "kl_weight": weight}
+        if self.adversary is not None:
+            record["adversary_loss"] = adversary
+        return record
+
+    def _adversary_step(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Update the discriminator; returns its classification loss on this batch (detached)."""
+        if self.adversary.config.mode == "gradient_reversal":
+            self.adversary_optimizer.step()  # its gradient came with the VAE's backward pass
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                return self.adversary.classification_loss(z.detach(), labels)
+        self.adversary_optimizer.zero_grad(set_to_none=True)
+        loss = self.adversary.classification_loss(z.detach(), labels)
+        loss.backward()
+        self.adversary_optimizer.step()
+        return loss.detach()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -174,6 +207,9 @@ class Trainer:
             state["scheduler"] = self.scheduler.state_dict()
         if self.early_stopping is not None:
             state["early_stopping"] = self.early_stopping.state_dict()
+        if self.adversary is not None:
+            state["adversary"] = self.adversary.state_dict()
+            state["adversary_optimizer"] = self.adversary_optimizer.state_dict()
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -194,6 +230,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.early_stopping is not None and "early_stopping" in state:
             self.early_stopping.load_state_dict(state["early_stopping"])
+        if self.adversary is not None:
+            if "adversary" not in state:
+                raise CheckpointError("The checkpoint was written without a batch adversary; resume without one.")
+            self.adversary.load_state_dict(state["adversary"])
+            self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
         self.history = list(state["history"])
         self.start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng_cpu"])

@@ -1,0 +1,90 @@
+"""An adversarial batch discriminator on the latent space, for batch correction.
+
+The discriminator D(z) predicts each cell's batch from z. The VAE is pushed to make that
+impossible, either by alternating updates (D learns to classify; the VAE minimises a "fooling"
+loss, cross-entropy against the other batches, as in scVI's adversarial option) or by a gradient
+reversal layer (Ganin & Lempitsky, 2015: one backward pass, D's gradient flipped into the encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genailab.errors import ConfigError
+from genailab.model.layers import MLP
+
+ADVERSARY_MODES = ("alternating", "gradient_reversal")
+
+
+@dataclass(frozen=True)
+class AdversaryConfig:
+    """How strongly and how the latent is made batch-free."""
+
+    weight: float = 1.0  # multiplies the adversarial term in the VAE objective
+    warmup_epochs: float = 5.0  # the weight rises linearly from 0 over these epochs
+    mode: str = "alternating"  # "alternating" updates or "gradient_reversal"
+    hidden_dims: tuple[int, ...] = (64,)  # discriminator layers
+    lr: float = 1e-3  # discriminator learning rate (alternating mode)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        if self.mode not in ADVERSARY_MODES:
+            raise ConfigError(f"adversary mode {self.mode!r} is not one of {ADVERSARY_MODES}.")
+        if self.weight < 0 or self.warmup_epochs < 0:
+            raise ConfigError("adversary weight and warmup_epochs must be non-negative.")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hidden_dims": list(self.hidden_dims)}
+
+    def weight_at(self, progress: float) -> float:
+        """Adversarial weight ``progress`` epochs into training."""
+        if self.warmup_epochs <= 0:
+            return self.weight
+        return self.weight * min(1.0, progress / self.warmup_epochs)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+class BatchDiscriminator(nn.Module):
+    """Classifier D: z (B, L) -> batch logits (B, n_batches)."""
+
+    def __init__(self, latent_dim: int, n_batches: int, config: AdversaryConfig):
+        super().__init__()
+        if n_batches < 2:
+            raise ConfigError("Adversarial batch correction needs at least two batches.")
+        self.config = config
+        self.n_batches = n_batches
+        self.body = MLP(latent_dim, config.hidden_dims, norm="none", activation="relu", dropout=0.0)
+        self.out = nn.Linear(config.hidden_dims[-1], n_batches)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(z))
+
+    def classification_loss(self, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of D's prediction of the true batch (D's own objective)."""
+        return F.cross_entropy(self(z), batch)
+
+    def encoder_loss(self, z: torch.Tensor, batch: torch.Tensor, weight: float) -> torch.Tensor:
+        """The adversarial term added to the VAE objective, already multiplied by ``weight``.
+
+        Alternating mode: cross-entropy against a uniform target over the *other* batches, so the
+        encoder is rewarded for making D predict a wrong batch. Gradient-reversal mode: D's own
+        loss through a reversed gradient, which also trains D in the same backward pass.
+        """
+        if self.config.mode == "gradient_reversal":
+            return F.cross_entropy(self(_ReverseGradient.apply(z, weight)), batch)
+        target = (1.0 - F.one_hot(batch, self.n_batches).float()) / (self.n_batches - 1)
+        return weight * -(target * F.log_softmax(self(z), dim=-1)).sum(-1).mean()
