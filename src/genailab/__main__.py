@@ -1,0 +1,5 @@
+"""``python -m genailab``: the command line."""
+
+from genailab.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""The command line end to end on temporary h5ad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from genailab.cli import main
+from genailab.data import pbmc68k_counts
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory):
+    adata = pbmc68k_counts()[:300, :80].copy()
+    adata.obs["batch"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 3, "b1", "b0"))
+    path = tmp_path_factory.mktemp("data") / "pbmc.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for command in [[], *([name] for name in main.commands)]:
+        result = runner.invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "Usage" in result.output
+
+
+def test_train_then_embed(h5ad, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(main, ["train", str(h5ad), "--model", "zinb", "--layer", "counts", "--condition", "batch",
+                                  "--latent-dim", "4", "--hidden", "32,16", "--epochs", "4", "--batch-size", "64",
+                                  "--kl-warmup", "2", "--seed", "1", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    for name in ("genailab.json", "model.pt", "history.csv", "training_curves.png"):
+        assert (run / name).is_file()
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 4 and {"train_elbo_loss", "val_elbo_loss"} <= set(history.columns)
+    config = json.loads((run / "genailab.json").read_text())
+    assert config["model_config"]["likelihood"] == "zinb" and config["model_config"]["hidden_dims"] == [32, 16]
+
+    out = tmp_path / "embedded.h5ad"
+    result = runner.invoke(main, ["embed", str(run), str(h5ad), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    embedded = ad.read_h5ad(out)
+    assert embedded.obsm["X_genailab"].shape == (300, 4)
+
+
+def test_bad_input_gives_one_clean_line(h5ad, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(h5ad), "--model", "nb", "--condition", "nope", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert "SchemaMismatchError" in result.output and "nope" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_console_script_and_module_entry_point():
+    assert shutil.which("genailab") is not None, "run scripts/install.sh: the genailab command is missing"
+    for command in (["genailab", "--help"], [sys.executable, "-m", "genailab", "--help"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0 and "train" in result.stdout
