@@ -270,6 +270,37 @@ class VAE:
         return (mean + var.sqrt() * eps).numpy()
 
     @torch.no_grad()
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 100,
+        indices: np.ndarray | None = None,
+        align_genes: bool = False,
+        batch_size: int = 256,
+    ) -> np.ndarray:
+        """Held-out log-likelihood per cell, log p(x|c) estimated by importance sampling (IWAE
+        bound with ``n_samples`` samples), (n_cells,) or (len(indices),). Higher is better; compare
+        models on the same cells, e.g. ``indices=model.validation_indices``."""
+        self.module.eval()
+        device = self._device()
+        matrix, conditions = self._prepare(adata, align_genes=align_genes)
+        loader = MinibatchLoader(matrix, conditions, indices=indices, batch_size=batch_size, shuffle=False)
+        out = [
+            self.module.marginal_log_likelihood(b.x, b.c, n_samples=n_samples).cpu()
+            for b in (batch.to(device) for batch in loader)
+        ]
+        return torch.cat(out).numpy()
+
+    @property
+    def validation_indices(self) -> np.ndarray:
+        """Rows of the training AnnData held out for validation (never used for gradient steps)."""
+        split = getattr(self, "_split", None)
+        if split is None:
+            raise ConfigError("The model has not been trained, so it has no validation cells.")
+        return split["validation"]
+
+    @torch.no_grad()
     def get_normalized_expression(
         self,
         adata: AnnData | None = None,

@@ -173,3 +173,25 @@ def test_tiny_model_overfits_tiny_data(cls):
         assert final < first - 40  # Gaussian NLL can go negative: demand a large absolute fall
     else:
         assert final < 0.75 * first
+
+
+def test_marginal_log_likelihood_matches_quadrature_in_one_latent_dimension():
+    """With L = 1, log p(x) = log of the integral of p(x|z) N(z; 0, 1) dz, computed on a fine grid."""
+    torch.manual_seed(0)
+    model = CVAE_NB(input_dim=6, latent_dim=1, hidden_dims=[8], dropout=0.0).eval()
+    x = _counts(3, 6, seed=4)
+    library = x.sum(1, keepdim=True)
+    grid = torch.linspace(-9, 9, 4001)
+    with torch.no_grad():
+        log_terms = torch.stack([
+            model.decode(grid[:, None], None, library[i].expand(grid.numel(), 1)).log_prob(x[i]).sum(-1)
+            + Normal(0.0, 1.0).log_prob(grid)
+            for i in range(3)
+        ])
+    exact = torch.logsumexp(log_terms, dim=1) + torch.log(grid[1] - grid[0])
+    torch.manual_seed(1)
+    estimate = model.marginal_log_likelihood(x, n_samples=3000)
+    torch.testing.assert_close(estimate, exact, atol=0.05, rtol=0)
+    with torch.no_grad():
+        elbo = torch.stack([-(o.reconstruction + o.kl) for o in (model.loss(x) for _ in range(500))]).mean(0)
+    assert bool((estimate >= elbo - 0.01).all())  # the importance-weighted bound is at least the ELBO

@@ -7,6 +7,7 @@ over one implementation, :class:`ConditionalVAE`; they differ only in the decode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,37 @@ class ConditionalVAE(nn.Module):
         kl = gaussian_kl(out.qz_mean, out.qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.beta) * kl)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=out.z)
+
+    @torch.no_grad()
+    def marginal_log_likelihood(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
+        *,
+        n_samples: int = 100,
+    ) -> torch.Tensor:
+        """Importance-sampled log p(x|c) per cell (the IWAE bound with K = ``n_samples``), (B,).
+
+        log p(x) >= log (1/K) sum_k p(x|z_k,c) p(z_k) / q(z_k|x,c), z_k ~ q(z|x,c); the bound
+        tightens as K grows and equals the ELBO for K = 1.
+        """
+        if n_samples < 1:
+            raise ConfigError(f"n_samples must be positive, got {n_samples}.")
+        c = self._condition(c, x.shape[0])
+        mean, var = self._encode(x, c)
+        if library is None and self.config.is_count_model:
+            library = x.sum(dim=1, keepdim=True)
+        std = var.sqrt()
+        log_weights = []
+        for _ in range(n_samples):
+            eps = torch.randn_like(mean)
+            z = mean + std * eps
+            log_px = self._decode(z, c, library).log_prob(x).sum(-1)
+            log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+            log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + var.log()).sum(-1)
+            log_weights.append(log_px + log_pz - log_qz)
+        return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(n_samples)
 
     @torch.no_grad()
     def sample(
