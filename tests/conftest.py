@@ -1,0 +1,19 @@
+"""Shared fixtures: small simulated datasets with known ground truth (do not modify them in tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from genailab.data.simulate import simulate
+
+
+@pytest.fixture(scope="session")
+def sim_adata():
+    """600 cells x 200 genes, 3 cell types, 2 batches, NB counts, seed 0."""
+    return simulate(600, 200, n_cell_types=3, n_batches=2, likelihood="nb", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sim_adata_zinb():
+    """As ``sim_adata`` with ZINB counts (dropout 0.1)."""
+    return simulate(600, 200, n_cell_types=3, n_batches=2, likelihood="zinb", dropout=0.1, seed=0)
