@@ -1,0 +1,214 @@
+"""Read expression data into AnnData (cells/samples x genes) through anndata, scanpy and pandas.
+
+:func:`read` picks the reader from the path; :func:`read_bulk_counts` reads bulk RNA-seq count
+tables (genes x samples, featureCounts/HTSeq/DESeq2 style).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from genailab.errors import ConfigError, InputDataError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".txt": "\t"}
+SUPPORTED = (
+    ".h5ad, 10x .h5, .loom, a 10x folder with matrix.mtx(.gz) (or that file), "
+    "and cells x genes text tables .csv/.tsv/.tab/.txt (each optionally .gz)"
+)
+FEATURECOUNTS_ANNOTATION = ("chr", "start", "end", "strand", "length")  # kept in var, not counts
+
+
+def read(path: str | Path, *, transpose: bool = False, backed: bool = False) -> AnnData:
+    """Read an expression file or 10x folder as AnnData with cells as rows.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad``; 10x ``.h5``; ``.loom`` (needs ``loompy``); a 10x folder holding
+        ``matrix.mtx(.gz)`` with its barcodes/genes (or features) files, or that matrix file;
+        a dense text table ``.csv``, ``.tsv``, ``.tab`` or ``.txt`` (tab-separated), optionally
+        gzipped, with a header row of gene names and cell names in the first column.
+    transpose
+        Text tables only: the file is genes x cells.
+    backed
+        ``.h5ad`` only: open read-only on disk (``backed="r"``) instead of loading into memory.
+
+    Returns
+    -------
+    AnnData as the underlying reader returns it (X in the file's dtype; 10x and text X as
+    float32).
+
+    Examples
+    --------
+    >>> adata = read("filtered_feature_bc_matrix/")  # doctest: +SKIP
+    >>> adata = read("expression.csv.gz", transpose=True)  # doctest: +SKIP
+    """
+    path = _existing(path)
+    if path.is_dir() or path.name in ("matrix.mtx", "matrix.mtx.gz"):
+        _only(path, "a 10x matrix folder", transpose=transpose, backed=backed)
+        return _read_10x_folder(path if path.is_dir() else path.parent)
+    _check_not_empty(path)
+    suffix = _suffix(path)
+    if suffix == ".h5ad":
+        _only(path, ".h5ad", transpose=transpose)
+        import anndata
+
+        return anndata.read_h5ad(path, backed="r" if backed else None)
+    if suffix in TEXT_SEPARATORS:
+        _only(path, "a text table", backed=backed)
+        table = _read_table(path, TEXT_SEPARATORS[suffix])
+        return _table_to_anndata(table, path, transpose=transpose)
+    if suffix == ".h5":
+        _only(path, "10x .h5", transpose=transpose, backed=backed)
+        import scanpy as sc
+
+        return sc.read_10x_h5(path)
+    if suffix == ".loom":
+        _only(path, ".loom", transpose=transpose, backed=backed)
+        return _read_loom(path)
+    raise InputDataError(f"cannot tell the format of {path.name!r} from its name; supported are {SUPPORTED}.")
+
+
+def read_bulk_counts(path: str | Path, *, samples_as_rows: bool = False) -> AnnData:
+    """Read a bulk RNA-seq count table as AnnData with samples as rows and genes as columns.
+
+    The usual layout is genes x samples with gene ids in the first column, as written by
+    featureCounts, HTSeq (merged) or DESeq2's ``counts()``. Leading ``#`` lines (featureCounts'
+    command line) are skipped; featureCounts' annotation columns (Chr, Start, End, Strand,
+    Length) go to ``var`` instead of the counts; HTSeq summary rows (``__no_feature`` ...) are
+    dropped. ``.csv`` is comma-separated, other names (``.txt``, ``.tsv``, ``.tab``) tab-separated,
+    each optionally gzipped.
+
+    Parameters
+    ----------
+    samples_as_rows
+        The file is samples x genes with sample names in the first column (then only the
+        leading ``#`` lines are treated specially).
+
+    Returns
+    -------
+    AnnData with float32 counts in ``X`` (exact up to 2^24 per entry), sample names as
+    ``obs_names``, gene ids as ``var_names`` and any annotation columns in ``var``.
+
+    Examples
+    --------
+    >>> bulk = read_bulk_counts("featureCounts.txt")  # doctest: +SKIP
+    """
+    path = _existing(path)
+    _check_not_empty(path)
+    if path.is_dir():
+        raise InputDataError(f"{path} is a folder; read_bulk_counts needs a count table file.")
+    separator = "," if _suffix(path) == ".csv" else "\t"
+    table = _read_table(path, separator, skiprows=_leading_comment_lines(path))
+    if samples_as_rows:
+        return _table_to_anndata(table, path)
+    annotation = [c for c in table.columns if str(c).lower() in FEATURECOUNTS_ANNOTATION]
+    var = table[annotation].rename(columns=lambda c: str(c).lower())
+    counts = table.drop(columns=annotation)
+    summary = counts.index.astype(str).str.startswith("__")
+    if summary.any():
+        logger.info("dropping %d HTSeq summary rows from %s", int(summary.sum()), path.name)
+    adata = _table_to_anndata(counts.loc[~summary], path, transpose=True)
+    adata.var = var.loc[~summary].set_axis(adata.var_names)
+    return adata
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {str(path)!r} (looked in {Path.cwd()}); check the path.")
+    return path
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputDataError(f"{path} is empty (0 bytes); was it fully written or downloaded?")
+
+
+def _suffix(path: Path) -> str:
+    """Lower-case format suffix, looking past a trailing ``.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _only(path: Path, kind: str, *, transpose: bool = False, backed: bool = False) -> None:
+    """Refuse options that the format cannot honour instead of ignoring them."""
+    if transpose:
+        raise ConfigError(f"transpose=True applies to text tables only, not {kind} ({path.name}).")
+    if backed:
+        raise ConfigError(f"backed=True applies to .h5ad files only, not {kind} ({path.name}).")
+
+
+def _read_10x_folder(folder: Path) -> AnnData:
+    import scanpy as sc
+
+    if not any((folder / name).is_file() for name in ("matrix.mtx", "matrix.mtx.gz")):
+        raise InputDataError(
+            f"{folder} has no matrix.mtx or matrix.mtx.gz; a 10x folder holds matrix.mtx.gz, features.tsv.gz "
+            "and barcodes.tsv.gz (Cell Ranger 3+) or matrix.mtx, genes.tsv and barcodes.tsv (older)."
+        )
+    return sc.read_10x_mtx(folder)
+
+
+def _read_loom(path: Path) -> AnnData:
+    import anndata
+
+    try:
+        return anndata.read_loom(path)
+    except ImportError as err:
+        raise ImportError(f"reading {path.name} needs the loompy package: pip install loompy ({err}).") from err
+
+
+def _leading_comment_lines(path: Path) -> int:
+    """Number of lines starting with ``#`` at the top of the file (featureCounts writes one)."""
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    n = 0
+    with opener(path, "rt") as handle:
+        for line in handle:
+            if not line.startswith("#"):
+                break
+            n += 1
+    return n
+
+
+def _read_table(path: Path, separator: str, *, skiprows: int = 0) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, sep=separator, index_col=0, skiprows=skiprows)
+    except pd.errors.EmptyDataError:
+        raise InputDataError(f"{path} has no data (no header or rows).") from None
+    if table.shape[1] == 0 or table.shape[0] == 0:
+        raise InputDataError(
+            f"{path} parsed as {table.shape[0]} rows x {table.shape[1]} columns besides the index; expected a "
+            f"header row and {separator!r}-separated columns."
+        )
+    return table
+
+
+def _table_to_anndata(table: pd.DataFrame, path: Path, *, transpose: bool = False) -> AnnData:
+    """A numeric table as AnnData (its transpose when asked), naming non-numeric columns if any."""
+    numeric = table.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() & table.notna()
+    if bad.to_numpy().any():
+        columns = list(table.columns[bad.any(axis=0)][:5])
+        raise InputDataError(
+            f"{path} has non-numeric values in columns {columns}; expected numbers everywhere except the "
+            "header row and the first (name) column."
+        )
+    if transpose:
+        numeric = numeric.T
+    return AnnData(
+        X=numeric.to_numpy(dtype=np.float32),
+        obs=pd.DataFrame(index=numeric.index.astype(str)),
+        var=pd.DataFrame(index=numeric.columns.astype(str)),
+    )

@@ -1,0 +1,169 @@
+"""Readers: every format written here and read back equals the source matrix; clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+from genailab.data.readers import read, read_bulk_counts
+from genailab.errors import ConfigError, InputDataError
+
+CELLS = [f"AAAC-{i}" for i in range(7)]
+GENES = [f"G{j}" for j in range(5)]
+
+
+@pytest.fixture(scope="module")
+def counts():
+    """(7 cells, 5 genes) integer counts with zeros and one all-zero gene."""
+    x = np.random.default_rng(0).poisson(2.0, (7, 5)).astype(np.float32)
+    x[:, 3] = 0
+    return x
+
+
+def _gzip(path):
+    with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
+
+
+def _write_mtx_folder(folder, counts, *, v3: bool):
+    folder.mkdir()
+    scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(counts.T))  # 10x stores genes x cells
+    genes = pd.DataFrame({"id": [f"ENSG{j}" for j in range(5)], "name": GENES})
+    if v3:
+        genes["type"] = "Gene Expression"
+    genes.to_csv(folder / ("features.tsv" if v3 else "genes.tsv"), sep="\t", header=False, index=False)
+    pd.Series(CELLS).to_csv(folder / "barcodes.tsv", header=False, index=False)
+    if v3:
+        for name in ("matrix.mtx", "features.tsv", "barcodes.tsv"):
+            _gzip(folder / name)
+
+
+@pytest.mark.parametrize("v3", [False, True], ids=["legacy", "v3-gz"])
+def test_10x_mtx_folder_and_matrix_file(tmp_path, counts, v3):
+    folder = tmp_path / "mtx"
+    _write_mtx_folder(folder, counts, v3=v3)
+    for path in (folder, folder / ("matrix.mtx.gz" if v3 else "matrix.mtx")):
+        adata = read(path)
+        np.testing.assert_array_equal(adata.X.toarray(), counts)
+        assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
+
+
+def test_10x_h5(tmp_path, counts):
+    csc = sp.csc_matrix(counts.T)  # genes x cells, compressed by cell as Cell Ranger writes it
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["barcodes"] = np.array(CELLS, dtype="S")
+        m["data"] = csc.data.astype(np.int32)
+        m["indices"] = csc.indices.astype(np.int64)
+        m["indptr"] = csc.indptr.astype(np.int64)
+        m["shape"] = np.array(counts.T.shape, dtype=np.int32)
+        feats = m.create_group("features")
+        feats["id"] = np.array([f"ENSG{j}" for j in range(5)], dtype="S")
+        feats["name"] = np.array(GENES, dtype="S")
+        feats["feature_type"] = np.array(["Gene Expression"] * 5, dtype="S")
+        feats["genome"] = np.array(["GRCh38"] * 5, dtype="S")
+    adata = read(path)
+    np.testing.assert_array_equal(adata.X.toarray(), counts)
+    assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_h5ad_in_memory_and_backed(tmp_path, sim_adata, backed):
+    path = tmp_path / "sim.h5ad"
+    sim_adata.write_h5ad(path)
+    adata = read(path, backed=backed)
+    assert adata.isbacked == backed
+    x = adata.X[:] if backed else adata.X
+    assert (x != sim_adata.X).nnz == 0
+    assert adata.obs["cell_type"].equals(sim_adata.obs["cell_type"])
+
+
+@pytest.mark.parametrize("name, sep", [("x.csv", ","), ("x.tsv", "\t"), ("x.txt.gz", "\t")])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_text_tables(tmp_path, counts, name, sep, transpose):
+    table = pd.DataFrame(counts.astype(int), index=CELLS, columns=GENES)
+    (table.T if transpose else table).to_csv(tmp_path / name, sep=sep)
+    adata = read(tmp_path / name, transpose=transpose)
+    np.testing.assert_array_equal(adata.X, counts)
+    assert adata.X.dtype == np.float32
+    assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
+
+
+def test_loom_round_trip(tmp_path, counts):
+    pytest.importorskip("loompy")
+    path = tmp_path / "x.loom"
+    anndata.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=CELLS), var=pd.DataFrame(index=GENES)).write_loom(path)
+    adata = read(path)
+    np.testing.assert_array_equal(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X), counts)
+    assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
+
+
+def test_loom_without_loompy_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "loompy", None)  # makes `import loompy` fail
+    path = tmp_path / "x.loom"
+    path.write_bytes(b"not empty")
+    with pytest.raises(ImportError, match="pip install loompy"):
+        read(path)
+
+
+def test_bulk_featurecounts_table(tmp_path, counts):
+    table = pd.DataFrame(counts.T.astype(int), index=GENES, columns=[f"s{i}.bam" for i in range(7)])
+    annotation = pd.DataFrame(
+        {"Chr": "chr1;chr1", "Start": "10;50", "End": "20;90", "Strand": "+;+", "Length": [100, 200, 300, 400, 500]},
+        index=GENES,
+    )
+    full = pd.concat([annotation, table], axis=1).rename_axis("Geneid")
+    path = tmp_path / "featureCounts.txt"
+    with open(path, "w") as handle:
+        handle.write('# Program:featureCounts v2.0.6; Command:"featureCounts" "-a" "genes.gtf"\n')
+        full.to_csv(handle, sep="\t")
+    adata = read_bulk_counts(path)
+    np.testing.assert_array_equal(adata.X, counts)
+    assert list(adata.obs_names) == list(table.columns) and list(adata.var_names) == GENES
+    assert list(adata.var.columns) == ["chr", "start", "end", "strand", "length"]
+    assert adata.var["length"].tolist() == [100, 200, 300, 400, 500]
+
+
+def test_bulk_deseq2_csv_drops_htseq_rows_and_reads_samples_as_rows(tmp_path, counts):
+    table = pd.DataFrame(counts.T.astype(int), index=GENES, columns=[f"s{i}" for i in range(7)])
+    with_summary = pd.concat([table, pd.DataFrame(5, index=["__no_feature", "__ambiguous"], columns=table.columns)])
+    with_summary.to_csv(tmp_path / "counts.csv")  # DESeq2's write.csv leaves the first header cell empty
+    adata = read_bulk_counts(tmp_path / "counts.csv")
+    np.testing.assert_array_equal(adata.X, counts)
+    assert list(adata.var_names) == GENES
+    table.T.to_csv(tmp_path / "rows.tsv", sep="\t")
+    np.testing.assert_array_equal(read_bulk_counts(tmp_path / "rows.tsv", samples_as_rows=True).X, counts)
+
+
+def test_missing_empty_unknown_and_malformed_files(tmp_path, counts):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read(tmp_path / "absent.h5ad")
+    (tmp_path / "empty.csv").touch()
+    with pytest.raises(InputDataError, match="empty"):
+        read(tmp_path / "empty.csv")
+    with pytest.raises(InputDataError, match="empty"):
+        read_bulk_counts(tmp_path / "empty.csv")
+    (tmp_path / "x.xlsx").write_bytes(b"PK")
+    with pytest.raises(InputDataError, match=r"supported are .*\.h5ad"):
+        read(tmp_path / "x.xlsx")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputDataError, match="matrix.mtx"):
+        read(tmp_path / "folder")
+    pd.DataFrame({"G0": [1, 2], "G1": ["a", 3]}, index=["c0", "c1"]).to_csv(tmp_path / "text.csv")
+    with pytest.raises(InputDataError, match=r"non-numeric values in columns \['G1'\]"):
+        read(tmp_path / "text.csv")
+    (tmp_path / "header.csv").write_text("cell\n")
+    with pytest.raises(InputDataError, match="expected a header row"):
+        read(tmp_path / "header.csv")
+    with pytest.raises(ConfigError, match="backed=True"):
+        read(tmp_path / "text.csv", backed=True)
