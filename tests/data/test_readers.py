@@ -102,7 +102,8 @@ def test_text_tables(tmp_path, counts, name, sep, transpose):
 def test_loom_round_trip(tmp_path, counts):
     pytest.importorskip("loompy")
     path = tmp_path / "x.loom"
-    anndata.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=CELLS), var=pd.DataFrame(index=GENES)).write_loom(path)
+    source = anndata.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=CELLS), var=pd.DataFrame(index=GENES))
+    source.write_loom(path)
     adata = read(path)
     np.testing.assert_array_equal(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X), counts)
     assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES

@@ -335,9 +335,9 @@ def simulate(
     ``obsm['X_true_latent']``; ``var['theta']``; ``var['marker_of']`` (cell type of each marker
     gene, NaN otherwise); ``varm['true_cell_type_log_fc']`` (genes x cell types: log mean
     proportion of a type at its centre minus the average over the other types; every gene
-    differs through the shared low-rank structure, typically by 0.3-0.7, and a type's markers
-    by exactly ``marker_log_fc`` more than with no markers); and ``uns['simulation']`` (all options). With ``perturbation``:
-    ``obs['drug']`` (``control``, ``drug_d``, ``drug_a+drug_b``), ``obs['dose']`` (0 for
+    differs through the shared low-rank structure, and a type's markers gain exactly
+    ``marker_log_fc`` over genes that are no type's marker); and ``uns['simulation']`` (all
+    options). With ``perturbation``: ``obs['drug']`` (``control``, ``drug_d``, ``drug_a+drug_b``), ``obs['dose']`` (0 for
     control), ``obs['is_control']``, ``varm['true_drug_effect_drug_d']`` (genes x cell types
     log fold change at a saturating dose) and ``uns['simulation']['perturbation']['ec50']``;
     :func:`true_drug_log_fc` turns these into the effect at any dose.
