@@ -54,7 +54,7 @@ class GaussianHead(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
         mean = self.mean(h)  # (B, G)
         scale = torch.exp(0.5 * self.log_variance(h, c)).expand_as(mean)
-        return Normal(mean, scale)
+        return Normal(mean, scale, validate_args=False)
 
 
 class NegativeBinomialHead(nn.Module):
@@ -75,7 +75,7 @@ class NegativeBinomialHead(nn.Module):
         return px_rate, px_r
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
-        return NegativeBinomial(*self.parameters_for(h, c, library))
+        return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)
 
 
 class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
@@ -87,7 +87,7 @@ class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         px_rate, px_r = self.parameters_for(h, c, library)
-        return ZeroInflatedNegativeBinomial(px_rate, px_r, self.dropout_logits(h))
+        return ZeroInflatedNegativeBinomial(px_rate, px_r, self.dropout_logits(h), validate_args=False)
 
 
 HEADS: dict[str, type[nn.Module]] = {
