@@ -187,8 +187,6 @@ class VAE:
             self.module.default_library.fill_(float(np.median(library)))
 
         checkpoint_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
-        if config.checkpoint_every and checkpoint_path is None:
-            raise ConfigError("checkpoint_every needs checkpoint_dir=... to know where to write checkpoints.")
         trainer = Trainer(
             self.module,
             config,

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genailab.data.loader import MinibatchLoader
-from genailab.errors import CheckpointError, TrainingDivergedError
+from genailab.errors import CheckpointError, ConfigError, TrainingDivergedError
 from genailab.model.adversary import BatchDiscriminator
 from genailab.model.vae import ConditionalVAE
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
@@ -93,6 +93,8 @@ class Trainer:
             if config.early_stopping_patience is not None
             else None
         )
+        if config.checkpoint_every and checkpoint_path is None:
+            raise ConfigError("checkpoint_every needs a checkpoint path (checkpoint_dir=...) to write checkpoints to.")
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_extra = checkpoint_extra or {}
         self.history: list[dict] = []
@@ -108,7 +110,7 @@ class Trainer:
         for epoch in bar:
             started = time.perf_counter()
             train = self._train_epoch(train_loader, epoch)
-            record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
+            record = {"epoch": epoch + 1, "kl_weight": train.pop("kl_weight"), **{f"train_{k}": v for k, v in train.items()}}
             if val_loader is not None:
                 record.update({f"val_{k}": v for k, v in evaluate(self.model, val_loader, self.device).items()})
             record["lr"] = self.optimizer.param_groups[0]["lr"]
