@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, Poisson, constraints
-from torch.distributions.utils import broadcast_all
 
 
 def log_nb(
@@ -17,17 +16,12 @@ def log_nb(
 ) -> torch.Tensor:
     """Elementwise log NB(x; mu, theta), broadcasting over any shape.
 
-    ``include_constant=False`` drops ``-lgamma(x + 1)``, which does not depend on the parameters
-    (a cheaper training objective with the same gradients).
+    ``include_constant=False`` drops ``-lgamma(x + 1)``, which does not depend on the parameters.
+    ``theta`` may stay unexpanded (e.g. (G,) per gene): terms in theta alone are then computed once.
     """
     log_theta_mu = torch.log(theta + mu + eps)
-    res = (
-        theta * (torch.log(theta + eps) - log_theta_mu)
-        + x * (torch.log(mu + eps) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-    )
-    return res - torch.lgamma(x + 1) if include_constant else res
+    log_nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)  # log NB(0; mu, theta)
+    return log_nb_zero + x * (torch.log(mu + eps) - log_theta_mu) + _count_terms(x, theta, include_constant)
 
 
 def log_zinb(
@@ -43,12 +37,49 @@ def log_zinb(
 
     Zeros: log(pi + (1 - pi) NB(0)); positives: log(1 - pi) + log NB(x); both via softplus.
     """
-    minus_log_pi = F.softplus(-zi_logits)
     log_theta_mu = torch.log(theta + mu + eps)
-    pi_theta_log = -zi_logits + theta * (torch.log(theta + eps) - log_theta_mu)  # log((1-pi)/pi * NB(0))
-    case_zero = F.softplus(pi_theta_log) - minus_log_pi
-    case_positive = -F.softplus(zi_logits) + log_nb(x, mu, theta, eps=eps, include_constant=include_constant)
+    log_nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)
+    minus_log_pi = F.softplus(-zi_logits)
+    case_zero = F.softplus(log_nb_zero - zi_logits) - minus_log_pi  # log(pi + (1 - pi) NB(0))
+    log_one_minus_pi = -minus_log_pi - zi_logits  # softplus(z) = softplus(-z) + z
+    case_positive = (
+        log_one_minus_pi
+        + log_nb_zero
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + _count_terms(x, theta, include_constant)
+    )
     return torch.where(x < eps, case_zero, case_positive)
+
+
+def _count_terms(x: torch.Tensor, theta: torch.Tensor, include_constant: bool) -> torch.Tensor:
+    """lgamma(x + theta) - lgamma(theta) [- lgamma(x + 1)], broadcast over x and theta.
+
+    Every term is exactly 0 where x == 0, and single-cell counts are mostly zeros, so on the CPU,
+    for x of the full shape and theta per gene (G,) or full, only the non-zero counts are evaluated
+    (lgamma and its digamma gradient otherwise dominate a training step). Elsewhere the dense form
+    is used; it is faster on accelerators.
+    """
+    shape = torch.broadcast_shapes(x.shape, theta.shape)
+    n_genes = shape[-1] if shape else 1
+    sparse_ok = x.device.type == "cpu" and x.shape == shape and theta.shape in (shape, (n_genes,), (1, n_genes))
+    if not sparse_ok:
+        terms = torch.lgamma(x + theta) - torch.lgamma(theta)
+        return terms - torch.lgamma(x + 1) if include_constant else terms
+    flat_x = x.reshape(-1)
+    index = flat_x.nonzero().squeeze(1)  # positions of the non-zero counts
+    x_nz = flat_x.index_select(0, index)
+    theta_flat = theta.reshape(-1)
+    if theta.shape == shape:
+        theta_nz = theta_flat.index_select(0, index)
+        lgamma_theta_nz = torch.lgamma(theta_nz)
+    else:  # per gene: lgamma(theta) once per gene, then gathered
+        genes = index % n_genes
+        theta_nz = theta_flat.index_select(0, genes)
+        lgamma_theta_nz = torch.lgamma(theta_flat).index_select(0, genes)
+    terms = torch.lgamma(x_nz + theta_nz) - lgamma_theta_nz
+    if include_constant:
+        terms = terms - torch.lgamma(x_nz + 1)
+    return terms.new_zeros(flat_x.shape).index_copy(0, index, terms).view(shape)
 
 
 class NegativeBinomial(Distribution):
@@ -58,16 +89,17 @@ class NegativeBinomial(Distribution):
     support = constraints.nonnegative_integer
 
     def __init__(self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = None):
-        self.mu, self.theta = broadcast_all(mu, theta)
-        super().__init__(self.mu.shape, validate_args=validate_args)
+        # Kept unexpanded so a per-gene theta (G,) costs G, not B x G, in the log-probability.
+        self.mu, self.theta = _as_tensors(mu, theta)
+        super().__init__(torch.broadcast_shapes(self.mu.shape, self.theta.shape), validate_args=validate_args)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.mu
+        return self.mu.expand(self.batch_shape)
 
     @property
     def variance(self) -> torch.Tensor:
-        return self.mu + self.mu.pow(2) / self.theta
+        return (self.mu + self.mu.pow(2) / self.theta).expand(self.batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
@@ -77,8 +109,8 @@ class NegativeBinomial(Distribution):
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """Gamma-Poisson mixture: lambda ~ Gamma(theta, theta / mu), x ~ Poisson(lambda)."""
-        rate = self.theta / self.mu.clamp_min(1e-12)
-        lam = Gamma(self.theta, rate).sample(sample_shape)
+        theta = self.theta.expand(self.batch_shape)
+        lam = Gamma(theta, theta / self.mu.clamp_min(1e-12)).sample(sample_shape)
         return Poisson(lam.clamp(max=1e8)).sample()
 
 
@@ -89,9 +121,10 @@ class ZeroInflatedDistribution(Distribution):
     arg_constraints = {"gate_logits": constraints.real}
 
     def __init__(self, base: Distribution, *, gate_logits: torch.Tensor, validate_args: bool | None = None):
-        self.base = base
-        self.gate_logits = gate_logits.expand(base.batch_shape) if gate_logits.shape != base.batch_shape else gate_logits
-        super().__init__(base.batch_shape, validate_args=validate_args)
+        batch_shape = torch.broadcast_shapes(base.batch_shape, gate_logits.shape)
+        self.base = base.expand(batch_shape) if base.batch_shape != batch_shape else base
+        self.gate_logits = gate_logits.expand(batch_shape)
+        super().__init__(batch_shape, validate_args=validate_args)
 
     @property
     def gate(self) -> torch.Tensor:
@@ -125,9 +158,10 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
     arg_constraints = {"mu": constraints.greater_than_eq(0), "theta": constraints.positive, "zi_logits": constraints.real}
 
     def __init__(self, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor, validate_args: bool | None = None):
-        self.mu, self.theta, self.zi_logits = broadcast_all(mu, theta, zi_logits)
+        self.mu, self.theta, self.zi_logits = _as_tensors(mu, theta, zi_logits)
         base = NegativeBinomial(self.mu, self.theta, validate_args=False)
-        super().__init__(base, gate_logits=self.zi_logits, validate_args=validate_args)
+        gate_logits = self.zi_logits.expand(torch.broadcast_shapes(base.batch_shape, self.zi_logits.shape))
+        super().__init__(base, gate_logits=gate_logits, validate_args=validate_args)
 
     @property
     def zi_probs(self) -> torch.Tensor:
@@ -137,3 +171,11 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
         if self._validate_args:
             self._validate_sample(value)
         return log_zinb(value, self.mu, self.theta, self.zi_logits)
+
+
+def _as_tensors(*values) -> tuple[torch.Tensor, ...]:
+    """Python numbers become tensors of the first tensor's dtype and device; shapes stay as given."""
+    like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    device = like.device if like is not None else None
+    return tuple(v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=device) for v in values)

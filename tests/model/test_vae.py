@@ -137,7 +137,7 @@ def test_dispersion_and_norm_options(dispersion, norm):
     torch.manual_seed(0)
     model = CVAE_NB(input_dim=15, latent_dim=2, condition_dim=2, hidden_dims=[8], dispersion=dispersion, norm=norm)
     out = model(_counts(4, 15), _onehot(4, 2))
-    assert out.px.theta.shape == (4, 15) and bool(torch.isfinite(out.px.theta).all())
+    assert out.px.variance.shape == (4, 15) and bool(torch.isfinite(out.px.theta).all())
 
 
 def test_bad_shapes_and_options_raise_clear_errors():

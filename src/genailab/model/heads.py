@@ -53,7 +53,7 @@ class GaussianHead(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
         mean = self.mean(h)  # (B, G)
-        scale = torch.exp(0.5 * self.log_variance(h, c)).expand_as(mean)
+        scale = torch.exp(0.5 * self.log_variance(h, c))
         return Normal(mean, scale, validate_args=False)
 
 
@@ -68,10 +68,10 @@ class NegativeBinomialHead(nn.Module):
     def parameters_for(
         self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (px_rate, px_r), both (B, G)."""
+        """Return px_rate (B, G) and px_r, (G,) per gene or (B, G)."""
         px_scale = torch.softmax(self.scale(h), dim=-1)  # (B, G) expression proportions
         px_rate = library * px_scale  # (B, G) expected counts
-        px_r = torch.exp(self.log_theta(h, c)).expand_as(px_rate)  # (B, G) inverse dispersion
+        px_r = torch.exp(self.log_theta(h, c))  # (G,) or (B, G) inverse dispersion, broadcast lazily
         return px_rate, px_r
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:

@@ -34,6 +34,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW; the fused single-kernel implementation where this torch build has one."""
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    parameters = list(parameters)
+    try:
+        return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # older torch, or a device without a fused kernel
+        return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch (all devices); optionally demand deterministic kernels."""
     random.seed(seed)
@@ -79,8 +89,7 @@ class Trainer:
         self.adversary_optimizer = (
             torch.optim.Adam(adversary.parameters(), lr=adversary.config.lr) if adversary is not None else None
         )
-        optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(model.parameters(), config)
         self.scheduler = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, factor=config.lr_factor, patience=config.lr_plateau_patience, min_lr=config.min_lr
@@ -122,6 +131,7 @@ class Trainer:
             stop = self.early_stopping is not None and self.early_stopping.step(monitored, epoch + 1)
             bar.set_postfix(loss=f"{record['train_loss']:.4g}", monitored=f"{monitored:.4g}")
             logger.info("epoch %d: %s", epoch + 1, _format_record(record))
+            self._check_parameters(epoch)
             self.start_epoch = epoch + 1
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -157,9 +167,7 @@ class Trainer:
             if not torch.isfinite(objective):
                 raise TrainingDivergedError(
                     f"The loss became {objective.item()} at epoch {epoch + 1}, batch {step + 1} of {n_batches}. "
-                    "Lower the learning rate (lr), keep gradient clipping on (grad_clip), check the input for "
-                    "extreme values, or use a count model on raw counts. "
-                    + (f"The last good checkpoint is {self.checkpoint_path}." if self.checkpoint_path else "")
+                    + self._divergence_hint()
                 )
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -177,6 +185,23 @@ class Trainer:
         if self.adversary is not None:
             record["adversary_loss"] = adversary
         return record
+
+    def _check_parameters(self, epoch: int) -> None:
+        """Stop before NaN/Inf weights (e.g. from the epoch's last step) end up in a checkpoint or a model."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDivergedError(
+                f"Weights {bad[:3]} became NaN or infinite during epoch {epoch + 1}. " + self._divergence_hint()
+            )
+
+    def _divergence_hint(self) -> str:
+        hint = (
+            "Lower the learning rate (lr), keep gradient clipping on (grad_clip), check the input for extreme "
+            "values, or use a count model on raw counts."
+        )
+        if self.checkpoint_path is not None and self.checkpoint_path.is_file():
+            hint += f" The last good checkpoint, {self.checkpoint_path}, is kept; resume from it with a lower lr."
+        return hint
 
     def _adversary_step(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Update the discriminator; returns its classification loss on this batch (detached)."""
