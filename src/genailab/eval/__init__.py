@@ -1,0 +1,49 @@
+"""Model-independent evaluation metrics on arrays, sparse matrices and AnnData.
+
+* :mod:`~genailab.eval.latent`: cell-type conservation and batch mixing of a latent space;
+* :mod:`~genailab.eval.generation`: generated vs real expression (gene statistics, distances, classifier test);
+* :mod:`~genailab.eval.imputation`: scVI's masked-count imputation benchmark;
+* :mod:`~genailab.eval.de`: agreement of differential-expression results.
+"""
+
+from __future__ import annotations
+
+from genailab.eval.de import precision_recall, top_k_overlap
+from genailab.eval.generation import (
+    classifier_two_sample_auc,
+    energy_distance,
+    gene_moment_agreement,
+    mmd_rbf,
+    pca_distance,
+    per_condition,
+    posterior_predictive_gene_stats,
+)
+from genailab.eval.imputation import imputation_median_l1, imputation_score, mask_counts
+from genailab.eval.latent import (
+    batch_silhouette,
+    ilisi,
+    knn_batch_entropy,
+    label_silhouette,
+    leiden_ari_nmi,
+    leiden_ari_nmi_best_resolution,
+)
+
+__all__ = [
+    "batch_silhouette",
+    "classifier_two_sample_auc",
+    "energy_distance",
+    "gene_moment_agreement",
+    "ilisi",
+    "imputation_median_l1",
+    "imputation_score",
+    "knn_batch_entropy",
+    "label_silhouette",
+    "leiden_ari_nmi",
+    "leiden_ari_nmi_best_resolution",
+    "mask_counts",
+    "mmd_rbf",
+    "pca_distance",
+    "per_condition",
+    "posterior_predictive_gene_stats",
+    "precision_recall",
+]

@@ -1,0 +1,61 @@
+"""Turn the inputs the metrics accept (numpy arrays, scipy sparse matrices, AnnData) into checked
+float64 matrices and label vectors, with errors that say how to fix the input."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+from genailab.errors import InputDataError
+
+
+def as_matrix(data, *, name: str) -> np.ndarray | sp.csr_matrix:
+    """A (n_cells, n_features) float64 ndarray, or CSR matrix for sparse input (never densified).
+
+    AnnData contributes its ``.X``; pass ``adata.layers[...]`` or ``adata.obsm[...]`` for another
+    matrix.
+    """
+    if isinstance(data, AnnData):
+        data = data.X
+        if data is None:
+            raise InputDataError(f"{name} is an AnnData without .X; pass the matrix to compare instead.")
+    try:
+        matrix = sp.csr_matrix(data, dtype=np.float64) if sp.issparse(data) else np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise InputDataError(f"{name} could not be read as a numeric matrix ({error}).") from error
+    if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise InputDataError(
+            f"{name} must be a non-empty 2-D (n_cells, n_features) matrix, got shape {matrix.shape}; "
+            "reshape a single cell with x[None, :] or a single feature with x[:, None]."
+        )
+    values = matrix.data if sp.issparse(matrix) else matrix
+    if not np.all(np.isfinite(values)):
+        raise InputDataError(f"{name} contains NaN or infinite values; remove or impute them first.")
+    return matrix
+
+
+def as_dense(data, *, name: str) -> np.ndarray:
+    """As :func:`as_matrix`, densified: for metrics that need all pairwise distances anyway."""
+    matrix = as_matrix(data, name=name)
+    return matrix.toarray() if sp.issparse(matrix) else matrix
+
+
+def as_labels(labels, *, n_cells: int, name: str) -> np.ndarray:
+    """A 1-D array of ``n_cells`` labels (any hashable values: strings, ints, categories)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n_cells:
+        raise InputDataError(
+            f"{name} must be 1-D with one entry per cell ({n_cells}), got shape {labels.shape}; "
+            "pass e.g. adata.obs['cell_type'] for the same cells in the same order."
+        )
+    return labels
+
+
+def same_features(a: np.ndarray | sp.csr_matrix, b: np.ndarray | sp.csr_matrix, *, names: tuple[str, str]) -> None:
+    """Raise unless both matrices have the same number of columns (genes or components)."""
+    if a.shape[1] != b.shape[1]:
+        raise InputDataError(
+            f"{names[0]} has {a.shape[1]} features but {names[1]} has {b.shape[1]}; subset both to the "
+            "same genes in the same order (e.g. generated[:, real.var_names])."
+        )
