@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from genailab.data.loader import MinibatchLoader
 from genailab.errors import CheckpointError, ConfigError, TrainingDivergedError
 from genailab.model.adversary import BatchDiscriminator
-from genailab.model.vae import ConditionalVAE
+from genailab.model.vae import ConditionalVAE, LossOutput
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
+from genailab.train.distributed import distributed_context
 from genailab.train.schedules import EarlyStopping, kl_weight
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,12 @@ class Trainer:
         Optional batch discriminator on the latent; the loaders must then carry batch codes as
         ``Batch.y``. The trainer owns its optimiser and steps it after (alternating mode) or with
         (gradient-reversal mode) the VAE.
+
+    Notes
+    -----
+    Under ``torchrun`` the model is wrapped in DistributedDataParallel (see
+    :mod:`genailab.train.distributed`); the loaders must then hold this rank's shard, and only
+    rank 0 shows progress and writes checkpoints.
     """
 
     def __init__(
@@ -83,8 +90,15 @@ class Trainer:
         adversary: BatchDiscriminator | None = None,
     ):
         self.config = config
-        self.device = resolve_device(config.device)
+        self.dist = distributed_context()
+        self.device = self.dist.device(config.device)
         self.model = model.to(self.device)
+        self._ddp = None
+        if self.dist.is_distributed:
+            if adversary is not None:
+                raise ConfigError("Adversarial training is not yet supported under torchrun; train it in one process.")
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = torch.nn.parallel.DistributedDataParallel(_LossModule(self.model), device_ids=device_ids)
         self.adversary = adversary.to(self.device) if adversary is not None else None
         self.adversary_optimizer = (
             torch.optim.Adam(adversary.parameters(), lr=adversary.config.lr) if adversary is not None else None
@@ -115,7 +129,8 @@ class Trainer:
         """Train until ``config.epochs`` or early stopping; returns the per-epoch history."""
         cfg = self.config
         epochs = range(self.start_epoch, cfg.epochs)
-        bar = tqdm(epochs, desc="training", unit="epoch", disable=None if cfg.progress else True, leave=False)
+        show = cfg.progress and self.dist.is_main
+        bar = tqdm(epochs, desc="training", unit="epoch", disable=None if show else True, leave=False)
         for epoch in bar:
             started = time.perf_counter()
             train = self._train_epoch(train_loader, epoch)
@@ -126,6 +141,8 @@ class Trainer:
             record["seconds"] = time.perf_counter() - started
             self.history.append(record)
             monitored = record["val_elbo_loss"] if val_loader is not None else record["train_elbo_loss"]
+            if self.dist.is_distributed:  # every rank must take the same LR and stopping decisions
+                monitored = self.dist.all_reduce_sum(torch.tensor(monitored)).item() / self.dist.world_size
             if self.scheduler is not None:
                 self.scheduler.step(monitored)
             stop = self.early_stopping is not None and self.early_stopping.step(monitored, epoch + 1)
@@ -133,7 +150,7 @@ class Trainer:
             logger.info("epoch %d: %s", epoch + 1, _format_record(record))
             self._check_parameters(epoch)
             self.start_epoch = epoch + 1
-            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and self.dist.is_main:
                 self.save_checkpoint()
             if stop:
                 self.stopped_early = True
@@ -147,8 +164,7 @@ class Trainer:
         self.model.train()
         loader.set_epoch(epoch)
         n_batches = len(loader)
-        sums = torch.zeros(4, dtype=torch.float64)  # objective, reconstruction, kl, adversary (summed over cells)
-        n_cells = 0
+        sums = torch.zeros(5, dtype=torch.float64)  # objective, reconstruction, kl, adversary, cells
         weight = 1.0
         for step, batch in enumerate(loader):
             batch = batch.to(self.device)
@@ -159,7 +175,7 @@ class Trainer:
                 total_epochs=cfg.epochs,
                 n_cycles=cfg.kl_cycles,
             )
-            out = self.model.loss(batch.x, batch.c, kl_weight=weight)
+            out = self._loss(batch, weight)
             objective = out.loss
             if self.adversary is not None:
                 adversary_weight = self.adversary.config.weight_at(epoch + step / n_batches)
@@ -177,14 +193,22 @@ class Trainer:
             adversary_loss = self._adversary_step(out.z, batch.y) if self.adversary is not None else objective.new_zeros(())
             b = batch.x.shape[0]
             sums += torch.stack(
-                [out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum(), adversary_loss * b]
+                [out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum(), adversary_loss * b,
+                 out.loss.new_tensor(b)]
             ).cpu()
-            n_cells += b
-        loss, rec, kl, adversary = (sums / max(n_cells, 1)).tolist()
+        sums = self.dist.all_reduce_sum(sums)
+        loss, rec, kl, adversary = (sums[:4] / max(sums[4].item(), 1)).tolist()
         record = {"loss": loss, "reconstruction": rec, "kl": kl, "elbo_loss": rec + kl, "kl_weight": weight}
         if self.adversary is not None:
             record["adversary_loss"] = adversary
         return record
+
+    def _loss(self, batch, weight: float) -> LossOutput:
+        """The VAE's loss on a batch; through DistributedDataParallel when running under torchrun."""
+        if self._ddp is None:
+            return self.model.loss(batch.x, batch.c, kl_weight=weight)
+        loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight)
+        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z)
 
     def _check_parameters(self, epoch: int) -> None:
         """Stop before NaN/Inf weights (e.g. from the epoch's last step) end up in a checkpoint or a model."""
@@ -267,6 +291,18 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+class _LossModule(torch.nn.Module):
+    """``model.loss`` as ``forward``, so DistributedDataParallel can average its gradients."""
+
+    def __init__(self, model: ConditionalVAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, kl_weight: float):
+        out = self.model.loss(x, c, kl_weight=kl_weight)
+        return out.loss, out.reconstruction, out.kl, out.z
 
 
 def load_checkpoint(path: str | Path) -> dict:
