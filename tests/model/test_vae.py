@@ -201,3 +201,14 @@ def test_marginal_log_likelihood_matches_quadrature_in_one_latent_dimension():
     with torch.no_grad():
         elbo = torch.stack([-(o.reconstruction + o.kl) for o in (model.loss(x) for _ in range(500))]).mean(0)
     assert bool((estimate >= elbo - 0.01).all())  # the importance-weighted bound is at least the ELBO
+
+
+@pytest.mark.parametrize("cls", [CVAE, CVAE_NB, CVAE_ZINB])
+def test_expected_expression_equals_distribution_mean(cls):
+    torch.manual_seed(0)
+    model = cls(input_dim=12, latent_dim=3, condition_dim=2, hidden_dims=[8]).eval()
+    z, c, library = torch.randn(5, 3), _onehot(5, 2), torch.full((5, 1), 300.0)
+    px = model.decode(z, c, library)
+    torch.testing.assert_close(model.expected_expression(z, c, library, include_dropout=True), px.mean)
+    nb_mean = px.mu if cls is CVAE_ZINB else px.mean
+    torch.testing.assert_close(model.expected_expression(z, c, library), nb_mean)

@@ -51,6 +51,12 @@ class GaussianHead(nn.Module):
         self.mean = nn.Linear(hidden_dim, config.input_dim)
         self.log_variance = Dispersion(hidden_dim, config)
 
+    def expected_value(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None, *, include_dropout: bool
+    ) -> torch.Tensor:
+        """E[x | z, c] (B, G) without building the distribution."""
+        return self.mean(h)
+
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
         mean = self.mean(h)  # (B, G)
         scale = torch.exp(0.5 * self.log_variance(h, c))
@@ -74,6 +80,12 @@ class NegativeBinomialHead(nn.Module):
         px_r = torch.exp(self.log_theta(h, c))  # (G,) or (B, G) inverse dispersion, broadcast lazily
         return px_rate, px_r
 
+    def expected_value(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, *, include_dropout: bool
+    ) -> torch.Tensor:
+        """E[x | z, c] = library * softmax(W h), (B, G); only the proportions head runs."""
+        return library * torch.softmax(self.scale(h), dim=-1)
+
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)
 
@@ -84,6 +96,13 @@ class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
     def __init__(self, hidden_dim: int, config: ModelConfig):
         super().__init__(hidden_dim, config)
         self.dropout_logits = nn.Linear(hidden_dim, config.input_dim)
+
+    def expected_value(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, *, include_dropout: bool
+    ) -> torch.Tensor:
+        """The NB mean, times the probability of no dropout when ``include_dropout``, (B, G)."""
+        mean = super().expected_value(h, c, library, include_dropout=False)
+        return mean * torch.sigmoid(-self.dropout_logits(h)) if include_dropout else mean
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         px_rate, px_r = self.parameters_for(h, c, library)

@@ -1,0 +1,120 @@
+"""Training and inference throughput of genailab (issue: speed and scale), optionally beside scVI.
+
+Prints cells/s for: genailab training (ZINB, 2x128 hidden, latent 10, batch 128 by default), the
+bare dense forward+backward of the same network's linear layers (the ceiling), inference (latent
+and denoised expression), per-epoch cost at several sizes, and scvi-tools' training when it is
+importable. Run:
+
+    python benchmarks/speed.py                      # 20,000 cells x 2,000 genes
+    python benchmarks/speed.py --scaling 10000,100000
+    /opt/scvi-venv/bin/python benchmarks/speed.py   # an environment with scvi-tools adds its row
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from genailab import VAE
+from genailab.data import simulate
+from genailab.data.loader import MinibatchLoader
+from genailab.model.vae import CVAE_ZINB
+from genailab.train import TrainConfig, Trainer, seed_everything
+
+
+def bare_network_throughput(n_genes: int, hidden: int, latent: int, batch_size: int, steps: int = 150) -> float:
+    """Cells/s of forward+backward through the same linear layers, with nothing else."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(n_genes, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+    to_latent = nn.Linear(hidden, 2 * latent)  # mean and log-variance heads
+    decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+    heads = nn.Linear(hidden, 2 * n_genes)  # expression proportions and dropout logits
+    x = torch.rand(batch_size, n_genes)
+    def step():
+        h = to_latent(encoder(x))[:, :latent]
+        heads(decoder(h)).sum().backward()
+    for _ in range(10):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def genailab_training_throughput(adata, *, epochs: int, batch_size: int) -> float:
+    """Cells/s of genailab's trainer over ``epochs`` epochs (after one warm-up epoch)."""
+    seed_everything(0)
+    model = CVAE_ZINB(input_dim=adata.n_vars, latent_dim=10, hidden_dims=[128, 128])
+    config = TrainConfig(epochs=epochs + 1, batch_size=batch_size, progress=False, validation_fraction=0.0,
+                         early_stopping_patience=None, lr_plateau_patience=None)
+    trainer = Trainer(model, config)
+    loader = MinibatchLoader(adata.layers["counts"], batch_size=batch_size, seed=0)
+    history = trainer.fit(loader)
+    seconds = sum(r["seconds"] for r in history[1:])
+    return epochs * adata.n_obs / seconds
+
+
+def inference_throughput(adata) -> dict[str, float]:
+    model = VAE(adata, likelihood="zinb", layer="counts", latent_dim=10, hidden_dims=(128, 128))
+    model.fit(epochs=1, progress=False, validation_fraction=0.0)
+    result = {}
+    for name, call in (("latent", model.get_latent), ("denoised", model.get_normalized_expression)):
+        started = time.perf_counter()
+        call()
+        result[name] = adata.n_obs / (time.perf_counter() - started)
+    return result
+
+
+def scvi_training_throughput(adata, *, epochs: int, batch_size: int) -> float | None:
+    try:
+        import scvi
+    except ImportError:
+        return None
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(adata, layer="counts")
+    model = scvi.model.SCVI(adata, n_hidden=128, n_layers=2, n_latent=10, gene_likelihood="zinb")
+    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, accelerator="cpu",
+                enable_progress_bar=False, early_stopping=False)  # warm-up
+    started = time.perf_counter()
+    model.train(max_epochs=epochs, batch_size=batch_size, train_size=1.0, accelerator="cpu",
+                enable_progress_bar=False, early_stopping=False)
+    return epochs * adata.n_obs / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=20_000)
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scaling", default="", help="comma-separated cell counts for the per-epoch cost")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    adata = simulate(args.cells, args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=0)
+    density = adata.layers["counts"].nnz / (adata.n_obs * adata.n_vars)
+    print(f"data: {args.cells} cells x {args.genes} genes, {density:.1%} non-zero; torch threads {args.threads}")
+    ours = genailab_training_throughput(adata, epochs=args.epochs, batch_size=args.batch_size)
+    bare = bare_network_throughput(args.genes, 128, 10, args.batch_size)
+    print(f"genailab training      {ours:10.0f} cells/s")
+    print(f"bare network fwd+bwd   {bare:10.0f} cells/s   (genailab reaches {ours / bare:.0%} of it)")
+    for name, speed in inference_throughput(adata).items():
+        print(f"inference: {name:<11} {speed:10.0f} cells/s   ({speed / ours:.1f}x training)")
+    reference = scvi_training_throughput(adata.copy(), epochs=args.epochs, batch_size=args.batch_size)
+    if reference is None:
+        print("scvi-tools not importable: run with an environment that has it for the side-by-side row")
+    else:
+        print(f"scvi-tools training    {reference:10.0f} cells/s   (genailab is {ours / reference:.2f}x)")
+    for n in [int(v) for v in args.scaling.split(",") if v]:
+        big = simulate(n, args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=1)
+        speed = genailab_training_throughput(big, epochs=1, batch_size=args.batch_size)
+        print(f"scaling: {n:>9} cells  {n / speed:8.1f} s/epoch  {speed:8.0f} cells/s")
+
+
+if __name__ == "__main__":
+    main()
