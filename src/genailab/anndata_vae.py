@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,12 +15,12 @@ from anndata import AnnData
 
 from genailab.data.loader import MinibatchLoader
 from genailab.data.schema import DataSchema
-from genailab.data.validation import cell_totals, check_expression, empty_cells
+from genailab.data.validation import EMPTY_CELL_ACTIONS, cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
-from genailab.model_io import data_fingerprint, load_model_files, save_model_files
+from genailab.model_io import check_writable, data_fingerprint, load_model_files, save_model_files
 from genailab.train.config import TrainConfig
 from genailab.train.trainer import Trainer, load_checkpoint, resolve_device, seed_everything
 
@@ -86,6 +87,8 @@ class VAE:
             )
         if adversary is not None and adversarial_key is None:
             raise ConfigError("An adversary needs adversarial_key=<obs column of the batch>.")
+        if empty_cells not in EMPTY_CELL_ACTIONS:
+            raise ConfigError(f"empty_cells={empty_cells!r} is not one of {EMPTY_CELL_ACTIONS}.")
         if isinstance(condition_keys, str) or isinstance(continuous_keys, str):
             raise ConfigError("condition_keys and continuous_keys take lists of obs columns, e.g. ['batch'].")
         schema = DataSchema.from_anndata(
@@ -95,7 +98,8 @@ class VAE:
             continuous_keys=continuous_keys,
             encoding=condition_encoding,
         )
-        config = ModelConfig(
+        config = _build_config(
+            ModelConfig,
             input_dim=schema.n_genes,
             likelihood=likelihood,
             **schema.model_condition_options(),
@@ -129,6 +133,8 @@ class VAE:
     def _prepare(self, adata: AnnData | None, *, align_genes: bool = False):
         """Validated (matrix, conditions, rows to use) for ``adata`` (default: the training data)."""
         adata = self._adata(adata)
+        if adata.n_obs == 0:
+            raise InputDataError("The AnnData has no cells (0 rows); pass at least one cell.")
         matrix = self.schema.expression(adata, align_genes=align_genes)
         check_expression(matrix, counts=self.config.is_count_model, source="The expression matrix")
         conditions = self.schema.encode_obs(adata.obs)
@@ -170,9 +176,11 @@ class VAE:
         KL and negative ELBO, KL weight, learning rate, seconds).
         """
         if config is None:
-            config = TrainConfig(**options)
+            config = _build_config(TrainConfig, **options)
         elif options:
             raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
+        if config.batch_size == 1 and self.config.norm == "batch":
+            raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size >= 2 or norm='layer'.")
         matrix, conditions = self._prepare(None)
         keep = empty_cells(matrix, action=self.empty_cells, source="The training data")
         rows = np.flatnonzero(keep)
@@ -186,7 +194,7 @@ class VAE:
             library = cell_totals(matrix)[train_rows]
             self.module.default_library.fill_(float(np.median(library)))
 
-        checkpoint_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+        checkpoint_path = check_writable(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
         trainer = Trainer(
             self.module,
             config,
@@ -406,10 +414,16 @@ class VAE:
         """Load a saved model; ``adata`` (optional) becomes the default data for inference."""
         metadata, tensors = load_model_files(directory)
         model = cls.__new__(cls)
-        model.schema = DataSchema.from_dict(metadata["schema"])
-        model.config = ModelConfig.from_dict(metadata["model_config"])
+        try:
+            model.schema = DataSchema.from_dict(metadata["schema"])
+            model.config = ModelConfig.from_dict(metadata["model_config"])
+            model.train_config = TrainConfig.from_dict(metadata["train_config"]) if metadata["train_config"] else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"The description in {directory} is damaged or incomplete ({type(exc).__name__}: {exc}); "
+                "restore genailab.json from a backup or retrain."
+            ) from exc
         model.empty_cells = metadata.get("empty_cells", "error")
-        model.train_config = TrainConfig.from_dict(metadata["train_config"]) if metadata["train_config"] else None
         model.history = list(metadata.get("history", []))
         model.training_info = dict(metadata.get("training", {}))
         model.adversarial_key = metadata.get("adversarial_key")
@@ -431,6 +445,15 @@ class VAE:
         model.module.to(resolve_device(device)).eval()
         model.adata = adata
         return model
+
+
+def _build_config(config_class, **options):
+    """``config_class(**options)`` with unknown, doubled or mistyped options reported as ConfigError."""
+    try:
+        return config_class(**options)
+    except TypeError as exc:
+        known = sorted(f.name for f in dataclasses.fields(config_class))
+        raise ConfigError(f"{exc}; the options of {config_class.__name__} are {known}.") from exc
 
 
 def _split(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

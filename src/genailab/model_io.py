@@ -109,7 +109,9 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
         raise CheckpointError(f"{config_path} is not valid JSON ({exc}); the file is corrupt.") from exc
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{config_path} is not a genailab model description.")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(metadata.get("format_version"), int):
+        raise CheckpointError(f"{config_path} has no valid format_version; the file is damaged.")
+    if metadata["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{directory} uses model format {metadata['format_version']}, newer than this genailab reads "
             f"({FORMAT_VERSION}); upgrade genailab."
@@ -120,4 +122,6 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
             "truncated. Restore it from a backup or retrain."
         )
     tensors = safe_torch_load(weights)
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{weights} does not hold a dictionary of tensors; it is not a genailab weights file.")
     return metadata, tensors

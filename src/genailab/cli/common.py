@@ -24,7 +24,7 @@ def fail_cleanly(command):
 
 
 def read_data(path: Path):
-    """Read an AnnData from any supported file."""
-    import anndata as ad
+    """Read an AnnData from any supported file (h5ad, 10x, loom, text tables)."""
+    from genailab.data.readers import read
 
-    return ad.read_h5ad(path)
+    return read(path)

@@ -93,6 +93,8 @@ class MinibatchLoader:
         self.conditions = None if conditions is None else np.ascontiguousarray(conditions, dtype=np.float32)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.indices = np.arange(matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= matrix.shape[0]):
+            raise ConfigError(f"Row indices must lie in [0, {matrix.shape[0]}); got {self.indices.min()}..{self.indices.max()}.")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from genailab.errors import ConfigError, InputDataError
+from genailab.errors import ConfigError, GenailabError, InputDataError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,18 @@ def read(path: str | Path, *, transpose: bool = False, backed: bool = False) -> 
     >>> adata = read("expression.csv.gz", transpose=True)  # doctest: +SKIP
     """
     path = _existing(path)
+    try:
+        return _read_any(path, transpose=transpose, backed=backed)
+    except GenailabError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, EOFError) as err:  # h5py, pandas, scanpy on a bad file
+        raise InputDataError(
+            f"could not read {path} ({type(err).__name__}: {err}); the file is truncated, corrupt or not in the "
+            f"format its name says. Supported are {SUPPORTED}."
+        ) from err
+
+
+def _read_any(path: Path, *, transpose: bool, backed: bool) -> AnnData:
     if path.is_dir() or path.name in ("matrix.mtx", "matrix.mtx.gz"):
         _only(path, "a 10x matrix folder", transpose=transpose, backed=backed)
         return _read_10x_folder(path if path.is_dir() else path.parent)
@@ -187,6 +199,8 @@ def _read_table(path: Path, separator: str, *, skiprows: int = 0) -> pd.DataFram
         table = pd.read_csv(path, sep=separator, index_col=0, skiprows=skiprows)
     except pd.errors.EmptyDataError:
         raise InputDataError(f"{path} has no data (no header or rows).") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise InputDataError(f"{path} is not a readable text table ({err}); is it really {separator!r}-separated text?") from err
     if table.shape[1] == 0 or table.shape[0] == 0:
         raise InputDataError(
             f"{path} parsed as {table.shape[0]} rows x {table.shape[1]} columns besides the index; expected a "

@@ -209,6 +209,9 @@ def _continuous_column(obs: pd.DataFrame, key: str) -> np.ndarray:
 
 
 def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str) -> np.ndarray:
+    missing = pd.isna(pd.Series(values))
+    if missing.any():
+        raise InputDataError(f"obs[{key!r}] has {int(missing.sum())} missing values; fill or drop them.")
     as_text = pd.Series(values).astype(str)
     codes = pd.Index(categories).get_indexer(as_text)
     if (codes < 0).any():
@@ -232,10 +235,17 @@ def _layer(adata: AnnData, layer: str | None):
 
 
 def _as_float32(matrix):
-    if sp.issparse(matrix):
-        matrix = sp.csr_matrix(matrix) if not sp.isspmatrix_csr(matrix) else matrix
-        return matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
-    return np.asarray(matrix, dtype=np.float32)
+    if getattr(matrix, "dtype", None) is not None and matrix.dtype.kind == "c":
+        raise InputDataError(f"The expression values are complex numbers ({matrix.dtype}); store real values.")
+    try:
+        if sp.issparse(matrix):
+            matrix = sp.csr_matrix(matrix) if not sp.isspmatrix_csr(matrix) else matrix
+            return matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
+        return np.asarray(matrix, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise InputDataError(
+            f"The expression values cannot be read as numbers ({err}); store a numeric matrix in X or the layer."
+        ) from err
 
 
 def _select_genes(matrix, position: np.ndarray):

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 
-from genailab.errors import InputDataError
+from genailab.errors import ConfigError, InputDataError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def empty_cells(matrix, *, action: str = "error", source: str = "the data") -> n
     (log a warning and keep them).
     """
     if action not in EMPTY_CELL_ACTIONS:
-        raise InputDataError(f"empty_cells={action!r} is not one of {EMPTY_CELL_ACTIONS}.")
+        raise ConfigError(f"empty_cells={action!r} is not one of {EMPTY_CELL_ACTIONS}.")
     keep = cell_totals(matrix) > 0
     n_empty = int((~keep).sum())
     if n_empty == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from genailab.errors import ConfigError
@@ -36,10 +37,16 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "kl_cycles", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}.")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be positive.")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}.")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
         if self.kl_schedule not in KL_SCHEDULES:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from genailab.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +43,13 @@ class DistributedContext:
         """The device of this rank: with ``"auto"`` and GPUs, one GPU per local rank."""
         if name == "auto":
             name = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device={name!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} asks for CUDA, which this machine or torch build lacks; use 'auto' or 'cpu'.")
+        return device
 
     def shard(self, indices: np.ndarray) -> np.ndarray:
         """This rank's fixed share of ``indices``: every world_size-th row, all shards equal in size

@@ -19,7 +19,7 @@ from genailab.model.adversary import BatchDiscriminator
 from genailab.model.vae import ConditionalVAE, LossOutput
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
-from genailab.train.distributed import distributed_context
+from genailab.train.distributed import DistributedContext, distributed_context
 from genailab.train.schedules import EarlyStopping, kl_weight
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` gives CUDA when available, else CPU; other names are passed to torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return DistributedContext().device(name)
 
 
 def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
