@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -361,6 +362,9 @@ def test_infinite_learning_rate_is_refused():
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's private 0600
     before = path.read_bytes()
     real_save = torch.save
 

@@ -1,0 +1,121 @@
+"""Property-based tests: random shapes, sparsity, dtypes, layouts and defects fed to the schema,
+validation, loader, readers and a one-epoch fit either work or raise genailab's documented errors
+(subclasses of :class:`genailab.errors.GenailabError`), never an internal traceback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import genailab
+from genailab.data import read
+from genailab.data.loader import MinibatchLoader
+from genailab.data.schema import DataSchema
+from genailab.data.validation import check_expression, empty_cells
+from genailab.errors import GenailabError
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+DEFECTS = (None, "nan", "inf", "negative", "fraction", "empty cells", "duplicate genes", "missing layer",
+           "missing condition value", "no cells", "no genes")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up would dominate
+    yield
+    torch.set_num_threads(threads)
+
+
+@st.composite
+def anndatas(draw):
+    """An AnnData with counts in layers['counts'] (dense, CSR or CSC; int or float) and one defect."""
+    defect = draw(st.one_of(st.none(), st.sampled_from(DEFECTS[1:])))  # half the examples are well-formed
+    n_cells = 0 if defect == "no cells" else draw(st.integers(1, 40))
+    n_genes = 0 if defect == "no genes" else draw(st.integers(1, 12))
+    dtype = draw(st.sampled_from([np.int32, np.int64, np.float32, np.float64]))
+    layout = draw(st.sampled_from(["dense", "csr", "csc"]))
+    density = draw(st.floats(0.0, 1.0))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = (rng.poisson(4.0, (n_cells, n_genes)) * (rng.random((n_cells, n_genes)) < density)).astype(np.float64)
+    if values.size and defect in ("nan", "inf", "negative", "fraction"):
+        cell, gene = rng.integers(n_cells), rng.integers(n_genes)
+        values[cell, gene] = {"nan": np.nan, "inf": np.inf, "negative": -3.0, "fraction": 0.5}[defect]
+        dtype = np.float64 if defect in ("nan", "inf", "fraction") else dtype
+    if defect == "empty cells" and n_cells:
+        values[: max(1, n_cells // 3)] = 0
+    values = values.astype(dtype)
+    matrix = {"dense": np.asarray, "csr": sp.csr_matrix, "csc": sp.csc_matrix}[layout](values)
+    genes = [f"g{j}" for j in range(n_genes)]
+    if defect == "duplicate genes" and n_genes > 1:
+        genes[-1] = genes[0]
+    batch = pd.Series(rng.choice(["a", "b"], n_cells), dtype=object)
+    if defect == "missing condition value" and n_cells:
+        batch.iloc[0] = None
+    obs = pd.DataFrame({"batch": batch.to_numpy()}, index=[f"c{i}" for i in range(n_cells)])
+    adata = AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
+    if defect != "missing layer":
+        adata.layers["counts"] = matrix
+    return adata
+
+
+def _works_or_documented_error(function):
+    """Run ``function``; genailab's own errors are fine, anything else fails the test."""
+    try:
+        result = function()
+        event("worked")
+        return result
+    except GenailabError as exc:
+        event(type(exc).__name__)
+        return None
+
+
+@SETTINGS
+@given(adata=anndatas(), counts=st.booleans(), action=st.sampled_from(["error", "drop", "warn"]),
+       batch_size=st.integers(1, 16))
+def test_schema_validation_and_loader(adata, counts, action, batch_size):
+    def run():
+        schema = DataSchema.from_anndata(adata, layer="counts", categorical_keys=["batch"])
+        matrix = schema.expression(adata)
+        check_expression(matrix, counts=counts)
+        keep = empty_cells(matrix, action=action)
+        conditions = schema.encode_obs(adata.obs)
+        loader = MinibatchLoader(matrix, conditions, indices=np.flatnonzero(keep), batch_size=batch_size, seed=0)
+        seen = np.concatenate([b.index.numpy() for b in loader]) if len(loader) else np.empty(0, int)
+        assert np.array_equal(np.sort(seen), np.flatnonzero(keep))
+        for batch in loader:
+            dense = np.asarray(sp.csr_matrix(matrix)[batch.index.numpy()].todense())
+            np.testing.assert_array_equal(batch.x.numpy(), dense)
+
+    _works_or_documented_error(run)
+
+
+@SETTINGS
+@given(adata=anndatas(), likelihood=st.sampled_from(["nb", "zinb", "gaussian"]), latent_dim=st.integers(1, 4),
+       conditioned=st.booleans(), action=st.sampled_from(["error", "drop", "warn"]),
+       batch_size=st.integers(1, 16), validation_fraction=st.sampled_from([0.0, 0.1, 0.3]))
+def test_model_construction_and_one_epoch_fit(adata, likelihood, latent_dim, conditioned, action, batch_size,
+                                              validation_fraction):
+    def run():
+        model = genailab.VAE(adata, likelihood=likelihood, layer="counts", condition_keys=["batch"] if conditioned else [],
+                             latent_dim=latent_dim, hidden_dims=(8,), empty_cells=action)
+        model.fit(epochs=1, batch_size=batch_size, validation_fraction=validation_fraction, progress=False, seed=0)
+        latent = model.get_latent()
+        assert latent.shape == (adata.n_obs, latent_dim) and np.isfinite(latent).all()
+
+    _works_or_documented_error(run)
+
+
+@SETTINGS
+@given(suffix=st.sampled_from([".h5ad", ".h5", ".csv", ".tsv", ".txt", ".csv.gz", ".mtx", ".xyz"]),
+       content=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+def test_readers_on_arbitrary_bytes(tmp_path_factory, suffix, content):
+    path = tmp_path_factory.mktemp("fuzz") / f"data{suffix}"
+    path.write_bytes(content)
+    _works_or_documented_error(lambda: read(path))
