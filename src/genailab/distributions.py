@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, Poisson, constraints
 
+_STIRLING_FROM = 100.0  # theta above which lgamma(x + theta) - lgamma(theta) comes from Stirling's series
+
 
 def log_nb(
     x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, *, eps: float = 1e-8, include_constant: bool = True
@@ -18,10 +20,13 @@ def log_nb(
 
     ``include_constant=False`` drops ``-lgamma(x + 1)``, which does not depend on the parameters.
     ``theta`` may stay unexpanded (e.g. (G,) per gene): terms in theta alone are then computed once.
+    Written as ``-(theta + x) log1p(mu / theta) + x log mu + [lgamma(x + theta) - lgamma(theta) -
+    x log theta]`` so that no two large numbers are subtracted: float32 stays accurate up to the
+    Poisson limit (huge theta).
     """
-    log_theta_mu = torch.log(theta + mu + eps)
-    log_nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)  # log NB(0; mu, theta)
-    return log_nb_zero + x * (torch.log(mu + eps) - log_theta_mu) + _count_terms(x, theta, include_constant)
+    log1p_ratio = torch.log1p(mu / theta)  # log((theta + mu) / theta)
+    log_nb_zero = -theta * log1p_ratio  # log NB(0; mu, theta)
+    return log_nb_zero + x * (torch.log(mu + eps) - log1p_ratio) + _count_terms(x, theta, include_constant)
 
 
 def log_zinb(
@@ -37,22 +42,30 @@ def log_zinb(
 
     Zeros: log(pi + (1 - pi) NB(0)); positives: log(1 - pi) + log NB(x); both via softplus.
     """
-    log_theta_mu = torch.log(theta + mu + eps)
-    log_nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)
+    log1p_ratio = torch.log1p(mu / theta)
+    log_nb_zero = -theta * log1p_ratio
     minus_log_pi = F.softplus(-zi_logits)
     case_zero = F.softplus(log_nb_zero - zi_logits) - minus_log_pi  # log(pi + (1 - pi) NB(0))
     log_one_minus_pi = -minus_log_pi - zi_logits  # softplus(z) = softplus(-z) + z
     case_positive = (
         log_one_minus_pi
         + log_nb_zero
-        + x * (torch.log(mu + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log1p_ratio)
         + _count_terms(x, theta, include_constant)
     )
     return torch.where(x < eps, case_zero, case_positive)
 
 
+def _log_rising(x: torch.Tensor, theta: torch.Tensor, lgamma_theta: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """lgamma(x + theta) - lgamma(theta) - x log(theta); Stirling's series above theta = 100, where
+    the lgamma difference would cancel in float32."""
+    exact = torch.lgamma(x + theta) - lgamma_theta - x * log_theta
+    stirling = (theta + x - 0.5) * torch.log1p(x / theta) - x - x / (12.0 * theta * (x + theta))
+    return torch.where(theta > _STIRLING_FROM, stirling, exact)
+
+
 def _count_terms(x: torch.Tensor, theta: torch.Tensor, include_constant: bool) -> torch.Tensor:
-    """lgamma(x + theta) - lgamma(theta) [- lgamma(x + 1)], broadcast over x and theta.
+    """lgamma(x + theta) - lgamma(theta) - x log(theta) [- lgamma(x + 1)], broadcast over x and theta.
 
     Every term is exactly 0 where x == 0, and single-cell counts are mostly zeros, so on the CPU,
     for x of the full shape and theta per gene (G,) or full, only the non-zero counts are evaluated
@@ -63,7 +76,7 @@ def _count_terms(x: torch.Tensor, theta: torch.Tensor, include_constant: bool) -
     n_genes = shape[-1] if shape else 1
     sparse_ok = x.device.type == "cpu" and x.shape == shape and theta.shape in (shape, (n_genes,), (1, n_genes))
     if not sparse_ok:
-        terms = torch.lgamma(x + theta) - torch.lgamma(theta)
+        terms = _log_rising(x, theta, torch.lgamma(theta), torch.log(theta))
         return terms - torch.lgamma(x + 1) if include_constant else terms
     flat_x = x.reshape(-1)
     index = flat_x.nonzero().squeeze(1)  # positions of the non-zero counts
@@ -71,12 +84,13 @@ def _count_terms(x: torch.Tensor, theta: torch.Tensor, include_constant: bool) -
     theta_flat = theta.reshape(-1)
     if theta.shape == shape:
         theta_nz = theta_flat.index_select(0, index)
-        lgamma_theta_nz = torch.lgamma(theta_nz)
-    else:  # per gene: lgamma(theta) once per gene, then gathered
+        lgamma_theta_nz, log_theta_nz = torch.lgamma(theta_nz), torch.log(theta_nz)
+    else:  # per gene: lgamma(theta) and log(theta) once per gene, then gathered
         genes = index % n_genes
         theta_nz = theta_flat.index_select(0, genes)
         lgamma_theta_nz = torch.lgamma(theta_flat).index_select(0, genes)
-    terms = torch.lgamma(x_nz + theta_nz) - lgamma_theta_nz
+        log_theta_nz = torch.log(theta_flat).index_select(0, genes)
+    terms = _log_rising(x_nz, theta_nz, lgamma_theta_nz, log_theta_nz)
     if include_constant:
         terms = terms - torch.lgamma(x_nz + 1)
     return terms.new_zeros(flat_x.shape).index_copy(0, index, terms).view(shape)
