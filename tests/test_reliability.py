@@ -359,7 +359,9 @@ def test_infinite_learning_rate_is_refused():
         TrainConfig(lr=float("inf"))
 
 
-def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch, failure):
     path = tmp_path / "checkpoint.pt"
     atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
     umask = os.umask(0o022)
@@ -370,10 +372,10 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     def crash_midway(obj, handle, *args, **kwargs):
         handle.write(b"PK\x03\x04 half a file")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise failure
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="(No space left|failed writing).*free disk space.*unchanged"):
         atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before

@@ -13,10 +13,14 @@ from genailab.errors import CheckpointError
 
 def atomic_torch_save(obj: dict, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` via a temporary file and a rename, so a crash never leaves a
-    half-written file under the final name."""
+    half-written file under the final name. A failed write (disk full, folder gone) raises
+    :class:`CheckpointError` and leaves any earlier file at ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -24,9 +28,19 @@ def atomic_torch_save(obj: dict, path: str | os.PathLike) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):  # torch's writer raises RuntimeError
+            raise _write_error(path, exc) from exc
         raise
+
+
+def _write_error(path: Path, exc: Exception) -> CheckpointError:
+    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    return CheckpointError(
+        f"Could not write {path} ({reason}); free disk space or choose another folder. Any earlier "
+        f"{path.name} there is unchanged."
+    )
 
 
 def _umask() -> int:
