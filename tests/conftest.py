@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from genailab.data.simulate import simulate
 
@@ -17,3 +18,16 @@ def sim_adata():
 def sim_adata_zinb():
     """As ``sim_adata`` with ZINB counts (dropout 0.1)."""
     return simulate(600, 200, n_cell_types=3, n_batches=2, likelihood="zinb", dropout=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run torch (and child processes, via OMP_NUM_THREADS) on one thread for a test module: tiny
+    models train fastest so, especially on a busy machine, and runs in and out of process sum in the
+    same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)

@@ -19,23 +19,13 @@ from genailab.cli import main
 from genailab.data import simulate
 from genailab.train import load_checkpoint
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 EPOCHS = 20
 ARGS = ["--layer", "counts", "--condition", "batch", "--latent-dim", "3", "--hidden", "16", "--epochs", str(EPOCHS),
         "--batch-size", "32", "--kl-warmup", "5", "--patience", "0", "--checkpoint-every", "1", "--seed", "3",
         "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch thread here and in the child process: tiny models run fastest so, and the
-    uninterrupted and the resumed run then sum in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
 
 
 def _wait_for(path, process, timeout=60.0):

@@ -29,12 +29,7 @@ DEFECTS = (None, "nan", "inf", "negative", "fraction", "empty cells", "duplicate
            "missing condition value", "no cells", "no genes")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up would dominate
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @st.composite
