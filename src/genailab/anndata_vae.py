@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from genailab.data.backed import ChunkedLoader, minibatch_loader
 from genailab.data.loader import MinibatchLoader
 from genailab.data.schema import DataSchema
 from genailab.data.validation import EMPTY_CELL_ACTIONS, cell_totals, check_expression, empty_cells
@@ -206,12 +207,12 @@ class VAE:
             trainer.load_state_dict(_checked_checkpoint(resume_from, self.config, config))
         drop_last = train_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
         labels = self._adversary_labels()
-        train_loader = MinibatchLoader(
+        train_loader = minibatch_loader(
             matrix, conditions, labels=labels, indices=train_rows, batch_size=config.batch_size, seed=config.seed,
-            drop_last=drop_last,
+            drop_last=drop_last, chunk_rows=config.chunk_rows, chunks_in_memory=config.chunks_in_memory,
         )
         val_loader = (
-            MinibatchLoader(matrix, conditions, labels=labels, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
+            minibatch_loader(matrix, conditions, labels=labels, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
             if val_rows.size
             else None
         )
@@ -243,9 +244,9 @@ class VAE:
         return pd.Index(self.schema.categories[position]).get_indexer(values)
 
     # -- inference -------------------------------------------------------------------------------
-    def _loader(self, adata: AnnData | None, align_genes: bool, batch_size: int) -> MinibatchLoader:
+    def _loader(self, adata: AnnData | None, align_genes: bool, batch_size: int) -> MinibatchLoader | ChunkedLoader:
         matrix, conditions = self._prepare(adata, align_genes=align_genes)
-        return MinibatchLoader(matrix, conditions, batch_size=batch_size, shuffle=False)
+        return minibatch_loader(matrix, conditions, batch_size=batch_size, shuffle=False)
 
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
@@ -291,7 +292,7 @@ class VAE:
         self.module.eval()
         device = self._device()
         matrix, conditions = self._prepare(adata, align_genes=align_genes)
-        loader = MinibatchLoader(matrix, conditions, indices=indices, batch_size=batch_size, shuffle=False)
+        loader = minibatch_loader(matrix, conditions, indices=indices, batch_size=batch_size, shuffle=False)
         out = [
             self.module.marginal_log_likelihood(b.x, b.c, n_samples=n_samples).cpu()
             for b in (batch.to(device) for batch in loader)

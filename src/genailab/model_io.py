@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from genailab.data.backed import row_blocks
 from genailab.errors import CheckpointError
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 
@@ -39,15 +40,21 @@ def package_versions() -> dict[str, str]:
 
 
 def data_fingerprint(matrix, conditions: np.ndarray | None, gene_names: tuple[str, ...]) -> str:
-    """SHA-256 of the training matrix (dense or CSR), conditions and gene names."""
+    """SHA-256 of the training matrix, conditions and gene names.
+
+    The matrix (dense, CSR or backed on disk) is hashed in row blocks, so the same values give the
+    same hash in memory and on disk, without reading a backed matrix whole.
+    """
     digest = hashlib.sha256()
     digest.update("\n".join(gene_names).encode())
-    if sp.issparse(matrix):
-        matrix = sp.csr_matrix(matrix)
-        for part in (matrix.indptr, matrix.indices, matrix.data):
-            digest.update(np.ascontiguousarray(part).tobytes())
-    else:
-        digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
+    for block in row_blocks(matrix):
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            digest.update(np.diff(block.indptr).astype(np.int64).tobytes())
+            digest.update(block.indices.astype(np.int64).tobytes())
+            digest.update(block.data.astype(np.float32).tobytes())
+        else:
+            digest.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
     if conditions is not None:
         digest.update(np.ascontiguousarray(conditions, dtype=np.float32).tobytes())
     return digest.hexdigest()

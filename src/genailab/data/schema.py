@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from genailab.data.backed import OnDiskMatrix, is_on_disk
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class DataSchema:
 
     # -- expression --------------------------------------------------------------------------
     def expression(self, adata: AnnData, *, align_genes: bool = False):
-        """The (n_cells, n_genes) matrix in the model's gene order: CSR float32 or dense float32.
+        """The (n_cells, n_genes) matrix in the model's gene order: CSR float32 or dense float32, or
+        for a backed AnnData an :class:`~genailab.data.backed.OnDiskMatrix` that converts as it reads.
 
         Genes in a different order are reordered by name and extra genes are dropped. Genes the
         model needs but ``adata`` lacks raise :class:`SchemaMismatchError`, unless
@@ -158,7 +160,7 @@ class DataSchema:
         matrix = _layer(adata, self.layer)
         names = adata.var_names.astype(str)
         if names.size == self.n_genes and np.array_equal(names.to_numpy(), np.asarray(self.gene_names)):
-            return _as_float32(matrix)
+            return _in_model_order(matrix, None)
         position = pd.Index(names).get_indexer(list(self.gene_names))
         missing = np.flatnonzero(position < 0)
         if missing.size and not align_genes:
@@ -173,7 +175,7 @@ class DataSchema:
         extra = names.size - (self.n_genes - missing.size)
         if extra:
             logger.info("Ignoring %d genes the model was not trained on.", extra)
-        return _select_genes(_as_float32(matrix), position)
+        return _in_model_order(matrix, position)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -232,6 +234,15 @@ def _layer(adata: AnnData, layer: str | None):
             "trained on that layer, so store the same kind of values there."
         )
     return adata.layers[layer]
+
+
+def _in_model_order(matrix, position: np.ndarray | None):
+    """``matrix`` as float32 with columns ``position`` (all, in order, when None); a backed matrix
+    stays on disk and each block is converted as it is read."""
+    if is_on_disk(matrix):
+        return OnDiskMatrix(matrix, transform=lambda block: _in_model_order(block, position))
+    matrix = _as_float32(matrix)
+    return matrix if position is None else _select_genes(matrix, position)
 
 
 def _as_float32(matrix):

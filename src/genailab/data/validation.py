@@ -1,6 +1,7 @@
 """Checks on expression matrices before a model sees them, with errors that say how to fix them.
 
-All checks work on dense arrays and on CSR/CSC matrices without densifying them.
+All checks work on dense arrays and on CSR/CSC matrices without densifying them, and on a backed
+matrix (:class:`~genailab.data.backed.OnDiskMatrix`) block by block.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 
+from genailab.data.backed import OnDiskMatrix, row_blocks
 from genailab.errors import ConfigError, InputDataError
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,8 @@ def _values(matrix) -> np.ndarray:
 
 def is_integer_counts(matrix) -> bool:
     """True when every value is a non-negative integer (within float rounding)."""
+    if isinstance(matrix, OnDiskMatrix):
+        return all(is_integer_counts(block) for block in row_blocks(matrix))
     values = _values(matrix)
     if values.size == 0:
         return True
@@ -35,6 +39,10 @@ def is_integer_counts(matrix) -> bool:
 def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
     """Raise :class:`InputDataError` for NaN/Inf, and for negative or non-integer values when
     ``counts`` is True (count models need raw UMI/read counts)."""
+    if isinstance(matrix, OnDiskMatrix):
+        for block in row_blocks(matrix):
+            check_expression(block, counts=counts, source=source)
+        return
     values = _values(matrix)
     if values.size and not np.issubdtype(values.dtype, np.number):
         raise InputDataError(f"{source} has non-numeric values (dtype {values.dtype}); convert it to numbers.")
@@ -63,6 +71,8 @@ def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
 
 def cell_totals(matrix) -> np.ndarray:
     """Per-cell sum of a (n_cells, n_genes) matrix as float64, (n_cells,)."""
+    if isinstance(matrix, OnDiskMatrix):
+        return np.concatenate([cell_totals(block) for block in row_blocks(matrix)])
     return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import asdict, dataclass, fields
 
+from genailab.data.backed import CHUNK_ROWS, CHUNKS_IN_MEMORY
 from genailab.errors import ConfigError
 from genailab.train.schedules import KL_SCHEDULES
 
@@ -32,6 +33,8 @@ class TrainConfig:
     min_lr: float = 1e-6
     checkpoint_every: int = 0  # write a resumable checkpoint every N epochs (0: only the final model)
     seed: int = 0  # one seed for weights, dropout, sampling, the split and the data order
+    chunk_rows: int = CHUNK_ROWS  # backed h5ad only: consecutive rows per disk read; chunk order is shuffled
+    chunks_in_memory: int = CHUNKS_IN_MEMORY  # backed h5ad only: chunks held and shuffled together (the memory)
     deterministic: bool = False  # ask torch for deterministic kernels (bitwise-repeatable, maybe slower)
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     progress: bool = True  # show a progress bar
@@ -53,6 +56,8 @@ class TrainConfig:
             raise ConfigError(f"kl_schedule={self.kl_schedule!r} is not one of {KL_SCHEDULES}.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+        if self.chunk_rows < 1 or self.chunks_in_memory < 1:
+            raise ConfigError(f"chunk_rows ({self.chunk_rows}) and chunks_in_memory ({self.chunks_in_memory}) must be positive.")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
 
