@@ -18,5 +18,6 @@ def main(verbose: bool) -> None:
 
 
 from genailab.cli import core  # noqa: E402  (registers commands on main)
+from genailab.cli import data  # noqa: E402
 
-__all__ = ["main", "core"]
+__all__ = ["main", "core", "data"]

@@ -23,8 +23,9 @@ def fail_cleanly(command):
     return wrapper
 
 
-def read_data(path: Path):
-    """Read an AnnData from any supported file (h5ad, 10x, loom, text tables)."""
+def read_data(path: Path, *, backed: bool = False):
+    """Read an AnnData from any supported file (h5ad, 10x, loom, text tables); ``backed`` keeps an
+    h5ad's matrix on disk."""
     from genailab.data.readers import read
 
-    return read(path)
+    return read(path, backed=backed)

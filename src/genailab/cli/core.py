@@ -55,16 +55,17 @@ def write_run(model, out: Path) -> None:
 @click.option("--empty-cells", type=click.Choice(["error", "drop", "warn"]), default="error", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--backed", is_flag=True, help="Keep an h5ad's X on disk and stream it in chunks (data larger than memory; layers are read whole).")
 @fail_cleanly
 def train(data, out, likelihood, layer, conditions, continuous, latent_dim, hidden, dispersion, epochs, batch_size,
           lr, beta, kl_warmup, kl_schedule, validation_fraction, patience, checkpoint_every, resume, empty_cells,
-          seed, device):
+          seed, device, backed):
     """Train a conditional VAE on DATA (h5ad, 10x, loom, csv) and save it to --out."""
     from genailab import VAE, TrainConfig
     from genailab.model_io import check_writable
 
     check_writable(out)  # fail before training, not after
-    adata = read_data(data)
+    adata = read_data(data, backed=backed)
     model = VAE(adata, likelihood=likelihood, layer=layer, condition_keys=list(conditions),
                 continuous_keys=list(continuous), latent_dim=latent_dim, hidden_dims=_hidden(hidden),
                 dispersion=dispersion, beta=beta, empty_cells=empty_cells)

@@ -1,0 +1,46 @@
+"""Commands of the data layer: simulate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from genailab.cli import main
+from genailab.cli.common import fail_cleanly
+
+IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (with true means) is built in memory
+
+
+@main.command("simulate")
+@click.option("--cells", default=10_000, show_default=True, type=int, help="Number of cells.")
+@click.option("--genes", default=2_000, show_default=True, type=int, help="Number of genes.")
+@click.option("--cell-types", default=5, show_default=True, type=int)
+@click.option("--batches", default=2, show_default=True, type=int)
+@click.option("--likelihood", type=click.Choice(["nb", "zinb"]), default="nb", show_default=True,
+              help="Count noise: negative binomial, or NB with dropout (--dropout).")
+@click.option("--dropout", default=0.1, show_default=True, type=float, help="ZINB zero-inflation probability.")
+@click.option("--perturbation", is_flag=True, help="Add a drug/dose arm: obs['drug'], obs['dose'], true drug effects.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
+@fail_cleanly
+def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, perturbation, seed, out):
+    """Write simulated counts with known ground truth to --out.
+
+    Counts come from a low-rank model with cell types, batch effects and NB/ZINB noise; the file
+    holds the true latent (obsm['X_true_latent']), cell types and batches (obs), dispersions
+    (var['theta']) and all settings (uns['simulation']). Up to 50 million cells x genes the true
+    means are stored too (layers['true_mean'], counts also in layers['counts']); larger datasets are
+    written chunk by chunk with the counts in X only, ready for `genailab train --backed`.
+    """
+    from genailab.data.simulate import PerturbationSpec, simulate, write_simulated_h5ad
+
+    options = dict(n_cell_types=cell_types, n_batches=batches, likelihood=likelihood, dropout=dropout, seed=seed,
+                   perturbation=PerturbationSpec() if perturbation else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cells * genes <= IN_MEMORY_VALUES:
+        simulate(cells, genes, **options).write_h5ad(out)
+        click.echo(f"Wrote {cells} cells x {genes} genes with true means to {out}")
+    else:
+        write_simulated_h5ad(out, cells, genes, **options)
+        click.echo(f"Wrote {cells} cells x {genes} genes (counts in X, no true means) chunk by chunk to {out}")
