@@ -22,7 +22,7 @@ from genailab.train import load_checkpoint
 pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
               pytest.mark.usefixtures("one_torch_thread")]
 
-EPOCHS = 20
+EPOCHS = 30
 ARGS = ["--layer", "counts", "--condition", "batch", "--latent-dim", "3", "--hidden", "16", "--epochs", str(EPOCHS),
         "--batch-size", "32", "--kl-warmup", "5", "--patience", "0", "--checkpoint-every", "1", "--seed", "3",
         "--device", "cpu"]
