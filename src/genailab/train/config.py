@@ -40,7 +40,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "kl_cycles", "checkpoint_every", "seed"):
+        for name in ("epochs", "batch_size", "kl_cycles", "checkpoint_every", "seed", "chunk_rows", "chunks_in_memory"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ConfigError(f"{name} must be a whole number, got {value!r}.")
