@@ -1,0 +1,393 @@
+"""The AnnData-facing perturbation model: fit, counterfactual prediction, save, load."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from genailab.data.loader import MinibatchLoader
+from genailab.data.validation import cell_totals, check_expression, empty_cells
+from genailab.errors import CheckpointError, ConfigError, InputDataError
+from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
+from genailab.model.config import ModelConfig
+from genailab.model_io import data_fingerprint, load_model_files, save_model_files
+from genailab.perturb.model import PerturbationConfig, PerturbationVAE
+from genailab.perturb.schema import ObsKeys, PerturbationSchema
+from genailab.train.config import TrainConfig
+from genailab.train.trainer import Trainer, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "genailab.PerturbationModel"
+_INFERENCE_BATCH = 1024
+_DEFAULT_ADVERSARY = AdversaryConfig(weight=5.0, warmup_epochs=5.0, mode="gradient_reversal")
+
+
+class PerturbationModel:
+    """Predict perturbed expression for control cells: unseen cell type x drug x dose combinations.
+
+    A basal latent is inferred from each cell's expression; drugs enter as learned embeddings
+    scaled by a learned monotone dose response, covariates (cell type...) as embeddings, and a
+    count or Gaussian decoder maps the sum back to expression (:mod:`genailab.perturb.model`).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with control and treated cells. Count models read raw counts from ``layer``.
+    drug_key
+        ``obs`` column of drug labels: ``control_value``, one drug, or drugs joined by ``"+"``.
+    dose_key
+        ``obs`` column of doses (one per cell, shared by the drugs of a combination; >= 0).
+    cell_type_key
+        ``obs`` column of cell types (None for a single cell line).
+    covariate_keys
+        Further categorical ``obs`` columns the response may depend on (batch, donor...).
+    control_value
+        The drug label of control (vehicle, non-targeting) cells.
+    layer
+        ``adata.layers`` key of the values to model; None uses ``adata.X``.
+    likelihood
+        ``"nb"`` or ``"zinb"`` for raw counts, ``"gaussian"`` for log-normalised values.
+    adversary
+        Weight, warm-up and mode of the discriminator that must not recover the drug label from
+        the basal latent; None trains without it.
+    **model_options
+        :class:`~genailab.model.config.ModelConfig` fields: ``latent_dim``, ``hidden_dims``,
+        ``dispersion`` (``gene`` or ``gene-cell``), ``dropout``, ``norm``, ``activation``, ``beta``.
+
+    Examples
+    --------
+    >>> model = PerturbationModel(adata, drug_key="drug", dose_key="dose", layer="counts")
+    >>> model.fit(epochs=100)
+    >>> controls = adata[adata.obs["drug"] == "control"]
+    >>> predicted = model.predict(controls, drug="drug_1", dose=10.0)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        drug_key: str = "drug",
+        dose_key: str = "dose",
+        cell_type_key: str | None = "cell_type",
+        covariate_keys: Sequence[str] = (),
+        control_value: str = "control",
+        layer: str | None = None,
+        likelihood: str = "nb",
+        adversary: AdversaryConfig | None = _DEFAULT_ADVERSARY,
+        **model_options,
+    ):
+        if isinstance(covariate_keys, str):
+            raise ConfigError("covariate_keys takes a list of obs columns, e.g. ['batch'].")
+        keys = ObsKeys(drug=drug_key, dose=dose_key, cell_type=cell_type_key, control=str(control_value))
+        schema = PerturbationSchema.from_anndata(adata, keys=keys, covariate_keys=covariate_keys, layer=layer)
+        vae = ModelConfig(input_dim=schema.data.n_genes, likelihood=likelihood, inject_condition="none", **model_options)
+        self.config = PerturbationConfig(
+            vae=vae,
+            n_drugs=len(schema.drugs),
+            max_drugs=schema.max_drugs,
+            covariate_sizes=schema.covariate_sizes,
+            dose_scale=schema.dose_scale,
+        )
+        self.schema = schema
+        self.adversary_config = adversary
+        self.module = PerturbationVAE(self.config)
+        self.adversary: BatchDiscriminator | None = None
+        self.adata = adata
+        self.train_config: TrainConfig | None = None
+        self.history: list[dict] = []
+        self.training_info: dict = {}
+
+    def __repr__(self) -> str:
+        state = f"trained {len(self.history)} epochs" if self.history else "untrained"
+        return (
+            f"PerturbationModel(likelihood={self.config.vae.likelihood!r}, genes={self.config.vae.input_dim}, "
+            f"drugs={len(self.schema.drugs)}, covariates={list(self.schema.covariate_keys)}, {state})"
+        )
+
+    @property
+    def keys(self) -> ObsKeys:
+        return self.schema.keys
+
+    @property
+    def drugs(self) -> tuple[str, ...]:
+        return self.schema.drugs
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(self, config: TrainConfig | None = None, **options) -> PerturbationModel:
+        """Train on the AnnData the model was built with; ``config`` or its fields as keywords.
+
+        Returns the model; ``history`` holds one record per epoch (reconstruction, KL, adversary
+        loss, learning rate...).
+        """
+        if config is None:
+            config = TrainConfig(**options)
+        elif options:
+            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
+        matrix = self._matrix(self.adata)
+        conditions = self.schema.encode_obs(self.adata.obs)
+        rows = np.flatnonzero(empty_cells(matrix, action="drop", source="The training data"))
+        train_rows, val_rows = _split(rows, config.validation_fraction, config.seed)
+
+        seed_everything(config.seed, deterministic=config.deterministic)
+        self.module = PerturbationVAE(self.config)
+        labels, n_labels = self._drug_labels(self.adata.obs)
+        self.adversary = (
+            BatchDiscriminator(self.config.vae.latent_dim, n_labels, self.adversary_config)
+            if self.adversary_config is not None
+            else None
+        )
+        if self.config.vae.is_count_model:
+            self.module.vae.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
+        trainer = Trainer(self.module, config, adversary=self.adversary)
+        drop_last = train_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
+        train_loader = MinibatchLoader(
+            matrix, conditions, labels=labels, indices=train_rows, batch_size=config.batch_size,
+            seed=config.seed, drop_last=drop_last,
+        )  # fmt: skip
+        val_loader = (
+            MinibatchLoader(matrix, conditions, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
+            if val_rows.size
+            else None
+        )
+        self.history = trainer.fit(train_loader, val_loader)
+        self.train_config = config
+        self.training_info = {
+            "n_cells": int(matrix.shape[0]),
+            "n_train": int(train_rows.size),
+            "n_validation": int(val_rows.size),
+            "stopped_early": trainer.stopped_early,
+            "data_sha256": data_fingerprint(matrix, conditions, self.schema.data.gene_names),
+        }
+        self.module.eval()
+        return self
+
+    def _drug_labels(self, obs: pd.DataFrame) -> tuple[np.ndarray, int]:
+        """Code of each cell's drug label (control and each combination are labels), and their number."""
+        codes, uniques = pd.factorize(obs[self.keys.drug].astype(str), sort=True)
+        if uniques.size < 2 and self.adversary_config is not None:
+            raise InputDataError("The adversary needs at least two drug labels (e.g. control and one drug).")
+        return codes.astype(np.int64), int(uniques.size)
+
+    def _matrix(self, adata: AnnData, *, align_genes: bool = False):
+        matrix = self.schema.data.expression(adata, align_genes=align_genes)
+        check_expression(matrix, counts=self.config.vae.is_count_model, source="The expression matrix")
+        return matrix
+
+    # -- inference -------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @torch.no_grad()
+    def get_basal_latent(self, adata: AnnData | None = None, *, align_genes: bool = False) -> np.ndarray:
+        """Posterior means of the basal latent z_basal, (n_cells, latent_dim)."""
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ConfigError("This model was loaded without an AnnData; pass adata=... explicitly.")
+        self.module.eval()
+        loader = MinibatchLoader(self._matrix(adata, align_genes=align_genes), batch_size=_INFERENCE_BATCH, shuffle=False)
+        return np.concatenate([self.module.encode(b.x.to(self._device()))[0].cpu().numpy() for b in loader])
+
+    @torch.no_grad()
+    def predict(
+        self,
+        control_adata: AnnData,
+        *,
+        drug: str | Sequence[str],
+        dose: float,
+        library_size: float | str = "observed",
+        seed: int | None = None,
+        align_genes: bool = False,
+    ) -> AnnData:
+        """Counterfactual expression of the given control cells had they received ``drug`` at ``dose``.
+
+        Each control cell's basal latent is inferred from its own expression, the requested drug
+        term (and the cell's own covariates) is added, and the decoder gives p(x | z). This is a
+        prediction for *these* control cells, never a reconstruction of cells observed under the
+        perturbation: the treated cells are neither needed nor read, so the drug/dose/cell type
+        combination may be one the model never saw.
+
+        Parameters
+        ----------
+        control_adata
+            Control cells only (``obs[drug_key] == control_value`` when the column exists), with
+            the model's genes and covariate columns (cell type...).
+        drug
+            One drug, a combination ``"A+B"``, or a list of drugs; all must be known to the model.
+        dose
+            Dose (>= 0) given to every drug of the combination; 0 gives the control prediction.
+        library_size
+            Total count of each predicted cell (count models): ``"observed"`` keeps each control
+            cell's own total; a number gives every cell that total.
+        seed
+            Seeds the sampled counts in ``layers['sampled']``.
+        align_genes
+            Fill genes missing from ``control_adata`` with zeros instead of failing.
+
+        Returns
+        -------
+        AnnData, one row per control cell, with the model's genes: ``X`` the expected expression
+        E[x | z] (expected counts for count models, including ZINB dropout); ``layers['sampled']``
+        one draw from p(x | z); ``obs`` the drug, dose and covariate columns plus
+        ``obs['control_cell']`` (the source cell's name); ``uns['genailab_perturb']`` the request.
+        """
+        label = _label(drug, self.keys)
+        self.schema.drug_codes(label)  # unknown drugs fail before any work
+        dose = _checked_dose(dose)
+        if not (library_size == "observed" or (isinstance(library_size, (int, float)) and library_size > 0)):
+            raise ConfigError(f"library_size must be a positive number or 'observed', got {library_size!r}.")
+        obs = _control_obs(control_adata, self.keys)
+        matrix = self._matrix(control_adata, align_genes=align_genes)
+        covariates = self.schema.data.encode_obs(obs)
+        c = self.schema.encode(np.repeat(label, obs.shape[0]), np.full(obs.shape[0], dose), covariates)
+        if seed is not None:
+            torch.manual_seed(seed)
+        mean, sampled = self._decode_batches(matrix, c, library_size)
+        return self._prediction_adata(obs, mean, sampled, label, dose)
+
+    def _decode_batches(self, matrix, c: np.ndarray, library_size) -> tuple[np.ndarray, np.ndarray]:
+        self.module.eval()
+        device = self._device()
+        loader = MinibatchLoader(matrix, c, batch_size=_INFERENCE_BATCH, shuffle=False)
+        means, samples = [], []
+        for batch in loader:
+            x, c_batch = batch.x.to(device), batch.c.to(device)
+            z_basal, _ = self.module.encode(x)
+            library = None
+            if self.config.vae.is_count_model:
+                observed = x.sum(1, keepdim=True)
+                library = observed if library_size == "observed" else torch.full_like(observed, float(library_size))
+            px = self.module.decode(z_basal, c_batch, library)
+            means.append(px.mean.cpu().numpy())
+            samples.append(px.sample().cpu().numpy())
+        return np.concatenate(means).astype(np.float32), np.concatenate(samples).astype(np.float32)
+
+    def _prediction_adata(self, obs: pd.DataFrame, mean, sampled, label: str, dose: float) -> AnnData:
+        keys = self.keys
+        out_obs = pd.DataFrame(index=[f"{name}|{label}@{dose:g}" for name in obs.index])
+        out_obs["control_cell"] = obs.index.to_numpy()
+        for key in self.schema.covariate_keys:
+            out_obs[key] = obs[key].to_numpy()
+        out_obs[keys.drug] = label
+        out_obs[keys.dose] = dose
+        counts = self.config.vae.is_count_model
+        predicted = AnnData(X=mean, obs=out_obs)
+        predicted.layers["sampled"] = sp.csr_matrix(sampled) if counts else sampled
+        predicted.var_names = list(self.schema.data.gene_names)
+        predicted.uns["genailab_perturb"] = {
+            "drug": label,
+            "dose": dose,
+            "n_control_cells": int(obs.shape[0]),
+            "semantics": "counterfactual expression of the given control cells under this drug and dose",
+        }
+        return predicted
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to ``directory`` (genailab.json + model.pt); returns the folder."""
+        directory = Path(directory)
+        if (directory / "genailab.json").exists() and not overwrite:
+            raise CheckpointError(f"{directory} already holds a saved model; pass overwrite=True to replace it.")
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        metadata = {
+            "model_type": MODEL_TYPE,
+            "model_config": self.config.to_dict(),
+            "train_config": None if self.train_config is None else self.train_config.to_dict(),
+            "perturbation_schema": self.schema.to_dict(),
+            "adversary_config": None if self.adversary_config is None else self.adversary_config.to_dict(),
+            "training": self.training_info,
+            "history": self.history,
+        }
+        return save_model_files(directory, metadata=metadata, tensors=tensors)
+
+    @classmethod
+    def load(cls, directory: str | Path, adata: AnnData | None = None, *, device: str = "cpu") -> PerturbationModel:
+        """Load a saved model; ``adata`` (optional) becomes the default data for :meth:`get_basal_latent`."""
+        metadata, tensors = load_model_files(directory)
+        if metadata.get("model_type") != MODEL_TYPE:
+            raise CheckpointError(
+                f"{directory} holds a {metadata.get('model_type', 'genailab.VAE')} model, not a perturbation model; "
+                "load it with the matching class (genailab.VAE.load for `genailab train` runs)."
+            )
+        model = cls.__new__(cls)
+        try:
+            model.config = PerturbationConfig.from_dict(metadata["model_config"])
+            model.schema = PerturbationSchema.from_dict(metadata["perturbation_schema"])
+            train = metadata["train_config"]
+            model.train_config = TrainConfig.from_dict(train) if train else None
+            adversary = metadata["adversary_config"]
+            model.adversary_config = AdversaryConfig(**adversary) if adversary else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"The description in {directory} is damaged or incomplete ({type(exc).__name__}: {exc}); retrain."
+            ) from exc
+        model.module = PerturbationVAE(model.config)
+        try:
+            model.module.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items()})
+        except RuntimeError as exc:
+            raise CheckpointError(f"The weights in {directory} do not fit the saved architecture: {exc}") from exc
+        model.module.to(resolve_device(device)).eval()
+        model.adversary = None
+        model.adata = adata
+        model.history = list(metadata.get("history", []))
+        model.training_info = dict(metadata.get("training", {}))
+        return model
+
+
+def _label(drug: str | Sequence[str], keys: ObsKeys) -> str:
+    """One drug label from a label string or a list of drug names."""
+    if isinstance(drug, str):
+        names = [d.strip() for d in drug.split(keys.separator)]
+    else:
+        names = [str(d) for d in drug]
+    if not names or any(not d for d in names) or keys.control in names:
+        raise ConfigError(
+            f"drug={drug!r} must name one or more drugs (not the control label {keys.control!r}); "
+            "for the control state predict dose=0."
+        )
+    return keys.separator.join(names)
+
+
+def _checked_dose(dose: float) -> float:
+    try:
+        dose = float(dose)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"dose must be a number, got {dose!r}.") from exc
+    if not np.isfinite(dose) or dose < 0:
+        raise ConfigError(f"dose must be a finite number >= 0, got {dose}.")
+    return dose
+
+
+def _control_obs(adata: AnnData, keys: ObsKeys) -> pd.DataFrame:
+    """The obs of ``adata`` after checking that it holds control cells only."""
+    if adata.n_obs == 0:
+        raise InputDataError("No control cells were given; predict needs the control cells to perturb.")
+    if keys.drug in adata.obs.columns:
+        control = keys.is_control(adata.obs)
+        if not control.any():
+            raise InputDataError(
+                f"None of the {adata.n_obs} cells has the control label {keys.control!r} in obs[{keys.drug!r}]; "
+                "predict needs control cells (their counterfactual is what is predicted)."
+            )
+        if not control.all():
+            raise InputDataError(
+                f"{int((~control).sum())} of the cells are not controls; predict perturbs control cells only. "
+                f"Pass adata[adata.obs[{keys.drug!r}] == {keys.control!r}]."
+            )
+    return adata.obs
+
+
+def _split(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split of ``rows``, fixed by ``seed``."""
+    n_val = int(round(fraction * rows.size))
+    if rows.size - n_val < 2:
+        raise InputDataError(f"{rows.size} usable cells are too few to train on.")
+    shuffled = np.random.default_rng(seed).permutation(rows)
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])

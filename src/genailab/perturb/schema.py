@@ -1,0 +1,172 @@
+"""How a perturbation model reads an AnnData: drug labels, doses, covariates and the control label.
+
+Every cell carries one drug label in ``obs[drug_key]``: the control value (e.g. ``"control"``),
+one drug (``"drug_0"``) or a combination joined by the separator (``"drug_0+drug_1"``), and one
+dose in ``obs[dose_key]``, shared by the drugs of a combination and ignored for control cells.
+The model sees them as a float matrix c (n_cells, 2 K + J): the codes of K drug slots (-1 for an
+empty slot), their doses (0 for an empty slot), then the codes of J covariates (cell type first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from genailab.data.schema import DataSchema
+from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
+
+EMPTY_SLOT = -1  # drug code of an unused slot (control cells, or one drug in a two-slot model)
+
+
+@dataclass(frozen=True)
+class ObsKeys:
+    """The obs columns and labels that describe perturbations."""
+
+    drug: str = "drug"  # drug label per cell: control value, one drug, or drugs joined by the separator
+    dose: str = "dose"  # one dose per cell, shared by the drugs of a combination
+    cell_type: str | None = "cell_type"  # the covariate a response depends on most; None for one cell line
+    control: str = "control"  # the drug label of untreated (vehicle, non-targeting) cells
+    separator: str = "+"  # joins the drugs of a combination: "drug_0+drug_1"
+
+    def drugs_of(self, label: str) -> tuple[str, ...]:
+        """The drugs of one label, () for the control label."""
+        label = str(label)
+        if label == self.control:
+            return ()
+        return tuple(part.strip() for part in label.split(self.separator))
+
+    def is_control(self, obs: pd.DataFrame) -> np.ndarray:
+        """Boolean mask of control cells."""
+        require_columns(obs, [self.drug])
+        return (obs[self.drug].astype(str) == self.control).to_numpy()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def require_columns(obs: pd.DataFrame, keys: Sequence[str | None]) -> None:
+    missing = [k for k in keys if k is not None and k not in obs.columns]
+    if missing:
+        raise SchemaMismatchError(
+            f"Columns {missing} are not in adata.obs (available: {list(obs.columns)[:20]}); name the drug, dose "
+            "and cell-type columns with drug_key=, dose_key=, cell_type_key= (CLI: --drug-key, --dose-key, "
+            "--cell-type-key), or map a public layout first with genailab.perturb.standardize_obs."
+        )
+
+
+def cell_doses(obs: pd.DataFrame, keys: ObsKeys) -> np.ndarray:
+    """Dose per cell as float64, 0 for control cells; errors for missing or negative doses of treated cells."""
+    require_columns(obs, [keys.drug, keys.dose])
+    control = keys.is_control(obs)
+    dose = pd.to_numeric(obs[keys.dose], errors="coerce").to_numpy(dtype=np.float64)
+    treated = ~control
+    if not np.isfinite(dose[treated]).all():
+        raise InputDataError(f"obs[{keys.dose!r}] has missing or non-numeric doses for treated cells; fill them.")
+    if (dose[treated] < 0).any():
+        bad = np.unique(dose[treated][dose[treated] < 0])[:5].tolist()
+        raise InputDataError(f"obs[{keys.dose!r}] has negative doses {bad}; doses must be >= 0.")
+    return np.where(control, 0.0, dose)
+
+
+@dataclass(frozen=True)
+class PerturbationSchema:
+    """Genes, layer, covariate categories and drug vocabulary a perturbation model was trained with."""
+
+    data: DataSchema  # layer, gene order, covariate categories (cell type first) as embedding codes
+    keys: ObsKeys
+    drugs: tuple[str, ...]  # drug vocabulary in code order, without the control label
+    max_drugs: int = 2  # drug slots per cell: the largest combination the model can represent
+    dose_scale: float = 1.0  # median positive training dose; doses are divided by it in the dose response
+
+    @classmethod
+    def from_anndata(
+        cls, adata: AnnData, *, keys: ObsKeys, covariate_keys: Sequence[str] = (), layer: str | None = None
+    ) -> PerturbationSchema:
+        """Record the drugs, doses and covariates of ``adata``."""
+        covariates = ((keys.cell_type,) if keys.cell_type else ()) + tuple(covariate_keys)
+        require_columns(adata.obs, [keys.drug, keys.dose, *covariates])
+        if keys.drug in covariates or keys.dose in covariates:
+            raise ConfigError("The drug and dose columns cannot also be covariates.")
+        data = DataSchema.from_anndata(adata, layer=layer, categorical_keys=covariates, encoding="embedding")
+        labels = adata.obs[keys.drug].astype(str)
+        parts = [keys.drugs_of(label) for label in pd.unique(labels)]
+        drugs = tuple(sorted({d for p in parts for d in p}))
+        if not drugs:
+            raise InputDataError(
+                f"Every cell has the control label {keys.control!r} in obs[{keys.drug!r}]; a perturbation model "
+                "needs treated cells."
+            )
+        doses = cell_doses(adata.obs, keys)
+        positive = doses[doses > 0]
+        return cls(
+            data=data,
+            keys=keys,
+            drugs=drugs,
+            max_drugs=max(2, max(len(p) for p in parts)),
+            dose_scale=float(np.median(positive)) if positive.size else 1.0,
+        )
+
+    @property
+    def covariate_keys(self) -> tuple[str, ...]:
+        return self.data.categorical_keys
+
+    @property
+    def covariate_sizes(self) -> tuple[int, ...]:
+        return self.data.categorical_sizes
+
+    def drug_codes(self, label: str) -> list[int]:
+        """Codes of the drugs in one label; unknown drugs raise :class:`SchemaMismatchError`."""
+        names = self.keys.drugs_of(label)
+        unknown = [d for d in names if d not in self.drugs]
+        if unknown:
+            raise SchemaMismatchError(
+                f"Unknown drug(s) {unknown}; this model knows {list(self.drugs)[:20]}. A drug the model never saw "
+                "has no learned embedding; retrain with cells that received it."
+            )
+        if len(names) > self.max_drugs:
+            raise ConfigError(
+                f"{label!r} combines {len(names)} drugs but this model holds at most {self.max_drugs} per cell."
+            )
+        return [self.drugs.index(d) for d in names]
+
+    def encode(self, labels: Sequence[str], doses: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
+        """The model's condition matrix (n, 2 K + J) float32 from labels, doses (n,) and covariate codes (n, J)."""
+        n, k = len(labels), self.max_drugs
+        codes = np.full((n, k), EMPTY_SLOT, dtype=np.float32)
+        slot_doses = np.zeros((n, k), dtype=np.float32)
+        labels = np.asarray(labels, dtype=object)
+        for label in pd.unique(labels):
+            rows = np.flatnonzero(labels == label)
+            for slot, code in enumerate(self.drug_codes(label)):
+                codes[rows, slot] = code
+                slot_doses[rows, slot] = doses[rows]
+        parts = [codes, slot_doses] + ([covariates.astype(np.float32)] if covariates is not None else [])
+        return np.concatenate(parts, axis=1)
+
+    def encode_obs(self, obs: pd.DataFrame) -> np.ndarray:
+        """Condition matrix for cells with their own drug, dose and covariates."""
+        doses = cell_doses(obs, self.keys)
+        return self.encode(obs[self.keys.drug].astype(str).to_numpy(), doses, self.data.encode_obs(obs))
+
+    def to_dict(self) -> dict:
+        return {
+            "data": self.data.to_dict(),
+            "keys": self.keys.to_dict(),
+            "drugs": list(self.drugs),
+            "max_drugs": self.max_drugs,
+            "dose_scale": self.dose_scale,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PerturbationSchema:
+        return cls(
+            data=DataSchema.from_dict(data["data"]),
+            keys=ObsKeys(**data["keys"]),
+            drugs=tuple(data["drugs"]),
+            max_drugs=int(data["max_drugs"]),
+            dose_scale=float(data["dose_scale"]),
+        )
