@@ -1,0 +1,80 @@
+"""The AnnData-facing model: counterfactual prediction, held-out accuracy, persistence, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from genailab.errors import CheckpointError, ConfigError, InputDataError, SchemaMismatchError
+from genailab.perturb import PerturbationModel, log_normalize, perturbation_metrics
+
+
+def test_predict_returns_counterfactuals_of_the_control_cells(trained, controls):
+    predicted = trained.predict(controls, drug="drug_1", dose=1.0, seed=0)
+    assert predicted.n_obs == controls.n_obs and list(predicted.var_names) == list(controls.var_names)
+    assert (predicted.obs["drug"] == "drug_1").all() and (predicted.obs["dose"] == 1.0).all()
+    assert predicted.obs["control_cell"].tolist() == controls.obs_names.tolist()
+    assert (predicted.obs["cell_type"] == "type_0").all()
+    sampled = predicted.layers["sampled"].toarray()
+    assert np.all(sampled >= 0) and np.all(sampled == np.round(sampled))
+    assert "counterfactual" in predicted.uns["genailab_perturb"]["semantics"]
+    pair = trained.predict(controls, drug=["drug_0", "drug_1"], dose=10.0)
+    assert (pair.obs["drug"] == "drug_0+drug_1").all()
+
+
+def test_predict_never_needs_the_perturbed_cells(trained, controls, tmp_path):
+    trained.save(tmp_path / "run")
+    loaded = PerturbationModel.load(tmp_path / "run")  # no training data at all
+    bare = controls.copy()
+    del bare.obs["drug"], bare.obs["dose"]  # only expression and cell type
+    a = loaded.predict(bare, drug="drug_1", dose=1.0).X
+    b = trained.predict(controls, drug="drug_1", dose=1.0).X
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_dose_zero_is_the_control_state_for_any_drug(trained, controls):
+    x0 = trained.predict(controls, drug="drug_0", dose=0.0).X
+    x1 = trained.predict(controls, drug="drug_1", dose=0.0).X
+    np.testing.assert_allclose(x0, x1)
+    assert not np.allclose(trained.predict(controls, drug="drug_1", dose=10.0).X, x1)
+
+
+def test_held_out_combination_beats_no_change(trained, perturb_adata, held_out, held_out_mask, controls):
+    cell_type, drug, dose = held_out
+    control = log_normalize(controls.layers["counts"])
+    true = log_normalize(perturb_adata[held_out_mask].layers["counts"])
+    predicted = log_normalize(trained.predict(controls, drug=drug, dose=dose, seed=0).layers["sampled"])
+    model = perturbation_metrics(control, true, predicted)
+    no_change = perturbation_metrics(control, true, control)
+    assert no_change["r2_delta"] <= 0 and no_change["r2_delta_top_de"] <= 0
+    assert model["r2_delta"] > no_change["r2_delta"] + 0.2
+    assert model["r2_delta_top_de"] > 0.2
+    assert model["energy"] < no_change["energy"]
+
+
+def test_clear_errors(trained, controls, perturb_adata, model_options):
+    with pytest.raises(SchemaMismatchError, match="Unknown drug"):
+        trained.predict(controls, drug="drug_7", dose=1.0)
+    with pytest.raises(ConfigError, match="dose"):
+        trained.predict(controls, drug="drug_1", dose=-1.0)
+    treated = perturb_adata[(perturb_adata.obs["drug"] != "control").to_numpy()]
+    with pytest.raises(InputDataError, match="control"):
+        trained.predict(treated, drug="drug_1", dose=1.0)
+    with pytest.raises(InputDataError, match="not controls"):
+        trained.predict(perturb_adata, drug="drug_1", dose=1.0)
+    bad = perturb_adata[:200].copy()
+    bad.obs["dose"] = np.where(bad.obs["drug"] == "control", 0.0, -1.0)
+    with pytest.raises(InputDataError, match="negative doses"):
+        PerturbationModel(bad, **model_options)
+    only_control = controls.copy()
+    with pytest.raises(InputDataError, match="treated cells"):
+        PerturbationModel(only_control, **model_options)
+    with pytest.raises(SchemaMismatchError, match="drug_key"):
+        PerturbationModel(perturb_adata, drug_key="compound", **model_options)
+
+
+def test_a_plain_vae_folder_is_not_loaded_as_a_perturbation_model(sim_adata, tmp_path):
+    import genailab
+
+    genailab.VAE(sim_adata, layer="counts", latent_dim=4, hidden_dims=(16,)).save(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match="not a perturbation model"):
+        PerturbationModel.load(tmp_path / "vae")
