@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -46,13 +47,19 @@ def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally demand deterministic kernels."""
+    """Seed Python, NumPy and torch (all devices) and switch deterministic kernels on or off.
+
+    With ``deterministic`` on CUDA, cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the
+    environment before the process starts; it is set here when absent, which works if no CUDA
+    work has run yet.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 class Trainer:
