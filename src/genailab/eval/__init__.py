@@ -3,7 +3,10 @@
 * :mod:`~genailab.eval.latent`: cell-type conservation and batch mixing of a latent space;
 * :mod:`~genailab.eval.generation`: generated vs real expression (gene statistics, distances, classifier test);
 * :mod:`~genailab.eval.imputation`: scVI's masked-count imputation benchmark;
-* :mod:`~genailab.eval.de`: agreement of differential-expression results.
+* :mod:`~genailab.eval.de`: agreement of differential-expression results;
+* :mod:`~genailab.eval.model_metrics`: metrics of a fitted :class:`~genailab.VAE` on held-out cells
+  (ELBO, marginal likelihood, reconstruction, generation, posterior predictive checks, DE agreement);
+* :mod:`~genailab.eval.protocols`: protocols that train models (masked imputation, latent-size sweep).
 """
 
 from __future__ import annotations
@@ -27,23 +30,47 @@ from genailab.eval.latent import (
     leiden_ari_nmi,
     leiden_ari_nmi_best_resolution,
 )
+from genailab.eval.model_metrics import (
+    de_agreement,
+    generate_like,
+    generation_fidelity,
+    heldout_marginal_ll,
+    log_fold_change,
+    posterior_predictive_check,
+    reconstruction_error,
+    replicate_from_posterior,
+    validation_elbo,
+)
+from genailab.eval.protocols import imputation_benchmark, latent_dim_sweep, masked_anndata
 
 __all__ = [
     "batch_silhouette",
     "classifier_two_sample_auc",
+    "de_agreement",
     "energy_distance",
     "gene_moment_agreement",
+    "generate_like",
+    "generation_fidelity",
+    "heldout_marginal_ll",
     "ilisi",
+    "imputation_benchmark",
     "imputation_median_l1",
     "imputation_score",
     "knn_batch_entropy",
     "label_silhouette",
     "leiden_ari_nmi",
+    "latent_dim_sweep",
     "leiden_ari_nmi_best_resolution",
+    "log_fold_change",
     "mask_counts",
+    "masked_anndata",
     "mmd_rbf",
     "pca_distance",
     "per_condition",
+    "posterior_predictive_check",
     "posterior_predictive_gene_stats",
     "precision_recall",
+    "reconstruction_error",
+    "replicate_from_posterior",
+    "validation_elbo",
 ]
