@@ -16,14 +16,25 @@ _STIRLING_FROM = 100.0  # theta above which lgamma(x + theta) - lgamma(theta) co
 def log_nb(
     x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, *, eps: float = 1e-8, include_constant: bool = True
 ) -> torch.Tensor:
-    """Elementwise log NB(x; mu, theta), broadcasting over any shape.
+    """Elementwise log NB(x; mu, theta).
 
-    ``include_constant=False`` drops ``-lgamma(x + 1)``, which does not depend on the parameters.
-    ``theta`` may stay unexpanded (e.g. (G,) per gene): terms in theta alone are then computed once.
-    Written as ``-(theta + x) log1p(mu / theta) + x log mu + [lgamma(x + theta) - lgamma(theta) -
-    x log theta]`` so that no two large numbers are subtracted: float32 stays accurate up to the
-    Poisson limit (huge theta).
+    Parameters
+    ----------
+    x, mu, theta
+        Counts, means (>= 0) and inverse dispersions (> 0), broadcastable to one shape, e.g. (B, G)
+        with ``theta`` per gene (G,): left unexpanded, terms in theta alone are computed once.
+    eps
+        Added inside ``log(mu + eps)`` so that ``mu = 0`` stays finite.
+    include_constant
+        Subtract ``lgamma(x + 1)``; it does not depend on the parameters, so a loss may skip it.
+
+    Returns
+    -------
+    Log-probabilities of the broadcast shape.
     """
+    x = x.to(torch.result_type(mu, theta))  # integer counts would give lgamma in float32
+    # -(theta + x) log1p(mu / theta) + x log mu + [lgamma(x + theta) - lgamma(theta) - x log theta]:
+    # no two large numbers are subtracted, so float32 stays accurate up to the Poisson limit.
     log1p_ratio = torch.log1p(mu / theta)  # log((theta + mu) / theta)
     log_nb_zero = -theta * log1p_ratio  # log NB(0; mu, theta)
     return log_nb_zero + x * (torch.log(mu + eps) - log1p_ratio) + _count_terms(x, theta, include_constant)
@@ -38,10 +49,12 @@ def log_zinb(
     eps: float = 1e-8,
     include_constant: bool = True,
 ) -> torch.Tensor:
-    """Elementwise log ZINB(x; mu, theta, pi = sigmoid(zi_logits)).
+    """Elementwise log ZINB(x; mu, theta, pi = sigmoid(zi_logits)), arguments as in :func:`log_nb`.
 
-    Zeros: log(pi + (1 - pi) NB(0)); positives: log(1 - pi) + log NB(x); both via softplus.
+    Zeros: log(pi + (1 - pi) NB(0)); positives: log(1 - pi) + log NB(x); both via softplus, so
+    ``zi_logits`` (broadcastable with ``x``) may be of any size.
     """
+    x = x.to(torch.result_type(mu, theta))
     log1p_ratio = torch.log1p(mu / theta)
     log_nb_zero = -theta * log1p_ratio
     minus_log_pi = F.softplus(-zi_logits)
@@ -53,7 +66,7 @@ def log_zinb(
         + x * (torch.log(mu + eps) - log1p_ratio)
         + _count_terms(x, theta, include_constant)
     )
-    return torch.where(x < eps, case_zero, case_positive)
+    return torch.where(x == 0, case_zero, case_positive)
 
 
 def _log_rising(x: torch.Tensor, theta: torch.Tensor, lgamma_theta: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -107,6 +120,13 @@ class NegativeBinomial(Distribution):
         self.mu, self.theta = _as_tensors(mu, theta)
         super().__init__(torch.broadcast_shapes(self.mu.shape, self.theta.shape), validate_args=validate_args)
 
+    def expand(self, batch_shape: torch.Size, _instance: NegativeBinomial | None = None) -> NegativeBinomial:
+        new = self._get_checked_instance(NegativeBinomial, _instance)
+        new.mu, new.theta = self.mu.expand(batch_shape), self.theta  # theta stays per gene if it was
+        super(NegativeBinomial, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
     @property
     def mean(self) -> torch.Tensor:
         return self.mu.expand(self.batch_shape)
@@ -125,7 +145,7 @@ class NegativeBinomial(Distribution):
         """Gamma-Poisson mixture: lambda ~ Gamma(theta, theta / mu), x ~ Poisson(lambda)."""
         theta = self.theta.expand(self.batch_shape)
         lam = Gamma(theta, theta / self.mu.clamp_min(1e-12)).sample(sample_shape)
-        return Poisson(lam.clamp(max=1e8)).sample()
+        return Poisson(lam.clamp(max=1e18)).sample()  # torch.poisson overflows int64 past ~9.2e18
 
 
 class ZeroInflatedDistribution(Distribution):
@@ -146,12 +166,12 @@ class ZeroInflatedDistribution(Distribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        return (1 - self.gate) * self.base.mean
+        return torch.sigmoid(-self.gate_logits) * self.base.mean  # sigmoid(-l), not 1 - pi: exact as pi -> 1
 
     @property
     def variance(self) -> torch.Tensor:
-        keep = 1 - self.gate
-        return keep * (self.base.variance + self.base.mean.pow(2)) - self.mean.pow(2)
+        # (1 - pi) (var + mean^2) - mean_zi^2, rearranged so that nothing cancels
+        return torch.sigmoid(-self.gate_logits) * (self.base.variance + self.gate * self.base.mean.pow(2))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         log_keep = -F.softplus(self.gate_logits)  # log(1 - pi)
