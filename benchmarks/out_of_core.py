@@ -1,0 +1,83 @@
+"""Out-of-core benchmark: simulate a large h5ad, train one epoch from the backed file, report memory and speed.
+
+    python benchmarks/out_of_core.py                       # 1,000,000 cells x 2,000 genes
+    python benchmarks/out_of_core.py --cells 100000        # smaller
+
+The file is written by a child process (its memory is reported apart), then this process opens it
+with ``backed="r"`` and fits an NB model for one epoch. Peak RSS is this process's
+``ru_maxrss``: imports, the data checks, the epoch and the validation pass. The target is under 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata
+import torch
+
+import genailab
+
+
+def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def write(path: Path, cells: int, genes: int, seed: int) -> None:
+    genailab.data.write_simulated_h5ad(path, cells, genes, chunk_size=16_384, n_cell_types=5, n_batches=2, seed=seed)
+
+
+def train(path: Path, batch_size: int, chunk_rows: int, chunks_in_memory: int, seed: int) -> None:
+    adata = anndata.read_h5ad(path, backed="r")
+    model = genailab.VAE(adata, likelihood="nb", condition_keys=["batch"], latent_dim=10, hidden_dims=(128, 128))
+    started = time.perf_counter()
+    model.fit(epochs=1, batch_size=batch_size, chunk_rows=chunk_rows, chunks_in_memory=chunks_in_memory,
+              validation_fraction=0.05, seed=seed, device="cpu", progress=False)
+    total = time.perf_counter() - started
+    epoch = model.history[0]["seconds"]
+    info = model.training_info
+    print(f"torch threads: {torch.get_num_threads()}; batch size {batch_size}; chunks of {chunk_rows} rows, "
+          f"{chunks_in_memory} in memory")
+    print(f"epoch: {info['n_train']:,} training + {info['n_validation']:,} validation cells in {epoch:.1f} s "
+          f"= {info['n_cells'] / epoch:,.0f} cells/s ({info['n_train'] / epoch:,.0f} training cells/s)")
+    print(f"fit total (with the data checks, library sizes and data hash, each a pass over the file): {total:.1f} s")
+    print(f"final training loss {model.history[0]['train_loss']:.1f}, validation negative ELBO "
+          f"{model.history[0]['val_elbo_loss']:.1f} per cell")
+    print(f"peak RSS of the training process: {peak_rss_gib():.2f} GiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--path", type=Path, default=None, help="h5ad to write and read (default: ./ooc_<cells>.h5ad)")
+    parser.add_argument("--keep", action="store_true", help="Keep the h5ad afterwards (deleted by default).")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--chunk-rows", type=int, default=2048)
+    parser.add_argument("--chunks-in-memory", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    path = args.path or Path(f"ooc_{args.cells}.h5ad")
+    if args.write_only:
+        write(path, args.cells, args.genes, args.seed)
+        return
+    started = time.perf_counter()
+    command = [sys.executable, __file__, "--write-only", "--cells", str(args.cells), "--genes", str(args.genes),
+               "--seed", str(args.seed), "--path", str(path)]
+    subprocess.run(command, check=True)
+    print(f"wrote {args.cells:,} cells x {args.genes:,} genes to {path}: {path.stat().st_size / 2**30:.2f} GiB in "
+          f"{time.perf_counter() - started:.0f} s (writer peak RSS {peak_rss_gib(resource.RUSAGE_CHILDREN):.2f} GiB)")
+    try:
+        train(path, args.batch_size, args.chunk_rows, args.chunks_in_memory, args.seed)
+    finally:
+        if not args.keep:
+            path.unlink()
+
+
+if __name__ == "__main__":
+    main()
