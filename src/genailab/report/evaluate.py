@@ -1,0 +1,268 @@
+"""Evaluate a fitted model on its data and write metrics.json, PNG figures and index.html."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata import AnnData
+
+from genailab import eval as metrics_lib
+from genailab.errors import ConfigError
+from genailab.eval.model_metrics import generate_like
+from genailab.model_io import data_fingerprint
+from genailab.plotting import plot_training_curves
+from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap
+from genailab.report.page import Section, render_page
+
+logger = logging.getLogger(__name__)
+
+MAX_LATENT_CELLS = 20_000  # cells (a seeded subsample) for the UMAP and the latent-space metrics
+_MIN_GROUP = 10  # cells a label needs in the held-out set to be contrasted in the DE check
+
+
+def write_report(
+    model,
+    adata: AnnData,
+    out: str | Path,
+    *,
+    label_key: str | None = None,
+    batch_key: str | None = None,
+    latent_dims: Sequence[int] = (),
+    sweep_epochs: int | None = None,
+    imputation: bool = False,
+    n_samples: int = 100,
+    seed: int = 0,
+) -> dict:
+    """Score ``model`` on ``adata`` and write a report folder.
+
+    Held-out metrics use the model's validation cells when ``adata`` is the data it was trained on
+    (checked by the data hash saved with the model), and every cell of ``adata`` otherwise.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`~genailab.VAE` (e.g. from :meth:`~genailab.VAE.load`).
+    adata
+        The cells to evaluate, with the model's genes and condition columns.
+    out
+        Folder to write (created if needed).
+    label_key
+        ``obs`` column of known cell types: Leiden ARI/NMI and silhouette, UMAP colours, DE check.
+    batch_key
+        ``obs`` column of batches: batch mixing (kNN entropy, iLISI, batch silhouette), UMAP colours.
+    latent_dims
+        Latent sizes to retrain with the run's settings for the latent-dimension sweep (empty: none).
+    sweep_epochs
+        Epochs per sweep or imputation model; default the run's own.
+    imputation
+        Also run the masked-count imputation protocol (retrains once; count models only).
+    n_samples
+        Importance samples K for the held-out marginal log-likelihood.
+    seed
+        Random state of sampling, subsampling, UMAP and clustering.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``out/metrics.json``. The folder also holds ``training_curves.png``,
+        ``latent_umap.png``, ``gene_agreement.png``, ``latent_sweep.png`` (with ``latent_dims``) and
+        ``index.html``, a self-contained page with every table and figure.
+    """
+    for key in (label_key, batch_key):
+        if key is not None and key not in adata.obs.columns:
+            raise ConfigError(f"obs has no column {key!r}; the columns are {list(adata.obs.columns)}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    indices, scored = _heldout(model, adata)
+    metrics = {"run": _describe(model, adata, scored, indices)}
+    metrics["likelihood"] = _likelihood(model, adata, indices, n_samples=n_samples, seed=seed)
+    figures: dict[str, list] = {}
+    if model.history:
+        figures["likelihood"] = [(plot_training_curves(model.history, out / "training_curves.png"), "Training curves")]
+    metrics["latent"], umap_png = _latent(model, adata, out, label_key=label_key, batch_key=batch_key, seed=seed)
+    figures["latent"] = [(umap_png, "UMAP of the posterior means")]
+    generation, gene_png = _generation(model, adata, indices, out, keys=(batch_key, label_key), seed=seed)
+    metrics.update(generation)
+    figures["posterior_predictive"] = [(gene_png, "Per gene: generated vs held-out real cells; posterior predictive CV")]
+    if label_key is not None:
+        metrics["differential_expression"] = _de(model, adata, indices, label_key=label_key, seed=seed)
+    retrain = {"model_options": _vae_options(model), "train_options": _train_options(model, sweep_epochs)}
+    if imputation:
+        metrics["imputation"] = metrics_lib.imputation_benchmark(adata, seed=seed, **retrain)
+    if latent_dims:
+        metrics["latent_sweep"] = metrics_lib.latent_dim_sweep(adata, list(latent_dims), **retrain)
+        figures["latent_sweep"] = [(plot_latent_sweep(metrics["latent_sweep"], out / "latent_sweep.png"), "Latent-dimension sweep")]
+    metrics = _jsonable(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    sections = [Section(_HEADINGS[key], value, figures.get(key, [])) for key, value in metrics.items()]
+    render_page(f"genailab evaluation: {model.config.likelihood} VAE", sections, out / "index.html")
+    return metrics
+
+
+_HEADINGS = {
+    "run": "Run",
+    "likelihood": "Likelihood (held-out cells)",
+    "latent": "Latent space",
+    "generation": "Generation fidelity (generated vs held-out cells)",
+    "posterior_predictive": "Posterior predictive check",
+    "differential_expression": "Differential expression, real vs generated",
+    "imputation": "Imputation (10% of non-zero counts hidden)",
+    "latent_sweep": "Latent-dimension sweep",
+}
+
+
+def _heldout(model, adata: AnnData) -> tuple[np.ndarray, str]:
+    """The rows scored by held-out metrics and a description of them."""
+    try:
+        validation = model.validation_indices
+    except ConfigError:  # never trained here: no split
+        validation = np.array([], dtype=np.int64)
+    trained_on = model.training_info.get("data_sha256")
+    if validation.size and trained_on is not None:
+        matrix, conditions = model.schema.expression(adata), model.schema.encode_obs(adata.obs)
+        if data_fingerprint(matrix, conditions, model.schema.gene_names) == trained_on:
+            return validation, "validation cells of the training data"
+    logger.warning("adata is not the data the model was trained on (or has no validation split); scoring every cell")
+    return np.arange(adata.n_obs), "every cell (not the model's validation split)"
+
+
+def _describe(model, adata: AnnData, scored: str, indices: np.ndarray) -> dict:
+    return {
+        "likelihood": model.config.likelihood,
+        "latent_dim": model.config.latent_dim,
+        "hidden_dims": list(model.config.hidden_dims),
+        "conditions": list(model.schema.categorical_keys + model.schema.continuous_keys),
+        "epochs_trained": len(model.history),
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(model.config.input_dim),
+        "held_out_cells": scored,
+        "n_held_out": int(indices.size),
+    }
+
+
+def _likelihood(model, adata: AnnData, indices: np.ndarray, *, n_samples: int, seed: int) -> dict:
+    elbo = metrics_lib.validation_elbo(model, adata, indices=indices, seed=seed)
+    reconstruction = metrics_lib.reconstruction_error(model, adata, indices=indices)
+    iwae = metrics_lib.heldout_marginal_ll(model, adata, indices=indices, n_samples=n_samples, seed=seed)
+    return {
+        "negative_elbo": elbo["negative_elbo"],
+        "reconstruction": elbo["reconstruction"],
+        "kl": elbo["kl"],
+        "marginal_ll": iwae["mean"],
+        "marginal_ll_samples": n_samples,
+        "reconstruction_nll_at_mean": reconstruction["nll"],
+        "reconstruction_mse": reconstruction["mse"],
+    }
+
+
+def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int) -> tuple[dict, Path]:
+    """Cell-type conservation and batch mixing of the posterior means, and their UMAP."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(adata.n_obs)
+    if rows.size > MAX_LATENT_CELLS:
+        rows = np.sort(rng.choice(rows, MAX_LATENT_CELLS, replace=False))
+    latent = model.get_latent(adata)[rows]
+    obs = adata.obs.iloc[rows]
+    scores: dict = {"n_cells": int(rows.size)}
+    if label_key is not None:
+        labels = obs[label_key].astype(str).to_numpy()
+        scores.update({k: v for k, v in metrics_lib.leiden_ari_nmi(latent, labels, seed=seed).items() if k != "resolution"})
+        scores["label_silhouette"] = metrics_lib.label_silhouette(latent, labels)
+    if batch_key is not None:
+        batch = obs[batch_key].astype(str).to_numpy()
+        scores["batch_entropy"] = metrics_lib.knn_batch_entropy(latent, batch, k=min(50, rows.size - 1))
+        scores["ilisi"] = metrics_lib.ilisi(latent, batch, k=min(90, rows.size - 1))
+        if label_key is not None:
+            scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, obs[label_key].astype(str).to_numpy())
+    graph = AnnData(obs=pd.DataFrame(index=obs.index.astype(str)), obsm={"X_latent": latent})
+    sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed)
+    sc.tl.umap(graph, random_state=seed)
+    colours = {key: obs[key].to_numpy() for key in dict.fromkeys((label_key, batch_key)) if key is not None}
+    return scores, plot_latent_umap(graph.obsm["X_umap"], colours, out / "latent_umap.png")
+
+
+def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, seed: int) -> tuple[dict, Path]:
+    """Generation fidelity (per condition when a key is a model condition), posterior predictive
+    check, and the per-gene figure."""
+    condition = next((k for k in keys if k is not None and k in model.schema.categorical_keys), None)
+    fidelity = metrics_lib.generation_fidelity(model, adata, indices=indices, condition_key=condition, seed=seed)
+    ppc = metrics_lib.posterior_predictive_check(model, adata, indices=indices, seed=seed)
+    real = model.schema.expression(adata)[indices]
+    generated = generate_like(model, adata, indices=indices, seed=seed).X
+    real_mean, generated_mean = (np.asarray(m.mean(axis=0)).ravel() for m in (real, generated))
+    real_zeros, generated_zeros = (1 - np.asarray((m != 0).mean(axis=0)).ravel() for m in (real, generated))
+    png = plot_gene_agreement(
+        real_mean, generated_mean, real_zeros, generated_zeros, ppc["cv_observed"], ppc["cv_replicated"],
+        out / "gene_agreement.png",
+    )
+    summary = {k: v for k, v in ppc.items() if np.isscalar(v)}
+    return {"generation": fidelity, "posterior_predictive": summary}, png
+
+
+def _de(model, adata: AnnData, indices: np.ndarray, *, label_key: str, seed: int) -> dict:
+    """Top-k agreement of the fold changes between the two largest held-out label groups."""
+    counts = adata.obs[label_key].astype(str).iloc[indices].value_counts()
+    groups = counts[counts >= _MIN_GROUP].index[:2]
+    if len(groups) < 2:
+        return {"skipped": f"fewer than two {label_key!r} groups with {_MIN_GROUP}+ held-out cells"}
+    source = "prior" if label_key in model.schema.categorical_keys else "posterior"
+    k = max(1, min(50, model.config.input_dim // 10))
+    result = metrics_lib.de_agreement(
+        model, adata, group_key=label_key, group_a=groups[0], group_b=groups[1], k=k, indices=indices,
+        source=source, seed=seed,
+    )
+    return {
+        "contrast": f"{groups[0]} vs {groups[1]}",
+        "generated_from": source,
+        "k": k,
+        "top_k_overlap": result["top_k_overlap"],
+        "chance_overlap": k / model.config.input_dim,
+        "lfc_pearson": result["lfc_pearson"],
+    }
+
+
+def _vae_options(model) -> dict:
+    """Keyword options that rebuild ``model``'s architecture and data handling with :class:`~genailab.VAE`."""
+    config, schema = model.config, model.schema
+    options = {
+        "likelihood": config.likelihood,
+        "layer": schema.layer,
+        "condition_keys": list(schema.categorical_keys),
+        "continuous_keys": list(schema.continuous_keys),
+        "condition_encoding": schema.encoding,
+        "empty_cells": model.empty_cells,
+        "adversarial_key": model.adversarial_key,
+        "adversary": model.adversary_config if model.adversarial_key else None,
+    }
+    architecture = ("hidden_dims", "dispersion", "dropout", "norm", "activation", "inject_condition", "beta", "embedding_dim")
+    options.update({name: getattr(config, name) for name in architecture})
+    return options
+
+
+def _train_options(model, epochs: int | None) -> dict:
+    """The run's training options (no checkpoints, no progress bar), with ``epochs`` if given."""
+    options = model.train_config.to_dict() if model.train_config is not None else {}
+    options.update(checkpoint_every=0, progress=False)
+    if epochs is not None:
+        options["epochs"] = epochs
+    return options
+
+
+def _jsonable(value):
+    """Metrics as plain JSON: numpy scalars to Python numbers, NaN to None, arrays dropped."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if not isinstance(v, np.ndarray)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value

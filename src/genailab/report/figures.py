@@ -1,0 +1,95 @@
+"""Figures of an evaluation report (matplotlib, no display needed); each writes one PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+_DPI = 110
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_latent_umap(umap: np.ndarray, colours: Mapping[str, Sequence], path: str | Path) -> Path:
+    """One UMAP panel per categorical colouring (e.g. cell type and batch), legend beside each.
+
+    ``umap`` is (n_cells, 2); ``colours`` maps a title to one label per cell. With no colourings,
+    one grey panel is drawn.
+    """
+    panels = list(colours.items()) or [("latent", np.zeros(umap.shape[0], dtype=int))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
+    size = max(2.0, min(20.0, 12000 / umap.shape[0]))
+    for ax, (title, labels) in zip(axes[0], panels):
+        labels = pd.Categorical(np.asarray(labels).astype(str))
+        cmap = plt.get_cmap("tab20" if len(labels.categories) > 10 else "tab10")
+        for code, category in enumerate(labels.categories):
+            rows = labels.codes == code
+            colour = "0.5" if not colours else cmap(code % cmap.N)
+            ax.scatter(umap[rows, 0], umap[rows, 1], s=size, color=colour, label=category, linewidths=0)
+        ax.set_title(f"latent UMAP: {title}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if colours:
+            ax.legend(markerscale=12 / size**0.5, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    return _save(fig, path)
+
+
+def plot_latent_sweep(rows: Sequence[Mapping], path: str | Path) -> Path:
+    """Reconstruction error and held-out negative ELBO against the latent size."""
+    dims = [r["latent_dim"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in (
+        (axes[0], "reconstruction_mse", "reconstruction error (MSE, log1p scale)"),
+        (axes[1], "validation_negative_elbo", "held-out negative ELBO per cell"),
+    ):
+        ax.plot(dims, [r[key] for r in rows], "o-")
+        ax.set_xlabel("latent dimensions")
+        ax.set_title(title)
+        ax.set_xticks(dims)
+    return _save(fig, path)
+
+
+def plot_gene_agreement(
+    real_mean: np.ndarray,
+    generated_mean: np.ndarray,
+    real_zeros: np.ndarray,
+    generated_zeros: np.ndarray,
+    observed_cv: np.ndarray,
+    replicated_cv: np.ndarray,
+    path: str | Path,
+) -> Path:
+    """Per-gene scatter plots against the diagonal: generated vs real mean (log scale) and zero
+    fraction, and the posterior predictive coefficient of variation vs the observed one."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    panels = (
+        (real_mean, generated_mean, "gene mean", "real (held-out)", "generated", True),
+        (real_zeros, generated_zeros, "zero fraction", "real (held-out)", "generated", False),
+        (observed_cv, replicated_cv, "coefficient of variation", "observed", "posterior predictive", False),
+    )
+    for ax, (x, y, title, xlabel, ylabel, log) in zip(axes, panels):
+        keep = np.isfinite(x) & np.isfinite(y) & ((x > 0) & (y > 0) if log else True)
+        x, y = x[keep], y[keep]
+        ax.scatter(x, y, s=6, alpha=0.6, linewidths=0)
+        if x.size:
+            low, high = min(x.min(), y.min()), max(x.max(), y.max())
+            ax.plot([low, high], [low, high], "k--", linewidth=0.8)
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(f"{title} per gene")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    return _save(fig, path)
