@@ -205,10 +205,11 @@ class VAE:
         )
         if resume_from is not None:
             trainer.load_state_dict(_checked_checkpoint(resume_from, self.config, config))
-        drop_last = train_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
+        rank_rows = trainer.dist.shard(train_rows)  # all rows unless running under torchrun
+        drop_last = rank_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
         labels = self._adversary_labels()
         train_loader = minibatch_loader(
-            matrix, conditions, labels=labels, indices=train_rows, batch_size=config.batch_size, seed=config.seed,
+            matrix, conditions, labels=labels, indices=rank_rows, batch_size=config.batch_size, seed=config.seed,
             drop_last=drop_last, chunk_rows=config.chunk_rows, chunks_in_memory=config.chunks_in_memory,
         )
         val_loader = (
@@ -350,8 +351,7 @@ class VAE:
             total = torch.zeros_like(batch.x)
             for _ in range(max(n_samples, 1)):
                 z = mean if n_samples <= 1 else self.module.reparameterize(mean, var)
-                px = self.module.decode(z, c, library)
-                total += px.mean if include_dropout or not hasattr(px, "zi_logits") else px.mu
+                total += self.module.expected_expression(z, c, library, include_dropout=include_dropout)
             out.append((total / max(n_samples, 1)).cpu())
         return torch.cat(out).numpy()
 

@@ -10,6 +10,7 @@ import pandas as pd
 from genailab.cli import main
 from genailab.cli.common import fail_cleanly, read_data
 from genailab.errors import ConfigError
+from genailab.train.distributed import distributed_context
 
 
 def _hidden(value: str) -> tuple[int, ...]:
@@ -74,6 +75,8 @@ def train(data, out, likelihood, layer, conditions, continuous, latent_dim, hidd
                          early_stopping_patience=patience or None, checkpoint_every=checkpoint_every,
                          seed=seed, device=device)
     model.fit(config, checkpoint_dir=out, resume_from=resume)
+    if not distributed_context().is_main:
+        return  # under torchrun, rank 0 alone writes the run
     write_run(model, out)
     last = model.history[-1]
     monitored = last.get("val_elbo_loss", last["train_elbo_loss"])
