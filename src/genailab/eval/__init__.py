@@ -4,8 +4,10 @@
 * :mod:`~genailab.eval.generation`: generated vs real expression (gene statistics, distances, classifier test);
 * :mod:`~genailab.eval.imputation`: scVI's masked-count imputation benchmark;
 * :mod:`~genailab.eval.de`: agreement of differential-expression results;
-* :mod:`~genailab.eval.model_metrics`: metrics of a fitted :class:`~genailab.VAE` on held-out cells
-  (ELBO, marginal likelihood, reconstruction, generation, posterior predictive checks, DE agreement);
+* :mod:`~genailab.eval.model_metrics`: likelihood metrics of a fitted :class:`~genailab.VAE` on
+  held-out cells (ELBO, marginal likelihood, reconstruction);
+* :mod:`~genailab.eval.model_generation`: its generated cells vs real ones (fidelity per condition,
+  posterior predictive checks, DE agreement);
 * :mod:`~genailab.eval.protocols`: protocols that train models (masked imputation, latent-size sweep).
 """
 
@@ -30,17 +32,15 @@ from genailab.eval.latent import (
     leiden_ari_nmi,
     leiden_ari_nmi_best_resolution,
 )
-from genailab.eval.model_metrics import (
+from genailab.eval.model_generation import (
     de_agreement,
     generate_like,
     generation_fidelity,
-    heldout_marginal_ll,
     log_fold_change,
     posterior_predictive_check,
-    reconstruction_error,
     replicate_from_posterior,
-    validation_elbo,
 )
+from genailab.eval.model_metrics import heldout_marginal_ll, reconstruction_error, validation_elbo
 from genailab.eval.protocols import imputation_benchmark, latent_dim_sweep, masked_anndata
 
 __all__ = [

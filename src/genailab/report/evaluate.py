@@ -15,7 +15,7 @@ from anndata import AnnData
 
 from genailab import eval as metrics_lib
 from genailab.errors import ConfigError
-from genailab.eval.model_metrics import generate_like
+from genailab.eval.model_generation import generate_like
 from genailab.model_io import data_fingerprint
 from genailab.plotting import plot_training_curves
 from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap
@@ -90,7 +90,8 @@ def write_report(
     figures["latent"] = [(umap_png, "UMAP of the posterior means")]
     generation, gene_png = _generation(model, adata, indices, out, keys=(batch_key, label_key), seed=seed)
     metrics.update(generation)
-    figures["posterior_predictive"] = [(gene_png, "Per gene: generated vs held-out real cells; posterior predictive CV")]
+    caption = "Per gene: generated vs held-out real cells; posterior predictive CV"
+    figures["posterior_predictive"] = [(gene_png, caption)]
     if label_key is not None:
         metrics["differential_expression"] = _de(model, adata, indices, label_key=label_key, seed=seed)
     retrain = {"model_options": _vae_options(model), "train_options": _train_options(model, sweep_epochs)}
@@ -98,7 +99,8 @@ def write_report(
         metrics["imputation"] = metrics_lib.imputation_benchmark(adata, seed=seed, **retrain)
     if latent_dims:
         metrics["latent_sweep"] = metrics_lib.latent_dim_sweep(adata, list(latent_dims), **retrain)
-        figures["latent_sweep"] = [(plot_latent_sweep(metrics["latent_sweep"], out / "latent_sweep.png"), "Latent-dimension sweep")]
+        sweep_png = plot_latent_sweep(metrics["latent_sweep"], out / "latent_sweep.png")
+        figures["latent_sweep"] = [(sweep_png, "Latent-dimension sweep")]
     metrics = _jsonable(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     sections = [Section(_HEADINGS[key], value, figures.get(key, [])) for key, value in metrics.items()]
@@ -173,14 +175,15 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
     scores: dict = {"n_cells": int(rows.size)}
     if label_key is not None:
         labels = obs[label_key].astype(str).to_numpy()
-        scores.update({k: v for k, v in metrics_lib.leiden_ari_nmi(latent, labels, seed=seed).items() if k != "resolution"})
+        clusters = metrics_lib.leiden_ari_nmi(latent, labels, seed=seed)
+        scores.update(ari=clusters["ari"], nmi=clusters["nmi"], n_clusters=clusters["n_clusters"])
         scores["label_silhouette"] = metrics_lib.label_silhouette(latent, labels)
     if batch_key is not None:
         batch = obs[batch_key].astype(str).to_numpy()
         scores["batch_entropy"] = metrics_lib.knn_batch_entropy(latent, batch, k=min(50, rows.size - 1))
         scores["ilisi"] = metrics_lib.ilisi(latent, batch, k=min(90, rows.size - 1))
         if label_key is not None:
-            scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, obs[label_key].astype(str).to_numpy())
+            scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, labels)
     graph = AnnData(obs=pd.DataFrame(index=obs.index.astype(str)), obsm={"X_latent": latent})
     sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed)
     sc.tl.umap(graph, random_state=seed)
@@ -199,8 +202,8 @@ def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, 
     real_mean, generated_mean = (np.asarray(m.mean(axis=0)).ravel() for m in (real, generated))
     real_zeros, generated_zeros = (1 - np.asarray((m != 0).mean(axis=0)).ravel() for m in (real, generated))
     png = plot_gene_agreement(
-        real_mean, generated_mean, real_zeros, generated_zeros, ppc["cv_observed"], ppc["cv_replicated"],
-        out / "gene_agreement.png",
+        out / "gene_agreement.png", real_mean=real_mean, generated_mean=generated_mean, real_zeros=real_zeros,
+        generated_zeros=generated_zeros, observed_cv=ppc["cv_observed"], replicated_cv=ppc["cv_replicated"],
     )
     summary = {k: v for k, v in ppc.items() if np.isscalar(v)}
     return {"generation": fidelity, "posterior_predictive": summary}, png
@@ -241,7 +244,9 @@ def _vae_options(model) -> dict:
         "adversarial_key": model.adversarial_key,
         "adversary": model.adversary_config if model.adversarial_key else None,
     }
-    architecture = ("hidden_dims", "dispersion", "dropout", "norm", "activation", "inject_condition", "beta", "embedding_dim")
+    architecture = (
+        "hidden_dims", "dispersion", "dropout", "norm", "activation", "inject_condition", "beta", "embedding_dim",
+    )
     options.update({name: getattr(config, name) for name in architecture})
     return options
 

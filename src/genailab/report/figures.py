@@ -63,13 +63,14 @@ def plot_latent_sweep(rows: Sequence[Mapping], path: str | Path) -> Path:
 
 
 def plot_gene_agreement(
+    path: str | Path,
+    *,
     real_mean: np.ndarray,
     generated_mean: np.ndarray,
     real_zeros: np.ndarray,
     generated_zeros: np.ndarray,
     observed_cv: np.ndarray,
     replicated_cv: np.ndarray,
-    path: str | Path,
 ) -> Path:
     """Per-gene scatter plots against the diagonal: generated vs real mean (log scale) and zero
     fraction, and the posterior predictive coefficient of variation vs the observed one."""
