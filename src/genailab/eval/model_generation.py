@@ -41,6 +41,17 @@ def generate_like(model, adata: AnnData | None = None, *, indices=None, seed: in
     models) library size taken from real cell ``i``: generated and real cells then differ only in
     what the model learned, not in their mix of conditions or depths.
 
+    Parameters
+    ----------
+    model
+        A fitted :class:`~genailab.VAE`.
+    adata
+        Real cells; default the training AnnData.
+    indices
+        Rows of ``adata``; default ``model.validation_indices``.
+    seed
+        Random state of the draws (the caller's random streams are left as they were).
+
     Returns
     -------
     AnnData
@@ -64,6 +75,19 @@ def replicate_from_posterior(
     """Replicated data for a posterior predictive check: ``x_rep ~ p(x | z, c)``, ``z ~ q(z | x, c)``.
 
     Each real cell is replicated ``n_draws`` times from its own posterior, at its observed library.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`~genailab.VAE`.
+    adata
+        Real cells; default the training AnnData.
+    indices
+        Rows of ``adata``; default ``model.validation_indices``.
+    n_draws
+        Replicates per cell.
+    seed
+        Random state of the draws.
 
     Returns
     -------
@@ -100,6 +124,19 @@ def posterior_predictive_check(
 
     A well-specified likelihood reproduces each gene's dispersion and zeros; an NB decoder on data
     with extra zeros under-predicts zero fractions, a Poisson-like fit under-predicts the CV.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`~genailab.VAE`.
+    adata
+        Real cells; default the training AnnData.
+    indices
+        Rows of ``adata``; default ``model.validation_indices``.
+    n_draws
+        Posterior replicates per cell, stacked.
+    seed
+        Random state of the draws.
 
     Returns
     -------
