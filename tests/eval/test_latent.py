@@ -91,3 +91,11 @@ def test_bad_input_is_refused(clusters):
         leiden_ari_nmi(np.full_like(latent, np.nan), labels)
     with pytest.raises(InputDataError, match="no label"):
         batch_silhouette(latent, labels, labels)
+
+
+def test_leiden_runs_above_scanpys_approximate_neighbour_threshold():
+    """More than 8192 cells, where scanpy would otherwise switch to approximate PyNNDescent neighbours."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 4200)
+    latent = np.where(labels[:, None] == "a", 0.0, 15.0) + rng.normal(size=(labels.size, 3))
+    assert leiden_ari_nmi(latent, labels, resolution=0.05)["ari"] == pytest.approx(1.0)

@@ -39,7 +39,9 @@ def _neighbour_graph(latent: np.ndarray, *, n_neighbors: int, seed: int) -> AnnD
             f"n_neighbors={n_neighbors} must be at least 2 and below the number of cells ({latent.shape[0]})."
         )
     graph = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(latent.shape[0])]), obsm={"X_latent": latent})
-    sc.pp.neighbors(graph, n_neighbors=n_neighbors, use_rep="X_latent", random_state=seed)
+    # exact sklearn neighbours at every size: scanpy's default switches to PyNNDescent above 8192 cells,
+    # whose sparse-array output scanpy 1.11 cannot read with scipy >= 1.15 (no csr_array.getnnz)
+    sc.pp.neighbors(graph, n_neighbors=n_neighbors, use_rep="X_latent", random_state=seed, transformer="sklearn")
     return graph
 
 

@@ -185,7 +185,7 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
         if label_key is not None:
             scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, labels)
     graph = AnnData(obs=pd.DataFrame(index=obs.index.astype(str)), obsm={"X_latent": latent})
-    sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed)
+    sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed, transformer="sklearn")
     sc.tl.umap(graph, random_state=seed)
     colours = {key: obs[key].to_numpy() for key in dict.fromkeys((label_key, batch_key)) if key is not None}
     return scores, plot_latent_umap(graph.obsm["X_umap"], colours, out / "latent_umap.png")
