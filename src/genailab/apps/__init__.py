@@ -1,0 +1,27 @@
+"""Applications of a trained VAE to AnnData, scanpy style (``f(adata, model, *, key_added=...)``).
+
+* :func:`denoise` (and :func:`denoising_error` against known true means);
+* :func:`generate` cells for chosen conditions (and :func:`generation_fidelity` against real cells);
+* :func:`integrate` batches with an adversarial discriminator (and :func:`integration_scores`);
+* :func:`cluster`: latent, neighbours, UMAP, Leiden and marker genes;
+* :func:`differential_expression` from posterior samples (scVI's change mode, FDR-controlled calls).
+"""
+
+from __future__ import annotations
+
+from genailab.apps.augment import generate, generation_fidelity
+from genailab.apps.cluster import cluster
+from genailab.apps.de import differential_expression
+from genailab.apps.denoise import denoise, denoising_error
+from genailab.apps.integrate import integrate, integration_scores
+
+__all__ = [
+    "cluster",
+    "denoise",
+    "denoising_error",
+    "differential_expression",
+    "generate",
+    "generation_fidelity",
+    "integrate",
+    "integration_scores",
+]

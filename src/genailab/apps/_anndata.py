@@ -1,0 +1,49 @@
+"""What the applications share at the AnnData edge: the model's counts, log-normalisation, params."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+from genailab.errors import ConfigError, InputDataError
+
+
+def require_count_model(model) -> None:
+    if not model.config.is_count_model:
+        raise ConfigError(
+            f"This application needs a count model (nb or zinb); the model's likelihood is {model.config.likelihood!r}."
+        )
+
+
+def model_counts(adata: AnnData, model) -> sp.csr_matrix:
+    """The counts the model reads (its layer, its genes in its order) as CSR float32, (n_cells, n_genes)."""
+    require_count_model(model)
+    if adata.isbacked:
+        raise InputDataError("The applications need the data in memory; read the h5ad without backed='r'.")
+    return sp.csr_matrix(model.schema.expression(adata), dtype=np.float32)
+
+
+def log_normalize(counts, *, target_sum: float = 1e4) -> sp.csr_matrix:
+    """``log1p(counts / total * target_sum)`` per cell, as ``sc.pp.normalize_total`` + ``sc.pp.log1p``."""
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    out = sp.diags(scale) @ counts
+    out.data = np.log1p(out.data)
+    return sp.csr_matrix(out, dtype=np.float32)
+
+
+def record_params(adata: AnnData, key: str, params: Mapping[str, object], **results) -> None:
+    """``adata.uns[key] = {'params': params, **results}`` with None values left out (h5ad cannot store None)."""
+    adata.uns[key] = {"params": {k: _storable(v) for k, v in params.items() if v is not None}, **results}
+
+
+def _storable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _storable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [str(v) if not isinstance(v, (int, float, bool, str)) else v for v in value]
+    return value

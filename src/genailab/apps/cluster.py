@@ -1,0 +1,119 @@
+"""Cell-type discovery: neighbours, UMAP and Leiden clusters on the latent, marker genes per cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from genailab.apps._anndata import log_normalize, model_counts
+from genailab.errors import InputDataError
+
+
+def cluster(
+    adata: AnnData,
+    model,
+    *,
+    key_added: str = "leiden",
+    latent_key: str = "X_genailab",
+    resolution: float = 1.0,
+    n_neighbors: int = 15,
+    markers_key: str = "rank_genes_groups",
+    plot: str | Path | None = None,
+    color: Sequence[str] = (),
+    seed: int = 0,
+) -> None:
+    """Embed with the model, cluster with scanpy (kNN graph, UMAP, Leiden) and rank marker genes.
+
+    Marker genes are ranked per cluster against the rest (Wilcoxon, ``sc.tl.rank_genes_groups``)
+    on log-normalised counts (``log1p`` counts per 10k of the model's layer; for a Gaussian model
+    the layer itself), so they can be read as in any scanpy workflow.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with the model's layer and condition columns.
+    model
+        A trained :class:`~genailab.VAE`.
+    key_added
+        ``obs`` column of the clusters; ``uns[key_added]['params']`` records the options.
+    latent_key
+        ``obsm`` key for the latent posterior means.
+    resolution
+        Leiden resolution (higher: more clusters).
+    n_neighbors
+        Neighbours per cell in the kNN graph.
+    markers_key
+        ``uns`` key of the marker ranking (read it with ``sc.get.rank_genes_groups_df``).
+    plot
+        Write a UMAP figure (PNG) here: one panel per ``color`` column, then the clusters.
+    color
+        ``obs`` columns to show beside the clusters in ``plot`` (e.g. known cell types, batch).
+    seed
+        Random state of the neighbour search, UMAP and Leiden.
+
+    Returns
+    -------
+    Nothing; sets ``adata.obsm[latent_key]``, scanpy's ``obsp['connectivities']``,
+    ``obsp['distances']``, ``uns['neighbors']`` and ``obsm['X_umap']``, ``adata.obs[key_added]``,
+    ``adata.uns[markers_key]`` and ``adata.uns[key_added]['params']``.
+
+    Examples
+    --------
+    >>> cluster(adata, model, resolution=0.8, plot="umap.png", color=["cell_type"])  # doctest: +SKIP
+    >>> sc.get.rank_genes_groups_df(adata, group="0").head()  # doctest: +SKIP
+    """
+    import scanpy as sc
+
+    missing = [c for c in color if c not in adata.obs]
+    if missing:
+        raise InputDataError(f"color columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}.")
+    adata.obsm[latent_key] = model.get_latent(adata)
+    sc.pp.neighbors(adata, use_rep=latent_key, n_neighbors=n_neighbors, random_state=seed)
+    sc.tl.umap(adata, random_state=seed)
+    sc.tl.leiden(adata, resolution=resolution, random_state=seed, key_added=key_added, flavor="igraph",
+                 n_iterations=2, directed=False)  # fmt: skip
+    adata.uns[markers_key] = _markers(adata, model, key_added)
+    n_clusters = int(adata.obs[key_added].nunique())
+    adata.uns[key_added]["params"].update(
+        latent_key=latent_key, n_neighbors=n_neighbors, markers_key=markers_key, seed=seed, n_clusters=n_clusters
+    )
+    if plot is not None:
+        _plot_umap(adata, [*color, key_added], Path(plot))
+
+
+def _markers(adata: AnnData, model, groupby: str) -> dict:
+    """scanpy's Wilcoxon ranking of every cluster (of two cells or more) against the rest."""
+    import scanpy as sc
+
+    values = (
+        log_normalize(model_counts(adata, model)) if model.config.is_count_model else model.schema.expression(adata)
+    )
+    scratch = AnnData(X=values, obs=adata.obs[[groupby]].copy(), var=pd.DataFrame(index=list(model.schema.gene_names)))
+    sizes = scratch.obs[groupby].value_counts()
+    groups = [str(g) for g in sizes.index[sizes >= 2]]
+    if len(groups) < 2:
+        raise InputDataError(
+            f"Leiden found fewer than two clusters of two cells or more ({dict(sizes)}); raise the resolution."
+        )
+    sc.tl.rank_genes_groups(scratch, groupby, groups=sorted(groups, key=_natural), method="wilcoxon")
+    return scratch.uns["rank_genes_groups"]
+
+
+def _natural(label: str):
+    return (0, int(label)) if label.isdigit() else (1, label)
+
+
+def _plot_umap(adata: AnnData, columns: list[str], path: Path) -> None:
+    import scanpy as sc
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5 * len(columns), 5))
+    for ax, column in zip(np.atleast_1d(fig.subplots(1, len(columns))), columns):
+        sc.pl.umap(adata, color=column, ax=ax, show=False, title=column,
+                   legend_loc="on data" if column == columns[-1] else "right margin")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,52 @@
+"""Generated cells against real cells of the same and of another cell type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genailab.apps import generate, generation_fidelity
+from genailab.errors import ConfigError, InputDataError
+
+
+def _cells(adata, cell_type):
+    return adata[adata.obs["cell_type"] == cell_type].layers["counts"]
+
+
+@pytest.mark.parametrize("source", ["prior", "posterior"])
+def test_generated_cells_resemble_their_cell_type(app_data, app_model, source):
+    generated = generate(app_data, app_model, n_cells=150, conditions={"cell_type": "type_0"}, source=source, seed=1)
+    same = generation_fidelity(_cells(app_data, "type_0"), generated.X)
+    other = generation_fidelity(_cells(app_data, "type_1"), generated.X)
+    assert same["mean_pearson"] > 0.85 and same["zero_fraction_mae"] < 0.1
+    assert same["energy"] < 0.5 * other["energy"]
+    assert same["classifier_auc"] < other["classifier_auc"]
+    assert (generated.obs["cell_type"] == "type_0").all()
+    assert set(generated.obs["source_cell"]) <= set(app_data.obs_names[app_data.obs["cell_type"] == "type_0"])
+
+
+def test_library_sizes_follow_the_real_cells_or_the_given_total(app_data, app_model):
+    resampled = generate(app_data, app_model, n_cells=300, conditions={"cell_type": "type_2"}, seed=0)
+    real_totals = np.asarray(_cells(app_data, "type_2").sum(axis=1)).ravel()
+    generated_totals = np.asarray(resampled.X.sum(axis=1)).ravel()
+    assert abs(np.median(generated_totals) / np.median(real_totals) - 1) < 0.15
+    fixed = generate(None, app_model, n_cells=300, conditions={"cell_type": "type_2", "batch": "batch_0"},
+                     library_size=5000, seed=0)  # fmt: skip
+    assert abs(fixed.X.sum(axis=1).mean() / 5000 - 1) < 0.15  # ZINB: a little below, from dropout
+    assert "source_cell" not in fixed.obs and fixed.uns["genailab_generate"]["params"]["library_size"] == 5000
+
+
+def test_seed_fixes_the_draws(app_data, app_model):
+    first, second = (generate(app_data, app_model, n_cells=20, source="posterior", seed=3) for _ in range(2))
+    assert (first.X != second.X).nnz == 0
+    third = generate(app_data, app_model, n_cells=20, source="posterior", seed=4)
+    assert (first.X != third.X).nnz > 0
+
+
+def test_bad_requests(app_data, app_model):
+    with pytest.raises(ConfigError, match="posterior"):
+        generate(None, app_model, n_cells=5, source="posterior")
+    with pytest.raises(ConfigError, match="batch"):
+        generate(None, app_model, n_cells=5, conditions={"cell_type": "type_0"})
+    with pytest.raises(InputDataError, match="No cell"):
+        generate(app_data, app_model, n_cells=5, conditions={"cell_type": "type_9"})

@@ -1,0 +1,33 @@
+"""Clusters of the latent against the simulated cell types, marker genes against the true markers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import scanpy as sc
+from sklearn.metrics import adjusted_rand_score
+
+from genailab.apps import cluster
+from genailab.errors import InputDataError
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")  # inside scanpy's plotting
+def test_clusters_and_markers_recover_the_cell_types(app_data, app_model, tmp_path):
+    adata = app_data.copy()
+    cluster(adata, app_model, resolution=0.3, plot=tmp_path / "umap.png", color=["cell_type", "batch"])
+    assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["leiden"]) > 0.8
+    assert adata.obsm["X_genailab"].shape == (600, 6) and adata.obsm["X_umap"].shape == (600, 2)
+    assert adata.uns["leiden"]["params"]["resolution"] == 0.3
+    assert (tmp_path / "umap.png").stat().st_size > 10_000
+    # the top 10 markers of the cluster matching each type are mostly that type's simulated markers
+    table = pd.crosstab(adata.obs["leiden"], adata.obs["cell_type"])
+    for cell_type in table.columns:
+        best = str(table[cell_type].idxmax())
+        top = sc.get.rank_genes_groups_df(adata, group=best)["names"][:10]
+        true_markers = set(adata.var_names[adata.var["marker_of"] == cell_type])
+        assert len(true_markers & set(top)) >= 6, (cell_type, list(top))
+
+
+def test_unknown_colour_column(app_data, app_model):
+    with pytest.raises(InputDataError, match="color"):
+        cluster(app_data.copy(), app_model, color=["nope"])
