@@ -17,14 +17,9 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
 
     Returns the summary lines the CLI prints. Writes under ``out``: ``model/`` (saved model,
     history.csv, training_curves.png), ``pbmc68k_genailab.h5ad`` (latent in
-    ``obsm['X_genailab']``, UMAP, Leiden clusters), ``umap.png`` and ``metrics.json``.
+    ``obsm['X_genailab']``, UMAP, Leiden clusters, marker genes), ``umap.png`` and ``metrics.json``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import scanpy as sc
-
+    from genailab.apps import cluster
     from genailab.cli.core import write_run
 
     out = Path(out)
@@ -33,11 +28,7 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
     model.fit(TrainConfig(epochs=epochs, seed=seed, batch_size=128, kl_warmup_epochs=20))
     write_run(model, out / "model")
 
-    adata.obsm["X_genailab"] = model.get_latent()
-    sc.pp.neighbors(adata, use_rep="X_genailab", n_neighbors=15, random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
-    sc.tl.leiden(adata, resolution=0.8, random_state=seed, key_added="leiden", flavor="igraph", n_iterations=2,
-                 directed=False)
+    cluster(adata, model, resolution=0.8, n_neighbors=15, plot=out / "umap.png", color=["cell_type"], seed=seed)
     metrics = {
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
@@ -48,12 +39,6 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
         "nmi_vs_cell_type": float(normalized_mutual_info_score(adata.obs["cell_type"], adata.obs["leiden"])),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    sc.pl.umap(adata, color="cell_type", ax=axes[0], show=False, title="genailab latent: cell type")
-    sc.pl.umap(adata, color="leiden", ax=axes[1], show=False, title="Leiden clusters", legend_loc="on data")
-    fig.tight_layout()
-    fig.savefig(out / "umap.png", dpi=110)
-    plt.close(fig)
     adata.write_h5ad(out / "pbmc68k_genailab.h5ad")
     return [
         f"Trained an NB conditional VAE on {adata.n_obs} PBMCs x {adata.n_vars} genes for {len(model.history)} epochs.",

@@ -72,7 +72,8 @@ def cluster(
     if missing:
         raise InputDataError(f"color columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}.")
     adata.obsm[latent_key] = model.get_latent(adata)
-    sc.pp.neighbors(adata, use_rep=latent_key, n_neighbors=n_neighbors, random_state=seed)
+    # exact neighbours: scanpy's approximate (PyNNDescent) path above 8192 cells fails with scipy >= 1.15
+    sc.pp.neighbors(adata, use_rep=latent_key, n_neighbors=n_neighbors, random_state=seed, transformer="sklearn")
     sc.tl.umap(adata, random_state=seed)
     sc.tl.leiden(adata, resolution=resolution, random_state=seed, key_added=key_added, flavor="igraph",
                  n_iterations=2, directed=False)  # fmt: skip

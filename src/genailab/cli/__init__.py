@@ -21,5 +21,6 @@ from genailab.cli import core  # noqa: E402  (registers commands on main)
 from genailab.cli import data  # noqa: E402
 from genailab.cli import evaluate  # noqa: E402
 from genailab.cli import perturb  # noqa: E402
+from genailab.cli import apps  # noqa: E402
 
 __all__ = ["main", "core", "data"]

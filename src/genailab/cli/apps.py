@@ -1,0 +1,261 @@
+"""Commands of the applications: denoise, generate, integrate, cluster, de (thin over genailab.apps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from genailab.cli import main
+from genailab.cli.common import fail_cleanly, read_data
+from genailab.cli.core import _hidden, write_run
+from genailab.errors import ConfigError, SchemaMismatchError
+
+_RUN = click.Path(exists=True, file_okay=False, path_type=Path)
+_DATA = click.Path(exists=True, dir_okay=True, path_type=Path)
+_OUT = click.Path(dir_okay=False, path_type=Path)
+
+
+def _conditions(pairs: tuple[str, ...], model) -> dict[str, object]:
+    """``("batch=b0", "dose=1")`` -> ``{"batch": "b0", "dose": 1.0}`` (continuous conditions as numbers)."""
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--condition takes KEY=VALUE, got {pair!r}.")
+        try:
+            values[key] = float(value) if key in model.schema.continuous_keys else value
+        except ValueError as exc:
+            raise ConfigError(f"--condition {pair!r}: {key} is continuous and needs a number.") from exc
+    return values
+
+
+def _load(run_dir: Path, data: Path | None):
+    """The saved model and (optionally) the data subset to the model's genes in the model's order."""
+    from genailab import VAE
+
+    adata = None if data is None else read_data(data)
+    model = VAE.load(run_dir, adata)
+    if adata is not None and list(map(str, adata.var_names)) != list(model.schema.gene_names):
+        missing = sorted(set(model.schema.gene_names) - set(map(str, adata.var_names)))
+        if missing:
+            raise SchemaMismatchError(f"{len(missing)} of the model's genes are not in {data} (e.g. {missing[:5]}).")
+        adata = adata[:, list(model.schema.gene_names)].copy()
+        model.adata = adata
+    return model, adata
+
+
+def _library(value: str) -> float | str:
+    if value == "observed":
+        return value
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"--library-size takes 'observed' or a number, got {value!r}.") from exc
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN)
+@click.argument("data", type=_DATA)
+@click.option("--out", required=True, type=_OUT, help="h5ad to write.")
+@click.option("--key", default="genailab_denoised", show_default=True, help="Layer for the denoised expression.")
+@click.option(
+    "--library-size",
+    default="observed",
+    show_default=True,
+    help="'observed' (each cell's total) or a number, e.g. 10000.",
+)
+@click.option("--include-dropout", is_flag=True, help="ZINB: include the dropout probability in the mean.")
+@click.option(
+    "--condition", "conditions", multiple=True, help="KEY=VALUE: decode every cell under this condition (repeatable)."
+)
+@click.option(
+    "--n-samples", default=1, show_default=True, type=int, help="Posterior draws averaged (1: the posterior mean)."
+)
+@fail_cleanly
+def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, n_samples):
+    """Write the model's expected expression of DATA's cells to a layer of --out."""
+    from genailab.apps import denoise as denoise_cells
+
+    model, adata = _load(run_dir, data)
+    denoise_cells(adata, model, key_added=key, library_size=_library(library_size), include_dropout=include_dropout,
+                  conditions=_conditions(conditions, model) or None, n_samples=n_samples)  # fmt: skip
+    adata.write_h5ad(out)
+    click.echo(f"Wrote denoised expression of {adata.n_obs} cells x {adata.n_vars} genes to layers[{key!r}] of {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN)
+@click.option("--n", "n_cells", required=True, type=int, help="Cells to generate.")
+@click.option("--condition", "conditions", multiple=True, help="KEY=VALUE condition of the new cells (repeatable).")
+@click.option("--out", required=True, type=_OUT, help="h5ad to write.")
+@click.option(
+    "--source",
+    type=click.Choice(["prior", "posterior"]),
+    default="prior",
+    show_default=True,
+    help="Draw z from the prior, or from the posteriors of real cells matching the conditions (needs --data).",
+)
+@click.option("--data", type=_DATA, help="Real cells: posterior latents and library sizes.")
+@click.option(
+    "--library-size",
+    type=float,
+    help="Total count per new cell (default: resampled from --data, else the training median).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@fail_cleanly
+def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed):
+    """Generate --n cells with the given conditions from a trained model; counts in X of --out."""
+    from genailab.apps import generate as generate_cells
+
+    model, adata = _load(run_dir, data)
+    generated = generate_cells(adata, model, n_cells=n_cells, conditions=_conditions(conditions, model), source=source,
+                               library_size=library_size, seed=seed)  # fmt: skip
+    generated.write_h5ad(out)
+    click.echo(f"Wrote {generated.n_obs} generated cells x {generated.n_vars} genes ({source}) to {out}")
+
+
+@main.command()
+@click.argument("data", type=_DATA)
+@click.option("--batch", "batch_key", required=True, help="obs column of the batch to correct.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder: model and integrated.h5ad.")
+@click.option("--layer", default=None, help="adata.layers key with the raw counts (default: X).")
+@click.option("--model", "likelihood", type=click.Choice(["gaussian", "nb", "zinb"]), default="nb", show_default=True)
+@click.option(
+    "--covariate", "covariates", multiple=True, help="Further categorical obs column to condition on (repeatable)."
+)
+@click.option("--adversary-weight", default=5.0, show_default=True, type=float, help="0 disables the adversary.")
+@click.option(
+    "--adversary-mode",
+    type=click.Choice(["alternating", "gradient_reversal"]),
+    default="alternating",
+    show_default=True,
+)
+@click.option(
+    "--adversary-warmup",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Epochs over which the adversary weight rises.",
+)
+@click.option("--reference-batch", default=None, help="Batch every cell is decoded into (default: the largest).")
+@click.option("--labels", default=None, help="obs column of known cell types: also report their conservation.")
+@click.option("--latent-dim", default=10, show_default=True, type=int)
+@click.option("--hidden", default="128,128", show_default=True, help="Hidden layer sizes, comma-separated.")
+@click.option("--epochs", default=100, show_default=True, type=int)
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@fail_cleanly
+def integrate(
+    data,
+    batch_key,
+    out,
+    layer,
+    likelihood,
+    covariates,
+    adversary_weight,
+    adversary_mode,
+    adversary_warmup,
+    reference_batch,
+    labels,
+    latent_dim,
+    hidden,
+    epochs,
+    batch_size,
+    lr,
+    seed,
+    device,
+):
+    """Batch-correct DATA with an adversarial CVAE; model, corrected latent and expression in --out."""
+    from genailab.apps import integrate as integrate_batches
+    from genailab.apps import integration_scores
+    from genailab.model.adversary import AdversaryConfig
+    from genailab.model_io import check_writable
+    from genailab.train.config import TrainConfig
+
+    check_writable(out)
+    adata = read_data(data)
+    adversary = (
+        AdversaryConfig(weight=adversary_weight, warmup_epochs=adversary_warmup, mode=adversary_mode)
+        if adversary_weight > 0
+        else None
+    )
+    model = integrate_batches(
+        adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
+        adversary=adversary, reference_batch=reference_batch, latent_dim=latent_dim, hidden_dims=_hidden(hidden),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
+    )  # fmt: skip
+    write_run(model, out)
+    adata.write_h5ad(out / "integrated.h5ad")
+    scores = integration_scores(adata, batch_key=batch_key, label_key=labels, seed=seed)
+    click.echo(f"Trained {len(model.history)} epochs; corrected latent in obsm['X_genailab_integrated'], expression "
+               f"decoded into batch {adata.uns['X_genailab_integrated']['params']['reference_batch']!r} in "
+               f"layers['genailab_corrected'] of {out / 'integrated.h5ad'}")  # fmt: skip
+    click.echo("Scores (1 best): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN)
+@click.argument("data", type=_DATA)
+@click.option("--out", required=True, type=_OUT, help="h5ad to write.")
+@click.option("--resolution", default=1.0, show_default=True, type=float, help="Leiden resolution.")
+@click.option("--n-neighbors", default=15, show_default=True, type=int)
+@click.option("--labels", default=None, help="obs column of known cell types: plotted, and ARI/NMI reported.")
+@click.option("--plot", type=_OUT, help="UMAP PNG to write (default: next to --out, <name>_umap.png).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@fail_cleanly
+def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
+    """Latent, neighbours, UMAP, Leiden clusters and marker genes of DATA's cells, written to --out."""
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from genailab.apps import cluster as cluster_cells
+
+    model, adata = _load(run_dir, data)
+    plot = plot or out.with_name(f"{out.stem}_umap.png")
+    cluster_cells(adata, model, resolution=resolution, n_neighbors=n_neighbors, plot=plot,
+                  color=[labels] if labels else (), seed=seed)  # fmt: skip
+    adata.write_h5ad(out)
+    markers = sc.get.rank_genes_groups_df(adata, group=None)
+    click.echo(f"{adata.obs['leiden'].nunique()} Leiden clusters in obs['leiden'] of {out}; UMAP in {plot}")
+    for group, table in markers.groupby("group", observed=True):
+        click.echo(
+            f"  cluster {group} ({int((adata.obs['leiden'] == group).sum())} cells): {', '.join(table['names'][:5])}"
+        )
+    if labels:
+        ari = adjusted_rand_score(adata.obs[labels], adata.obs["leiden"])
+        nmi = normalized_mutual_info_score(adata.obs[labels], adata.obs["leiden"])
+        click.echo(f"Against obs[{labels!r}]: ARI {ari:.3f}, NMI {nmi:.3f}")
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN)
+@click.argument("data", type=_DATA)
+@click.option("--groupby", required=True, help="obs column of the groups.")
+@click.option("--group", required=True, help="Group of interest (positive LFC = higher here).")
+@click.option("--reference", default="rest", show_default=True, help="Group to compare against, or 'rest'.")
+@click.option("--out", required=True, type=_OUT, help="CSV table to write.")
+@click.option("--delta", default=0.25, show_default=True, type=float, help="Smallest |log2 fold change| that counts.")
+@click.option("--fdr", default=0.05, show_default=True, type=float, help="Posterior expected FDR of the call list.")
+@click.option("--n-samples", default=5, show_default=True, type=int, help="Posterior draws per cell.")
+@click.option("--max-cells", default=500, show_default=True, type=int, help="Cells drawn per group at most.")
+@click.option("--n-pairs", default=5000, show_default=True, type=int, help="Random pairs of draws across the groups.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@fail_cleanly
+def de(run_dir, data, groupby, group, reference, out, delta, fdr, n_samples, max_cells, n_pairs, seed):
+    """Differential expression of --group vs --reference from the model's posterior (scVI change mode)."""
+    from genailab.apps import differential_expression
+
+    model, adata = _load(run_dir, data)
+    table = differential_expression(adata, model, groupby=groupby, group=group, reference=reference, delta=delta,
+                                    fdr_target=fdr, n_samples_per_cell=n_samples, max_cells=max_cells,
+                                    n_pairs=n_pairs, seed=seed)  # fmt: skip
+    table.to_csv(out)
+    called = table[table["is_de_fdr"]]
+    click.echo(
+        f"{len(called)} of {len(table)} genes differ by |log2 FC| > {delta} at expected FDR {fdr}; table in {out}"
+    )
+    for gene, row in called.head(10).iterrows():
+        click.echo(f"  {gene}: log2 FC {row['lfc_mean']:+.2f}, P(DE) {row['proba_de']:.3f}")
