@@ -20,11 +20,11 @@ def sim_adata_zinb():
     return simulate(600, 200, n_cell_types=3, n_batches=2, likelihood="zinb", dropout=0.1, seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Run torch (and child processes, via OMP_NUM_THREADS) on one thread for a test module: tiny
-    models train fastest so, especially on a busy machine, and runs in and out of process sum in the
-    same order."""
+    """Run torch (and child processes, via OMP_NUM_THREADS) on one thread for the whole session: the
+    tests' tiny models train fastest so, above all on a busy machine, and runs in and out of process
+    sum in the same order."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:

@@ -4,7 +4,6 @@ without one (cell type, drug, dose) group."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from genailab.data.simulate import PerturbationSpec, simulate
 from genailab.perturb import HoldoutSplit, ObsKeys, PerturbationModel
@@ -13,15 +12,6 @@ from genailab.perturb import HoldoutSplit, ObsKeys, PerturbationModel
 # ~12% of dose 0.1 and ~99% of dose 10 that the model sees in type_0.
 HELD_OUT = ("type_0", "drug_1", 1.0)
 MODEL_OPTIONS = dict(layer="counts", latent_dim=8, hidden_dims=(64,))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tiny models train fastest on one thread, and then do not fight other processes for cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
