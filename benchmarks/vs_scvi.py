@@ -7,7 +7,7 @@ training cells, with no early stopping. Each model trains in its own subprocess 
 ``torch.set_num_threads(2)``, so its peak memory is its own ``ru_maxrss``. Measured:
 
 * training cells/s (training cells x epochs / wall time of the training call);
-* memory: the worker's peak RSS through training (ru_maxrss: Python, torch, the tool's imports and
+* memory: the worker's peak RSS through training (VmHWM: Python, torch, the tool's imports and
   the data, read the same way for both) and the part added by training (that peak minus the
   resident size just before training), MiB;
 * held-out log-likelihood per cell: IWAE bound with the same K on the same held-out cells
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,14 +43,15 @@ IMPUTATION_SAMPLES = 25  # posterior samples averaged for the denoised mean, the
 
 
 # -- worker: one tool, one likelihood, in its own process -----------------------------------------
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc, MiB.
 
-
-def _current_rss_mib() -> float:
+    Not ``ru_maxrss``: Linux carries it across exec, so a worker started from the parent (which
+    holds the whole dataset) would report the parent's peak as its own.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB
     return float("nan")
 
 
@@ -86,11 +86,11 @@ def _worker(args) -> None:
     train, heldout = ad.read_h5ad(work / "train.h5ad"), ad.read_h5ad(work / "heldout.h5ad")
     batch_key = "batch" if "batch" in train.obs else None
     fit = _scvi_fit if args.worker == "scvi" else _genailab_fit
-    before = _current_rss_mib()
+    before = _rss_mib("VmRSS")
     started = time.perf_counter()
     model = fit(train, args, args.likelihood, batch_key)
     seconds = time.perf_counter() - started
-    peak = _peak_rss_mib()
+    peak = _rss_mib("VmHWM")
     result = {"cells_per_s": train.n_obs * args.epochs / seconds, "train_s": seconds, "peak_rss_mib": peak,
               "added_rss_mib": peak - before}
 
