@@ -87,7 +87,7 @@ def test_de(run, tmp_path):
     run_dir, data = run
     out = tmp_path / "de.csv"
     output = _invoke("de", run_dir, data, "--groupby", "cell_type", "--group", "type_0", "--reference", "type_1",
-                     "--delta", "1", "--out", out)  # fmt: skip
+                     "--delta", "1", "--level", "group", "--out", out)  # fmt: skip
     assert "genes differ" in output
     table = pd.read_csv(out, index_col=0)
     assert len(table) == 60 and {"lfc_mean", "proba_de", "is_de_fdr"} <= set(table.columns)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from genailab.apps import generate, generation_fidelity
+from genailab import VAE, TrainConfig
+from genailab.apps import generate, generated_vs_real
 from genailab.errors import ConfigError, InputDataError
 
 
@@ -16,10 +17,10 @@ def _cells(adata, cell_type):
 @pytest.mark.parametrize("source", ["prior", "posterior"])
 def test_generated_cells_resemble_their_cell_type(app_data, app_model, source):
     generated = generate(app_data, app_model, n_cells=150, conditions={"cell_type": "type_0"}, source=source, seed=1)
-    same = generation_fidelity(_cells(app_data, "type_0"), generated.X)
-    other = generation_fidelity(_cells(app_data, "type_1"), generated.X)
+    same = generated_vs_real(_cells(app_data, "type_0"), generated.X)
+    other = generated_vs_real(_cells(app_data, "type_1"), generated.X)
     assert same["mean_pearson"] > 0.85 and same["zero_fraction_mae"] < 0.1
-    assert same["energy"] < 0.5 * other["energy"]
+    assert same["energy_distance"] < 0.5 * other["energy_distance"]
     assert same["classifier_auc"] < other["classifier_auc"]
     assert (generated.obs["cell_type"] == "type_0").all()
     assert set(generated.obs["source_cell"]) <= set(app_data.obs_names[app_data.obs["cell_type"] == "type_0"])
@@ -41,6 +42,18 @@ def test_seed_fixes_the_draws(app_data, app_model):
     assert (first.X != second.X).nnz == 0
     third = generate(app_data, app_model, n_cells=20, source="posterior", seed=4)
     assert (first.X != third.X).nnz > 0
+
+
+def test_posterior_follows_an_obs_column_the_model_was_not_given(app_data):
+    model = VAE(app_data, likelihood="zinb", layer="counts", condition_keys=["batch"], latent_dim=6, hidden_dims=(64,))
+    model.fit(TrainConfig(epochs=20, seed=0, progress=False))
+    generated = generate(app_data, model, n_cells=100, conditions={"cell_type": "type_2"}, source="posterior")
+    assert (generated.obs["cell_type"] == "type_2").all()
+    same = generated_vs_real(_cells(app_data, "type_2"), generated.X)
+    other = generated_vs_real(_cells(app_data, "type_0"), generated.X)
+    assert same["energy_distance"] < 0.5 * other["energy_distance"]
+    with pytest.raises(ConfigError, match="source='posterior'"):
+        generate(app_data, model, n_cells=10, conditions={"cell_type": "type_2"})
 
 
 def test_bad_requests(app_data, app_model):

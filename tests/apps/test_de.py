@@ -34,6 +34,14 @@ def test_calls_match_the_true_differential_genes(app_data, app_model):
     pd.testing.assert_frame_equal(adata.uns["genailab_de"]["results"], table)
 
 
+def test_group_level_calls_more_of_the_true_genes(app_data, app_model):
+    table = differential_expression(app_data.copy(), app_model, groupby="cell_type", group="type_0",
+                                    reference="type_1", delta=1.0, level="group")  # fmt: skip
+    truth = true_log2_fc(app_data, "type_0", "type_1").reindex(table.index)
+    assert precision_recall(table["is_de_fdr"], truth.abs() > 1.0)["precision"] > 0.9
+    assert precision_recall(table["is_de_fdr"], truth.abs() > 2.0)["recall"] > 0.9
+
+
 def test_fdr_list_is_the_top_of_the_ranking(app_data, app_model):
     table = differential_expression(app_data.copy(), app_model, groupby="cell_type", group="type_2", delta=0.5)
     called = table["is_de_fdr"].to_numpy()

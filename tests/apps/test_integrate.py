@@ -8,6 +8,7 @@ import pytest
 from genailab import TrainConfig
 from genailab.apps import integrate, integration_scores
 from genailab.apps._anndata import log_normalize
+from genailab.apps.integrate import DEFAULT_ADVERSARY
 from genailab.data.simulate import simulate
 from genailab.errors import ConfigError
 
@@ -31,7 +32,7 @@ def _batch_gap(adata, values) -> float:
 def test_adversary_mixes_batches_and_keeps_cell_types(batches):
     train = TrainConfig(epochs=30, batch_size=32, seed=0, progress=False)
     scores = {}
-    for name, adversary in (("plain", None), ("adversary", integrate.__kwdefaults__["adversary"])):
+    for name, adversary in (("plain", None), ("adversary", DEFAULT_ADVERSARY)):
         adata = batches.copy()
         model = integrate(adata, batch_key="batch", layer="counts", adversary=adversary, train=train, latent_dim=6,
                           hidden_dims=(64,))  # fmt: skip

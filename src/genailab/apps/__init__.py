@@ -1,15 +1,16 @@
 """Applications of a trained VAE to AnnData, scanpy style (``f(adata, model, *, key_added=...)``).
 
 * :func:`denoise` (and :func:`denoising_error` against known true means);
-* :func:`generate` cells for chosen conditions (and :func:`generation_fidelity` against real cells);
+* :func:`generate` cells for chosen conditions (and :func:`generated_vs_real` against real cells);
 * :func:`integrate` batches with an adversarial discriminator (and :func:`integration_scores`);
 * :func:`cluster`: latent, neighbours, UMAP, Leiden and marker genes;
-* :func:`differential_expression` from posterior samples (scVI's change mode, FDR-controlled calls).
+* :func:`differential_expression` from posterior samples (scVI's change mode between single cells, or
+  between group means), with calls at a posterior expected false discovery rate.
 """
 
 from __future__ import annotations
 
-from genailab.apps.augment import generate, generation_fidelity
+from genailab.apps.augment import generate, generated_vs_real
 from genailab.apps.cluster import cluster
 from genailab.apps.de import differential_expression
 from genailab.apps.denoise import denoise, denoising_error
@@ -21,7 +22,7 @@ __all__ = [
     "denoising_error",
     "differential_expression",
     "generate",
-    "generation_fidelity",
+    "generated_vs_real",
     "integrate",
     "integration_scores",
 ]

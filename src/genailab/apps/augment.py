@@ -47,6 +47,8 @@ def generate(
     conditions
         ``{obs column: value}`` for the generated cells (e.g. ``{"cell_type": "B"}``). Conditions of
         the model left out are copied from the real cells drawn (posterior, or prior with ``adata``).
+        With ``source="posterior"`` a column need not be a condition of the model: it then only
+        selects the real cells (e.g. a cell type, from a model conditioned on batch alone).
     source
         ``"prior"`` or ``"posterior"``.
     library_size
@@ -74,6 +76,13 @@ def generate(
     if adata is None and source == "posterior":
         raise ConfigError("source='posterior' encodes real cells; pass the AnnData they are in.")
     conditions = dict(conditions or {})
+    model_keys = set(model.schema.categorical_keys + model.schema.continuous_keys)
+    selecting_only = sorted(set(conditions) - model_keys)
+    if selecting_only and source == "prior":
+        raise ConfigError(
+            f"{selecting_only} are not conditions of the model, so prior draws cannot follow them; use "
+            "source='posterior' to draw from the latents of the real cells with those values."
+        )
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -92,7 +101,7 @@ def generate(
                 z = model.get_latent(picked, n_samples=1)[0]
             else:
                 z = rng.standard_normal((n_cells, model.config.latent_dim))
-        c = encode_conditions(model, obs, conditions)
+        c = encode_conditions(model, obs, {k: v for k, v in conditions.items() if k in model_keys})
         counts = decode(model, z, c, library, sample=True)
     return _as_anndata(model, counts, obs, conditions, source_cells=adata is not None, params=dict(
         n_cells=n_cells, conditions=conditions, source=source, library_size=library_size, seed=seed))  # fmt: skip
@@ -121,6 +130,8 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
     for key, categories in zip(schema.categorical_keys, schema.categories):
         values = np.repeat(str(conditions[key]), len(out_obs)) if key in conditions else obs[key].astype(str).to_numpy()
         out_obs[key] = pd.Categorical(values, categories=list(categories))
+    for key in sorted(set(conditions) - set(out_obs.columns)):  # columns that only selected the real cells
+        out_obs[key] = pd.Categorical(np.repeat(str(conditions[key]), len(out_obs)))
     if source_cells:
         out_obs["source_cell"] = obs["source_cell"].astype(str).to_numpy()
     generated = AnnData(X=sp.csr_matrix(counts), obs=out_obs)
@@ -129,8 +140,11 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
     return generated
 
 
-def generation_fidelity(real, generated, *, n_comps: int = 20, seed: int = 0) -> dict[str, float]:
+def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> dict[str, float]:
     """How close generated counts are to real counts of the same condition (:mod:`genailab.eval`).
+
+    For cells from :func:`generate` (any source, any real cells); :func:`genailab.eval.generation_fidelity`
+    scores a model's own prior draws against its validation cells.
 
     Per-gene moments are compared on the counts; the distances and the classifier two-sample test
     on log-normalised counts (``log1p`` counts per 10k) in a PCA shared by both samples.
@@ -148,7 +162,7 @@ def generation_fidelity(real, generated, *, n_comps: int = 20, seed: int = 0) ->
     -------
     dict
         ``mean_pearson``, ``variance_pearson``, ``zero_fraction_pearson``, ``zero_fraction_mae``
-        (:func:`~genailab.eval.gene_moment_agreement`), ``energy`` and ``mmd``
+        (:func:`~genailab.eval.gene_moment_agreement`), ``energy_distance`` and ``mmd``
         (:func:`~genailab.eval.pca_distance`, 0 = same distribution) and ``classifier_auc``
         (:func:`~genailab.eval.classifier_two_sample_auc`, 0.5 = indistinguishable).
     """
@@ -158,7 +172,7 @@ def generation_fidelity(real, generated, *, n_comps: int = 20, seed: int = 0) ->
     scores = gene_moment_agreement(real, generated)
     real_log, generated_log = log_normalize(real), log_normalize(generated)
     n_comps = min(n_comps, real.shape[0] + generated.shape[0] - 1, real.shape[1] - 1)
-    for metric in ("energy", "mmd"):
-        scores[metric] = pca_distance(real_log, generated_log, n_comps=n_comps, metric=metric, seed=seed)
+    for name, metric in (("energy_distance", "energy"), ("mmd", "mmd")):
+        scores[name] = pca_distance(real_log, generated_log, n_comps=n_comps, metric=metric, seed=seed)
     scores["classifier_auc"] = classifier_two_sample_auc(real_log, generated_log, n_comps=n_comps, seed=seed)
     return scores

@@ -1,16 +1,20 @@
 """Differential expression from the generative model, scVI's "change" mode.
 
-For cells a of one group and b of the other, draw z from each cell's posterior, decode the
-normalised expression (proportions) rho = f(z, c), pair draws across the groups at random and
-take ``LFC = log2(rho_a + eps) - log2(rho_b + eps)`` per gene. The posterior probability of
-differential expression is ``P(|LFC| > delta)`` over the pairs (Boyeau et al., 2019/2023). Genes
-are called by the posterior expected false discovery rate: sorted by that probability, the
-largest top set whose mean ``1 - P`` is at most ``fdr_target`` (scVI's ``fdr_target``).
+For cells a of one group and b of the other, draw z from each cell's posterior and decode the
+normalised expression (proportions) rho = f(z, c). At the ``cell`` level (scVI's change mode),
+draws are paired across the groups at random and ``LFC = log2(rho_a + eps) - log2(rho_b + eps)``
+per gene and pair, so the spread of LFC holds the cell-to-cell variation inside the groups. At the
+``group`` level (as lvm-DE, Boyeau et al. 2023, compares populations), each posterior draw gives
+the mean rho over a bootstrap sample of each group's cells and one LFC of the two means, so the
+spread holds only the uncertainty about the groups' mean expression. The posterior probability of
+differential expression is ``P(|LFC| > delta)``. Genes are called by the posterior expected false
+discovery rate: sorted by that probability, the largest top set whose mean ``1 - P`` is at most
+``fdr_target`` (scVI's ``fdr_target``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -20,6 +24,9 @@ from anndata import AnnData
 from genailab.apps._anndata import record_params, require_count_model
 from genailab.apps._decode import decode, encode_conditions
 from genailab.errors import ConfigError, InputDataError
+
+LEVELS = ("cell", "group")
+_DEFAULT_DRAWS = {"cell": 5, "group": 100}  # group level: one LFC per draw, so more draws
 
 
 def differential_expression(
@@ -31,7 +38,8 @@ def differential_expression(
     reference: str = "rest",
     delta: float = 0.25,
     fdr_target: float = 0.05,
-    n_samples_per_cell: int = 5,
+    level: str = "cell",
+    n_samples_per_cell: int | None = None,
     max_cells: int = 500,
     n_pairs: int = 5000,
     pseudocount: float = 1e-5,
@@ -57,12 +65,16 @@ def differential_expression(
         Smallest |log2 fold change| that counts as a change.
     fdr_target
         Posterior expected false discovery rate of the call list.
+    level
+        ``"cell"``: LFC between random pairs of single cells (scVI's change mode; genes must
+        differ between most cells of the two groups, which is conservative for varied groups).
+        ``"group"``: LFC between the groups' mean expression, one per posterior draw.
     n_samples_per_cell
-        Posterior draws of z per cell.
+        Posterior draws of z per cell; default 5 at the cell level, 100 at the group level.
     max_cells
         Cells drawn (without replacement) per group when a group is larger.
     n_pairs
-        Random (group, reference) pairs of draws the LFC distribution is estimated from.
+        Cell level: random (group, reference) pairs of draws the LFC distribution is estimated from.
     pseudocount
         Added to proportions before the log (1e-5 = 0.1 counts per 10k).
     conditions
@@ -85,18 +97,25 @@ def differential_expression(
     >>> table = differential_expression(adata, model, groupby="cell_type", group="B", reference="T")  # doctest: +SKIP
     >>> table[table.is_de_fdr].head()  # doctest: +SKIP
     """
+    if level not in LEVELS:
+        raise ConfigError(f"level={level!r} is not one of {LEVELS}.")
+    n_samples_per_cell = n_samples_per_cell or _DEFAULT_DRAWS[level]
     _check(delta=delta, fdr_target=fdr_target, n_samples_per_cell=n_samples_per_cell, max_cells=max_cells,
            n_pairs=n_pairs, pseudocount=pseudocount)  # fmt: skip
     require_count_model(model)
     in_group, in_reference = _groups(adata, groupby, group, reference)
     rng = np.random.default_rng(seed)
+    summarise = _cell_draws if level == "cell" else _group_means
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        rho_group = _posterior_scales(adata, model, in_group, rng, n_samples_per_cell, max_cells, conditions)
-        rho_reference = _posterior_scales(adata, model, in_reference, rng, n_samples_per_cell, max_cells, conditions)
-    pairs_a = rng.integers(rho_group.shape[0], size=n_pairs)
-    pairs_b = rng.integers(rho_reference.shape[0], size=n_pairs)
-    lfc = np.log2(rho_group[pairs_a] + pseudocount) - np.log2(rho_reference[pairs_b] + pseudocount)  # (n_pairs, G)
+        rho_group, rho_reference = (
+            summarise(_posterior_draws(adata, model, mask, rng, n_samples_per_cell, max_cells, conditions), rng)
+            for mask in (in_group, in_reference)
+        )
+    if level == "cell":
+        rho_group = rho_group[rng.integers(rho_group.shape[0], size=n_pairs)]
+        rho_reference = rho_reference[rng.integers(rho_reference.shape[0], size=n_pairs)]
+    lfc = np.log2(rho_group + pseudocount) - np.log2(rho_reference + pseudocount)  # (n_pairs or n_draws, G)
     proba = np.mean(np.abs(lfc) > delta, axis=0)
     table = pd.DataFrame(
         {
@@ -117,8 +136,9 @@ def differential_expression(
     record_params(
         adata, key_added,
         dict(groupby=groupby, group=str(group), reference=str(reference), delta=delta, fdr_target=fdr_target,
-             n_samples_per_cell=n_samples_per_cell, max_cells=max_cells, n_pairs=n_pairs, pseudocount=pseudocount,
-             conditions=conditions, seed=seed, n_group=int(in_group.sum()), n_reference=int(in_reference.sum())),
+             level=level, n_samples_per_cell=n_samples_per_cell, max_cells=max_cells, n_pairs=n_pairs,
+             pseudocount=pseudocount, conditions=conditions, seed=seed, n_group=int(in_group.sum()),
+             n_reference=int(in_reference.sum())),
         results=table,
     )  # fmt: skip
     return table
@@ -148,13 +168,23 @@ def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[n
     return in_group, in_reference
 
 
-def _posterior_scales(adata, model, mask, rng, n_samples, max_cells, conditions) -> np.ndarray:
-    """Decoded proportions of posterior draws, (n_samples * n_cells, G), for up to ``max_cells`` cells of ``mask``."""
+def _posterior_draws(adata, model, mask, rng, n_samples, max_cells, conditions) -> Iterator[np.ndarray]:
+    """Decoded proportions, (n_cells, G), for each of ``n_samples`` posterior draws of up to ``max_cells`` cells."""
     rows = np.flatnonzero(mask)
     if rows.size > max_cells:
         rows = np.sort(rng.choice(rows, max_cells, replace=False))
     cells = adata[rows]
     z = model.get_latent(cells, n_samples=n_samples)  # (S, n, L)
     c = encode_conditions(model, cells.obs, conditions)
-    c = None if c is None else np.tile(c, (n_samples, 1))
-    return decode(model, z.reshape(-1, z.shape[-1]), c, np.ones(z.shape[0] * z.shape[1]))
+    for draw in z:
+        yield decode(model, draw, c, np.ones(draw.shape[0]))
+
+
+def _cell_draws(draws: Iterator[np.ndarray], rng) -> np.ndarray:
+    """Every cell's every draw, (S * n, G)."""
+    return np.concatenate(list(draws))
+
+
+def _group_means(draws: Iterator[np.ndarray], rng) -> np.ndarray:
+    """Per draw, the mean over a bootstrap sample of the cells, (S, G)."""
+    return np.stack([rho[rng.integers(rho.shape[0], size=rho.shape[0])].mean(axis=0) for rho in draws])

@@ -239,18 +239,25 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
 @click.option("--out", required=True, type=_OUT, help="CSV table to write.")
 @click.option("--delta", default=0.25, show_default=True, type=float, help="Smallest |log2 fold change| that counts.")
 @click.option("--fdr", default=0.05, show_default=True, type=float, help="Posterior expected FDR of the call list.")
-@click.option("--n-samples", default=5, show_default=True, type=int, help="Posterior draws per cell.")
+@click.option(
+    "--level",
+    type=click.Choice(["cell", "group"]),
+    default="cell",
+    show_default=True,
+    help="LFC between random pairs of single cells (scVI change mode) or between the groups' mean expression.",
+)
+@click.option("--n-samples", type=int, help="Posterior draws per cell (default 5 for cell, 100 for group level).")
 @click.option("--max-cells", default=500, show_default=True, type=int, help="Cells drawn per group at most.")
 @click.option("--n-pairs", default=5000, show_default=True, type=int, help="Random pairs of draws across the groups.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @fail_cleanly
-def de(run_dir, data, groupby, group, reference, out, delta, fdr, n_samples, max_cells, n_pairs, seed):
+def de(run_dir, data, groupby, group, reference, out, delta, fdr, level, n_samples, max_cells, n_pairs, seed):
     """Differential expression of --group vs --reference from the model's posterior (scVI change mode)."""
     from genailab.apps import differential_expression
 
     model, adata = _load(run_dir, data)
     table = differential_expression(adata, model, groupby=groupby, group=group, reference=reference, delta=delta,
-                                    fdr_target=fdr, n_samples_per_cell=n_samples, max_cells=max_cells,
+                                    fdr_target=fdr, level=level, n_samples_per_cell=n_samples, max_cells=max_cells,
                                     n_pairs=n_pairs, seed=seed)  # fmt: skip
     table.to_csv(out)
     called = table[table["is_de_fdr"]]
