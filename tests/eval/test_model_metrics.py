@@ -31,15 +31,6 @@ MODEL = {"likelihood": "nb", "layer": "counts", "hidden_dims": (64,), "latent_di
 TRAIN = {"epochs": 40, "batch_size": 64, "kl_warmup_epochs": 5, "validation_fraction": 0.25, "progress": False, "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Networks this small train fastest on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def adata():
     """400 cells x 100 genes, 3 cell types with strong markers, 2 batches."""

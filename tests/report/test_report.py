@@ -9,7 +9,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -25,16 +24,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A saved 5-epoch NB run on 300 simulated cells (2 batches, 3 types) and its h5ad."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is fastest
     folder = tmp_path_factory.mktemp("evaluate")
     adata = simulate(300, 60, n_cell_types=3, n_batches=2, seed=1)
     model = VAE(adata, likelihood="nb", layer="counts", condition_keys=["batch"], hidden_dims=(32,), latent_dim=3)
     model.fit(epochs=5, batch_size=64, validation_fraction=0.2, progress=False)
     model.save(folder / "run")
     adata.write_h5ad(folder / "data.h5ad")
-    yield folder, adata
-    torch.set_num_threads(threads)
+    return folder, adata
 
 
 @pytest.fixture(scope="module")
