@@ -21,13 +21,19 @@ def sim_adata_zinb():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Run torch (and child processes, via OMP_NUM_THREADS) on one thread for the whole session: the
-    tests' tiny models train fastest so, above all on a busy machine, and runs in and out of process
-    sum in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_in_child_processes():
+    """Child processes (torchrun, ``python -m genailab``) run torch on one thread, as the tests do."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run torch on one thread in every test: the tests' tiny models train fastest so, above all on a
+    busy machine, and runs in and out of process sum in the same order. Set per test because numba's
+    OpenMP start-up (inside scanpy's neighbours) raises the process-wide thread count again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
     torch.set_num_threads(threads)

@@ -19,8 +19,7 @@ from genailab.cli import main
 from genailab.data import simulate
 from genailab.train import load_checkpoint
 
-pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
-              pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 EPOCHS = 30
 ARGS = ["--layer", "counts", "--condition", "batch", "--latent-dim", "3", "--hidden", "16", "--epochs", str(EPOCHS),

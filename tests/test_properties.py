@@ -29,7 +29,6 @@ DEFECTS = (None, "nan", "inf", "negative", "fraction", "empty cells", "duplicate
            "missing condition value", "no cells", "no genes")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @st.composite

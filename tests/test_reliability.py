@@ -35,7 +35,6 @@ from genailab.train import TrainConfig, Trainer, load_checkpoint, seed_everythin
 from genailab.train.checkpoint import atomic_torch_save
 from genailab.data.loader import MinibatchLoader
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = dict(epochs=2, batch_size=32, progress=False, seed=0)
 TINY = dict(latent_dim=3, hidden_dims=(16,))

@@ -18,7 +18,6 @@ from genailab.data import simulate
 from genailab.model_io import data_fingerprint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model_v1"
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = dict(epochs=2, batch_size=32, progress=False)
 
