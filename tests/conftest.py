@@ -21,19 +21,22 @@ def sim_adata_zinb():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_thread_in_child_processes():
-    """Child processes (torchrun, ``python -m genailab``) run torch on one thread, as the tests do."""
+def one_torch_thread_per_session():
+    """Run torch on one thread, here and in child processes (torchrun, ``python -m genailab``): the
+    tests' tiny models train fastest so, above all on a busy machine, and runs in and out of process
+    sum in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run torch on one thread in every test: the tests' tiny models train fastest so, above all on a
-    busy machine, and runs in and out of process sum in the same order. Set per test because numba's
-    OpenMP start-up (inside scanpy's neighbours) raises the process-wide thread count again."""
-    threads = torch.get_num_threads()
+def one_torch_thread(one_torch_thread_per_session):
+    """One thread again before and after every test (so also for the next module's fixtures): numba's
+    OpenMP start-up, inside scanpy's neighbours, raises the process-wide count to the core count."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)

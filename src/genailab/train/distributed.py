@@ -9,6 +9,7 @@ batch is ``batch_size * world_size``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -79,5 +80,11 @@ def distributed_context() -> DistributedContext:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        atexit.register(_leave_process_group)  # left to interpreter shutdown, gloo's threads can abort the exit
         logger.info("Joined a %s process group as rank %d of %d.", backend, rank, world_size)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
