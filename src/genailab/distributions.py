@@ -37,7 +37,7 @@ def log_nb(
     # no two large numbers are subtracted, so float32 stays accurate up to the Poisson limit.
     log1p_ratio = torch.log1p(mu / theta)  # log((theta + mu) / theta)
     log_nb_zero = -theta * log1p_ratio  # log NB(0; mu, theta)
-    return log_nb_zero + x * (torch.log(mu + eps) - log1p_ratio) + _count_terms(x, theta, include_constant)
+    return log_nb_zero + x * (torch.log(mu + eps) - log1p_ratio) + count_terms(x, theta, include_constant)
 
 
 def log_zinb(
@@ -64,7 +64,7 @@ def log_zinb(
         log_one_minus_pi
         + log_nb_zero
         + x * (torch.log(mu + eps) - log1p_ratio)
-        + _count_terms(x, theta, include_constant)
+        + count_terms(x, theta, include_constant)
     )
     return torch.where(x == 0, case_zero, case_positive)
 
@@ -73,17 +73,23 @@ def _log_rising(x: torch.Tensor, theta: torch.Tensor, lgamma_theta: torch.Tensor
     """lgamma(x + theta) - lgamma(theta) - x log(theta); Stirling's series above theta = 100, where
     the lgamma difference would cancel in float32."""
     exact = torch.lgamma(x + theta) - lgamma_theta - x * log_theta
+    if theta.device.type == "cpu" and not bool((theta > _STIRLING_FROM).any()):  # no sync on accelerators
+        return exact
     stirling = (theta + x - 0.5) * torch.log1p(x / theta) - x - x / (12.0 * theta * (x + theta))
     return torch.where(theta > _STIRLING_FROM, stirling, exact)
 
 
-def _count_terms(x: torch.Tensor, theta: torch.Tensor, include_constant: bool) -> torch.Tensor:
+def count_terms(
+    x: torch.Tensor, theta: torch.Tensor, include_constant: bool, *, nonzero: torch.Tensor | None = None
+) -> torch.Tensor:
     """lgamma(x + theta) - lgamma(theta) - x log(theta) [- lgamma(x + 1)], broadcast over x and theta.
 
     Every term is exactly 0 where x == 0, and single-cell counts are mostly zeros, so on the CPU,
-    for x of the full shape and theta per gene (G,) or full, only the non-zero counts are evaluated
-    (lgamma and its digamma gradient otherwise dominate a training step). Elsewhere the dense form
-    is used; it is faster on accelerators.
+    for x of the full shape and theta per gene (G,) or full, only the non-zero counts are evaluated,
+    with a hand-written gradient (lgamma and its digamma gradient otherwise dominate a training
+    step); ``nonzero`` (nnz,), the row-major positions of x's non-zero counts, saves finding
+    them (explicitly stored zeros among them add exactly 0). Elsewhere the dense form is used;
+    it is faster on accelerators.
     """
     shape = torch.broadcast_shapes(x.shape, theta.shape)
     n_genes = shape[-1] if shape else 1
@@ -91,22 +97,71 @@ def _count_terms(x: torch.Tensor, theta: torch.Tensor, include_constant: bool) -
     if not sparse_ok:
         terms = _log_rising(x, theta, torch.lgamma(theta), torch.log(theta))
         return terms - torch.lgamma(x + 1) if include_constant else terms
-    flat_x = x.reshape(-1)
-    index = flat_x.nonzero().squeeze(1)  # positions of the non-zero counts
-    x_nz = flat_x.index_select(0, index)
-    theta_flat = theta.reshape(-1)
-    if theta.shape == shape:
-        theta_nz = theta_flat.index_select(0, index)
-        lgamma_theta_nz, log_theta_nz = torch.lgamma(theta_nz), torch.log(theta_nz)
-    else:  # per gene: lgamma(theta) and log(theta) once per gene, then gathered
-        genes = index % n_genes
-        theta_nz = theta_flat.index_select(0, genes)
-        lgamma_theta_nz = torch.lgamma(theta_flat).index_select(0, genes)
-        log_theta_nz = torch.log(theta_flat).index_select(0, genes)
-    terms = _log_rising(x_nz, theta_nz, lgamma_theta_nz, log_theta_nz)
-    if include_constant:
-        terms = terms - torch.lgamma(x_nz + 1)
-    return terms.new_zeros(flat_x.shape).index_copy(0, index, terms).view(shape)
+    return _SparseCountTerms.apply(x, theta, include_constant, nonzero)
+
+
+class _SparseCountTerms(torch.autograd.Function):
+    """:func:`count_terms` on the non-zero counts only; gradient in theta (x is data)."""
+
+    @staticmethod
+    def forward(ctx, x, theta, include_constant, nonzero):
+        shape, n_genes = x.shape, x.shape[-1]
+        flat_x = x.reshape(-1)
+        index = flat_x.nonzero().squeeze(1) if nonzero is None else nonzero  # positions of the non-zero counts
+        x_nz = flat_x.index_select(0, index)
+        theta_flat = theta.reshape(-1)
+        genes = None
+        if theta.shape == shape:
+            theta_nz = theta_flat.index_select(0, index)
+            lgamma_theta_nz, log_theta_nz = torch.lgamma(theta_nz), torch.log(theta_nz)
+        else:  # per gene: lgamma(theta) and log(theta) once per gene, then gathered
+            genes = index % n_genes
+            theta_nz = theta_flat.index_select(0, genes)
+            lgamma_theta_nz = torch.lgamma(theta_flat).index_select(0, genes)
+            log_theta_nz = torch.log(theta_flat).index_select(0, genes)
+        terms = _log_rising(x_nz, theta_nz, lgamma_theta_nz, log_theta_nz)
+        if include_constant:
+            terms = terms - torch.lgamma(x_nz + 1)
+        ctx.save_for_backward(index, genes, x_nz, theta_nz)
+        ctx.shapes = shape, theta.shape
+        return terms.new_zeros(flat_x.shape).index_copy_(0, index, terms).view(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, genes, x_nz, theta_nz = ctx.saved_tensors
+        shape, theta_shape = ctx.shapes
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        g_nz = grad.reshape(-1).index_select(0, index) * _d_log_rising(x_nz, theta_nz)
+        g_theta = grad.new_zeros(shape.numel()).index_copy_(0, index, g_nz).view(shape)
+        if genes is not None:
+            g_theta = g_theta.sum(0)
+        return None, g_theta.view(theta_shape), None, None
+
+
+def _d_log_rising(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """d/dtheta of :func:`_log_rising`: digamma(x + theta) - digamma(theta) - x / theta, and the
+    derivative of the Stirling form above theta = 100."""
+    exact = _digamma(x + theta) - _digamma(theta) - x / theta
+    large = theta > _STIRLING_FROM
+    if not bool(large.any()):
+        return exact
+    y = x + theta
+    stirling = torch.log1p(x / theta) - (y - 0.5) * x / (theta * y) + x * (theta + y) / (12.0 * (theta * y) ** 2)
+    return torch.where(large, stirling, exact)
+
+
+def _digamma(y: torch.Tensor) -> torch.Tensor:
+    """digamma for y > 0: recurrence up to y + 6, then the asymptotic series (|error| < 1e-9).
+    Vectorised elementwise arithmetic, several times faster than ``torch.digamma`` on the CPU."""
+    shifted = y + 6.0
+    inverse = shifted.reciprocal()
+    inverse2 = inverse * inverse
+    series = inverse2 * (1.0 / 12 - inverse2 * (1.0 / 120 - inverse2 * (1.0 / 252 - inverse2 * (1.0 / 240))))
+    result = torch.log(shifted) - 0.5 * inverse - series
+    for step in range(6):
+        result -= (y + float(step)).reciprocal()
+    return result
 
 
 class NegativeBinomial(Distribution):

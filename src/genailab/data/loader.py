@@ -20,6 +20,7 @@ class Batch:
     c: torch.Tensor | None  # (B, raw_condition_dim) float32 conditions, or None
     index: torch.Tensor  # (B,) int64 row numbers in the source matrix
     y: torch.Tensor | None = None  # (B,) int64 labels for an auxiliary head (batch codes for the adversary)
+    nonzero: torch.Tensor | None = None  # (nnz,) int64 row-major positions in x of the stored counts, when known
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
@@ -29,30 +30,35 @@ class Batch:
             c=None if self.c is None else self.c.to(device, non_blocking=True),
             index=self.index,
             y=None if self.y is None else self.y.to(device, non_blocking=True),
+            nonzero=None if self.nonzero is None else self.nonzero.to(device, non_blocking=True),
         )
 
 
-def gather_rows(matrix, rows: np.ndarray) -> np.ndarray:
+def gather_rows(matrix, rows: np.ndarray, *, with_positions: bool = False):
     """Rows of a CSR or dense matrix as a dense float32 array (len(rows), n_cols).
 
     For CSR the stored entries of all rows are located with vectorised index arithmetic and
-    scattered in one step: no Python loop per row.
+    scattered in one step: no Python loop per row. With ``with_positions``, also return the
+    row-major positions (nnz,) int64 of the stored entries in the output (None for a dense
+    matrix): the count likelihood then need not search the dense batch for its non-zeros.
     """
     if not sp.issparse(matrix):
-        return np.asarray(matrix[rows], dtype=np.float32)
+        out = np.asarray(matrix[rows], dtype=np.float32)
+        return (out, None) if with_positions else out
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
     starts, ends = indptr[rows], indptr[rows + 1]
     lengths = ends - starts
     out = np.zeros((rows.size, matrix.shape[1]), dtype=np.float32)
     total = int(lengths.sum())
-    if total == 0:
-        return out
     # Position of every stored entry of the selected rows: start of its row + offset within it.
     row_of_entry = np.repeat(np.arange(rows.size), lengths)
     offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     positions = np.repeat(starts, lengths) + offsets
-    out[row_of_entry, indices[positions]] = data[positions]
-    return out
+    columns = indices[positions]
+    out[row_of_entry, columns] = data[positions]
+    if not with_positions:
+        return out
+    return out, row_of_entry.astype(np.int64) * matrix.shape[1] + columns
 
 
 class MinibatchLoader:
@@ -122,7 +128,8 @@ class MinibatchLoader:
 
     def batch(self, rows: np.ndarray) -> Batch:
         """The :class:`Batch` for the given row numbers."""
-        x = torch.from_numpy(gather_rows(self.matrix, rows))
+        x, nonzero = gather_rows(self.matrix, rows, with_positions=True)
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
-        return Batch(x=x, c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)), y=y)
+        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)), y=y,
+                     nonzero=None if nonzero is None else torch.from_numpy(nonzero))

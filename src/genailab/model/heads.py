@@ -1,7 +1,9 @@
 """Decoder output heads, one per likelihood, looked up by name.
 
 Each head maps the decoder's last hidden layer h (B, H) to the distribution p(x|z,c) over
-G genes. Count heads follow scVI: mean = softmax proportions x library size.
+G genes (``forward``) and to the per-cell reconstruction loss -log p(x|z,c) (``nll``, which
+training uses: for counts it skips building the distribution). Count heads follow scVI:
+mean = softmax proportions x library size.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal
 
 from genailab.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from genailab.fused_nll import count_nll
 from genailab.model.config import ModelConfig
 
 _LOG_CLAMP = 15.0  # exp(15) ~ 3e6: keeps dispersions and variances finite in float32
@@ -62,6 +65,12 @@ class GaussianHead(nn.Module):
         scale = torch.exp(0.5 * self.log_variance(h, c))
         return Normal(mean, scale, validate_args=False)
 
+    def nll(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None, x: torch.Tensor, *, nonzero=None
+    ) -> torch.Tensor:
+        """-log p(x|z,c) per cell, (B,); ``nonzero`` is only used by the count heads."""
+        return -self(h, c, library).log_prob(x).sum(-1)
+
 
 class NegativeBinomialHead(nn.Module):
     """NB(mu = library * softmax(W h), theta) for raw counts."""
@@ -89,6 +98,12 @@ class NegativeBinomialHead(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)
 
+    def nll(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *, nonzero=None
+    ) -> torch.Tensor:
+        """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.fused_nll.count_nll`."""
+        return count_nll(x, self.scale(h), library, torch.exp(self.log_theta(h, c)), nonzero=nonzero)
+
 
 class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
     """ZINB: the NB head plus per-cell, per-gene dropout logits."""
@@ -107,6 +122,13 @@ class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         px_rate, px_r = self.parameters_for(h, c, library)
         return ZeroInflatedNegativeBinomial(px_rate, px_r, self.dropout_logits(h), validate_args=False)
+
+    def nll(
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *, nonzero=None
+    ) -> torch.Tensor:
+        """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.fused_nll.count_nll`."""
+        zi_logits = self.dropout_logits(h)
+        return count_nll(x, self.scale(h), library, torch.exp(self.log_theta(h, c)), zi_logits, nonzero=nonzero)
 
 
 HEADS: dict[str, type[nn.Module]] = {

@@ -142,6 +142,33 @@ class ConditionalVAE(nn.Module):
             library = self.default_library.expand(z.shape[0], 1)
         return self.head(self.decoder(h), c, library)
 
+    def reconstruction_nll(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        c: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
+        *,
+        nonzero: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """-log p(x|z,c) per cell, (B,): ``-decode(z, c, library).log_prob(x).sum(-1)`` without
+        building the distribution (for count models, a fused kernel with analytic gradients);
+        ``nonzero`` as in :meth:`loss`."""
+        return self._reconstruction_nll(x, z, self._condition(c, z.shape[0]), library, nonzero)
+
+    def _reconstruction_nll(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        c: torch.Tensor | None,
+        library: torch.Tensor | None,
+        nonzero: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = torch.cat([z, c], dim=1) if self._decoder_sees_c else z
+        if library is None:
+            library = self.default_library.expand(z.shape[0], 1)
+        return self.head.nll(self.decoder(h), c, library, x, nonzero=nonzero)
+
     def expected_expression(
         self,
         z: torch.Tensor,
@@ -177,13 +204,22 @@ class ConditionalVAE(nn.Module):
         library: torch.Tensor | None = None,
         *,
         kl_weight: float = 1.0,
+        nonzero: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Negative ELBO: mean over cells of reconstruction + kl_weight * beta * KL."""
-        out = self(x, c, library)
-        reconstruction = -out.px.log_prob(x).sum(-1)
-        kl = gaussian_kl(out.qz_mean, out.qz_var)
+        """Negative ELBO: mean over cells of reconstruction + kl_weight * beta * KL.
+
+        ``nonzero`` (nnz,), optional: row-major positions in x of its non-zero counts (the
+        loaders provide them from the sparse matrix), so the count likelihood need not find them.
+        """
+        c = self._condition(c, x.shape[0])
+        qz_mean, qz_var = self._encode(x, c)
+        z = self.reparameterize(qz_mean, qz_var)
+        if library is None and self.config.is_count_model:
+            library = x.sum(dim=1, keepdim=True)
+        reconstruction = self._reconstruction_nll(x, z, c, library, nonzero)
+        kl = gaussian_kl(qz_mean, qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.beta) * kl)
-        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=out.z)
+        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z)
 
     @torch.no_grad()
     def marginal_log_likelihood(

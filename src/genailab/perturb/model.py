@@ -135,15 +135,21 @@ class PerturbationVAE(nn.Module):
         return self.vae.decode(z_basal + self.perturbation_shift(c), None, library)
 
     def loss(
-        self, x: torch.Tensor, c: torch.Tensor, library: torch.Tensor | None = None, *, kl_weight: float = 1.0
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        library: torch.Tensor | None = None,
+        *,
+        kl_weight: float = 1.0,
+        nonzero: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Negative ELBO; ``z`` of the output is the basal sample, which the trainer's adversary sees."""
+        """Negative ELBO; ``z`` of the output is the basal sample, which the trainer's adversary sees.
+        ``nonzero`` as in :meth:`ConditionalVAE.loss`."""
         qz_mean, qz_var = self.encode(x)
         z_basal = ConditionalVAE.reparameterize(qz_mean, qz_var)
         if library is None and self.config.vae.is_count_model:
             library = x.sum(dim=1, keepdim=True)
-        px = self.decode(z_basal, c, library)
-        reconstruction = -px.log_prob(x).sum(-1)
+        reconstruction = self.vae.reconstruction_nll(x, z_basal + self.perturbation_shift(c), None, library, nonzero=nonzero)
         kl = gaussian_kl(qz_mean, qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.vae.beta) * kl)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z_basal)

@@ -213,8 +213,8 @@ class Trainer:
     def _loss(self, batch, weight: float) -> LossOutput:
         """The VAE's loss on a batch; through DistributedDataParallel when running under torchrun."""
         if self._ddp is None:
-            return self.model.loss(batch.x, batch.c, kl_weight=weight)
-        loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight)
+            return self.model.loss(batch.x, batch.c, kl_weight=weight, nonzero=batch.nonzero)
+        loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight, batch.nonzero)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z)
 
     def _check_parameters(self, epoch: int) -> None:
@@ -307,8 +307,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, kl_weight: float):
-        out = self.model.loss(x, c, kl_weight=kl_weight)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, kl_weight: float, nonzero: torch.Tensor | None):
+        out = self.model.loss(x, c, kl_weight=kl_weight, nonzero=nonzero)
         return out.loss, out.reconstruction, out.kl, out.z
 
 
@@ -334,7 +334,7 @@ def evaluate(model: ConditionalVAE, loader: Iterable, device: torch.device | Non
     n_cells = 0
     for batch in loader:
         batch = batch.to(device)
-        out = model.loss(batch.x, batch.c)
+        out = model.loss(batch.x, batch.c, nonzero=batch.nonzero)
         sums += torch.stack([out.reconstruction.sum(), out.kl.sum()]).cpu()
         n_cells += batch.x.shape[0]
     model.train(was_training)
