@@ -338,7 +338,8 @@ class VAE:
         decode_conditions = None
         if conditions is not None:
             decode_conditions = self.schema.encode_obs(_override_obs(adata.obs, self.schema, conditions))
-        out = []
+        out = np.empty((adata.n_obs, self.schema.n_genes), dtype=np.float32)
+        done = 0
         for batch in loader:
             rows = batch.index.numpy()
             batch = batch.to(device)
@@ -348,12 +349,17 @@ class VAE:
                 library = batch.x.sum(1, keepdim=True)
             else:
                 library = torch.full((batch.x.shape[0], 1), float(library_size), device=device)
-            total = torch.zeros_like(batch.x)
-            for _ in range(max(n_samples, 1)):
-                z = mean if n_samples <= 1 else self.module.reparameterize(mean, var)
-                total += self.module.expected_expression(z, c, library, include_dropout=include_dropout)
-            out.append((total / max(n_samples, 1)).cpu())
-        return torch.cat(out).numpy()
+            if n_samples <= 1:
+                expression = self.module.expected_expression(mean, c, library, include_dropout=include_dropout)
+            else:
+                expression = sum(
+                    self.module.expected_expression(self.module.reparameterize(mean, var), c, library,
+                                                    include_dropout=include_dropout)
+                    for _ in range(n_samples)
+                ) / n_samples
+            out[done : done + len(rows)] = expression.cpu().numpy()  # the loader keeps the cells' order
+            done += len(rows)
+        return out
 
     @torch.no_grad()
     def sample(

@@ -37,28 +37,22 @@ class Batch:
 def gather_rows(matrix, rows: np.ndarray, *, with_positions: bool = False):
     """Rows of a CSR or dense matrix as a dense float32 array (len(rows), n_cols).
 
-    For CSR the stored entries of all rows are located with vectorised index arithmetic and
-    scattered in one step: no Python loop per row. With ``with_positions``, also return the
-    row-major positions (nnz,) int64 of the stored entries in the output (None for a dense
-    matrix): the count likelihood then need not search the dense batch for its non-zeros.
+    For CSR, scipy's compiled row indexing and densification do the work (no Python loop per
+    row). With ``with_positions``, also return the row-major positions (nnz,) int64 of the stored
+    entries in the output (None for a dense matrix): the count likelihood then need not search
+    the dense batch for its non-zeros.
     """
     if not sp.issparse(matrix):
         out = np.asarray(matrix[rows], dtype=np.float32)
         return (out, None) if with_positions else out
-    indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = ends - starts
-    out = np.zeros((rows.size, matrix.shape[1]), dtype=np.float32)
-    total = int(lengths.sum())
-    # Position of every stored entry of the selected rows: start of its row + offset within it.
-    row_of_entry = np.repeat(np.arange(rows.size), lengths)
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    positions = np.repeat(starts, lengths) + offsets
-    columns = indices[positions]
-    out[row_of_entry, columns] = data[positions]
+    selected = matrix[rows]
+    if selected.dtype != np.float32:
+        selected = selected.astype(np.float32)
+    out = selected.toarray()
     if not with_positions:
         return out
-    return out, row_of_entry.astype(np.int64) * matrix.shape[1] + columns
+    starts = np.arange(len(rows), dtype=np.int64) * matrix.shape[1]
+    return out, np.repeat(starts, np.diff(selected.indptr)) + selected.indices
 
 
 class MinibatchLoader:
