@@ -126,3 +126,17 @@ def test_model_loss_is_minus_the_decoded_log_prob(model_class, dispersion):
 def test_digamma_matches_scipy_over_the_range_counts_reach():
     y = np.concatenate([np.logspace(-6, 7, 4000), np.arange(1, 200) + 0.5])
     np.testing.assert_allclose(_digamma(torch.tensor(y)).numpy(), special.digamma(y), rtol=1e-9, atol=1e-9)
+
+
+def test_half_precision_logits_are_computed_in_float32():
+    """Under autocast the decoder's logits may arrive in bfloat16; the loss is still float32."""
+    rng = np.random.default_rng(5)
+    x, logits, library, theta = _case(rng, n_cells=8, n_genes=40)
+    zi = rng.normal(0.0, 1.0, x.shape)
+    low = [torch.tensor(a, dtype=torch.bfloat16) for a in (logits, zi)]
+    full = [a.float() for a in low]  # the same rounded values, in float32
+    as_float32 = torch.tensor(x, dtype=torch.float32), torch.tensor(library, dtype=torch.float32)
+    theta32 = torch.tensor(theta, dtype=torch.float32)
+    ours = count_nll(as_float32[0], low[0], as_float32[1], theta32, low[1])
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, count_nll(as_float32[0], full[0], as_float32[1], theta32, full[1]))

@@ -61,8 +61,10 @@ def count_nll(
     -------
     (B,) negative log-likelihood of each cell.
     """
-    x = x.to(logits.dtype)
-    log_library = torch.log(library.detach().to(logits.dtype).clamp_min(_TINY_LIBRARY))
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bfloat16 logits (autocast) are computed in float32
+    x, logits, theta = x.to(dtype), logits.to(dtype), theta.to(dtype)
+    zi_logits = None if zi_logits is None else zi_logits.to(dtype)
+    log_library = torch.log(library.detach().to(dtype).clamp_min(_TINY_LIBRARY))
     dense = _DenseCountNLL.apply(x, logits, log_library, theta, zi_logits)
     return dense - count_terms(x, theta, include_constant=True, nonzero=nonzero).sum(-1)
 
