@@ -9,16 +9,22 @@ import scipy.sparse as sp
 from genailab.data.loader import MinibatchLoader, gather_rows
 
 
-@pytest.mark.parametrize("fmt", ["csr", "dense"])
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
 def test_gather_rows_matches_dense_rows(fmt):
     rng = np.random.default_rng(0)
     dense = (rng.random((50, 17)) < 0.2) * rng.integers(1, 9, (50, 17))
     dense[7] = 0  # an empty row
-    matrix = sp.csr_matrix(dense.astype(np.float32)) if fmt == "csr" else dense.astype(np.float32)
+    matrix = sp.csr_matrix(dense) if fmt == "csr" else sp.csc_matrix(dense) if fmt == "csc" else dense
     rows = np.array([7, 3, 3, 49, 0])
     out = gather_rows(matrix, rows)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, dense[rows])
+    again, positions = gather_rows(matrix, rows, with_positions=True)
+    np.testing.assert_array_equal(again, out)
+    if fmt == "dense":
+        assert positions is None
+    else:  # row-major positions of exactly the non-zero entries
+        np.testing.assert_array_equal(np.sort(positions), np.flatnonzero(out))
 
 
 def test_loader_never_densifies_a_huge_matrix():

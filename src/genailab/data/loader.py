@@ -46,6 +46,8 @@ def gather_rows(matrix, rows: np.ndarray, *, with_positions: bool = False):
         out = np.asarray(matrix[rows], dtype=np.float32)
         return (out, None) if with_positions else out
     selected = matrix[rows]
+    if selected.format != "csr":  # e.g. CSC or COO input: positions below read CSR row pointers
+        selected = selected.tocsr()
     if selected.dtype != np.float32:
         selected = selected.astype(np.float32)
     out = selected.toarray()
