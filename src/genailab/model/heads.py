@@ -102,7 +102,11 @@ class NegativeBinomialHead(nn.Module):
         self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *, nonzero=None
     ) -> torch.Tensor:
         """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.fused_nll.count_nll`."""
-        return count_nll(x, self.scale(h), library, torch.exp(self.log_theta(h, c)), nonzero=nonzero)
+        theta = torch.exp(self.log_theta(h, c))
+        return count_nll(x, self.scale(h), library, theta, self._zi_logits(h), nonzero=nonzero)
+
+    def _zi_logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None  # no zero inflation
 
 
 class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
@@ -123,12 +127,8 @@ class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
         px_rate, px_r = self.parameters_for(h, c, library)
         return ZeroInflatedNegativeBinomial(px_rate, px_r, self.dropout_logits(h), validate_args=False)
 
-    def nll(
-        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *, nonzero=None
-    ) -> torch.Tensor:
-        """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.fused_nll.count_nll`."""
-        zi_logits = self.dropout_logits(h)
-        return count_nll(x, self.scale(h), library, torch.exp(self.log_theta(h, c)), zi_logits, nonzero=nonzero)
+    def _zi_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout_logits(h)  # (B, G)
 
 
 HEADS: dict[str, type[nn.Module]] = {

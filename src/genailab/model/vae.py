@@ -136,11 +136,18 @@ class ConditionalVAE(nn.Module):
         """Likelihood p(x|z,c) with batch shape (B, G); ``library`` (B, 1) scales count means."""
         return self._decode(z, self._condition(c, z.shape[0]), library)
 
-    def _decode(self, z: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
+    def _decoder_hidden(
+        self, z: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden layer (B, H) for z (and c), and the library (B, 1), defaulted."""
         h = torch.cat([z, c], dim=1) if self._decoder_sees_c else z
         if library is None:
             library = self.default_library.expand(z.shape[0], 1)
-        return self.head(self.decoder(h), c, library)
+        return self.decoder(h), library
+
+    def _decode(self, z: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
+        hidden, library = self._decoder_hidden(z, c, library)
+        return self.head(hidden, c, library)
 
     def reconstruction_nll(
         self,
@@ -164,10 +171,8 @@ class ConditionalVAE(nn.Module):
         library: torch.Tensor | None,
         nonzero: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = torch.cat([z, c], dim=1) if self._decoder_sees_c else z
-        if library is None:
-            library = self.default_library.expand(z.shape[0], 1)
-        return self.head.nll(self.decoder(h), c, library, x, nonzero=nonzero)
+        hidden, library = self._decoder_hidden(z, c, library)
+        return self.head.nll(hidden, c, library, x, nonzero=nonzero)
 
     def expected_expression(
         self,
@@ -180,10 +185,8 @@ class ConditionalVAE(nn.Module):
         """E[x | z, c], (B, G): the decoded mean, cheaper than ``decode(...).mean`` (no dispersion,
         and for ZINB no dropout head unless ``include_dropout``)."""
         c = self._condition(c, z.shape[0])
-        h = torch.cat([z, c], dim=1) if self._decoder_sees_c else z
-        if library is None:
-            library = self.default_library.expand(z.shape[0], 1)
-        return self.head.expected_value(self.decoder(h), c, library, include_dropout=include_dropout)
+        hidden, library = self._decoder_hidden(z, c, library)
+        return self.head.expected_value(hidden, c, library, include_dropout=include_dropout)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor | None = None, library: torch.Tensor | None = None
