@@ -7,9 +7,10 @@ With mu = library * softmax(logits) (B, G), inverse dispersion theta and dropout
 that guards ``log(mu)`` there, since log mu comes from ``log_softmax``). Autograd through that
 expression keeps some forty (B, G) intermediates and visits each again backwards; on the CPU
 those elementwise passes, not the matrix products, dominated a training step. Here the dense part
-costs a handful of passes each way, and the terms that vanish at zero counts
-(:func:`genailab.distributions.count_terms`, lgamma and its digamma gradient) run on the non-zero
-counts only.
+computes its derivatives alongside the value, in place, and the terms that vanish at zero counts (lgamma and its
+digamma gradient) run on the non-zero counts only: with a dispersion per gene, they depend on
+(gene, count) alone, so counts up to 32 are looked up in a (G, 33) table built once per step
+from 32 logarithms per gene; larger or non-integer counts take lgamma.
 
 Gradients, for one gene of one cell, with A = 1 for the NB and for counts x > 0, and
 A = sigmoid(log NB(0) - z) (the posterior weight of "NB zero" against "dropout") at x = 0:
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from genailab.distributions import count_terms
+from genailab.sparse_counts import SparseCounts
 
 _TINY_LIBRARY = 1e-30  # log(library) stays finite for an all-zero cell, whose likelihood is then 0
+_TABLE_COUNTS = 32  # counts 0..32 of genes with one dispersion each are looked up, not computed
 
 
 def count_nll(
@@ -37,7 +40,7 @@ def count_nll(
     theta: torch.Tensor,
     zi_logits: torch.Tensor | None = None,
     *,
-    nonzero: torch.Tensor | None = None,
+    x_sparse: SparseCounts | None = None,
 ) -> torch.Tensor:
     """-log NB(x; mu, theta) or -log ZINB(x; mu, theta, sigmoid(zi_logits)), summed over genes.
 
@@ -53,9 +56,9 @@ def count_nll(
         Inverse dispersions, broadcastable to (B, G): per gene (G,) or per cell and gene (B, G).
     zi_logits
         Dropout logits (B, G) for the ZINB; None for the NB.
-    nonzero
-        Optional (nnz,) row-major positions of the non-zero counts in x (stored zeros may be
-        among them); found in x when not given.
+    x_sparse
+        Optional: the same counts in sparse row form (the loaders provide it); found in x when
+        not given.
 
     Returns
     -------
@@ -66,49 +69,149 @@ def count_nll(
     zi_logits = None if zi_logits is None else zi_logits.to(dtype)
     log_library = torch.log(library.detach().to(dtype).clamp_min(_TINY_LIBRARY))
     dense = _DenseCountNLL.apply(x, logits, log_library, theta, zi_logits)
-    return dense - count_terms(x, theta, include_constant=True, nonzero=nonzero).sum(-1)
+    return dense - _count_terms_per_cell(x, theta, x_sparse)
+
+
+def _count_terms_per_cell(x: torch.Tensor, theta: torch.Tensor, x_sparse: SparseCounts | None) -> torch.Tensor:
+    """(B,) sum over genes of lgamma(x + theta) - lgamma(theta) - x log(theta) - lgamma(x + 1)."""
+    per_gene = theta.dim() == 1 or (theta.dim() == 2 and theta.shape[0] == 1)
+    if x_sparse is None and (x.device.type == "cpu" or not per_gene):
+        x_sparse = SparseCounts.from_dense(x)
+    if x_sparse is None:  # accelerators: the dense form
+        return count_terms(x, theta, include_constant=True).sum(-1)
+    if per_gene:
+        return _TabulatedCountTerms.apply(theta.reshape(-1), *x_sparse)
+    positions = x_sparse.rows() * x.shape[-1] + x_sparse.genes
+    return count_terms(x, theta, include_constant=True, nonzero=positions).sum(-1)
 
 
 class _DenseCountNLL(torch.autograd.Function):
     """The count likelihood's terms that are not exactly zero at x = 0, negated and summed over genes.
 
-    Zero counts are selected by arithmetic with the 0/1 indicator ``1 - sign(x)`` rather than by
-    ``torch.where``, which is several times slower on the CPU.
+    When gradients are wanted, the forward pass also computes the per-entry derivatives of the
+    log-likelihood (they share most intermediates with it), and the backward pass only scales
+    them by each cell's incoming gradient. Zero counts are selected by arithmetic with the 0/1
+    indicator ``1 - sign(x)`` rather than by ``torch.where``, which is several times slower on
+    the CPU; intermediates are updated in place to keep the number of (B, G) buffers small.
     """
 
     @staticmethod
     def forward(ctx, x, logits, log_library, theta, zi_logits):
         p = torch.softmax(logits, dim=-1)  # (B, G) proportions
-        log_mu = torch.log_softmax(logits, dim=-1).add_(log_library)
+        ll = torch.log_softmax(logits, dim=-1).add_(log_library)  # log mu
         mu = p * torch.exp(log_library)
-        log1p_ratio = torch.log1p(mu / theta)  # log((theta + mu) / theta)
-        log_nb_zero = -theta * log1p_ratio
-        ll = log_nb_zero + x * log_mu.sub_(log1p_ratio)  # log NB(x) without the count terms
-        zero = gap = None
+        ratio = mu / theta
+        log1p_ratio = torch.log1p(ratio)  # log((theta + mu) / theta)
+        ll.sub_(log1p_ratio).mul_(x)  # x (log mu - log(theta + mu) + log theta)
+        log_nb_zero = log1p_ratio * -theta
+        ll.add_(log_nb_zero)  # log NB(x) without the count terms
+        keep = zero = None
         if zi_logits is not None:
             zero = 1.0 - torch.sign(x)  # 1 where x == 0
             gap = log_nb_zero.sub_(zi_logits)  # log NB(0) - z
             # x = 0: log(pi + (1 - pi) NB(0)) = z + softplus(gap) - softplus(z); else log(1 - pi) + log NB(x)
-            ll = ll.lerp_(F.softplus(gap).add_(zi_logits), zero).sub_(F.softplus(zi_logits))
-        ctx.save_for_backward(x, p, mu, theta, log1p_ratio, zi_logits, zero, gap)
-        return -ll.sum(-1)
+            ll.lerp_(F.softplus(gap).add_(zi_logits), zero).sub_(F.softplus(zi_logits))
+            if any(ctx.needs_input_grad):
+                keep = torch.sigmoid(gap).sub_(1.0).mul_(zero).add_(1.0)  # A: sigmoid(gap) at zeros, else 1
+        nll = -ll.sum(-1)
+        if not any(ctx.needs_input_grad):
+            return nll
+        mu_share = mu.mul_(ratio.add_(1.0).reciprocal_().div_(theta))  # mu / (theta + mu)
+        weighted_theta = theta if keep is None else keep * theta  # A theta
+        g_logits = (x + weighted_theta).mul_(mu_share).neg_().add_(x)  # mu d ll / d mu
+        g_logits.sub_(p.mul_(g_logits.sum(-1, keepdim=True)))
+        g_theta = None
+        if ctx.needs_input_grad[3]:
+            g_theta = mu_share - log1p_ratio
+            if keep is not None:
+                g_theta.mul_(keep)
+            g_theta.add_(mu_share.mul_(x).div_(theta))
+        g_zi = None
+        if zi_logits is not None and ctx.needs_input_grad[4]:
+            g_zi = torch.sigmoid(zi_logits).add_(keep).sub_(1.0).neg_()  # (1 - A) - sigmoid(z)
+        ctx.save_for_backward(g_logits, g_theta, g_zi)
+        ctx.theta_shape = theta.shape
+        return nll
 
     @staticmethod
     def backward(ctx, grad):
-        x, p, mu, theta, log1p_ratio, zi_logits, zero, gap = ctx.saved_tensors
-        grad = -grad.unsqueeze(-1)  # (B, 1): d loss / d ll
-        inverse = torch.reciprocal(theta + mu)
-        dropout_share = None if zi_logits is None else torch.sigmoid(-gap).mul_(zero)  # 1 - A
-        weighted_theta = theta if dropout_share is None else theta - dropout_share * theta  # A theta
-        g_mu = x - mu * (x + weighted_theta) * inverse  # mu * d ll / d mu
-        g_logits = g_mu.sub_(p * g_mu.sum(-1, keepdim=True)).mul_(grad)
-        g_theta = None
-        if ctx.needs_input_grad[3]:
-            nb_part = mu * inverse - log1p_ratio
-            if dropout_share is not None:
-                nb_part.sub_(dropout_share * nb_part)
-            g_theta = nb_part.add_(x * mu * inverse / theta).mul_(grad).sum_to_size(theta.shape)
-        g_zi = None
-        if zi_logits is not None and ctx.needs_input_grad[4]:
-            g_zi = dropout_share.sub_(torch.sigmoid(zi_logits)).mul_(grad)
-        return None, g_logits, None, g_theta, g_zi
+        g_logits, g_theta, g_zi = ctx.saved_tensors
+        grad = -grad  # d loss / d ll, (B,)
+        column = grad.unsqueeze(-1)
+        if g_theta is not None:
+            if ctx.theta_shape == g_theta.shape:  # one theta per cell and gene
+                g_theta = g_theta * column
+            else:  # per gene: a weighted sum over cells
+                g_theta = torch.mv(g_theta.t(), grad).view(ctx.theta_shape)
+        return None, g_logits * column, None, g_theta, None if g_zi is None else g_zi * column
+
+
+class _TabulatedCountTerms(torch.autograd.Function):
+    """:func:`_count_terms_per_cell` for a dispersion per gene, from the stored counts only.
+
+    T[k, g] = sum_{j<k} log1p(j / theta_g) - log1p(j) equals the terms for count k of gene g
+    (without the cancellation of an lgamma difference at large theta); its theta-derivative
+    is the running sum of -j / (theta_g (theta_g + j)). The gradient is the histogram of the
+    cells' incoming gradients over (count, gene), times that derivative table. Counts above 32
+    or not whole take lgamma and digamma in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, row_starts, genes, counts):
+        n_genes = theta.numel()
+        capped = counts.clamp_max(_TABLE_COUNTS + 0.5)  # untabulated counts become non-whole
+        odd = torch.frac(capped).nonzero().squeeze(1)  # (n_odd,) positions of untabulated counts
+        key = (capped.int() * n_genes).add_(genes).index_fill_(0, odd, (_TABLE_COUNTS + 1) * n_genes)
+        values = _count_table(theta, _log_rising_steps).index_select(0, key)
+        odd_genes = genes.index_select(0, odd)
+        odd_counts = counts.index_select(0, odd).double()
+        odd_theta = theta.index_select(0, odd_genes).double()
+        if odd.numel():
+            odd_terms = (torch.lgamma(odd_counts + odd_theta) - torch.lgamma(odd_theta)
+                         - odd_counts * torch.log(odd_theta) - torch.lgamma(odd_counts + 1))
+            values.index_copy_(0, odd, odd_terms.to(values.dtype))
+        running = values.new_empty(values.numel() + 1, dtype=torch.float64)
+        running[0] = 0.0
+        torch.cumsum(values, 0, dtype=torch.float64, out=running[1:])  # per-row sums as differences
+        ctx.save_for_backward(theta, row_starts, key, odd, odd_genes, odd_counts, odd_theta)
+        return (running.index_select(0, row_starts[1:]) - running.index_select(0, row_starts[:-1])).to(theta.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        theta, row_starts, key, odd, odd_genes, odd_counts, odd_theta = ctx.saved_tensors
+        slope = _count_table(theta, _log_rising_slopes)
+        low, high = torch.aminmax(grad)
+        if bool(low == high):  # one weight for every cell (a mean over cells): a plain count
+            histogram = torch.bincount(key, minlength=slope.numel()).to(slope.dtype) * high
+            odd_weights = high.expand(odd.numel())
+        else:
+            weights = torch.repeat_interleave(grad, row_starts.diff(), output_size=key.numel())  # (nnz,)
+            histogram = torch.bincount(key, weights=weights, minlength=slope.numel())
+            odd_weights = weights.index_select(0, odd)
+        g_theta = (histogram * slope)[:-1].view(_TABLE_COUNTS + 1, -1).sum(0)
+        if odd.numel():
+            slopes = torch.digamma(odd_counts + odd_theta) - torch.digamma(odd_theta) - odd_counts / odd_theta
+            g_theta.index_add_(0, odd_genes, (odd_weights * slopes).to(g_theta.dtype))
+        return g_theta, None, None, None
+
+
+def _log_rising_steps(theta: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """log1p(j / theta) - log1p(j), (K, G): the step from count j to j + 1 of the count terms."""
+    return torch.log1p(steps / theta) - torch.log1p(steps)
+
+
+def _log_rising_slopes(theta: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """d/dtheta of :func:`_log_rising_steps`, (K, G)."""
+    return -steps / (theta * (theta + steps))
+
+
+def _count_table(theta: torch.Tensor, step) -> torch.Tensor:
+    """Running sums over counts k = 0..32 of ``step(theta, j)``, j < k, flattened count-major
+    ((33 * G + 1,), entry k * G + g), with a final zero entry for untabulated counts."""
+    n_genes = theta.numel()
+    steps = torch.arange(_TABLE_COUNTS, dtype=theta.dtype, device=theta.device).unsqueeze(1)  # (K, 1)
+    table = theta.new_empty((_TABLE_COUNTS + 1) * n_genes + 1)
+    table[:n_genes] = 0.0  # count 0
+    table[-1] = 0.0
+    torch.cumsum(step(theta, steps), 0, out=table[n_genes:-1].view(_TABLE_COUNTS, n_genes))
+    return table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 from genailab.data.loader import MinibatchLoader, gather_rows
 
@@ -19,12 +20,14 @@ def test_gather_rows_matches_dense_rows(fmt):
     out = gather_rows(matrix, rows)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, dense[rows])
-    again, positions = gather_rows(matrix, rows, with_positions=True)
+    again, x_sparse = gather_rows(matrix, rows, with_sparse=True)
     np.testing.assert_array_equal(again, out)
     if fmt == "dense":
-        assert positions is None
-    else:  # row-major positions of exactly the non-zero entries
-        np.testing.assert_array_equal(np.sort(positions), np.flatnonzero(out))
+        assert x_sparse is None
+    else:  # exactly the non-zero entries, row by row
+        rebuilt = sp.csr_matrix((x_sparse.counts.numpy(), x_sparse.genes.numpy(), x_sparse.row_starts.numpy()), shape=out.shape)
+        np.testing.assert_array_equal(rebuilt.toarray(), out)
+        assert x_sparse.counts.dtype == torch.float32 and (x_sparse.counts != 0).all()
 
 
 def test_loader_never_densifies_a_huge_matrix():

@@ -158,14 +158,14 @@ class ChunkedLoader:
             while start < rows.size:
                 take = min(self.batch_size - n_part, rows.size - start)
                 rows_part.append(rows[start : start + take])
-                x_part.append(gather_rows(block, position[start : start + take]))
+                x_part.append(block[position[start : start + take]])
                 n_part += take
                 start += take
                 if n_part == self.batch_size:
-                    yield self._batch(np.concatenate(rows_part), np.concatenate(x_part))
+                    yield self._batch(np.concatenate(rows_part), x_part)
                     rows_part, x_part, n_part = [], [], 0
         if n_part and not self.drop_last:
-            yield self._batch(np.concatenate(rows_part), np.concatenate(x_part))
+            yield self._batch(np.concatenate(rows_part), x_part)
 
     def _read(self, rows: np.ndarray):
         """``rows`` as one block in ascending row order, and where each of ``rows`` sits in it."""
@@ -177,10 +177,16 @@ class ChunkedLoader:
         block = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
         return block, np.searchsorted(ordered, rows)
 
-    def _batch(self, rows: np.ndarray, x: np.ndarray) -> Batch:
+    def _batch(self, rows: np.ndarray, x_parts: list) -> Batch:
+        """The batch of ``rows`` from their rows of the blocks read, in order (one or two parts)."""
+        if len(x_parts) == 1:
+            parts = x_parts[0]
+        else:
+            parts = sp.vstack(x_parts, format="csr") if sp.issparse(x_parts[0]) else np.concatenate(x_parts)
+        x, x_sparse = gather_rows(parts, np.arange(rows.size), with_sparse=True)
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
-        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y)
+        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y, x_sparse=x_sparse)
 
 
 def _by_block(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from genailab.errors import ConfigError
+from genailab.sparse_counts import SparseCounts
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Batch:
     c: torch.Tensor | None  # (B, raw_condition_dim) float32 conditions, or None
     index: torch.Tensor  # (B,) int64 row numbers in the source matrix
     y: torch.Tensor | None = None  # (B,) int64 labels for an auxiliary head (batch codes for the adversary)
-    nonzero: torch.Tensor | None = None  # (nnz,) int64 row-major positions in x of the stored counts, when known
+    x_sparse: SparseCounts | None = None  # the stored entries of x, when the source matrix is sparse
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
@@ -30,31 +31,28 @@ class Batch:
             c=None if self.c is None else self.c.to(device, non_blocking=True),
             index=self.index,
             y=None if self.y is None else self.y.to(device, non_blocking=True),
-            nonzero=None if self.nonzero is None else self.nonzero.to(device, non_blocking=True),
+            x_sparse=None if self.x_sparse is None else self.x_sparse.to(device),
         )
 
 
-def gather_rows(matrix, rows: np.ndarray, *, with_positions: bool = False):
+def gather_rows(matrix, rows: np.ndarray, *, with_sparse: bool = False):
     """Rows of a CSR or dense matrix as a dense float32 array (len(rows), n_cols).
 
     For CSR, scipy's compiled row indexing and densification do the work (no Python loop per
-    row). With ``with_positions``, also return the row-major positions (nnz,) int64 of the stored
-    entries in the output (None for a dense matrix): the count likelihood then need not search
-    the dense batch for its non-zeros.
+    row). With ``with_sparse``, also return the rows' stored entries as :class:`SparseCounts`
+    (None for a dense matrix): the count likelihood then need not search the dense batch for
+    its non-zeros.
     """
     if not sp.issparse(matrix):
         out = np.asarray(matrix[rows], dtype=np.float32)
-        return (out, None) if with_positions else out
+        return (out, None) if with_sparse else out
     selected = matrix[rows]
-    if selected.format != "csr":  # e.g. CSC or COO input: positions below read CSR row pointers
+    if selected.format != "csr":  # e.g. CSC or COO input
         selected = selected.tocsr()
     if selected.dtype != np.float32:
         selected = selected.astype(np.float32)
     out = selected.toarray()
-    if not with_positions:
-        return out
-    starts = np.arange(len(rows), dtype=np.int64) * matrix.shape[1]
-    return out, np.repeat(starts, np.diff(selected.indptr)) + selected.indices
+    return (out, SparseCounts.from_scipy(selected)) if with_sparse else out
 
 
 class MinibatchLoader:
@@ -124,8 +122,8 @@ class MinibatchLoader:
 
     def batch(self, rows: np.ndarray) -> Batch:
         """The :class:`Batch` for the given row numbers."""
-        x, nonzero = gather_rows(self.matrix, rows, with_positions=True)
+        x, x_sparse = gather_rows(self.matrix, rows, with_sparse=True)
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
         return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)), y=y,
-                     nonzero=None if nonzero is None else torch.from_numpy(nonzero))
+                     x_sparse=x_sparse)

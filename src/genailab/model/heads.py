@@ -15,6 +15,7 @@ from torch.distributions import Distribution, Normal
 from genailab.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from genailab.fused_nll import count_nll
 from genailab.model.config import ModelConfig
+from genailab.sparse_counts import SparseCounts
 
 _LOG_CLAMP = 15.0  # exp(15) ~ 3e6: keeps dispersions and variances finite in float32
 
@@ -66,9 +67,10 @@ class GaussianHead(nn.Module):
         return Normal(mean, scale, validate_args=False)
 
     def nll(
-        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None, x: torch.Tensor, *, nonzero=None
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None, x: torch.Tensor, *,
+        x_sparse: SparseCounts | None = None,
     ) -> torch.Tensor:
-        """-log p(x|z,c) per cell, (B,); ``nonzero`` is only used by the count heads."""
+        """-log p(x|z,c) per cell, (B,); ``x_sparse`` is only used by the count heads."""
         return -self(h, c, library).log_prob(x).sum(-1)
 
 
@@ -99,11 +101,12 @@ class NegativeBinomialHead(nn.Module):
         return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)
 
     def nll(
-        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *, nonzero=None
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *,
+        x_sparse: SparseCounts | None = None,
     ) -> torch.Tensor:
         """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.fused_nll.count_nll`."""
         theta = torch.exp(self.log_theta(h, c))
-        return count_nll(x, self.scale(h), library, theta, self._zi_logits(h), nonzero=nonzero)
+        return count_nll(x, self.scale(h), library, theta, self._zi_logits(h), x_sparse=x_sparse)
 
     def _zi_logits(self, h: torch.Tensor) -> torch.Tensor | None:
         return None  # no zero inflation

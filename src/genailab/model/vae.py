@@ -18,6 +18,7 @@ from genailab.errors import ConfigError, InputDataError
 from genailab.model.config import ModelConfig
 from genailab.model.heads import HEADS
 from genailab.model.layers import MLP, ConditionEmbedding
+from genailab.sparse_counts import SparseCounts
 
 _VARIANCE_FLOOR = 1e-4  # added to the posterior variance, as in scVI, so log-variance cannot run away
 
@@ -156,12 +157,12 @@ class ConditionalVAE(nn.Module):
         c: torch.Tensor | None = None,
         library: torch.Tensor | None = None,
         *,
-        nonzero: torch.Tensor | None = None,
+        x_sparse: SparseCounts | None = None,
     ) -> torch.Tensor:
         """-log p(x|z,c) per cell, (B,): ``-decode(z, c, library).log_prob(x).sum(-1)`` without
         building the distribution (for count models, a fused kernel with analytic gradients);
-        ``nonzero`` as in :meth:`loss`."""
-        return self._reconstruction_nll(x, z, self._condition(c, z.shape[0]), library, nonzero)
+        ``x_sparse`` as in :meth:`loss`."""
+        return self._reconstruction_nll(x, z, self._condition(c, z.shape[0]), library, x_sparse)
 
     def _reconstruction_nll(
         self,
@@ -169,10 +170,10 @@ class ConditionalVAE(nn.Module):
         z: torch.Tensor,
         c: torch.Tensor | None,
         library: torch.Tensor | None,
-        nonzero: torch.Tensor | None = None,
+        x_sparse: SparseCounts | None = None,
     ) -> torch.Tensor:
         hidden, library = self._decoder_hidden(z, c, library)
-        return self.head.nll(hidden, c, library, x, nonzero=nonzero)
+        return self.head.nll(hidden, c, library, x, x_sparse=x_sparse)
 
     def expected_expression(
         self,
@@ -207,19 +208,19 @@ class ConditionalVAE(nn.Module):
         library: torch.Tensor | None = None,
         *,
         kl_weight: float = 1.0,
-        nonzero: torch.Tensor | None = None,
+        x_sparse: SparseCounts | None = None,
     ) -> LossOutput:
         """Negative ELBO: mean over cells of reconstruction + kl_weight * beta * KL.
 
-        ``nonzero`` (nnz,), optional: row-major positions in x of its non-zero counts (the
-        loaders provide them from the sparse matrix), so the count likelihood need not find them.
+        ``x_sparse``, optional: the stored entries of x (the loaders provide them from the sparse
+        matrix), so the count likelihood need not search x for its non-zero counts.
         """
         c = self._condition(c, x.shape[0])
         qz_mean, qz_var = self._encode(x, c)
         z = self.reparameterize(qz_mean, qz_var)
         if library is None and self.config.is_count_model:
             library = x.sum(dim=1, keepdim=True)
-        reconstruction = self._reconstruction_nll(x, z, c, library, nonzero)
+        reconstruction = self._reconstruction_nll(x, z, c, library, x_sparse)
         kl = gaussian_kl(qz_mean, qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.beta) * kl)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z)

@@ -26,6 +26,7 @@ from torch.distributions import Distribution
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE, LossOutput, gaussian_kl
+from genailab.sparse_counts import SparseCounts
 
 _TINY_DOSE = 1e-12  # doses are clamped here before the log; dose 0 itself is handled exactly
 
@@ -141,15 +142,15 @@ class PerturbationVAE(nn.Module):
         library: torch.Tensor | None = None,
         *,
         kl_weight: float = 1.0,
-        nonzero: torch.Tensor | None = None,
+        x_sparse: SparseCounts | None = None,
     ) -> LossOutput:
         """Negative ELBO; ``z`` of the output is the basal sample, which the trainer's adversary sees.
-        ``nonzero`` as in :meth:`ConditionalVAE.loss`."""
+        ``x_sparse`` as in :meth:`ConditionalVAE.loss`."""
         qz_mean, qz_var = self.encode(x)
         z_basal = ConditionalVAE.reparameterize(qz_mean, qz_var)
         if library is None and self.config.vae.is_count_model:
             library = x.sum(dim=1, keepdim=True)
-        reconstruction = self.vae.reconstruction_nll(x, z_basal + self.perturbation_shift(c), None, library, nonzero=nonzero)
+        reconstruction = self.vae.reconstruction_nll(x, z_basal + self.perturbation_shift(c), None, library, x_sparse=x_sparse)
         kl = gaussian_kl(qz_mean, qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.vae.beta) * kl)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z_basal)

@@ -18,6 +18,7 @@ from genailab.data.loader import MinibatchLoader
 from genailab.errors import CheckpointError, ConfigError, TrainingDivergedError
 from genailab.model.adversary import BatchDiscriminator
 from genailab.model.vae import ConditionalVAE, LossOutput
+from genailab.sparse_counts import SparseCounts
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
 from genailab.train.distributed import DistributedContext, distributed_context
@@ -213,8 +214,8 @@ class Trainer:
     def _loss(self, batch, weight: float) -> LossOutput:
         """The VAE's loss on a batch; through DistributedDataParallel when running under torchrun."""
         if self._ddp is None:
-            return self.model.loss(batch.x, batch.c, kl_weight=weight, nonzero=batch.nonzero)
-        loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight, batch.nonzero)
+            return self.model.loss(batch.x, batch.c, kl_weight=weight, x_sparse=batch.x_sparse)
+        loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight, batch.x_sparse)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z)
 
     def _check_parameters(self, epoch: int) -> None:
@@ -307,8 +308,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, kl_weight: float, nonzero: torch.Tensor | None):
-        out = self.model.loss(x, c, kl_weight=kl_weight, nonzero=nonzero)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, kl_weight: float, x_sparse: SparseCounts | None):
+        out = self.model.loss(x, c, kl_weight=kl_weight, x_sparse=x_sparse)
         return out.loss, out.reconstruction, out.kl, out.z
 
 
@@ -334,7 +335,7 @@ def evaluate(model: ConditionalVAE, loader: Iterable, device: torch.device | Non
     n_cells = 0
     for batch in loader:
         batch = batch.to(device)
-        out = model.loss(batch.x, batch.c, nonzero=batch.nonzero)
+        out = model.loss(batch.x, batch.c, x_sparse=batch.x_sparse)
         sums += torch.stack([out.reconstruction.sum(), out.kl.sum()]).cpu()
         n_cells += batch.x.shape[0]
     model.train(was_training)
