@@ -247,7 +247,7 @@ class VAE:
     # -- inference -------------------------------------------------------------------------------
     def _loader(self, adata: AnnData | None, align_genes: bool, batch_size: int) -> MinibatchLoader | ChunkedLoader:
         matrix, conditions = self._prepare(adata, align_genes=align_genes)
-        return minibatch_loader(matrix, conditions, batch_size=batch_size, shuffle=False)
+        return minibatch_loader(matrix, conditions, batch_size=batch_size, shuffle=False, sparse_counts=False)
 
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
@@ -293,7 +293,8 @@ class VAE:
         self.module.eval()
         device = self._device()
         matrix, conditions = self._prepare(adata, align_genes=align_genes)
-        loader = minibatch_loader(matrix, conditions, indices=indices, batch_size=batch_size, shuffle=False)
+        loader = minibatch_loader(matrix, conditions, indices=indices, batch_size=batch_size, shuffle=False,
+                                  sparse_counts=False)
         out = [
             self.module.marginal_log_likelihood(b.x, b.c, n_samples=n_samples).cpu()
             for b in (batch.to(device) for batch in loader)

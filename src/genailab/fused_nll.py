@@ -86,49 +86,14 @@ def _count_terms_per_cell(x: torch.Tensor, theta: torch.Tensor, x_sparse: Sparse
 
 
 class _DenseCountNLL(torch.autograd.Function):
-    """The count likelihood's terms that are not exactly zero at x = 0, negated and summed over genes.
-
-    When gradients are wanted, the forward pass also computes the per-entry derivatives of the
-    log-likelihood (they share most intermediates with it), and the backward pass only scales
-    them by each cell's incoming gradient. Zero counts are selected by arithmetic with the 0/1
-    indicator ``1 - sign(x)`` rather than by ``torch.where``, which is several times slower on
-    the CPU; intermediates are updated in place to keep the number of (B, G) buffers small.
-    """
+    """The count likelihood's terms that are not exactly zero at x = 0, negated and summed over
+    genes; the forward pass computes the derivatives too (:func:`_dense_terms`), the backward
+    pass only scales them by each cell's incoming gradient."""
 
     @staticmethod
     def forward(ctx, x, logits, log_library, theta, zi_logits):
-        p = torch.softmax(logits, dim=-1)  # (B, G) proportions
-        ll = torch.log_softmax(logits, dim=-1).add_(log_library)  # log mu
-        mu = p * torch.exp(log_library)
-        ratio = mu / theta
-        log1p_ratio = torch.log1p(ratio)  # log((theta + mu) / theta)
-        ll.sub_(log1p_ratio).mul_(x)  # x (log mu - log(theta + mu) + log theta)
-        log_nb_zero = log1p_ratio * -theta
-        ll.add_(log_nb_zero)  # log NB(x) without the count terms
-        keep = zero = None
-        if zi_logits is not None:
-            zero = 1.0 - torch.sign(x)  # 1 where x == 0
-            gap = log_nb_zero.sub_(zi_logits)  # log NB(0) - z
-            # x = 0: log(pi + (1 - pi) NB(0)) = z + softplus(gap) - softplus(z); else log(1 - pi) + log NB(x)
-            ll.lerp_(F.softplus(gap).add_(zi_logits), zero).sub_(F.softplus(zi_logits))
-            if any(ctx.needs_input_grad):
-                keep = torch.sigmoid(gap).sub_(1.0).mul_(zero).add_(1.0)  # A: sigmoid(gap) at zeros, else 1
-        nll = -ll.sum(-1)
-        if not any(ctx.needs_input_grad):
-            return nll
-        mu_share = mu.mul_(ratio.add_(1.0).reciprocal_().div_(theta))  # mu / (theta + mu)
-        weighted_theta = theta if keep is None else keep * theta  # A theta
-        g_logits = (x + weighted_theta).mul_(mu_share).neg_().add_(x)  # mu d ll / d mu
-        g_logits.sub_(p.mul_(g_logits.sum(-1, keepdim=True)))
-        g_theta = None
-        if ctx.needs_input_grad[3]:
-            g_theta = mu_share - log1p_ratio
-            if keep is not None:
-                g_theta.mul_(keep)
-            g_theta.add_(mu_share.mul_(x).div_(theta))
-        g_zi = None
-        if zi_logits is not None and ctx.needs_input_grad[4]:
-            g_zi = torch.sigmoid(zi_logits).add_(keep).sub_(1.0).neg_()  # (1 - A) - sigmoid(z)
+        wanted = (ctx.needs_input_grad[1], ctx.needs_input_grad[3], zi_logits is not None and ctx.needs_input_grad[4])
+        nll, g_logits, g_theta, g_zi = _dense_terms(x, logits, log_library, theta, zi_logits, wanted)
         ctx.save_for_backward(g_logits, g_theta, g_zi)
         ctx.theta_shape = theta.shape
         return nll
@@ -143,7 +108,52 @@ class _DenseCountNLL(torch.autograd.Function):
                 g_theta = g_theta * column
             else:  # per gene: a weighted sum over cells
                 g_theta = torch.mv(g_theta.t(), grad).view(ctx.theta_shape)
-        return None, g_logits * column, None, g_theta, None if g_zi is None else g_zi * column
+        return (None, None if g_logits is None else g_logits * column, None, g_theta,
+                None if g_zi is None else g_zi * column)
+
+
+def _dense_terms(x, logits, log_library, theta, zi_logits, wanted: tuple[bool, bool, bool]):
+    """-(log-likelihood without the count terms) per cell (B,), and the derivatives of the
+    log-likelihood per entry (B, G) in logits, theta and the dropout logits where ``wanted``
+    (else None); they share most intermediates with the value.
+
+    Zero counts are selected by arithmetic with the 0/1 indicator ``1 - sign(x)`` rather than by
+    ``torch.where``, which is several times slower on the CPU; intermediates are updated in place
+    to keep the number of (B, G) buffers small.
+    """
+    p = torch.softmax(logits, dim=-1)  # (B, G) proportions
+    ll = torch.log_softmax(logits, dim=-1).add_(log_library)  # log mu
+    mu = p * torch.exp(log_library)
+    ratio = mu / theta
+    log1p_ratio = torch.log1p(ratio)  # log((theta + mu) / theta)
+    ll.sub_(log1p_ratio).mul_(x)  # x (log mu - log(theta + mu) + log theta)
+    log_nb_zero = log1p_ratio * -theta
+    ll.add_(log_nb_zero)  # log NB(x) without the count terms
+    keep = None  # A: sigmoid(gap) at zero counts of the ZINB, else 1
+    if zi_logits is not None:
+        zero = 1.0 - torch.sign(x)  # 1 where x == 0
+        gap = log_nb_zero.sub_(zi_logits)  # log NB(0) - z
+        # x = 0: log(pi + (1 - pi) NB(0)) = z + softplus(gap) - softplus(z); else log(1 - pi) + log NB(x)
+        ll.lerp_(F.softplus(gap).add_(zi_logits), zero).sub_(F.softplus(zi_logits))
+        if any(wanted):
+            keep = torch.sigmoid(gap).sub_(1.0).mul_(zero).add_(1.0)
+    nll = -ll.sum(-1)
+    if not any(wanted):
+        return nll, None, None, None
+    mu_share = mu.mul_(ratio.add_(1.0).reciprocal_().div_(theta))  # mu / (theta + mu)
+    g_logits = g_theta = g_zi = None
+    if wanted[0]:
+        weighted_theta = theta if keep is None else keep * theta  # A theta
+        g_logits = (x + weighted_theta).mul_(mu_share).neg_().add_(x)  # mu d ll / d mu
+        g_logits.sub_(p.mul_(g_logits.sum(-1, keepdim=True)))
+    if wanted[1]:
+        g_theta = mu_share - log1p_ratio
+        if keep is not None:
+            g_theta.mul_(keep)
+        g_theta.add_(mu_share.mul_(x).div_(theta))
+    if wanted[2]:
+        g_zi = torch.sigmoid(zi_logits).add_(keep).sub_(1.0).neg_()  # (1 - A) - sigmoid(z)
+    return nll, g_logits, g_theta, g_zi
 
 
 class _TabulatedCountTerms(torch.autograd.Function):

@@ -89,6 +89,8 @@ def test_one_read_covering_all_rows_gives_the_in_memory_order(pair):
         for a, b in zip(chunked, in_memory, strict=True):
             np.testing.assert_array_equal(a.index.numpy(), b.index.numpy())
             np.testing.assert_array_equal(a.x.numpy(), b.x.numpy())
+            for mine, theirs in zip(a.x_sparse, b.x_sparse, strict=True):  # the same stored entries
+                np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
 
 
 def test_reads_are_single_slices_of_at_most_one_chunk(pair):

@@ -30,6 +30,15 @@ def test_gather_rows_matches_dense_rows(fmt):
         assert x_sparse.counts.dtype == torch.float32 and (x_sparse.counts != 0).all()
 
 
+def test_the_stored_entries_come_with_the_batch_unless_declined():
+    matrix = sp.random(30, 8, density=0.4, format="csr", dtype=np.float32, random_state=1)
+    batch = next(iter(MinibatchLoader(matrix, batch_size=10, seed=3)))
+    rows, genes = batch.x.nonzero(as_tuple=True)
+    np.testing.assert_array_equal(batch.x_sparse.genes.numpy(), genes.numpy())
+    np.testing.assert_array_equal(batch.x_sparse.counts.numpy(), batch.x[rows, genes].numpy())
+    assert next(iter(MinibatchLoader(matrix, batch_size=10, seed=3, sparse_counts=False))).x_sparse is None
+
+
 def test_loader_never_densifies_a_huge_matrix():
     # 2e6 x 5e4 would be 400 GB dense; a batch of 64 rows is 12.8 MB.
     n, g = 2_000_000, 50_000

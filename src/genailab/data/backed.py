@@ -102,6 +102,7 @@ class ChunkedLoader:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        sparse_counts: bool = True,
         chunk_rows: int = CHUNK_ROWS,
         chunks_in_memory: int = CHUNKS_IN_MEMORY,
     ):
@@ -118,6 +119,7 @@ class ChunkedLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.sparse_counts = sparse_counts
         self.chunk_rows = chunk_rows
         self.chunks_in_memory = chunks_in_memory
         self.epoch = 0
@@ -184,6 +186,8 @@ class ChunkedLoader:
         else:
             parts = sp.vstack(x_parts, format="csr") if sp.issparse(x_parts[0]) else np.concatenate(x_parts)
         x, x_sparse = gather_rows(parts, np.arange(rows.size), with_sparse=True)
+        if not self.sparse_counts:
+            x_sparse = None
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
         return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y, x_sparse=x_sparse)

@@ -71,6 +71,9 @@ class MinibatchLoader:
     batch_size, shuffle, seed, drop_last
         Usual meanings; the order of epoch e depends only on (seed, e), so a resumed run sees the
         same batches as an uninterrupted one.
+    sparse_counts
+        Also hand over each batch's stored entries (``Batch.x_sparse``), which the count
+        likelihood uses; inference that only encodes or decodes can skip them.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class MinibatchLoader:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        sparse_counts: bool = True,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}.")
@@ -99,6 +103,7 @@ class MinibatchLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.sparse_counts = sparse_counts
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -122,7 +127,10 @@ class MinibatchLoader:
 
     def batch(self, rows: np.ndarray) -> Batch:
         """The :class:`Batch` for the given row numbers."""
-        x, x_sparse = gather_rows(self.matrix, rows, with_sparse=True)
+        if self.sparse_counts:
+            x, x_sparse = gather_rows(self.matrix, rows, with_sparse=True)
+        else:
+            x, x_sparse = gather_rows(self.matrix, rows), None
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
         return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)), y=y,

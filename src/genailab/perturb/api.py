@@ -192,7 +192,8 @@ class PerturbationModel:
         if adata is None:
             raise ConfigError("This model was loaded without an AnnData; pass adata=... explicitly.")
         self.module.eval()
-        loader = MinibatchLoader(self._matrix(adata, align_genes=align_genes), batch_size=_INFERENCE_BATCH, shuffle=False)
+        loader = MinibatchLoader(self._matrix(adata, align_genes=align_genes), batch_size=_INFERENCE_BATCH, shuffle=False,
+                                 sparse_counts=False)
         return np.concatenate([self.module.encode(b.x.to(self._device()))[0].cpu().numpy() for b in loader])
 
     @torch.no_grad()
@@ -255,7 +256,7 @@ class PerturbationModel:
     def _decode_batches(self, matrix, c: np.ndarray, library_size) -> tuple[np.ndarray, np.ndarray]:
         self.module.eval()
         device = self._device()
-        loader = MinibatchLoader(matrix, c, batch_size=_INFERENCE_BATCH, shuffle=False)
+        loader = MinibatchLoader(matrix, c, batch_size=_INFERENCE_BATCH, shuffle=False, sparse_counts=False)
         means, samples = [], []
         for batch in loader:
             x, c_batch = batch.x.to(device), batch.c.to(device)
