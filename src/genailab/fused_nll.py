@@ -74,12 +74,11 @@ def count_nll(
 
 def _count_terms_per_cell(x: torch.Tensor, theta: torch.Tensor, x_sparse: SparseCounts | None) -> torch.Tensor:
     """(B,) sum over genes of lgamma(x + theta) - lgamma(theta) - x log(theta) - lgamma(x + 1)."""
-    per_gene = theta.dim() == 1 or (theta.dim() == 2 and theta.shape[0] == 1)
-    if x_sparse is None and (x.device.type == "cpu" or not per_gene):
-        x_sparse = SparseCounts.from_dense(x)
-    if x_sparse is None:  # accelerators: the dense form
+    if x.device.type != "cpu":  # accelerators: the dense form, which needs no host synchronisation
         return count_terms(x, theta, include_constant=True).sum(-1)
-    if per_gene:
+    if x_sparse is None:
+        x_sparse = SparseCounts.from_dense(x)
+    if theta.dim() == 1 or (theta.dim() == 2 and theta.shape[0] == 1):  # one dispersion per gene
         return _TabulatedCountTerms.apply(theta.reshape(-1), *x_sparse)
     positions = x_sparse.rows() * x.shape[-1] + x_sparse.genes
     return count_terms(x, theta, include_constant=True, nonzero=positions).sum(-1)

@@ -52,5 +52,3 @@ class SparseCounts(NamedTuple):
         lengths = self.row_starts.diff()
         return torch.repeat_interleave(torch.arange(self.n_rows, device=lengths.device), lengths, output_size=self.genes.numel())
 
-    def to(self, device: torch.device) -> SparseCounts:
-        return SparseCounts(*(t.to(device, non_blocking=True) for t in self))

@@ -31,7 +31,7 @@ class Batch:
             c=None if self.c is None else self.c.to(device, non_blocking=True),
             index=self.index,
             y=None if self.y is None else self.y.to(device, non_blocking=True),
-            x_sparse=None if self.x_sparse is None else self.x_sparse.to(device),
+            x_sparse=None,  # the count likelihood uses it on the CPU only
         )
 
 
