@@ -7,10 +7,10 @@ With mu = library * softmax(logits) (B, G), inverse dispersion theta and dropout
 that guards ``log(mu)`` there, since log mu comes from ``log_softmax``). Autograd through that
 expression keeps some forty (B, G) intermediates and visits each again backwards; on the CPU
 those elementwise passes, not the matrix products, dominated a training step. Here the dense part
-computes its derivatives alongside the value, in place, and the terms that vanish at zero counts (lgamma and its
-digamma gradient) run on the non-zero counts only: with a dispersion per gene, they depend on
-(gene, count) alone, so counts up to 32 are looked up in a (G, 33) table built once per step
-from 32 logarithms per gene; larger or non-integer counts take lgamma.
+computes its derivatives alongside the value, in place, and on the CPU the terms that vanish at
+zero counts (lgamma and its digamma gradient) run on the non-zero counts only: with a dispersion
+per gene they depend on (gene, count) alone, so counts up to 32 are looked up in a (33, G) table
+built once per step from 32 logarithms per gene; larger or non-whole counts take lgamma.
 
 Gradients, for one gene of one cell, with A = 1 for the NB and for counts x > 0, and
 A = sigmoid(log NB(0) - z) (the posterior weight of "NB zero" against "dropout") at x = 0:
