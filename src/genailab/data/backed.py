@@ -185,9 +185,10 @@ class ChunkedLoader:
             parts = x_parts[0]
         else:
             parts = sp.vstack(x_parts, format="csr") if sp.issparse(x_parts[0]) else np.concatenate(x_parts)
-        x, x_sparse = gather_rows(parts, np.arange(rows.size), with_sparse=True)
-        if not self.sparse_counts:
-            x_sparse = None
+        if self.sparse_counts:
+            x, x_sparse = gather_rows(parts, np.arange(rows.size), with_sparse=True)
+        else:
+            x, x_sparse = gather_rows(parts, np.arange(rows.size)), None
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
         return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y, x_sparse=x_sparse)
