@@ -134,7 +134,7 @@ def _prepare(adata, batch_key: str | None, work: Path) -> np.ndarray:
     every cell in latent order (training cells, then held-out cells)."""
     import anndata as ad
 
-    from genailab.eval import masked_anndata
+    from genailab.report import masked_anndata
 
     keep = ["cell_type"] + ([batch_key] if batch_key else [])
     adata = ad.AnnData(X=adata.layers["counts"].copy(), obs=adata.obs[keep].copy(), var=adata.var[[]].copy(),

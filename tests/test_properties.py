@@ -21,7 +21,7 @@ from genailab.data import read
 from genailab.data.loader import MinibatchLoader
 from genailab.data.schema import DataSchema
 from genailab.data.validation import check_expression, empty_cells
-from genailab.distributions import log_nb, log_zinb
+from genailab.likelihood.distributions import log_nb, log_zinb
 from genailab.errors import GenailabError
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -15,7 +15,7 @@ import torch
 
 import genailab
 from genailab.data import simulate
-from genailab.model_io import data_fingerprint
+from genailab.anndata_models.files import data_fingerprint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model_v1"
 

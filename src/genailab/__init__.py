@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from genailab.anndata_vae import VAE
+from genailab.anndata_models.vae import VAE
 from genailab.model.config import ModelConfig
 from genailab.model.vae import CVAE, CVAE_NB, CVAE_ZINB
 from genailab.train.config import TrainConfig

@@ -8,7 +8,7 @@ import torch
 
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.config import ModelConfig
-from genailab.perturb.model import DoseResponse, PerturbationConfig, PerturbationVAE
+from genailab.model.perturbation import DoseResponse, PerturbationConfig, PerturbationVAE
 
 
 def _model(**options) -> PerturbationVAE:

@@ -143,7 +143,7 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
 def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> dict[str, float]:
     """How close generated counts are to real counts of the same condition (:mod:`genailab.eval`).
 
-    For cells from :func:`generate` (any source, any real cells); :func:`genailab.eval.generation_fidelity`
+    For cells from :func:`generate` (any source, any real cells); :func:`genailab.report.generation_fidelity`
     scores a model's own prior draws against its validation cells.
 
     Per-gene moments are compared on the counts; the distances and the classifier two-sample test

@@ -76,7 +76,7 @@ def integrate(
     >>> model = integrate(adata, batch_key="batch", train=TrainConfig(epochs=50))  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_genailab_integrated")  # doctest: +SKIP
     """
-    from genailab.anndata_vae import VAE
+    from genailab.anndata_models.vae import VAE
 
     if batch_key not in adata.obs:
         raise InputDataError(f"obs has no column {batch_key!r}; pass the obs column that holds the batch.")

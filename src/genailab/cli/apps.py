@@ -8,7 +8,8 @@ import click
 
 from genailab.cli import main
 from genailab.cli.common import fail_cleanly, read_data
-from genailab.cli.core import _hidden, write_run
+from genailab.cli.core import _hidden
+from genailab.report.run_folder import write_run
 from genailab.errors import ConfigError, SchemaMismatchError
 
 _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -172,7 +173,7 @@ def integrate(
     from genailab.apps import integrate as integrate_batches
     from genailab.apps import integration_scores
     from genailab.model.adversary import AdversaryConfig
-    from genailab.model_io import check_writable
+    from genailab.anndata_models.files import check_writable
     from genailab.train.config import TrainConfig
 
     check_writable(out)

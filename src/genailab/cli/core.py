@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import pandas as pd
-
 from genailab.cli import main
 from genailab.cli.common import fail_cleanly, read_data
+from genailab.report.run_folder import write_run
 from genailab.errors import ConfigError
 from genailab.train.distributed import distributed_context
 
@@ -21,15 +20,6 @@ def _hidden(value: str) -> tuple[int, ...]:
     if not dims:
         raise click.BadParameter("give at least one hidden size")
     return dims
-
-
-def write_run(model, out: Path) -> None:
-    """Save the model, history.csv and training_curves.png into ``out``."""
-    from genailab.plotting import plot_training_curves
-
-    model.save(out, overwrite=True)
-    pd.DataFrame(model.history).to_csv(out / "history.csv", index=False)
-    plot_training_curves(model.history, out / "training_curves.png")
 
 
 @main.command()
@@ -63,7 +53,7 @@ def train(data, out, likelihood, layer, conditions, continuous, latent_dim, hidd
           seed, device, backed):
     """Train a conditional VAE on DATA (h5ad, 10x, loom, csv) and save it to --out."""
     from genailab import VAE, TrainConfig
-    from genailab.model_io import check_writable
+    from genailab.anndata_models.files import check_writable
 
     check_writable(out)  # fail before training, not after
     adata = read_data(data, backed=backed)
@@ -109,7 +99,7 @@ def embed(run_dir, data, out, key, align_genes):
 @fail_cleanly
 def demo(out, epochs, seed):
     """Train an NB model on the embedded PBMC counts, embed, cluster, and report."""
-    from genailab.demo import run_demo
+    from genailab.cli.demo import run_demo
 
     if epochs < 1:
         raise ConfigError("--epochs must be positive.")

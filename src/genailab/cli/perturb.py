@@ -57,7 +57,7 @@ def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hi
                   batch_size, lr, patience, seed, device):
     """Train a perturbation model on DATA (control and treated cells) and save it to --out."""
     from genailab.model.adversary import AdversaryConfig
-    from genailab.model_io import check_writable
+    from genailab.anndata_models.files import check_writable
     from genailab.perturb import PerturbationModel
     from genailab.train.config import TrainConfig
 

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from genailab.errors import ConfigError
-from genailab.sparse_counts import SparseCounts
+from genailab.likelihood.sparse_counts import SparseCounts
 
 
 @dataclass

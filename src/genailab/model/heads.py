@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Normal
 
-from genailab.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
-from genailab.fused_nll import count_nll
+from genailab.likelihood.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from genailab.likelihood.fused_nll import count_nll
 from genailab.model.config import ModelConfig
-from genailab.sparse_counts import SparseCounts
+from genailab.likelihood.sparse_counts import SparseCounts
 
 _LOG_CLAMP = 15.0  # exp(15) ~ 3e6: keeps dispersions and variances finite in float32
 
@@ -104,7 +104,7 @@ class NegativeBinomialHead(nn.Module):
         self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, x: torch.Tensor, *,
         x_sparse: SparseCounts | None = None,
     ) -> torch.Tensor:
-        """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.fused_nll.count_nll`."""
+        """-log p(x|z,c) per cell, (B,), by the fused :func:`~genailab.likelihood.fused_nll.count_nll`."""
         theta = torch.exp(self.log_theta(h, c))
         return count_nll(x, self.scale(h), library, theta, self._zi_logits(h), x_sparse=x_sparse)
 

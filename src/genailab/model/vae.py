@@ -18,7 +18,7 @@ from genailab.errors import ConfigError, InputDataError
 from genailab.model.config import ModelConfig
 from genailab.model.heads import HEADS
 from genailab.model.layers import MLP, ConditionEmbedding
-from genailab.sparse_counts import SparseCounts
+from genailab.likelihood.sparse_counts import SparseCounts
 
 _VARIANCE_FLOOR = 1e-4  # added to the posterior variance, as in scVI, so log-variance cannot run away
 

@@ -1,22 +1,22 @@
 """Perturbation and drug-response prediction: counterfactual expression of control cells under
 unseen cell type x drug x dose combinations, with honest baselines and held-out protocols.
 
-* :class:`PerturbationModel` (:mod:`~genailab.perturb.api`): fit on an AnnData, ``predict`` the
+* :class:`PerturbationModel` (:mod:`~genailab.anndata_models.perturbation`, re-exported here): fit on an AnnData, ``predict`` the
   counterfactual of given control cells under a drug (or ``"A+B"``) at a dose;
-* :mod:`~genailab.perturb.model`: the tensor model (basal latent, drug embeddings, dose response);
+* :mod:`~genailab.model.perturbation`: the tensor model (basal latent, drug embeddings, dose response);
 * :mod:`~genailab.perturb.baselines`: no change, additive shift, ridge, scGen latent arithmetic;
 * :mod:`~genailab.perturb.evaluate`: metrics and held-out split protocols;
 * :mod:`~genailab.perturb.benchmark`: all methods on one split, and the comparison table;
 * :mod:`~genailab.perturb.datasets`: sciplex / Norman layouts mapped to genailab's columns.
 """
 
-from genailab.perturb.api import PerturbationModel
+from genailab.anndata_models.perturbation import PerturbationModel
 from genailab.perturb.baselines import AdditiveShift, LatentArithmetic, NoChange, RidgeCovariates
 from genailab.perturb.benchmark import CounterfactualVAE, compare_methods, default_methods, format_table, summarize
 from genailab.perturb.datasets import standardize_obs
 from genailab.perturb.evaluate import HoldoutSplit, holdout_split, log_normalize, perturbation_metrics, r2_score
-from genailab.perturb.model import DoseResponse, PerturbationConfig, PerturbationVAE
-from genailab.perturb.schema import ObsKeys, PerturbationSchema
+from genailab.model.perturbation import DoseResponse, PerturbationConfig, PerturbationVAE
+from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
 
 __all__ = [
     "AdditiveShift",

@@ -21,10 +21,10 @@ import torch
 from anndata import AnnData
 from sklearn.linear_model import Ridge
 
-from genailab.anndata_vae import VAE
+from genailab.anndata_models.vae import VAE
 from genailab.errors import SchemaMismatchError
 from genailab.perturb.evaluate import cell_groups, cell_types, log_normalize
-from genailab.perturb.schema import ObsKeys, cell_doses
+from genailab.data.perturbation_schema import ObsKeys, cell_doses
 
 ShiftTable = dict[tuple[str, float], np.ndarray]  # (drug, dose) -> shift vector
 

@@ -17,10 +17,10 @@ from sklearn.decomposition import PCA
 
 from genailab.data.validation import check_expression
 from genailab.errors import ConfigError, InputDataError
-from genailab.perturb.api import PerturbationModel
+from genailab.anndata_models.perturbation import PerturbationModel
 from genailab.perturb.baselines import AdditiveShift, LatentArithmetic, NoChange, RidgeCovariates
 from genailab.perturb.evaluate import HoldoutSplit, cell_groups, cell_types, log_normalize, perturbation_metrics
-from genailab.perturb.schema import ObsKeys
+from genailab.data.perturbation_schema import ObsKeys
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _PCA_CELLS = 3000  # training cells the PCA of the energy distance is fitted on
 
 
 class CounterfactualVAE:
-    """The :class:`~genailab.perturb.api.PerturbationModel` as a benchmark method (one count sample per cell)."""
+    """The :class:`~genailab.anndata_models.perturbation.PerturbationModel` as a benchmark method (one count sample per cell)."""
 
     name = "genailab"
 

@@ -24,7 +24,7 @@ import pandas as pd
 from anndata import AnnData
 
 from genailab.errors import ConfigError, SchemaMismatchError
-from genailab.perturb.schema import ObsKeys
+from genailab.data.perturbation_schema import ObsKeys
 
 CONTROL = "control"  # genailab's control label after standardisation
 

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from genailab.errors import ConfigError, InputDataError
 from genailab.eval import energy_distance
-from genailab.perturb.schema import ObsKeys, cell_doses, require_columns
+from genailab.data.perturbation_schema import ObsKeys, cell_doses, require_columns
 
 PROTOCOLS = ("combination", "dose", "pair")
 ALL_CELLS = "all"  # the cell type of every cell when the data have no cell-type column

@@ -15,10 +15,10 @@ from anndata import AnnData
 
 from genailab import eval as metrics_lib
 from genailab.errors import ConfigError
-from genailab.eval.model_generation import generate_like
-from genailab.model_io import data_fingerprint
-from genailab.plotting import plot_training_curves
-from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap
+from genailab.report import model_generation, model_metrics, protocols
+from genailab.report.model_generation import generate_like
+from genailab.anndata_models.files import data_fingerprint
+from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap, plot_training_curves
 from genailab.report.page import Section, render_page
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,9 @@ def write_report(
         metrics["differential_expression"] = _de(model, adata, indices, label_key=label_key, seed=seed)
     retrain = {"model_options": _vae_options(model), "train_options": _train_options(model, sweep_epochs)}
     if imputation:
-        metrics["imputation"] = metrics_lib.imputation_benchmark(adata, seed=seed, **retrain)
+        metrics["imputation"] = protocols.imputation_benchmark(adata, seed=seed, **retrain)
     if latent_dims:
-        metrics["latent_sweep"] = metrics_lib.latent_dim_sweep(adata, list(latent_dims), **retrain)
+        metrics["latent_sweep"] = protocols.latent_dim_sweep(adata, list(latent_dims), **retrain)
         sweep_png = plot_latent_sweep(metrics["latent_sweep"], out / "latent_sweep.png")
         figures["latent_sweep"] = [(sweep_png, "Latent-dimension sweep")]
     metrics = _jsonable(metrics)
@@ -150,9 +150,9 @@ def _describe(model, adata: AnnData, scored: str, indices: np.ndarray) -> dict:
 
 
 def _likelihood(model, adata: AnnData, indices: np.ndarray, *, n_samples: int, seed: int) -> dict:
-    elbo = metrics_lib.validation_elbo(model, adata, indices=indices, seed=seed)
-    reconstruction = metrics_lib.reconstruction_error(model, adata, indices=indices)
-    iwae = metrics_lib.heldout_marginal_ll(model, adata, indices=indices, n_samples=n_samples, seed=seed)
+    elbo = model_metrics.validation_elbo(model, adata, indices=indices, seed=seed)
+    reconstruction = model_metrics.reconstruction_error(model, adata, indices=indices)
+    iwae = model_metrics.heldout_marginal_ll(model, adata, indices=indices, n_samples=n_samples, seed=seed)
     return {
         "negative_elbo": elbo["negative_elbo"],
         "reconstruction": elbo["reconstruction"],
@@ -195,8 +195,8 @@ def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, 
     """Generation fidelity (per condition when a key is a model condition), posterior predictive
     check, and the per-gene figure."""
     condition = next((k for k in keys if k is not None and k in model.schema.categorical_keys), None)
-    fidelity = metrics_lib.generation_fidelity(model, adata, indices=indices, condition_key=condition, seed=seed)
-    ppc = metrics_lib.posterior_predictive_check(model, adata, indices=indices, seed=seed)
+    fidelity = model_generation.generation_fidelity(model, adata, indices=indices, condition_key=condition, seed=seed)
+    ppc = model_generation.posterior_predictive_check(model, adata, indices=indices, seed=seed)
     real = model.schema.expression(adata)[indices]
     generated = generate_like(model, adata, indices=indices, seed=seed).X
     real_mean, generated_mean = (np.asarray(m.mean(axis=0)).ravel() for m in (real, generated))
@@ -217,7 +217,7 @@ def _de(model, adata: AnnData, indices: np.ndarray, *, label_key: str, seed: int
         return {"skipped": f"fewer than two {label_key!r} groups with {_MIN_GROUP}+ held-out cells"}
     source = "prior" if label_key in model.schema.categorical_keys else "posterior"
     k = max(1, min(50, model.config.input_dim // 10))
-    result = metrics_lib.de_agreement(
+    result = model_generation.de_agreement(
         model, adata, group_key=label_key, group_a=groups[0], group_b=groups[1], k=k, indices=indices,
         source=source, seed=seed,
     )

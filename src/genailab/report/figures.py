@@ -94,3 +94,21 @@ def plot_gene_agreement(
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     return _save(fig, path)
+
+
+def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Per-epoch negative ELBO, reconstruction and KL (train and validation) in three panels."""
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, term, title in zip(
+        axes, ("elbo_loss", "reconstruction", "kl"), ("negative ELBO", "reconstruction -log p(x|z)", "KL(q||p)")
+    ):
+        for split, style in (("train", "-"), ("val", "--")):
+            key = f"{split}_{term}"
+            if history and key in history[0]:
+                ax.plot(epochs, [r[key] for r in history], style, label="validation" if split == "val" else split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    axes[0].set_ylabel("per cell")
+    return _save(fig, path)

@@ -18,7 +18,7 @@ from genailab.data.loader import MinibatchLoader
 from genailab.errors import CheckpointError, ConfigError, TrainingDivergedError
 from genailab.model.adversary import BatchDiscriminator
 from genailab.model.vae import ConditionalVAE, LossOutput
-from genailab.sparse_counts import SparseCounts
+from genailab.likelihood.sparse_counts import SparseCounts
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
 from genailab.train.distributed import DistributedContext, distributed_context

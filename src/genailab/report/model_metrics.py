@@ -1,7 +1,7 @@
 """Likelihood metrics of a fitted :class:`~genailab.VAE` on held-out cells: :func:`validation_elbo`
 (negative ELBO and its terms), :func:`heldout_marginal_ll` (importance-sampled log p(x|c), the IWAE
 bound) and :func:`reconstruction_error`. Generated cells are scored in
-:mod:`~genailab.eval.model_generation`.
+:mod:`~genailab.report.model_generation`.
 
 Every function takes ``(model, adata=None, *, indices=None, ...)``: ``adata`` defaults to the
 model's training AnnData and ``indices`` to the model's validation cells
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from anndata import AnnData
 
-from genailab.eval._model_inputs import batches, heldout_cells, seeded
+from genailab.report._model_inputs import batches, heldout_cells, seeded
 from genailab.train.trainer import evaluate
 
 

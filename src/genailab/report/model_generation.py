@@ -7,7 +7,7 @@
 * differential expression: :func:`log_fold_change` and :func:`de_agreement` (top-k overlap of
   real and generated contrasts between two groups).
 
-As in :mod:`~genailab.eval.model_metrics`, ``adata`` defaults to the training AnnData and
+As in :mod:`~genailab.report.model_metrics`, ``adata`` defaults to the training AnnData and
 ``indices`` to the model's validation cells.
 """
 
@@ -20,7 +20,7 @@ import torch
 from anndata import AnnData
 
 from genailab.errors import ConfigError, InputDataError
-from genailab.eval._model_inputs import batches, heldout_cells, observed, seeded
+from genailab.report._model_inputs import batches, heldout_cells, observed, seeded
 from genailab.eval.de import top_k_overlap
 from genailab.eval.generation import (
     classifier_two_sample_auc,

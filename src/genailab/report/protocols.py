@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from anndata import AnnData
 
-from genailab.anndata_vae import VAE
+from genailab.anndata_models.vae import VAE
 from genailab.errors import ConfigError
 from genailab.eval.imputation import imputation_score, mask_counts
-from genailab.eval.model_metrics import heldout_marginal_ll, reconstruction_error, validation_elbo
+from genailab.report.model_metrics import heldout_marginal_ll, reconstruction_error, validation_elbo
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def latent_dim_sweep(
     -------
     list of dict
         One row per latent size, in the given order: ``latent_dim``, ``reconstruction_nll`` and
-        ``reconstruction_mse`` (:func:`~genailab.eval.model_metrics.reconstruction_error`),
+        ``reconstruction_mse`` (:func:`~genailab.report.model_metrics.reconstruction_error`),
         ``validation_reconstruction``, ``validation_kl``, ``validation_negative_elbo``
-        (:func:`~genailab.eval.model_metrics.validation_elbo`), ``epochs`` trained, and
+        (:func:`~genailab.report.model_metrics.validation_elbo`), ``epochs`` trained, and
         ``marginal_ll`` when ``n_samples`` > 0.
     """
     model_options = dict(model_options or {})

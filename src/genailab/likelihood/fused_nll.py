@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genailab.distributions import count_terms
-from genailab.sparse_counts import SparseCounts
+from genailab.likelihood.distributions import count_terms
+from genailab.likelihood.sparse_counts import SparseCounts
 
 _TINY_LIBRARY = 1e-30  # log(library) stays finite for an all-zero cell, whose likelihood is then 0
 _TABLE_COUNTS = 32  # counts 0..32 of genes with one dispersion each are looked up, not computed

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy import special, stats
 from torch.distributions import Distribution, Poisson
 
-from genailab.distributions import (
+from genailab.likelihood.distributions import (
     NegativeBinomial,
     ZeroInflatedDistribution,
     ZeroInflatedNegativeBinomial,

@@ -12,7 +12,7 @@ import torch
 from genailab import VAE
 from genailab.data import simulate
 from genailab.errors import ConfigError, InputDataError
-from genailab.eval import (
+from genailab.report import (
     de_agreement,
     generate_like,
     generation_fidelity,

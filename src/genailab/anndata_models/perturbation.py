@@ -17,9 +17,9 @@ from genailab.data.validation import cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
-from genailab.model_io import data_fingerprint, load_model_files, save_model_files
-from genailab.perturb.model import PerturbationConfig, PerturbationVAE
-from genailab.perturb.schema import ObsKeys, PerturbationSchema
+from genailab.anndata_models.files import data_fingerprint, load_model_files, save_model_files
+from genailab.model.perturbation import PerturbationConfig, PerturbationVAE
+from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
 from genailab.train.config import TrainConfig
 from genailab.train.trainer import Trainer, resolve_device, seed_everything
 
@@ -35,7 +35,7 @@ class PerturbationModel:
 
     A basal latent is inferred from each cell's expression; drugs enter as learned embeddings
     scaled by a learned monotone dose response, covariates (cell type...) as embeddings, and a
-    count or Gaussian decoder maps the sum back to expression (:mod:`genailab.perturb.model`).
+    count or Gaussian decoder maps the sum back to expression (:mod:`genailab.model.perturbation`).
 
     Parameters
     ----------

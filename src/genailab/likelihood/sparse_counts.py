@@ -2,7 +2,7 @@
 
 The loaders cut minibatches out of CSR matrices, so they hand the likelihood the batch's
 sparse structure for free; the count terms that vanish at zero are then evaluated on the
-stored entries only (see :mod:`genailab.fused_nll`).
+stored entries only (see :mod:`genailab.likelihood.fused_nll`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from scipy import special, stats
 
 from genailab.data.loader import MinibatchLoader
-from genailab.distributions import _digamma
-from genailab.fused_nll import _count_terms_per_cell, count_nll
+from genailab.likelihood.distributions import _digamma
+from genailab.likelihood.fused_nll import _count_terms_per_cell, count_nll
 from genailab.model.vae import CVAE_NB, CVAE_ZINB
 
 

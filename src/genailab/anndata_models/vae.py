@@ -21,7 +21,7 @@ from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
-from genailab.model_io import check_writable, data_fingerprint, load_model_files, save_model_files
+from genailab.anndata_models.files import check_writable, data_fingerprint, load_model_files, save_model_files
 from genailab.train.config import TrainConfig
 from genailab.train.trainer import Trainer, load_checkpoint, resolve_device, seed_everything
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from genailab.anndata_vae import VAE
+from genailab.anndata_models.vae import VAE
 from genailab.data.datasets import pbmc68k_counts
 from genailab.train.config import TrainConfig
 
@@ -20,7 +20,7 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
     ``obsm['X_genailab']``, UMAP, Leiden clusters, marker genes), ``umap.png`` and ``metrics.json``.
     """
     from genailab.apps import cluster
-    from genailab.cli.core import write_run
+    from genailab.report.run_folder import write_run
 
     out = Path(out)
     adata = pbmc68k_counts()

@@ -26,7 +26,7 @@ from torch.distributions import Distribution
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE, LossOutput, gaussian_kl
-from genailab.sparse_counts import SparseCounts
+from genailab.likelihood.sparse_counts import SparseCounts
 
 _TINY_DOSE = 1e-12  # doses are clamped here before the log; dose 0 itself is handled exactly
 
@@ -96,7 +96,7 @@ class PerturbationVAE(nn.Module):
     """Basal encoder, drug/dose/covariate shifts in latent space, likelihood decoder.
 
     ``c`` is (B, 2 K + J) float: K drug codes (-1 for an empty slot), K doses, J covariate codes;
-    see :mod:`genailab.perturb.schema`.
+    see :mod:`genailab.data.perturbation_schema`.
     """
 
     def __init__(self, config: PerturbationConfig):
