@@ -71,3 +71,14 @@ def test_checkpoint_refuses_other_files(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="truncated, corrupt"):
         load_checkpoint(bad)
+
+
+def test_divergence_watch_keeps_the_first_non_finite_loss_on_the_device():
+    from genailab.train.trainer import _DivergenceWatch
+
+    watch = _DivergenceWatch(torch.device("cpu"))
+    for step, value in enumerate([3.0, 2.5, float("inf"), 1.0, float("nan")]):
+        watch.record(torch.tensor(value), step)
+        if step == 1:
+            assert watch.first_bad() is None
+    assert watch.first_bad() == (2, float("inf"))  # the first bad step, not the later NaN

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "genailab-checkpoint"
 CHECKPOINT_VERSION = 1
+DIVERGENCE_CHECK_STEPS = 50  # accelerators: steps between reads of the non-finite-loss flag (each read syncs)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -150,7 +151,8 @@ class Trainer:
             self.history.append(record)
             monitored = record["val_elbo_loss"] if val_loader is not None else record["train_elbo_loss"]
             if self.dist.is_distributed:  # every rank must take the same LR and stopping decisions
-                monitored = self.dist.all_reduce_sum(torch.tensor(monitored)).item() / self.dist.world_size
+                total = self.dist.all_reduce_sum(torch.tensor(monitored, device=self.device))
+                monitored = total.item() / self.dist.world_size
             if self.scheduler is not None:
                 self.scheduler.step(monitored)
             stop = self.early_stopping is not None and self.early_stopping.step(monitored, epoch + 1)
@@ -168,11 +170,20 @@ class Trainer:
         return self.history
 
     def _train_epoch(self, loader: MinibatchLoader, epoch: int) -> dict[str, float]:
+        """One pass over ``loader``; the running sums and the divergence flag stay on the device.
+
+        The host reads the flag before every update on the CPU (a NaN batch never reaches the
+        weights) and every ``DIVERGENCE_CHECK_STEPS`` steps on accelerators, where each read is a
+        synchronisation; the sums are read once, at the end of the epoch.
+        """
         cfg = self.config
         self.model.train()
         loader.set_epoch(epoch)
         n_batches = len(loader)
-        sums = torch.zeros(5, dtype=torch.float64)  # objective, reconstruction, kl, adversary, cells
+        check_every = 1 if self.device.type == "cpu" else DIVERGENCE_CHECK_STEPS
+        sums = torch.zeros(4, dtype=_sum_dtype(self.device), device=self.device)  # objective, rec., KL, adversary
+        watch = _DivergenceWatch(self.device)
+        n_cells = 0
         weight = 1.0
         for step, batch in enumerate(loader):
             batch = batch.to(self.device)
@@ -188,28 +199,36 @@ class Trainer:
             if self.adversary is not None:
                 adversary_weight = self.adversary.config.weight_at(epoch + step / n_batches)
                 objective = objective + self.adversary.encoder_loss(out.z, batch.y, adversary_weight)
-            if not torch.isfinite(objective):
-                raise TrainingDivergedError(
-                    f"The loss became {objective.item()} at epoch {epoch + 1}, batch {step + 1} of {n_batches}. "
-                    + self._divergence_hint()
-                )
+            watch.record(objective, step)
+            if (step + 1) % check_every == 0:
+                self._raise_if_diverged(watch, epoch, n_batches)
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            adversary_loss = self._adversary_step(out.z, batch.y) if self.adversary is not None else objective.new_zeros(())
+            adversary_loss = self._adversary_step(out.z, batch.y) if self.adversary is not None else None
             b = batch.x.shape[0]
-            sums += torch.stack(
-                [out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum(), adversary_loss * b,
-                 out.loss.new_tensor(b)]
-            ).cpu()
-        sums = self.dist.all_reduce_sum(sums)
-        loss, rec, kl, adversary = (sums[:4] / max(sums[4].item(), 1)).tolist()
+            terms = [out.loss.detach() * b, out.reconstruction.detach().sum(), out.kl.detach().sum(),
+                     adversary_loss * b if adversary_loss is not None else out.kl.new_zeros(())]
+            sums += torch.stack(terms).to(sums.dtype)
+            n_cells += b
+        self._raise_if_diverged(watch, epoch, n_batches)
+        sums = self.dist.all_reduce_sum(torch.cat([sums, sums.new_full((1,), n_cells)]))  # summed over ranks
+        loss, rec, kl, adversary = (sums[:4] / sums[4].clamp_min(1)).tolist()  # the epoch's one read of the sums
         record = {"loss": loss, "reconstruction": rec, "kl": kl, "elbo_loss": rec + kl, "kl_weight": weight}
         if self.adversary is not None:
             record["adversary_loss"] = adversary
         return record
+
+    def _raise_if_diverged(self, watch: _DivergenceWatch, epoch: int, n_batches: int) -> None:
+        """Read the divergence flag back (one synchronisation); raise at the first non-finite loss."""
+        bad = watch.first_bad()
+        if bad is not None:
+            step, value = bad
+            raise TrainingDivergedError(
+                f"The loss became {value} at epoch {epoch + 1}, batch {step + 1} of {n_batches}. " + self._divergence_hint()
+            )
 
     def _loss(self, batch, weight: float) -> LossOutput:
         """The VAE's loss on a batch; through DistributedDataParallel when running under torchrun."""
@@ -220,7 +239,9 @@ class Trainer:
 
     def _check_parameters(self, epoch: int) -> None:
         """Stop before NaN/Inf weights (e.g. from the epoch's last step) end up in a checkpoint or a model."""
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()  # one read for all
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
         if bad:
             raise TrainingDivergedError(
                 f"Weights {bad[:3]} became NaN or infinite during epoch {epoch + 1}. " + self._divergence_hint()
@@ -327,20 +348,46 @@ def load_checkpoint(path: str | Path) -> dict:
 
 @torch.no_grad()
 def evaluate(model: ConditionalVAE, loader: Iterable, device: torch.device | None = None) -> dict[str, float]:
-    """Mean per-cell reconstruction, KL and negative ELBO (reconstruction + KL) over a loader."""
+    """Mean per-cell reconstruction, KL and negative ELBO (reconstruction + KL) over a loader;
+    the sums stay on the device and are read once."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=_sum_dtype(device), device=device)
     n_cells = 0
     for batch in loader:
         batch = batch.to(device)
         out = model.loss(batch.x, batch.c, x_sparse=batch.x_sparse)
-        sums += torch.stack([out.reconstruction.sum(), out.kl.sum()]).cpu()
+        sums += torch.stack([out.reconstruction.sum(), out.kl.sum()]).to(sums.dtype)
         n_cells += batch.x.shape[0]
     model.train(was_training)
     rec, kl = (sums / max(n_cells, 1)).tolist()
     return {"reconstruction": rec, "kl": kl, "elbo_loss": rec + kl}
+
+
+class _DivergenceWatch:
+    """The first step whose loss was NaN or infinite, and that loss, kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=_sum_dtype(device), device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        """Note ``loss`` of ``step`` without reading it on the host."""
+        loss = loss.detach().to(self.value.dtype)
+        first = torch.logical_and(~torch.isfinite(loss), self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss, self.value)
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss so far, or None (reads the device)."""
+        step, value = torch.stack([self.step.to(self.value.dtype), self.value]).tolist()
+        return None if step < 0 else (int(step), value)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums over an epoch of cells; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _format_record(record: dict) -> str:
