@@ -1,0 +1,259 @@
+"""Architecture surgery for reference mapping (as in scArches): new condition categories, frozen rest.
+
+A trained :class:`~genailab.model.vae.ConditionalVAE` sees its categorical conditions (batches,
+donors...) as one-hot columns appended to the inputs of the first encoder and decoder layers (and,
+with ``dispersion="gene-condition"``, of the dispersion head), or as rows of learned embeddings.
+To map a query with new categories, :func:`extend_conditions` builds a wider copy: every reference
+weight is copied to its place, and each new category gets a column (or embedding row) initialised to
+the mean of its condition's reference columns, i.e. the query starts as the "average" reference
+category. :func:`freeze_reference` then lets only chosen entries learn:
+
+* ``"new_categories"``: the new columns / rows only;
+* ``"first_layer"``: those plus the whole first encoder layer (weights and bias);
+* ``"all"``: everything (fine-tuning from the reference weights).
+
+Partly trainable tensors (a first layer whose old columns stay fixed) get a gradient hook that zeroes
+the gradient of the frozen entries; wholly frozen tensors get ``requires_grad=False``, so optimisers
+skip them. With Adam/AdamW and no weight decay, an entry whose gradient is always zero is updated by
+exactly zero, so the reference entries stay bitwise unchanged. Except for ``"all"``, batch
+normalisation is kept in evaluation mode (the reference's running statistics normalise the query and
+are not updated); dropout stays as in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from genailab.errors import ConfigError
+from genailab.model.config import ModelConfig
+from genailab.model.vae import ConditionalVAE
+
+UNFREEZE = ("new_categories", "first_layer", "all")
+ENCODER_FIRST_LAYER = "encoder.layers.0"
+
+
+@dataclass(frozen=True)
+class ConditionExtension:
+    """How many categories each categorical condition has in the reference, and how many are added.
+
+    New categories of condition ``i`` are placed after its reference categories, so the one-hot
+    block of condition ``i`` grows from ``old_sizes[i]`` to ``old_sizes[i] + n_new[i]`` columns and
+    the later blocks (and the continuous columns) shift right.
+    """
+
+    old_sizes: tuple[int, ...]  # categories per categorical condition in the reference
+    n_new: tuple[int, ...]  # categories added to each condition (0 for none)
+    n_continuous: int = 0  # continuous condition columns after the categorical ones
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "old_sizes", tuple(int(k) for k in self.old_sizes))
+        object.__setattr__(self, "n_new", tuple(int(k) for k in self.n_new))
+        if len(self.old_sizes) != len(self.n_new):
+            raise ConfigError(
+                f"n_new has {len(self.n_new)} entries but the model has {len(self.old_sizes)} categorical conditions."
+            )
+        if min(self.n_new, default=0) < 0 or min(self.old_sizes, default=1) < 1:
+            raise ConfigError("Every condition needs at least one reference category and n_new >= 0.")
+
+    @property
+    def new_sizes(self) -> tuple[int, ...]:
+        return tuple(k + n for k, n in zip(self.old_sizes, self.n_new))
+
+    def onehot_layout(self) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """Where the reference's one-hot condition columns go in the extended condition vector.
+
+        Returns
+        -------
+        old_to_new
+            (old_condition_dim,) column of each reference condition column in the extended vector.
+        new_blocks
+            Per categorical condition: (its new columns, its reference columns), both positions in
+            the extended vector; a new column starts as the mean of that condition's reference columns.
+        """
+        old_to_new, new_blocks = [], []
+        start = 0
+        for old, added in zip(self.old_sizes, self.n_new):
+            old_columns = np.arange(start, start + old)
+            old_to_new.append(old_columns)
+            new_blocks.append((np.arange(start + old, start + old + added), old_columns))
+            start += old + added
+        old_to_new.append(np.arange(start, start + self.n_continuous))
+        return np.concatenate(old_to_new).astype(np.int64), new_blocks
+
+
+@dataclass(frozen=True)
+class ExtendedTensor:
+    """A reference tensor that grew along one axis: where its old slices went, which slices are new."""
+
+    axis: int  # 1 for one-hot columns of a weight (out, in); 0 for embedding rows
+    old_positions: np.ndarray  # (old size along axis,) positions of the reference slices in the new tensor
+    blocks: tuple[tuple[np.ndarray, np.ndarray], ...]  # (new slices, reference slices they start as the mean of)
+
+    @property
+    def new_positions(self) -> np.ndarray:
+        return np.concatenate([new for new, _ in self.blocks]) if self.blocks else np.zeros(0, dtype=np.int64)
+
+
+def extend_conditions(
+    reference: ConditionalVAE, extension: ConditionExtension
+) -> tuple[ConditionalVAE, dict[str, ExtendedTensor]]:
+    """A new model like ``reference`` whose condition encodings also take the extension's new categories.
+
+    Parameters
+    ----------
+    reference
+        The trained model; it is not modified.
+    extension
+        Reference categories per categorical condition and how many are added.
+
+    Returns
+    -------
+    model
+        The extended model (in evaluation mode, on the reference's device): every reference tensor
+        copied, new one-hot columns / embedding rows set to the mean of their condition's reference
+        columns / rows.
+    extended
+        For each state-dict entry that grew, an :class:`ExtendedTensor` saying where the old and
+        new slices are; tensors not listed have the reference's shape and values.
+    """
+    config = reference.config
+    embedded = bool(config.categorical_sizes)
+    if embedded and tuple(config.categorical_sizes) != extension.old_sizes:
+        raise ConfigError(
+            f"The model embeds conditions with {config.categorical_sizes} categories but the extension "
+            f"describes {extension.old_sizes}; describe the model's own categories."
+        )
+    if not embedded and sum(extension.old_sizes) + extension.n_continuous != config.condition_dim:
+        raise ConfigError(
+            f"The model's condition vector has {config.condition_dim} columns but the extension describes "
+            f"{sum(extension.old_sizes)} one-hot + {extension.n_continuous} continuous; describe the model's own layout."
+        )
+    if not extension.old_sizes:
+        raise ConfigError("The model has no categorical conditions, so there are no categories to add.")
+    if embedded:
+        new_config = ModelConfig(**{**config.to_dict(), "categorical_sizes": extension.new_sizes, "condition_dim": 0})
+    else:
+        new_config = ModelConfig(**{**config.to_dict(), "condition_dim": config.condition_dim + sum(extension.n_new)})
+    model = ConditionalVAE.from_config(new_config)
+    old_state, new_state = reference.state_dict(), model.state_dict()
+    extended = _extended_tensors(old_state, new_state, extension, config.condition_dim, embedded)
+    with torch.no_grad():
+        for name, old in old_state.items():
+            if name in extended:
+                _place(new_state[name], old, extended[name])
+            else:
+                new_state[name].copy_(old)
+    device = next(reference.parameters()).device
+    return model.to(device).eval(), extended
+
+
+def _extended_tensors(
+    old_state: dict, new_state: dict, extension: ConditionExtension, old_condition_dim: int, embedded: bool
+) -> dict[str, ExtendedTensor]:
+    """The state-dict entries whose shape changed, with the positions of their old and new slices."""
+    extended = {}
+    old_to_new, blocks = extension.onehot_layout()
+    for name, old in old_state.items():
+        if old.shape == new_state[name].shape:
+            continue
+        if embedded:  # condition_embedding.embeddings.<i>.weight: (categories, embedding_dim)
+            condition = int(name.split(".")[-2])
+            size, added = extension.old_sizes[condition], extension.n_new[condition]
+            rows = np.arange(size)
+            extended[name] = ExtendedTensor(0, rows, ((np.arange(size, size + added), rows),))
+        else:  # a weight (out, inputs + condition_dim) whose last columns are the condition vector
+            offset = old.shape[1] - old_condition_dim
+            shifted = tuple((offset + new, offset + ref) for new, ref in blocks if new.size)
+            old_positions = np.concatenate([np.arange(offset), offset + old_to_new])  # inputs stay, conditions move
+            extended[name] = ExtendedTensor(1, old_positions, shifted)
+    return extended
+
+
+def _place(target: torch.Tensor, old: torch.Tensor, spec: ExtendedTensor) -> None:
+    """Copy ``old`` into its slices of ``target`` and set each new slice to the mean of its reference slices."""
+    target.index_copy_(spec.axis, torch.as_tensor(spec.old_positions), old)
+    for new, reference in spec.blocks:
+        mean = target.index_select(spec.axis, torch.as_tensor(reference)).mean(dim=spec.axis, keepdim=True)
+        shape = list(target.shape)
+        shape[spec.axis] = new.size
+        target.index_copy_(spec.axis, torch.as_tensor(new), mean.expand(shape).contiguous())
+
+
+def trainable_entries(
+    model: ConditionalVAE, extended: dict[str, ExtendedTensor], *, unfreeze: str = "new_categories"
+) -> dict[str, torch.Tensor | None]:
+    """Which parameter entries may learn during query training.
+
+    Returns
+    -------
+    dict
+        Parameter name -> None (the whole tensor learns) or a bool mask of the parameter's shape
+        (True entries learn). Parameters not listed are frozen.
+    """
+    if unfreeze not in UNFREEZE:
+        raise ConfigError(f"unfreeze={unfreeze!r} is not one of {UNFREEZE}.")
+    parameters = dict(model.named_parameters())
+    if unfreeze == "all":
+        return {name: None for name in parameters}
+    trainable: dict[str, torch.Tensor | None] = {}
+    for name, spec in extended.items():
+        if name not in parameters or not spec.new_positions.size:
+            continue
+        mask = torch.zeros(parameters[name].shape, dtype=torch.bool)
+        mask.index_fill_(spec.axis, torch.as_tensor(spec.new_positions), True)
+        trainable[name] = mask
+    if unfreeze == "first_layer":
+        for suffix in ("weight", "bias"):
+            trainable[f"{ENCODER_FIRST_LAYER}.{suffix}"] = None
+    return trainable
+
+
+def freeze_reference(
+    model: ConditionalVAE, trainable: dict[str, torch.Tensor | None], *, freeze_norm_statistics: bool = True
+) -> list[RemovableHandle]:
+    """Freeze every parameter entry of ``model`` that ``trainable`` does not list (in place).
+
+    Wholly frozen parameters get ``requires_grad=False``; partly trainable ones keep it and get a
+    gradient hook multiplying the gradient by their mask. With ``freeze_norm_statistics`` every
+    batch-norm layer is put in evaluation mode before each forward pass, so it normalises with the
+    reference's running statistics and never updates them, even while the rest of the model trains.
+
+    Returns
+    -------
+    The hook handles (``handle.remove()`` undoes the masking and the batch-norm freezing).
+    """
+    handles = []
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(trainable) - set(parameters))
+    if unknown:
+        raise ConfigError(f"No parameters named {unknown} in the model.")
+    for name, parameter in parameters.items():
+        if name not in trainable:
+            parameter.requires_grad_(False)
+            continue
+        parameter.requires_grad_(True)
+        mask = trainable[name]
+        if mask is not None:
+            handles.append(parameter.register_hook(_masked_gradient(mask)))
+    if freeze_norm_statistics:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                handles.append(module.register_forward_pre_hook(_stay_in_eval_mode))
+    return handles
+
+
+def _masked_gradient(mask: torch.Tensor):
+    def hook(gradient: torch.Tensor) -> torch.Tensor:
+        return gradient * mask.to(device=gradient.device, dtype=gradient.dtype)
+
+    return hook
+
+
+def _stay_in_eval_mode(module: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    module.train(False)

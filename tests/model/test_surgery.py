@@ -1,0 +1,180 @@
+"""Condition surgery on the tensor models: extended encodings reproduce the reference, new columns start
+at the mean of their condition, and training under the freeze changes only the new entries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genailab.data.loader import MinibatchLoader
+from genailab.errors import ConfigError
+from genailab.model.config import ModelConfig
+from genailab.model.surgery import ConditionExtension, extend_conditions, freeze_reference, trainable_entries
+from genailab.model.vae import ConditionalVAE
+from genailab.train.config import TrainConfig
+from genailab.train.trainer import Trainer
+
+G, L = 30, 4
+OLD = (3, 2)  # categories of two conditions (batch, donor) in the reference
+ADDED = (2, 1)
+
+
+def _counts(n, seed):
+    return np.random.default_rng(seed).negative_binomial(3, 0.2, size=(n, G)).astype(np.float32)
+
+
+def _onehot_reference(**options) -> ConditionalVAE:
+    torch.manual_seed(0)
+    config = ModelConfig(input_dim=G, latent_dim=L, condition_dim=sum(OLD) + 1, hidden_dims=(16,), likelihood="nb",
+                         **options)  # fmt: skip
+    return ConditionalVAE.from_config(config).eval()
+
+
+def _embedding_reference() -> ConditionalVAE:
+    torch.manual_seed(0)
+    config = ModelConfig(input_dim=G, latent_dim=L, categorical_sizes=OLD, n_continuous=1, embedding_dim=3,
+                         hidden_dims=(16,), likelihood="gaussian")  # fmt: skip
+    return ConditionalVAE.from_config(config).eval()
+
+
+def _onehot_conditions(codes, sizes, continuous):
+    """(n, sum(sizes) + 1): one-hot blocks per condition, then the continuous column."""
+    blocks = [np.eye(k, dtype=np.float32)[c] for c, k in zip(codes.T, sizes)]
+    return np.concatenate(blocks + [continuous[:, None]], axis=1).astype(np.float32)
+
+
+def test_onehot_extension_places_columns_and_reproduces_reference_cells():
+    reference = _onehot_reference(dispersion="gene-condition")
+    extension = ConditionExtension(OLD, ADDED, n_continuous=1)
+    model, extended = extend_conditions(reference, extension)
+    assert model.config.condition_dim == sum(OLD) + sum(ADDED) + 1
+    assert set(extended) == {"encoder.layers.0.weight", "decoder.layers.0.weight", "head.log_theta.per_condition.weight"}
+    # layout: batch block 0..2 old, 3..4 new; donor block 5..6 old, 7 new; continuous 8
+    old_to_new, _ = extension.onehot_layout()
+    np.testing.assert_array_equal(old_to_new, [0, 1, 2, 5, 6, 8])
+    np.testing.assert_array_equal(extended["encoder.layers.0.weight"].new_positions, G + np.array([3, 4, 7]))
+    np.testing.assert_array_equal(extended["decoder.layers.0.weight"].old_positions, np.r_[np.arange(L), L + old_to_new])
+
+    rng = np.random.default_rng(1)
+    codes = np.stack([rng.integers(0, 3, 40), rng.integers(0, 2, 40)], axis=1)
+    continuous = rng.normal(size=40).astype(np.float32)
+    x = torch.from_numpy(_counts(40, 2))
+    c_old = torch.from_numpy(_onehot_conditions(codes, OLD, continuous))
+    c_new = torch.from_numpy(_onehot_conditions(codes, extension.new_sizes, continuous))
+    with torch.no_grad():
+        for a, b in zip(reference.encode(x, c_old), model.encode(x, c_new)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        z = torch.randn(40, L)
+        library = x.sum(1, keepdim=True)
+        ref_px, new_px = reference.decode(z, c_old, library), model.decode(z, c_new, library)
+        torch.testing.assert_close(ref_px.mean, new_px.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref_px.theta, new_px.theta, rtol=1e-5, atol=1e-5)
+
+
+def test_new_onehot_category_starts_as_the_average_reference_category():
+    reference = _onehot_reference()
+    model, _ = extend_conditions(reference, ConditionExtension(OLD, ADDED, n_continuous=1))
+    x = torch.from_numpy(_counts(10, 3))
+    # a cell of new batch 3 and new donor 2 == a cell whose one-hot blocks are uniform over the old categories
+    c_new = torch.zeros(10, model.config.condition_dim)
+    c_new[:, 3] = 1.0
+    c_new[:, 7] = 1.0
+    c_average = torch.cat([torch.full((10, 3), 1 / 3), torch.full((10, 2), 1 / 2), torch.zeros(10, 1)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x, c_new)[0], reference.encode(x, c_average)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_extension_adds_mean_rows_and_keeps_the_rest():
+    reference = _embedding_reference()
+    model, extended = extend_conditions(reference, ConditionExtension(OLD, ADDED, n_continuous=1))
+    assert model.config.categorical_sizes == (5, 3) and model.config.condition_dim == reference.config.condition_dim
+    assert set(extended) == {"condition_embedding.embeddings.0.weight", "condition_embedding.embeddings.1.weight"}
+    old_rows = reference.condition_embedding.embeddings[0].weight
+    new_rows = model.condition_embedding.embeddings[0].weight
+    assert torch.equal(new_rows[:3], old_rows)
+    torch.testing.assert_close(new_rows[3], old_rows.mean(0))
+    torch.testing.assert_close(new_rows[4], old_rows.mean(0))
+    c = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, -1.0]])
+    x = torch.randn(2, G)
+    with torch.no_grad():
+        for a, b in zip(reference.encode(x, c), model.encode(x, c)):
+            assert torch.equal(a, b)
+
+
+def test_extension_must_describe_the_model():
+    with pytest.raises(ConfigError, match="condition vector has 6 columns"):
+        extend_conditions(_onehot_reference(), ConditionExtension((3, 3), (1, 0), n_continuous=1))
+    with pytest.raises(ConfigError, match="embeds conditions with"):
+        extend_conditions(_embedding_reference(), ConditionExtension((3, 3), (1, 0), n_continuous=1))
+    with pytest.raises(ConfigError, match="unfreeze='encoder'"):
+        trainable_entries(_onehot_reference(), {}, unfreeze="encoder")
+
+
+def _train_extended(model, extension, codes, *, seed=0, epochs=3):
+    n = codes.shape[0]
+    if model.config.categorical_sizes:
+        conditions = np.concatenate([codes.astype(np.float32), np.zeros((n, 1), np.float32)], axis=1)
+    else:
+        conditions = _onehot_conditions(codes, extension.new_sizes, np.zeros(n, np.float32))
+    loader = MinibatchLoader(_counts(n, seed), conditions, batch_size=32, seed=seed)
+    config = TrainConfig(epochs=epochs, weight_decay=0.0, lr=1e-2, progress=False, seed=seed, device="cpu")
+    Trainer(model, config).fit(loader)
+
+
+def _bits(tensor):
+    return tensor.detach().contiguous().view(torch.int32) if tensor.dtype == torch.float32 else tensor.detach()
+
+
+@pytest.mark.parametrize("encoding", ["onehot", "embedding"])
+def test_freeze_trains_only_new_entries_bitwise(encoding):
+    reference = _onehot_reference(dispersion="gene-condition") if encoding == "onehot" else _embedding_reference()
+    extension = ConditionExtension(OLD, ADDED, n_continuous=1)
+    model, extended = extend_conditions(reference, extension)
+    freeze_reference(model, trainable_entries(model, extended))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, 5, 96), rng.integers(0, 3, 96)], axis=1)  # old and new categories
+    _train_extended(model, extension, codes)
+    after = model.state_dict()
+    for name, old in reference.state_dict().items():
+        if name in extended:
+            spec = extended[name]
+            kept = after[name].index_select(spec.axis, torch.as_tensor(spec.old_positions))
+            assert torch.equal(_bits(kept), _bits(old)), name
+            new = torch.as_tensor(spec.new_positions)
+            moved = after[name].index_select(spec.axis, new) - start[name].index_select(spec.axis, new)
+            assert moved.abs().amax(dim=1 - spec.axis).min() > 0, f"{name}: a new category did not learn"
+        else:
+            assert torch.equal(_bits(after[name]), _bits(old)), name  # weights, running stats, batch counters
+
+
+def test_first_layer_unfreezes_the_encoder_input_layer_only():
+    reference = _onehot_reference()
+    extension = ConditionExtension(OLD, ADDED, n_continuous=1)
+    model, extended = extend_conditions(reference, extension)
+    freeze_reference(model, trainable_entries(model, extended, unfreeze="first_layer"))
+    rng = np.random.default_rng(0)
+    _train_extended(model, extension, np.stack([rng.integers(0, 5, 96), rng.integers(0, 3, 96)], axis=1))
+    after, before = model.state_dict(), reference.state_dict()
+    old_columns = torch.as_tensor(extended["encoder.layers.0.weight"].old_positions)
+    assert not torch.equal(after["encoder.layers.0.weight"].index_select(1, old_columns), before["encoder.layers.0.weight"])
+    assert not torch.equal(after["encoder.layers.0.bias"], before["encoder.layers.0.bias"])
+    decoder_old = after["decoder.layers.0.weight"].index_select(1, torch.as_tensor(extended["decoder.layers.0.weight"].old_positions))
+    assert torch.equal(decoder_old, before["decoder.layers.0.weight"])
+    for name in ("encoder.layers.1.running_mean", "z_mean.weight", "head.scale.weight", "decoder.layers.1.weight"):
+        assert torch.equal(after[name], before[name]), name
+
+
+def test_unfreeze_all_trains_everything_with_batch_norm_statistics():
+    reference = _onehot_reference()
+    extension = ConditionExtension(OLD, ADDED, n_continuous=1)
+    model, extended = extend_conditions(reference, extension)
+    trainable = trainable_entries(model, extended, unfreeze="all")
+    assert set(trainable) == {name for name, _ in model.named_parameters()}
+    freeze_reference(model, trainable, freeze_norm_statistics=False)
+    rng = np.random.default_rng(0)
+    _train_extended(model, extension, np.stack([rng.integers(0, 5, 96), rng.integers(0, 3, 96)], axis=1))
+    after, before = model.state_dict(), reference.state_dict()
+    for name in ("z_mean.weight", "head.scale.weight", "encoder.layers.1.running_mean"):
+        assert not torch.equal(after[name], before[name]), name
