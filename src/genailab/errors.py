@@ -8,7 +8,15 @@ from __future__ import annotations
 
 
 class GenailabError(Exception):
-    """Base class of every error genailab raises on purpose."""
+    """Base class of every error genailab raises on purpose.
+
+    ``argument`` names the Python argument at fault (e.g. ``"beta"``), when there is one, so that
+    the command line can say its own option (``--beta``) instead.
+    """
+
+    def __init__(self, message: str = "", *, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 class ConfigError(GenailabError, ValueError):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genailab.checks import check_number, check_sizes
 from genailab.errors import ConfigError
 from genailab.model.layers import MLP
 
@@ -31,11 +32,13 @@ class AdversaryConfig:
     lr: float = 1e-3  # discriminator learning rate (alternating mode)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        # named adversary_<field>, as the command line's options are, so that no message confuses them with lr & co.
+        object.__setattr__(self, "weight", check_number("adversary_weight", self.weight, ge=0))
+        object.__setattr__(self, "warmup_epochs", check_number("adversary_warmup_epochs", self.warmup_epochs, ge=0))
+        object.__setattr__(self, "lr", check_number("adversary_lr", self.lr, gt=0))
+        object.__setattr__(self, "hidden_dims", check_sizes("adversary_hidden_dims", self.hidden_dims))
         if self.mode not in ADVERSARY_MODES:
-            raise ConfigError(f"adversary mode {self.mode!r} is not one of {ADVERSARY_MODES}.")
-        if self.weight < 0 or self.warmup_epochs < 0:
-            raise ConfigError("adversary weight and warmup_epochs must be non-negative.")
+            raise ConfigError(f"adversary mode {self.mode!r} is not one of {ADVERSARY_MODES}.", argument="mode")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden_dims": list(self.hidden_dims)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from genailab.checks import check_number, check_sizes
 from genailab.errors import ConfigError
 
 LIKELIHOODS = ("gaussian", "nb", "zinb")
@@ -36,8 +37,10 @@ class ModelConfig:
     beta: float = 1.0  # weight of the KL term (beta-VAE); the trainer may anneal it further
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
-        object.__setattr__(self, "categorical_sizes", tuple(int(k) for k in self.categorical_sizes))
+        for name, rule in _NUMBERS.items():
+            object.__setattr__(self, name, check_number(name, getattr(self, name), **rule))
+        object.__setattr__(self, "hidden_dims", check_sizes("hidden_dims", self.hidden_dims))
+        object.__setattr__(self, "categorical_sizes", check_sizes("categorical_sizes", self.categorical_sizes, allow_empty=True))
         if self.categorical_sizes and self.condition_dim == 0:
             object.__setattr__(self, "condition_dim", self.embedded_condition_dim)
         _check_choice("likelihood", self.likelihood, LIKELIHOODS)
@@ -45,21 +48,12 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("inject_condition", self.inject_condition, INJECTIONS)
-        if self.input_dim < 1 or self.latent_dim < 1:
-            raise ConfigError(
-                f"input_dim ({self.input_dim}) and latent_dim ({self.latent_dim}) must be positive."
-            )
         if self.latent_dim > self.input_dim:
             raise ConfigError(
                 f"latent_dim={self.latent_dim} is larger than the number of genes ({self.input_dim}); "
-                "choose a latent_dim below the number of genes (10-30 is typical)."
+                "choose a latent_dim below the number of genes (10-30 is typical).",
+                argument="latent_dim",
             )
-        if not self.hidden_dims or min(self.hidden_dims) < 1:
-            raise ConfigError(f"hidden_dims must be a non-empty list of positive sizes, got {self.hidden_dims}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be non-negative, got {self.beta}.")
         if self.categorical_sizes and self.condition_dim != self.embedded_condition_dim:
             raise ConfigError(
                 f"condition_dim={self.condition_dim} does not match the embedded conditions "
@@ -100,6 +94,18 @@ class ModelConfig:
         return cls(**data)
 
 
+# The numeric fields and their valid ranges (checked by genailab.checks.check_number).
+_NUMBERS = {
+    "input_dim": dict(integer=True, ge=1),
+    "latent_dim": dict(integer=True, ge=1),
+    "condition_dim": dict(integer=True, ge=0),
+    "dropout": dict(ge=0, lt=1),
+    "embedding_dim": dict(integer=True, ge=1),
+    "n_continuous": dict(integer=True, ge=0),
+    "beta": dict(ge=0, hint="(1 is the standard VAE; 0.1-10 is the usual range.)"),
+}
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.", argument=name)

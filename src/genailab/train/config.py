@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import asdict, dataclass, fields
 
 from genailab.data.backed import CHUNK_ROWS, CHUNKS_IN_MEMORY
+from genailab.checks import check_number
 from genailab.errors import ConfigError
 from genailab.train.schedules import KL_SCHEDULES
 
@@ -26,7 +26,7 @@ class TrainConfig:
     kl_warmup_epochs: float = 10.0  # length of the linear warm-up
     kl_cycles: int = 4  # number of cycles of the cyclical schedule
     validation_fraction: float = 0.1  # cells held out for early stopping and the LR schedule
-    early_stopping_patience: int | None = 20  # epochs without validation improvement; None disables
+    early_stopping_patience: int | None = 20  # stop after this many epochs (>= 1) without improvement; None disables
     early_stopping_min_delta: float = 0.0
     lr_plateau_patience: int | None = 8  # epochs without improvement before lr *= lr_factor; None disables
     lr_factor: float = 0.5
@@ -40,26 +40,21 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "kl_cycles", "checkpoint_every", "seed", "chunk_rows", "chunks_in_memory"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}.")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}.")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be positive.")
-        if not 0 < self.lr < float("inf"):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr}.")
+        for name, rule in _NUMBERS.items():
+            object.__setattr__(self, name, check_number(name, getattr(self, name), **rule))
+        for name in ("deterministic", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.", argument=name)
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
+            raise ConfigError(f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.", argument="optimizer")
         if self.kl_schedule not in KL_SCHEDULES:
-            raise ConfigError(f"kl_schedule={self.kl_schedule!r} is not one of {KL_SCHEDULES}.")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
-        if self.chunk_rows < 1 or self.chunks_in_memory < 1:
-            raise ConfigError(f"chunk_rows ({self.chunk_rows}) and chunks_in_memory ({self.chunks_in_memory}) must be positive.")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
+            raise ConfigError(f"kl_schedule={self.kl_schedule!r} is not one of {KL_SCHEDULES}.", argument="kl_schedule")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the plateau schedule only lowers the learning "
+                "rate, so give a min_lr at or below lr.",
+                argument="min_lr",
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,3 +66,25 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"Unknown training options {sorted(unknown)}; known options are {sorted(known)}.")
         return cls(**data)
+
+
+# The numeric fields and their valid ranges (checked by genailab.checks.check_number).
+_NUMBERS = {
+    "epochs": dict(integer=True, ge=1),
+    "batch_size": dict(integer=True, ge=1),
+    "lr": dict(gt=0),
+    "weight_decay": dict(ge=0),
+    "grad_clip": dict(gt=0, allow_none=True, hint="None disables clipping."),
+    "kl_warmup_epochs": dict(ge=0),
+    "kl_cycles": dict(integer=True, ge=1),
+    "validation_fraction": dict(ge=0, lt=1),
+    "early_stopping_patience": dict(integer=True, ge=1, allow_none=True, hint="None disables early stopping."),
+    "early_stopping_min_delta": dict(ge=0),
+    "lr_plateau_patience": dict(integer=True, ge=0, allow_none=True, hint="None keeps the learning rate fixed."),
+    "lr_factor": dict(gt=0, lt=1),
+    "min_lr": dict(ge=0),
+    "checkpoint_every": dict(integer=True, ge=0, hint="0 writes only the final model."),
+    "seed": dict(integer=True, ge=0, le=2**32 - 1),
+    "chunk_rows": dict(integer=True, ge=1),
+    "chunks_in_memory": dict(integer=True, ge=1),
+}
