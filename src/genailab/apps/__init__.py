@@ -5,7 +5,8 @@
 * :func:`integrate` batches with an adversarial discriminator (and :func:`integration_scores`);
 * :func:`cluster`: latent, neighbours, UMAP, Leiden and marker genes;
 * :func:`differential_expression` from posterior samples (scVI's change mode between single cells, or
-  between group means), with calls at a posterior expected false discovery rate.
+  between group means), with calls at a posterior expected false discovery rate;
+* :func:`transfer_labels` from a reference to a query mapped into its latent (kNN vote).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from genailab.apps.cluster import cluster
 from genailab.apps.de import differential_expression
 from genailab.apps.denoise import denoise, denoising_error
 from genailab.apps.integrate import integrate, integration_scores
+from genailab.apps.transfer import transfer_labels
 
 __all__ = [
     "cluster",
@@ -25,4 +27,5 @@ __all__ = [
     "generated_vs_real",
     "integrate",
     "integration_scores",
+    "transfer_labels",
 ]
