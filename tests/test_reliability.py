@@ -30,6 +30,7 @@ from genailab.errors import (
     SchemaMismatchError,
     TrainingDivergedError,
 )
+from genailab.anndata_models.files import description_hash
 from genailab.model.vae import ConditionalVAE
 from genailab.train import TrainConfig, Trainer, load_checkpoint, seed_everything
 from genailab.train.checkpoint import atomic_torch_save
@@ -285,10 +286,10 @@ def test_cli_unwritable_output_fails_before_training(tmp_path, h5ad, monkeypatch
 def test_cli_full_disk_fails_before_training(tmp_path, h5ad, monkeypatch):
     _no_training(monkeypatch)
 
-    def disk_full(self, data):
+    def disk_full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(os, "write", disk_full)  # the writability probe writes 4 KiB with os.write
     result = CliRunner().invoke(main, ["train", str(h5ad), "--layer", "counts", "--out", str(tmp_path / "run")])
     assert result.exit_code != 0
     assert "No space left on device" in result.output and "free disk space" in result.output
@@ -402,6 +403,7 @@ def test_tampered_or_truncated_model_file(trained, tmp_path):
     (copy / "model.pt").write_bytes(weights)
     metadata = json.loads((folder / "genailab.json").read_text())
     del metadata["schema"]
+    metadata["description_sha256"] = description_hash(metadata)  # rewritten with a matching hash: still refused
     (copy / "genailab.json").write_text(json.dumps(metadata))
     with pytest.raises(CheckpointError, match="damaged or incomplete"):
         genailab.VAE.load(copy)

@@ -66,7 +66,7 @@ def test_saved_model_records_versions_data_hash_genes_split_and_config(counts, t
     model = _fit(counts, seed=5)
     model.save(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "genailab.json").read_text())
-    assert saved["format"] == "genailab-model" and saved["format_version"] == 1
+    assert saved["format"] == "genailab-model" and saved["format_version"] == 2  # 2: the description carries its own hash
     for package in ("genailab", "torch", "numpy", "scipy", "anndata", "scanpy"):
         assert saved["versions"][package] == version(package)
     assert saved["versions"]["python"].count(".") == 2

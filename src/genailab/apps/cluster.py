@@ -10,7 +10,9 @@ import pandas as pd
 from anndata import AnnData
 
 from genailab.apps._anndata import log_normalize, model_counts
+from genailab.checks import check_number
 from genailab.errors import InputDataError
+from genailab.safe_write import atomic_file
 
 
 def cluster(
@@ -68,6 +70,9 @@ def cluster(
     """
     import scanpy as sc
 
+    check_number("resolution", resolution, gt=0)
+    check_number("n_neighbors", n_neighbors, integer=True, ge=2, le=max(2, adata.n_obs - 1))
+    check_number("seed", seed, integer=True, ge=0)
     missing = [c for c in color if c not in adata.obs]
     if missing:
         raise InputDataError(f"color columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}.")
@@ -117,4 +122,5 @@ def _plot_umap(adata: AnnData, columns: list[str], path: Path) -> None:
         sc.pl.umap(adata, color=column, ax=ax, show=False, title=column,
                    legend_loc="on data" if column == columns[-1] else "right margin")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as handle:  # never through a link planted at the name; no empty file on a full disk
+        fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", dpi=110)

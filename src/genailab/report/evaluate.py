@@ -20,9 +20,12 @@ from genailab.report.model_generation import generate_like
 from genailab.anndata_models.files import data_fingerprint
 from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap, plot_training_curves
 from genailab.report.page import Section, render_page
+from genailab.safe_write import check_output_folder, write_text
 
 logger = logging.getLogger(__name__)
 
+REPORT_FILES = ("metrics.json", "index.html", "training_curves.png", "latent_umap.png", "gene_agreement.png",
+                "latent_sweep.png")  # what write_report may write into its folder
 MAX_LATENT_CELLS = 20_000  # cells (a seeded subsample) for the UMAP and the latent-space metrics
 _MIN_GROUP = 10  # cells a label needs in the held-out set to be contrasted in the DE check
 
@@ -54,9 +57,10 @@ def write_report(
     out
         Folder to write (created if needed).
     label_key
-        ``obs`` column of known cell types: Leiden ARI/NMI and silhouette, UMAP colours, DE check.
+        ``obs`` column of known cell types: Leiden ARI/NMI (at resolution 1 and at the best of scIB's
+        sweep 0.1..2.0), silhouette, cLISI, graph connectivity, UMAP colours, DE check.
     batch_key
-        ``obs`` column of batches: batch mixing (kNN entropy, iLISI, batch silhouette), UMAP colours.
+        ``obs`` column of batches: batch mixing (iLISI, kBET, kNN entropy, batch silhouette), UMAP colours.
     latent_dims
         Latent sizes to retrain with the run's settings for the latent-dimension sweep (empty: none).
     sweep_epochs
@@ -78,8 +82,7 @@ def write_report(
     for key in (label_key, batch_key):
         if key is not None and key not in adata.obs.columns:
             raise ConfigError(f"obs has no column {key!r}; the columns are {list(adata.obs.columns)}.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(out, names=REPORT_FILES)
     indices, scored = _heldout(model, adata)
     metrics = {"run": _describe(model, adata, scored, indices)}
     metrics["likelihood"] = _likelihood(model, adata, indices, n_samples=n_samples, seed=seed)
@@ -102,7 +105,7 @@ def write_report(
         sweep_png = plot_latent_sweep(metrics["latent_sweep"], out / "latent_sweep.png")
         figures["latent_sweep"] = [(sweep_png, "Latent-dimension sweep")]
     metrics = _jsonable(metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     sections = [Section(_HEADINGS[key], value, figures.get(key, [])) for key, value in metrics.items()]
     render_page(f"genailab evaluation: {model.config.likelihood} VAE", sections, out / "index.html")
     return metrics
@@ -173,15 +176,25 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
     latent = model.get_latent(adata)[rows]
     obs = adata.obs.iloc[rows]
     scores: dict = {"n_cells": int(rows.size)}
+    perplexity = min(30, rows.size // 3)  # scIB's 30, fewer on a tiny data set
     if label_key is not None:
         labels = obs[label_key].astype(str).to_numpy()
-        clusters = metrics_lib.leiden_ari_nmi(latent, labels, seed=seed)
-        scores.update(ari=clusters["ari"], nmi=clusters["nmi"], n_clusters=clusters["n_clusters"])
+        fixed = metrics_lib.leiden_ari_nmi(latent, labels, seed=seed)
+        best = metrics_lib.leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
+        scores.update(ari=fixed["ari"], nmi=fixed["nmi"], n_clusters=fixed["n_clusters"], resolution=fixed["resolution"])
+        scores.update(best_ari=best["ari"], best_nmi=best["nmi"], best_n_clusters=best["n_clusters"],
+                      best_resolution=best["resolution"])  # fmt: skip
         scores["label_silhouette"] = metrics_lib.label_silhouette(latent, labels)
+        scores["clisi"] = metrics_lib.clisi(latent, labels, perplexity=perplexity)
+        scores["graph_connectivity"] = metrics_lib.graph_connectivity(latent, labels, n_neighbors=min(15, rows.size))
     if batch_key is not None:
         batch = obs[batch_key].astype(str).to_numpy()
+        scores["ilisi"] = metrics_lib.ilisi(latent, batch, perplexity=perplexity)
+        scores["kbet"] = metrics_lib.kbet(latent, batch, n_neighbors=min(50, rows.size))
         scores["batch_entropy"] = metrics_lib.knn_batch_entropy(latent, batch, k=min(50, rows.size - 1))
-        scores["ilisi"] = metrics_lib.ilisi(latent, batch, k=min(90, rows.size - 1))
+        scores["knn_batch_inverse_simpson"] = metrics_lib.knn_batch_inverse_simpson(
+            latent, batch, k=min(90, rows.size - 1)
+        )
         if label_key is not None:
             scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, labels)
     graph = AnnData(obs=pd.DataFrame(index=obs.index.astype(str)), obsm={"X_latent": latent})

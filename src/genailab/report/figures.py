@@ -12,14 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from genailab.safe_write import atomic_file  # noqa: E402
+
 _DPI = 110
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (never through a link, no empty file on a full disk)."""
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as handle:
+            fig.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=_DPI)
+    finally:
+        plt.close(fig)
     return path
 
 

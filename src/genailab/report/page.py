@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genailab.safe_write import write_text
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -96,6 +98,4 @@ def render_page(title: str, sections: Sequence[Section], path: str | Path) -> Pa
         parts.append(_records_table(metrics) if isinstance(metrics, list) else _metrics_table(metrics))
         parts.extend(_figure(png, caption) for png, caption in section.figures)
     parts.append("</body></html>")
-    path = Path(path)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return write_text(path, "\n".join(parts))

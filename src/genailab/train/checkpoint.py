@@ -3,50 +3,26 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from genailab.errors import CheckpointError
+from genailab.safe_write import atomic_file, write_error
 
 
 def atomic_torch_save(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and a rename, so a crash never leaves a
-    half-written file under the final name. A failed write (disk full, folder gone) raises
+    """Write ``obj`` to ``path`` through a uniquely named temporary file and a rename, so a crash
+    never leaves a half-written file under the final name and a link planted at ``path`` is never
+    followed (see :mod:`genailab.safe_write`). A failed write (disk full, folder gone) raises
     :class:`CheckpointError` and leaves any earlier file at ``path`` as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _write_error(path, exc) from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):  # torch's writer raises RuntimeError
-            raise _write_error(path, exc) from exc
-        raise
-
-
-def _write_error(path: Path, exc: Exception) -> CheckpointError:
-    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-    return CheckpointError(
-        f"Could not write {path} ({reason}); free disk space or choose another folder. Any earlier "
-        f"{path.name} there is unchanged."
-    )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        raise write_error(path, exc) from exc
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)  # torch's writer reports a full disk as RuntimeError: atomic_file maps both
 
 
 def safe_torch_load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
@@ -61,3 +37,140 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: str | torch.device
             f"Could not read {path}: it is truncated, corrupt or not a genailab file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Use an earlier checkpoint or retrain."
         ) from exc
+
+
+# -- checking a checkpoint before resuming from it --------------------------------------------
+_REQUIRED = {"format": str, "version": int, "epoch": int, "model": dict, "optimizer": dict, "history": list,
+             "train_config": dict, "model_config": dict, "rng_cpu": torch.Tensor, "extra": dict}  # fmt: skip
+_OPTIONAL = {"scheduler": dict, "early_stopping": dict, "adversary": dict, "adversary_optimizer": dict,
+             "rng_cuda": list}  # fmt: skip
+# Options that fix the data split and order or the optimiser's state: a resumed run must keep them.
+FIXED_ON_RESUME = ("seed", "batch_size", "validation_fraction", "optimizer", "chunk_rows", "chunks_in_memory")
+
+
+def check_checkpoint(state: object, path: str | os.PathLike) -> dict:
+    """Check that ``state`` has every entry of a trainer checkpoint, of the right type; returns it.
+
+    Raises :class:`CheckpointError` naming ``path`` and what is missing or wrong.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a dictionary; it is not a genailab training checkpoint.")
+    missing = sorted(set(_REQUIRED) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {missing}: it is damaged or not a complete genailab checkpoint. Use an earlier checkpoint "
+            "or train afresh."
+        )
+    for key, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        if key in state and (not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool))):
+            raise CheckpointError(
+                f"{path}: {key!r} should be a {kind.__name__} but is a {type(state[key]).__name__}; the checkpoint "
+                "is damaged. Use an earlier checkpoint or train afresh."
+            )
+    bad = [name for name, value in state["model"].items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: the model weights {bad[:3]} are not tensors; the checkpoint is damaged.")
+    if state["epoch"] < 0 or len(state["history"]) != state["epoch"]:
+        raise CheckpointError(
+            f"{path}: epoch {state['epoch']} with {len(state['history'])} history records; the checkpoint is damaged."
+        )
+    if state["rng_cpu"].dtype != torch.uint8:
+        raise CheckpointError(f"{path}: the random-number state is not a byte tensor; the checkpoint is damaged.")
+    return state
+
+
+def check_weights_fit(saved: dict, expected: dict, path: str | os.PathLike, *, what: str = "model") -> None:
+    """Raise :class:`CheckpointError` unless ``saved`` has exactly the tensors of ``expected``
+    (a module's ``state_dict()``) with the same shapes, all finite."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the {what} weights do not fit this architecture (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); build the model with the checkpoint's options or train afresh."
+        )
+    for name, tensor in expected.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: the {what} weight {name} has shape {tuple(saved[name].shape)}, the architecture needs "
+                f"{tuple(tensor.shape)}; the checkpoint is damaged or from another model."
+            )
+        if saved[name].is_floating_point() and not torch.isfinite(saved[name]).all():
+            raise CheckpointError(f"{path}: the {what} weight {name} holds NaN or infinite values; use an earlier checkpoint.")
+
+
+def check_resume(state: dict, path: str | os.PathLike, *, model_config: dict, train_config: dict) -> None:
+    """Refuse to resume from ``state`` with another architecture, other data-order options, or
+    fewer epochs than it has finished. Other changed options are allowed (and applied by the trainer)."""
+    differences = _differences(state["model_config"], model_config)
+    if differences:
+        raise CheckpointError(
+            f"{path} was written for a different architecture ({differences}); build the model with the same "
+            "options to resume, or train afresh."
+        )
+    previous = state["train_config"]
+    fixed = [name for name in FIXED_ON_RESUME if name in previous and previous[name] != train_config.get(name)]
+    if "seed" in fixed:
+        raise CheckpointError(
+            f"{path} was trained with seed {previous['seed']}, not {train_config['seed']}; resume with the same seed "
+            "so the data split and order match."
+        )
+    if fixed:
+        raise CheckpointError(
+            f"{path} was trained with {_differences({k: previous[k] for k in fixed}, train_config)}; resume with the "
+            "checkpoint's values (they fix the data split, the data order and the optimiser's state), or train afresh."
+        )
+    if train_config["epochs"] < state["epoch"]:
+        raise CheckpointError(
+            f"{path} has finished {state['epoch']} epochs, more than epochs={train_config['epochs']} (--epochs on the "
+            f"command line); give at least {state['epoch']} epochs to resume from it."
+        )
+
+
+def check_same_data(state: dict, path: str | os.PathLike, *, schema: dict, data_sha256: str | None) -> None:
+    """Refuse to resume from ``state`` on data whose genes, conditions or cells differ from the
+    checkpoint's (its ``extra['schema']`` and ``extra['data_sha256']``), naming the difference."""
+    saved = state["extra"].get("schema")
+    if isinstance(saved, dict) and saved != schema:
+        raise CheckpointError(f"{path} was written for other data: {_schema_difference(saved, schema)}. "
+                              "Resume on the data the checkpoint was trained on, or train afresh.")  # fmt: skip
+    saved_hash = state["extra"].get("data_sha256")
+    if saved_hash is not None and data_sha256 is not None and saved_hash != data_sha256:
+        raise CheckpointError(
+            f"{path} was written for other data: the genes and conditions agree, but the cells or their counts differ "
+            "(the data hash does not match). Resume on the data the checkpoint was trained on, or train afresh."
+        )
+
+
+def apply_resumed_options(state: dict, config, *, optimizer, scheduler, early_stopping) -> list[str]:
+    """Make options that differ from the checkpoint's take effect in restored optimiser, plateau
+    schedule and early stopping (their loaded states carry the old values); returns ``"name: old
+    -> new"`` for each changed option."""
+    previous = state["train_config"]
+    changed = [f"{name}: {previous[name]} -> {value}" for name, value in config.to_dict().items()
+               if name in previous and previous[name] != value]  # fmt: skip
+    for group in optimizer.param_groups:
+        if previous.get("lr") != config.lr:
+            group["lr"] = config.lr
+        group["weight_decay"] = config.weight_decay
+    if scheduler is not None:
+        scheduler.factor, scheduler.patience = config.lr_factor, config.lr_plateau_patience
+        scheduler.min_lrs = [config.min_lr] * len(optimizer.param_groups)
+    if early_stopping is not None:
+        early_stopping.patience, early_stopping.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
+    return changed
+
+
+def _differences(saved: dict, current: dict) -> str:
+    names = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in names[:5])
+
+
+def _schema_difference(saved: dict, current: dict) -> str:
+    old, new = list(saved.get("gene_names", [])), list(current.get("gene_names", []))
+    if old != new:
+        missing, extra = [g for g in old if g not in set(new)], [g for g in new if g not in set(old)]
+        if not missing and not extra:
+            return f"the same {len(old)} genes in another order"
+        return (f"the genes differ ({len(missing)} of the checkpoint's genes are missing, e.g. {missing[:3]}; "
+                f"{len(extra)} are new, e.g. {extra[:3]})")  # fmt: skip
+    return f"the conditions differ ({_differences({k: v for k, v in saved.items() if k != 'gene_names'}, current)})"

@@ -19,9 +19,17 @@ from genailab.errors import CheckpointError, ConfigError, TrainingDivergedError
 from genailab.model.adversary import BatchDiscriminator
 from genailab.model.vae import ConditionalVAE, LossOutput
 from genailab.likelihood.sparse_counts import SparseCounts
-from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
+from genailab.train.checkpoint import (
+    apply_resumed_options,
+    atomic_torch_save,
+    check_checkpoint,
+    check_resume,
+    check_weights_fit,
+    safe_torch_load,
+)
 from genailab.train.config import TrainConfig
 from genailab.train.distributed import DistributedContext, distributed_context
+from genailab.train.interrupt import LastFinishedEpoch
 from genailab.train.schedules import EarlyStopping, kl_weight
 
 logger = logging.getLogger(__name__)
@@ -135,7 +143,16 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, train_loader: MinibatchLoader, val_loader: MinibatchLoader | None = None) -> list[dict]:
-        """Train until ``config.epochs`` or early stopping; returns the per-epoch history."""
+        """Train until ``config.epochs`` or early stopping; returns the per-epoch history.
+
+        On Ctrl-C or SIGTERM the trainer goes back to the end of the last finished epoch (weights,
+        optimiser, history), checkpoints it when it has a checkpoint path, and re-raises
+        ``KeyboardInterrupt`` (see :mod:`genailab.train.interrupt`).
+        """
+        with LastFinishedEpoch(self) as self._last_epoch:
+            return self._fit(train_loader, val_loader)
+
+    def _fit(self, train_loader: MinibatchLoader, val_loader: MinibatchLoader | None) -> list[dict]:
         cfg = self.config
         epochs = range(self.start_epoch, cfg.epochs)
         show = cfg.progress and self.dist.is_main
@@ -160,6 +177,7 @@ class Trainer:
             logger.info("epoch %d: %s", epoch + 1, _format_record(record))
             self._check_parameters(epoch)
             self.start_epoch = epoch + 1
+            self._last_epoch.finished()
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and self.dist.is_main:
                 self.save_checkpoint()
             if stop:
@@ -302,10 +320,21 @@ class Trainer:
         atomic_torch_save(self.state_dict(), path)
         return path
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore everything a checkpoint holds, so training continues the same loss curve."""
+    def load_state_dict(self, state: dict, *, source: str | Path = "The checkpoint") -> None:
+        """Restore everything a checkpoint holds, so training continues the same loss curve.
+
+        A checkpoint that is damaged or does not fit this model and configuration is a
+        :class:`CheckpointError` naming ``source``; options that may change on resume (lr, epochs,
+        schedules...) take effect (see :mod:`genailab.train.checkpoint`).
+        """
+        check_checkpoint(state, source)
+        check_resume(state, source, model_config=self.model.config.to_dict(), train_config=self.config.to_dict())
+        check_weights_fit(state["model"], self.model.state_dict(), source)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{source}: the optimiser state does not fit this model ({exc}); it is damaged.") from exc
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.early_stopping is not None and "early_stopping" in state:
@@ -313,6 +342,7 @@ class Trainer:
         if self.adversary is not None:
             if "adversary" not in state:
                 raise CheckpointError("The checkpoint was written without a batch adversary; resume without one.")
+            check_weights_fit(state["adversary"], self.adversary.state_dict(), source, what="adversary")
             self.adversary.load_state_dict(state["adversary"])
             self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
         self.history = list(state["history"])
@@ -320,6 +350,10 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        changed = apply_resumed_options(state, self.config, optimizer=self.optimizer, scheduler=self.scheduler,
+                                        early_stopping=self.early_stopping)  # fmt: skip
+        if changed:
+            logger.warning("Resuming from %s with changed options: %s.", source, "; ".join(changed))
 
 
 class _LossModule(torch.nn.Module):
@@ -343,7 +377,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} was written by a newer genailab (checkpoint version {state['version']}); upgrade genailab."
         )
-    return state
+    return check_checkpoint(state, path)
 
 
 @torch.no_grad()
