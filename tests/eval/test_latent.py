@@ -8,8 +8,8 @@ import pytest
 from genailab.errors import ConfigError, InputDataError
 from genailab.eval import (
     batch_silhouette,
-    ilisi,
     knn_batch_entropy,
+    knn_batch_inverse_simpson,
     label_silhouette,
     leiden_ari_nmi,
     leiden_ari_nmi_best_resolution,
@@ -50,7 +50,7 @@ def test_unstructured_latent_scores_low():
 def test_mixed_batches_score_near_one(clusters):
     latent, labels, batch = clusters
     assert knn_batch_entropy(latent, batch, k=30) > 0.95
-    assert ilisi(latent, batch, k=30) > 0.9
+    assert knn_batch_inverse_simpson(latent, batch, k=30) > 0.9
     assert batch_silhouette(latent, batch, labels) > 0.85
 
 
@@ -58,17 +58,17 @@ def test_separated_batches_score_near_zero(clusters):
     latent, labels, batch = clusters
     split = latent + 100.0 * batch[:, None]
     assert knn_batch_entropy(split, batch, k=30) == pytest.approx(0.0)
-    assert ilisi(split, batch, k=30) == pytest.approx(0.0)
+    assert knn_batch_inverse_simpson(split, batch, k=30) == pytest.approx(0.0)
     assert batch_silhouette(split, batch, labels) < 0.1
 
 
-def test_entropy_and_ilisi_by_hand():
+def test_entropy_and_inverse_simpson_by_hand():
     """Six points on a line in three far-apart pairs; neighbours worked out by hand."""
     latent = np.array([[0.0], [1.0], [10.0], [10.5], [30.0], [30.5]])
     batch = np.array(["x", "y", "x", "x", "y", "y"])
     # k=1: a single neighbour is always one batch, so entropy 0 and inverse Simpson 1
     assert knn_batch_entropy(latent, batch, k=1) == pytest.approx(0.0)
-    assert ilisi(latent, batch, k=1) == pytest.approx(0.0)
+    assert knn_batch_inverse_simpson(latent, batch, k=1) == pytest.approx(0.0)
     neighbours = {0: [1, 2], 1: [0, 2], 2: [3, 1], 3: [2, 1], 4: [5, 3], 5: [4, 3]}  # k=2
     entropies, simpsons = [], []
     for idx in neighbours.values():
@@ -76,7 +76,7 @@ def test_entropy_and_ilisi_by_hand():
         entropies.append(-np.sum(p[p > 0] * np.log(p[p > 0])) / np.log(2))
         simpsons.append(1 / np.sum(p**2))
     assert knn_batch_entropy(latent, batch, k=2) == pytest.approx(np.mean(entropies))
-    assert ilisi(latent, batch, k=2) == pytest.approx(np.median(simpsons) - 1)
+    assert knn_batch_inverse_simpson(latent, batch, k=2) == pytest.approx(np.median(simpsons) - 1)
 
 
 def test_bad_input_is_refused(clusters):
@@ -84,7 +84,7 @@ def test_bad_input_is_refused(clusters):
     with pytest.raises(InputDataError, match="one entry per cell"):
         label_silhouette(latent, labels[:-1])
     with pytest.raises(InputDataError, match="at least two batches"):
-        ilisi(latent, np.zeros(latent.shape[0]))
+        knn_batch_inverse_simpson(latent, np.zeros(latent.shape[0]))
     with pytest.raises(ConfigError, match="k="):
         knn_batch_entropy(latent, batch, k=latent.shape[0])
     with pytest.raises(InputDataError, match="NaN"):

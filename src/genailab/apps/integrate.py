@@ -8,6 +8,7 @@ import numpy as np
 from anndata import AnnData
 
 from genailab.apps._anndata import record_params
+from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig
 from genailab.train.config import TrainConfig
@@ -78,6 +79,7 @@ def integrate(
     """
     from genailab.anndata_models.vae import VAE
 
+    library_size = check_library_size(library_size)
     if batch_key not in adata.obs:
         raise InputDataError(f"obs has no column {batch_key!r}; pass the obs column that holds the batch.")
     if batch_key in covariate_keys:
@@ -131,34 +133,52 @@ def integration_scores(
     key
         ``obsm`` key of the latent.
     n_neighbors
-        Neighbourhood size of iLISI (the batch entropy uses at most 50); default
-        ``min(90, max(10, n_cells // 20))``, since neighbourhoods larger than a cell type's share of
-        a batch hold several batches even when the batches are apart.
+        Neighbourhood size of the equal-weight kNN summaries (``knn_batch_inverse_simpson``; the
+        batch entropy uses at most 50); default ``min(90, max(10, n_cells // 20))``, since
+        neighbourhoods larger than a cell type's share of a batch hold several batches even when the
+        batches are apart. scIB's metrics keep their own sizes (perplexity 30, at most a third of the
+        cells; kBET 50 neighbours; graph connectivity 15).
     seed
         Random state of the neighbour graph and of Leiden.
 
     Returns
     -------
     dict
-        Mixing, 1 best: ``ilisi``, ``knn_batch_entropy`` and with labels ``batch_silhouette``.
-        Conservation, 1 best: ``ari``, ``nmi`` (Leiden at the resolution with the best NMI, as in
-        scib) and ``label_silhouette``.
+        Mixing, 1 best: scIB's ``ilisi`` and ``kbet`` (:mod:`genailab.eval.integration`),
+        ``knn_batch_entropy``, ``knn_batch_inverse_simpson`` and with labels ``batch_silhouette``.
+        Conservation, 1 best (with labels): ``clisi``, ``graph_connectivity``, ``ari`` and ``nmi``
+        (Leiden at the resolution with the best NMI, as in scib, recorded as ``leiden_resolution``)
+        and ``label_silhouette``.
     """
     from genailab.eval import (
         batch_silhouette,
+        clisi,
+        graph_connectivity,
         ilisi,
+        kbet,
         knn_batch_entropy,
+        knn_batch_inverse_simpson,
         label_silhouette,
         leiden_ari_nmi_best_resolution,
     )
 
+    check_number("n_neighbors", n_neighbors, integer=True, ge=1, allow_none=True)
     latent = np.asarray(adata.obsm[key])
     batch = adata.obs[batch_key].astype(str).to_numpy()
     k = n_neighbors or min(90, max(10, adata.n_obs // 20), adata.n_obs - 1)
-    scores = {"ilisi": ilisi(latent, batch, k=k), "knn_batch_entropy": knn_batch_entropy(latent, batch, k=min(50, k))}
+    perplexity = min(30, adata.n_obs // 3)
+    scores = {
+        "ilisi": ilisi(latent, batch, perplexity=perplexity),
+        "kbet": kbet(latent, batch, n_neighbors=min(50, adata.n_obs)),
+        "knn_batch_entropy": knn_batch_entropy(latent, batch, k=min(50, k)),
+        "knn_batch_inverse_simpson": knn_batch_inverse_simpson(latent, batch, k=k),
+    }
     if label_key is not None:
         labels = adata.obs[label_key].astype(str).to_numpy()
         scores["batch_silhouette"] = batch_silhouette(latent, batch, labels)
+        scores["clisi"] = clisi(latent, labels, perplexity=perplexity)
+        scores["graph_connectivity"] = graph_connectivity(latent, labels, n_neighbors=min(15, adata.n_obs))
         agreement = leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
-        scores.update(ari=agreement["ari"], nmi=agreement["nmi"], label_silhouette=label_silhouette(latent, labels))
+        scores.update(ari=agreement["ari"], nmi=agreement["nmi"], leiden_resolution=agreement["resolution"])
+        scores["label_silhouette"] = label_silhouette(latent, labels)
     return scores

@@ -1,6 +1,7 @@
 """Model-independent evaluation metrics on arrays, sparse matrices and AnnData.
 
 * :mod:`~genailab.eval.latent`: cell-type conservation and batch mixing of a latent space;
+* :mod:`~genailab.eval.integration`: scIB's iLISI, cLISI, kBET and graph connectivity;
 * :mod:`~genailab.eval.generation`: generated vs real expression (gene statistics, distances, classifier test);
 * :mod:`~genailab.eval.imputation`: scVI's masked-count imputation benchmark;
 * :mod:`~genailab.eval.de`: agreement of differential-expression results.
@@ -22,10 +23,11 @@ from genailab.eval.generation import (
     posterior_predictive_gene_stats,
 )
 from genailab.eval.imputation import imputation_median_l1, imputation_score, mask_counts
+from genailab.eval.integration import clisi, graph_connectivity, ilisi, kbet, lisi
 from genailab.eval.latent import (
     batch_silhouette,
-    ilisi,
     knn_batch_entropy,
+    knn_batch_inverse_simpson,
     label_silhouette,
     leiden_ari_nmi,
     leiden_ari_nmi_best_resolution,
@@ -34,15 +36,20 @@ from genailab.eval.latent import (
 __all__ = [
     "batch_silhouette",
     "classifier_two_sample_auc",
+    "clisi",
     "energy_distance",
     "gene_moment_agreement",
+    "graph_connectivity",
     "ilisi",
     "imputation_median_l1",
     "imputation_score",
+    "kbet",
     "knn_batch_entropy",
+    "knn_batch_inverse_simpson",
     "label_silhouette",
     "leiden_ari_nmi",
     "leiden_ari_nmi_best_resolution",
+    "lisi",
     "mask_counts",
     "mmd_rbf",
     "pca_distance",

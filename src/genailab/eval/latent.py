@@ -4,11 +4,12 @@ Every score lies in [0, 1] with 1 best, as in scib (Luecken et al., Nat. Methods
 
 * bio conservation: :func:`leiden_ari_nmi` (and the scib-style resolution sweep
   :func:`leiden_ari_nmi_best_resolution`), :func:`label_silhouette`;
-* batch mixing: :func:`batch_silhouette`, :func:`knn_batch_entropy`, :func:`ilisi`.
+* batch mixing: :func:`batch_silhouette`, and two simple kNN summaries of the batch mix,
+  :func:`knn_batch_entropy` and :func:`knn_batch_inverse_simpson`.
 
-The kNN metrics use exact Euclidean neighbours from scikit-learn, each cell excluded from its
-own neighbourhood. kBET is not provided: no maintained Python implementation is a dependency
-(scib-metrics is deliberately not used), and we do not reimplement it.
+scIB's iLISI, cLISI, kBET and graph connectivity are in :mod:`genailab.eval.integration`.
+The kNN metrics here use exact Euclidean neighbours from scikit-learn, each cell excluded from its
+own neighbourhood.
 """
 
 from __future__ import annotations
@@ -231,12 +232,13 @@ def knn_batch_entropy(latent, batch, *, k: int = 50) -> float:
     return float(np.mean(entr(fractions).sum(axis=1) / np.log(n_batches)))
 
 
-def ilisi(latent, batch, *, k: int = 90) -> float:
-    """Integration LISI: inverse Simpson index of batch among kNN neighbours, scaled to [0, 1].
+def knn_batch_inverse_simpson(latent, batch, *, k: int = 90) -> float:
+    """Inverse Simpson index of batch among the k nearest neighbours, equal weights, scaled to [0, 1].
 
-    A simple kNN version of Korsunsky et al.'s LISI: uniform weights over the ``k`` nearest
-    neighbours (the original uses a Gaussian kernel at perplexity 30, i.e. 90 neighbours). As in
-    scib, the median over cells is scaled as ``(ilisi - 1) / (n_batches - 1)``.
+    Not scIB's iLISI (that is :func:`genailab.eval.integration.ilisi`, with Harmony's Gaussian
+    weights at perplexity 30): each of the ``k`` nearest neighbours counts equally. The median over
+    cells is scaled as ``(median - 1) / (n_batches - 1)``. It usually reads higher than iLISI on
+    the same latent: far neighbours of other batches count as much as the nearest ones.
 
     Parameters
     ----------
