@@ -90,7 +90,11 @@ def check_sizes(name: str, values, *, ge: int = 1, allow_empty: bool = False) ->
     """A sequence of whole numbers >= ``ge`` (layer sizes, category counts) as a tuple of ints."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ConfigError(f"{name} must be a list of whole numbers like [128, 128], got {values!r}.", argument=name)
-    sizes = tuple(check_number(f"{name}[{i}]", v, ge=ge, integer=True) for i, v in enumerate(values))
+    values = list(values)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < ge:
+            raise ConfigError(f"{name} must be a list of whole numbers >= {ge}; item {i} is {v!r}.", argument=name)
+    sizes = tuple(int(v) for v in values)
     if not sizes and not allow_empty:
         raise ConfigError(f"{name} must hold at least one size, got an empty list.", argument=name)
     return sizes
@@ -118,3 +122,15 @@ def _range_text(ge, gt, le, lt) -> str:
 
 def _show(number: float) -> str:
     return str(number) if isinstance(number, numbers.Integral) else f"{number:g}"
+
+
+def check_library_size(value, *, observed: bool = False, allow_none: bool = False) -> float | str | None:
+    """A total count per cell: a positive float32-sized number, ``"observed"`` (each cell's own
+    total) when ``observed``, or None (the default total) when ``allow_none``."""
+    if observed and isinstance(value, str) and value == "observed":
+        return value
+    choices = " or 'observed' (each cell's own total)" if observed else ""
+    choices += " or None (the default)" if allow_none else ""
+    if isinstance(value, str):
+        raise ConfigError(f"library_size must be a positive number{choices}, got {value!r}.", argument="library_size")
+    return check_number("library_size", value, gt=0, allow_none=allow_none, hint=f"Give a total count{choices}." if choices else "")

@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from genailab.apps._anndata import log_normalize, model_counts, record_params
 from genailab.apps._decode import decode, encode_conditions
+from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 
 SOURCES = ("prior", "posterior")
@@ -69,10 +70,9 @@ def generate(
     """
     if source not in SOURCES:
         raise ConfigError(f"source={source!r} is not one of {SOURCES}.")
-    if n_cells < 1:
-        raise ConfigError(f"n_cells must be at least 1, got {n_cells}.")
-    if library_size is not None and not library_size > 0:
-        raise ConfigError(f"library_size must be positive (or None to resample real totals), got {library_size}.")
+    n_cells = check_number("n_cells", n_cells, integer=True, ge=1)
+    library_size = check_library_size(library_size, allow_none=True)
+    seed = check_number("seed", seed, integer=True, ge=0)
     if adata is None and source == "posterior":
         raise ConfigError("source='posterior' encodes real cells; pass the AnnData they are in.")
     conditions = dict(conditions or {})
@@ -171,6 +171,7 @@ def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> d
     real, generated = (x.X if isinstance(x, AnnData) else x for x in (real, generated))
     scores = gene_moment_agreement(real, generated)
     real_log, generated_log = log_normalize(real), log_normalize(generated)
+    check_number("n_comps", n_comps, integer=True, ge=1)
     n_comps = min(n_comps, real.shape[0] + generated.shape[0] - 1, real.shape[1] - 1)
     for name, metric in (("energy_distance", "energy"), ("mmd", "mmd")):
         scores[name] = pca_distance(real_log, generated_log, n_comps=n_comps, metric=metric, seed=seed)

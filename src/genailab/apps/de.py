@@ -23,6 +23,7 @@ from anndata import AnnData
 
 from genailab.apps._anndata import record_params, require_count_model
 from genailab.apps._decode import decode, encode_conditions
+from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
 LEVELS = ("cell", "group")
@@ -99,9 +100,9 @@ def differential_expression(
     """
     if level not in LEVELS:
         raise ConfigError(f"level={level!r} is not one of {LEVELS}.")
-    n_samples_per_cell = n_samples_per_cell or _DEFAULT_DRAWS[level]
+    n_samples_per_cell = _DEFAULT_DRAWS[level] if n_samples_per_cell is None else n_samples_per_cell
     _check(delta=delta, fdr_target=fdr_target, n_samples_per_cell=n_samples_per_cell, max_cells=max_cells,
-           n_pairs=n_pairs, pseudocount=pseudocount)  # fmt: skip
+           n_pairs=n_pairs, pseudocount=pseudocount, seed=seed)  # fmt: skip
     require_count_model(model)
     in_group, in_reference = _groups(adata, groupby, group, reference)
     rng = np.random.default_rng(seed)
@@ -145,11 +146,12 @@ def differential_expression(
 
 
 def _check(**options) -> None:
-    if not options["delta"] >= 0 or not 0 < options["fdr_target"] < 1 or not options["pseudocount"] > 0:
-        raise ConfigError("delta must be >= 0, fdr_target in (0, 1) and pseudocount > 0.")
-    small = [name for name in ("n_samples_per_cell", "max_cells", "n_pairs") if options[name] < 1]
-    if small:
-        raise ConfigError(f"{small} must be at least 1.")
+    check_number("delta", options["delta"], ge=0)
+    check_number("fdr_target", options["fdr_target"], gt=0, lt=1)
+    check_number("pseudocount", options["pseudocount"], gt=0)
+    for name in ("n_samples_per_cell", "max_cells", "n_pairs"):
+        check_number(name, options[name], integer=True, ge=1)
+    check_number("seed", options["seed"], integer=True, ge=0)
 
 
 def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from genailab.apps._anndata import model_counts, record_params
+from genailab.checks import check_library_size, check_number
 from genailab.errors import InputDataError
 
 
@@ -58,6 +59,8 @@ def denoise(
     >>> adata.layers["genailab_denoised"].shape  # doctest: +SKIP
     (600, 200)
     """
+    check_library_size(library_size, observed=True)
+    check_number("n_samples", n_samples, integer=True, ge=1)
     if list(model.schema.gene_names) != list(map(str, adata.var_names)):
         raise InputDataError(
             "A layer needs the model's genes in the model's order; subset the data first, "

@@ -134,6 +134,7 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 )
 @click.option(
     "--adversary-warmup",
+    "adversary_warmup_epochs",
     default=5.0,
     show_default=True,
     type=float,
@@ -142,7 +143,7 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 @click.option("--reference-batch", default=None, help="Batch every cell is decoded into (default: the largest).")
 @click.option("--labels", default=None, help="obs column of known cell types: also report their conservation.")
 @click.option("--latent-dim", default=10, show_default=True, type=int)
-@click.option("--hidden", default="128,128", show_default=True, help="Hidden layer sizes, comma-separated.")
+@click.option("--hidden", "hidden_dims", default="128,128", show_default=True, help="Hidden layer sizes, comma-separated.")
 @click.option("--epochs", default=100, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
@@ -158,11 +159,11 @@ def integrate(
     covariates,
     adversary_weight,
     adversary_mode,
-    adversary_warmup,
+    adversary_warmup_epochs,
     reference_batch,
     labels,
     latent_dim,
-    hidden,
+    hidden_dims,
     epochs,
     batch_size,
     lr,
@@ -179,13 +180,13 @@ def integrate(
     check_writable(out)
     adata = read_data(data)
     adversary = (
-        AdversaryConfig(weight=adversary_weight, warmup_epochs=adversary_warmup, mode=adversary_mode)
-        if adversary_weight > 0
+        AdversaryConfig(weight=adversary_weight, warmup_epochs=adversary_warmup_epochs, mode=adversary_mode)
+        if adversary_weight != 0  # 0 disables; AdversaryConfig refuses negative and NaN weights
         else None
     )
     model = integrate_batches(
         adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
-        adversary=adversary, reference_batch=reference_batch, latent_dim=latent_dim, hidden_dims=_hidden(hidden),
+        adversary=adversary, reference_batch=reference_batch, latent_dim=latent_dim, hidden_dims=_hidden(hidden_dims),
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
     )  # fmt: skip
     write_run(model, out)
@@ -239,7 +240,7 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
 @click.option("--reference", default="rest", show_default=True, help="Group to compare against, or 'rest'.")
 @click.option("--out", required=True, type=_OUT, help="CSV table to write.")
 @click.option("--delta", default=0.25, show_default=True, type=float, help="Smallest |log2 fold change| that counts.")
-@click.option("--fdr", default=0.05, show_default=True, type=float, help="Posterior expected FDR of the call list.")
+@click.option("--fdr", "fdr_target", default=0.05, show_default=True, type=float, help="Posterior expected FDR of the call list.")
 @click.option(
     "--level",
     type=click.Choice(["cell", "group"]),
@@ -247,23 +248,26 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
     show_default=True,
     help="LFC between random pairs of single cells (scVI change mode) or between the groups' mean expression.",
 )
-@click.option("--n-samples", type=int, help="Posterior draws per cell (default 5 for cell, 100 for group level).")
+@click.option("--n-samples", "n_samples_per_cell", type=int,
+              help="Posterior draws per cell (default 5 for cell, 100 for group level).")
 @click.option("--max-cells", default=500, show_default=True, type=int, help="Cells drawn per group at most.")
 @click.option("--n-pairs", default=5000, show_default=True, type=int, help="Random pairs of draws across the groups.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @fail_cleanly
-def de(run_dir, data, groupby, group, reference, out, delta, fdr, level, n_samples, max_cells, n_pairs, seed):
+def de(run_dir, data, groupby, group, reference, out, delta, fdr_target, level, n_samples_per_cell, max_cells, n_pairs,
+       seed):
     """Differential expression of --group vs --reference from the model's posterior (scVI change mode)."""
     from genailab.apps import differential_expression
 
     model, adata = _load(run_dir, data)
     table = differential_expression(adata, model, groupby=groupby, group=group, reference=reference, delta=delta,
-                                    fdr_target=fdr, level=level, n_samples_per_cell=n_samples, max_cells=max_cells,
+                                    fdr_target=fdr_target, level=level, n_samples_per_cell=n_samples_per_cell,
+                                    max_cells=max_cells,
                                     n_pairs=n_pairs, seed=seed)  # fmt: skip
     table.to_csv(out)
     called = table[table["is_de_fdr"]]
     click.echo(
-        f"{len(called)} of {len(table)} genes differ by |log2 FC| > {delta} at expected FDR {fdr}; table in {out}"
+        f"{len(called)} of {len(table)} genes differ by |log2 FC| > {delta} at expected FDR {fdr_target}; table in {out}"
     )
     for gene, row in called.head(10).iterrows():
         click.echo(f"  {gene}: log2 FC {row['lfc_mean']:+.2f}, P(DE) {row['proba_de']:.3f}")

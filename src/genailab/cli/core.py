@@ -28,43 +28,45 @@ def _hidden(value: str) -> tuple[int, ...]:
 @click.option("--model", "likelihood", type=click.Choice(["gaussian", "nb", "zinb"]), default="nb", show_default=True,
               help="Decoder likelihood: gaussian for log-normalised data, nb/zinb for raw counts.")
 @click.option("--layer", default=None, help="adata.layers key with the values to model (default: X).")
-@click.option("--condition", "conditions", multiple=True, help="Categorical obs column to condition on (repeatable).")
-@click.option("--continuous", "continuous", multiple=True, help="Numeric obs column to condition on (repeatable).")
+@click.option("--condition", "condition_keys", multiple=True, help="Categorical obs column to condition on (repeatable).")
+@click.option("--continuous", "continuous_keys", multiple=True, help="Numeric obs column to condition on (repeatable).")
 @click.option("--latent-dim", default=10, show_default=True, type=int)
-@click.option("--hidden", default="128,128", show_default=True, help="Hidden layer sizes, comma-separated.")
+@click.option("--hidden", "hidden_dims", default="128,128", show_default=True, help="Hidden layer sizes, comma-separated.")
 @click.option("--dispersion", type=click.Choice(["gene", "gene-condition", "gene-cell"]), default="gene", show_default=True)
 @click.option("--epochs", default=100, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--beta", default=1.0, show_default=True, type=float, help="Weight of the KL term (beta-VAE).")
-@click.option("--kl-warmup", default=10.0, show_default=True, type=float, help="Epochs of linear KL warm-up.")
+@click.option("--kl-warmup", "kl_warmup_epochs", default=10.0, show_default=True, type=float, help="Epochs of linear KL warm-up.")
 @click.option("--kl-schedule", type=click.Choice(["constant", "linear", "cyclical"]), default="linear", show_default=True)
 @click.option("--validation-fraction", default=0.1, show_default=True, type=float)
-@click.option("--patience", default=20, show_default=True, type=int, help="Early-stopping patience (0 disables).")
+@click.option("--patience", "early_stopping_patience", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many epochs without validation improvement; 0 disables early stopping.")
 @click.option("--checkpoint-every", default=0, show_default=True, type=int, help="Write a resumable checkpoint every N epochs.")
-@click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Checkpoint to resume from.")
+@click.option("--resume", "resume_from", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Checkpoint to resume from.")
 @click.option("--empty-cells", type=click.Choice(["error", "drop", "warn"]), default="error", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--backed", is_flag=True, help="Keep an h5ad's X on disk and stream it in chunks (data larger than memory; layers are read whole).")
 @fail_cleanly
-def train(data, out, likelihood, layer, conditions, continuous, latent_dim, hidden, dispersion, epochs, batch_size,
-          lr, beta, kl_warmup, kl_schedule, validation_fraction, patience, checkpoint_every, resume, empty_cells,
-          seed, device, backed):
+def train(data, out, likelihood, layer, condition_keys, continuous_keys, latent_dim, hidden_dims, dispersion, epochs,
+          batch_size, lr, beta, kl_warmup_epochs, kl_schedule, validation_fraction, early_stopping_patience,
+          checkpoint_every, resume_from, empty_cells, seed, device, backed):
     """Train a conditional VAE on DATA (h5ad, 10x, loom, csv) and save it to --out."""
     from genailab import VAE, TrainConfig
     from genailab.anndata_models.files import check_writable
 
     check_writable(out)  # fail before training, not after
     adata = read_data(data, backed=backed)
-    model = VAE(adata, likelihood=likelihood, layer=layer, condition_keys=list(conditions),
-                continuous_keys=list(continuous), latent_dim=latent_dim, hidden_dims=_hidden(hidden),
+    model = VAE(adata, likelihood=likelihood, layer=layer, condition_keys=list(condition_keys),
+                continuous_keys=list(continuous_keys), latent_dim=latent_dim, hidden_dims=_hidden(hidden_dims),
                 dispersion=dispersion, beta=beta, empty_cells=empty_cells)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, kl_warmup_epochs=kl_warmup,
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, kl_warmup_epochs=kl_warmup_epochs,
                          kl_schedule=kl_schedule, validation_fraction=validation_fraction,
-                         early_stopping_patience=patience or None, checkpoint_every=checkpoint_every,
+                         early_stopping_patience=early_stopping_patience or None,  # the API's None disables
+                         checkpoint_every=checkpoint_every,
                          seed=seed, device=device)
-    model.fit(config, checkpoint_dir=out, resume_from=resume)
+    model.fit(config, checkpoint_dir=out, resume_from=resume_from)
     if not distributed_context().is_main:
         return  # under torchrun, rank 0 alone writes the run
     write_run(model, out)

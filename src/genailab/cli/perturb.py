@@ -43,18 +43,19 @@ def perturb() -> None:
 @click.option("--layer", default=None, help="adata.layers key with the values to model (default: X).")
 @click.option("--model", "likelihood", type=click.Choice(["gaussian", "nb", "zinb"]), default="nb", show_default=True)
 @click.option("--latent-dim", default=10, show_default=True, type=int)
-@click.option("--hidden", default="128", show_default=True, help="Hidden layer sizes, comma-separated.")
+@click.option("--hidden", "hidden_dims", default="128", show_default=True, help="Hidden layer sizes, comma-separated.")
 @click.option("--adversary-weight", default=1.0, show_default=True, type=float,
               help="Weight of the adversary that keeps the drug out of the basal latent (0 disables it).")
 @click.option("--epochs", default=100, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--patience", default=20, show_default=True, type=int, help="Early-stopping patience (0 disables).")
+@click.option("--patience", "early_stopping_patience", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many epochs without validation improvement; 0 disables early stopping.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @fail_cleanly
-def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hidden, adversary_weight, epochs,
-                  batch_size, lr, patience, seed, device):
+def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hidden_dims, adversary_weight, epochs,
+                  batch_size, lr, early_stopping_patience, seed, device):
     """Train a perturbation model on DATA (control and treated cells) and save it to --out."""
     from genailab.model.adversary import AdversaryConfig
     from genailab.anndata_models.files import check_writable
@@ -66,9 +67,9 @@ def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hi
     model = PerturbationModel(
         adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type, control_value=keys.control,
         covariate_keys=list(covariates), layer=layer, likelihood=likelihood, latent_dim=latent_dim,
-        hidden_dims=_hidden(hidden), adversary=AdversaryConfig(weight=adversary_weight) if adversary_weight > 0 else None,
+        hidden_dims=_hidden(hidden_dims), adversary=AdversaryConfig(weight=adversary_weight) if adversary_weight != 0 else None,
     )  # fmt: skip
-    model.fit(TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=patience or None,
+    model.fit(TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=early_stopping_patience or None,
                           seed=seed, device=device))  # fmt: skip
     model.save(out, overwrite=True)
     pd.DataFrame(model.history).to_csv(out / "history.csv", index=False)
@@ -93,14 +94,15 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
     result has one predicted cell per control cell: X the expected expression,
     layers['sampled'] one draw, obs the drug, dose and cell type.
     """
+    from genailab.data.perturbation_schema import require_control_labels
     from genailab.errors import InputDataError
     from genailab.perturb import PerturbationModel
 
     model = PerturbationModel.load(run_dir)
     adata = read_data(data)
     keys = model.keys
-    if keys.drug in adata.obs.columns:
-        adata = adata[keys.is_control(adata.obs)]
+    require_control_labels(adata.obs, keys)
+    adata = adata[keys.is_control(adata.obs)]
     if cell_types:
         adata = adata[adata.obs[keys.cell_type].astype(str).isin(cell_types).to_numpy()]
     if adata.n_obs == 0:

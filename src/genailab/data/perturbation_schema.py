@@ -10,6 +10,7 @@ empty slot), their doses (0 for an empty slot), then the codes of J covariates (
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from anndata import AnnData
 
 from genailab.data.schema import DataSchema
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
+
+logger = logging.getLogger(__name__)
 
 EMPTY_SLOT = -1  # drug code of an unused slot (control cells, or one drug in a two-slot model)
 
@@ -33,16 +36,40 @@ class ObsKeys:
     separator: str = "+"  # joins the drugs of a combination: "drug_0+drug_1"
 
     def drugs_of(self, label: str) -> tuple[str, ...]:
-        """The drugs of one label, () for the control label."""
+        """The drugs of one label, () for the control label; a drug named twice or an empty name is an error."""
         label = str(label)
         if label == self.control:
             return ()
-        return tuple(part.strip() for part in label.split(self.separator))
+        drugs = tuple(part.strip() for part in label.split(self.separator))
+        if "" in drugs:
+            raise InputDataError(
+                f"The drug label {label!r} has an empty drug name; join drugs as 'A{self.separator}B' with no "
+                "leading, trailing or doubled separator."
+            )
+        twice = sorted({d for d in drugs if drugs.count(d) > 1})
+        if twice:
+            raise InputDataError(
+                f"The drug label {label!r} names {twice} more than once; a combination lists each drug once "
+                f"(the dose of a drug goes in the dose column, e.g. {twice[0]!r} at twice the dose)."
+            )
+        return drugs
+
+    def labels(self, obs: pd.DataFrame) -> np.ndarray:
+        """The drug label of every cell as text, (n_cells,); missing labels (NaN, None) are an error."""
+        require_columns(obs, [self.drug])
+        column = obs[self.drug]
+        missing = column.isna().to_numpy()
+        if missing.any():
+            shown = ", ".join(map(str, obs.index[missing][:5]))
+            raise InputDataError(
+                f"obs[{self.drug!r}] has {int(missing.sum())} missing drug labels (NaN or None), e.g. cells {shown}; "
+                f"label untreated cells {self.control!r} and fill in or drop the others."
+            )
+        return column.astype(str).to_numpy()
 
     def is_control(self, obs: pd.DataFrame) -> np.ndarray:
         """Boolean mask of control cells."""
-        require_columns(obs, [self.drug])
-        return (obs[self.drug].astype(str) == self.control).to_numpy()
+        return self.labels(obs) == self.control
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +82,16 @@ def require_columns(obs: pd.DataFrame, keys: Sequence[str | None]) -> None:
             f"Columns {missing} are not in adata.obs (available: {list(obs.columns)[:20]}); name the drug, dose "
             "and cell-type columns with drug_key=, dose_key=, cell_type_key= (CLI: --drug-key, --dose-key, "
             "--cell-type-key), or map a public layout first with genailab.perturb.standardize_obs."
+        )
+
+
+def require_control_labels(obs: pd.DataFrame, keys: ObsKeys) -> None:
+    """Refuse cells to be perturbed whose drug column is absent: controls cannot be told from treated cells."""
+    if keys.drug not in obs.columns:
+        raise SchemaMismatchError(
+            f"adata.obs has no {keys.drug!r} column, so control cells cannot be told from treated ones, and "
+            f"predictions perturb control cells only. Add it: adata.obs[{keys.drug!r}] = {keys.control!r} if "
+            f"every cell is untreated, or keep only the cells labelled {keys.control!r}."
         )
 
 
@@ -92,13 +129,19 @@ class PerturbationSchema:
         if keys.drug in covariates or keys.dose in covariates:
             raise ConfigError("The drug and dose columns cannot also be covariates.")
         data = DataSchema.from_anndata(adata, layer=layer, categorical_keys=covariates, encoding="embedding")
-        labels = adata.obs[keys.drug].astype(str)
+        labels = keys.labels(adata.obs)
         parts = [keys.drugs_of(label) for label in pd.unique(labels)]
         drugs = tuple(sorted({d for p in parts for d in p}))
         if not drugs:
             raise InputDataError(
                 f"Every cell has the control label {keys.control!r} in obs[{keys.drug!r}]; a perturbation model "
                 "needs treated cells."
+            )
+        if not any(len(p) == 0 for p in parts):
+            logger.warning(
+                "No cell has the control label %r in obs[%r]; the model trains, but predict() perturbs control "
+                "cells, so predictions need controls (or name your untreated cells' label with control_value=).",
+                keys.control, keys.drug,
             )
         doses = cell_doses(adata.obs, keys)
         positive = doses[doses > 0]
@@ -150,7 +193,7 @@ class PerturbationSchema:
     def encode_obs(self, obs: pd.DataFrame) -> np.ndarray:
         """Condition matrix for cells with their own drug, dose and covariates."""
         doses = cell_doses(obs, self.keys)
-        return self.encode(obs[self.keys.drug].astype(str).to_numpy(), doses, self.data.encode_obs(obs))
+        return self.encode(self.keys.labels(obs), doses, self.data.encode_obs(obs))
 
     def to_dict(self) -> dict:
         return {

@@ -50,7 +50,12 @@ class PerturbationSpec:
     ``effect_dkg = a_dg * sensitivity_dk``: each drug moves ``n_target_genes`` random genes by
     ``a_dg = ±max_log_fc * U(0.5, 1)``, scaled per cell type by ``sensitivity_dk ~ U(0.2, 1)``.
     ``ec50_d`` is drawn log-uniformly between the smallest and largest dose. Pairs of drugs are
-    given at the same dose and their shifts add.
+    given at the same dose; their shifts add, except for ``interacting_pairs`` of them (chosen at
+    random), which move ``n_interaction_genes`` genes further by
+    ``b_pg * sqrt(sensitivity_ak * sensitivity_bk) * hill_a(x) * hill_b(x)``, with
+    ``b_pg = ±max_log_fc * U(0.5, 1)`` on genes drawn half from the two drugs' targets
+    (synergy or buffering there) and half from the rest (new genes). The interaction is not a
+    function of the single drugs' effects: no method can learn it without seeing the pair.
     """
 
     n_drugs: int = 3
@@ -60,6 +65,8 @@ class PerturbationSpec:
     n_target_genes: int = 20  # genes each drug moves
     max_log_fc: float = 2.0  # largest |natural-log fold change| at a saturating dose
     hill: float = 1.5  # Hill coefficient: steepness of the dose response in log dose
+    interacting_pairs: int = 0  # drug pairs whose effect is not the sum of their drugs'
+    n_interaction_genes: int = 10  # genes each interacting pair moves beyond the sum
 
     def __post_init__(self):
         if self.n_drugs < 1 or not self.doses or min(self.doses) <= 0:
@@ -68,16 +75,26 @@ class PerturbationSpec:
             raise ConfigError("control_fraction must be in [0, 1) and pair_fraction in [0, 1].")
         if self.pair_fraction > 0 and self.n_drugs < 2:
             raise ConfigError("pair_fraction > 0 needs n_drugs >= 2.")
+        n_pairs = self.n_drugs * (self.n_drugs - 1) // 2
+        if not 0 <= self.interacting_pairs <= n_pairs or (self.interacting_pairs and not self.pair_fraction):
+            raise ConfigError(
+                f"interacting_pairs must be between 0 and the {n_pairs} drug pairs, and needs pair_fraction > 0."
+            )
 
     @property
     def drug_names(self) -> list[str]:
         return [f"drug_{d}" for d in range(self.n_drugs)]
 
     @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every pair of drug indices (a < b), in label order."""
+        return [(a, b) for a in range(self.n_drugs) for b in range(a + 1, self.n_drugs)]
+
+    @property
     def labels(self) -> list[str]:
         """Categories of ``obs['drug']``: control, single drugs, then pairs when any are given."""
         names = self.drug_names
-        pairs = [f"{a}+{b}" for i, a in enumerate(names) for b in names[i + 1 :]] if self.pair_fraction else []
+        pairs = [f"{names[a]}+{names[b]}" for a, b in self.pairs] if self.pair_fraction else []
         return ["control", *names, *pairs]
 
 
@@ -147,6 +164,7 @@ class _Truth:
     marker_of: np.ndarray  # (G,) cell-type index whose marker the gene is, -1 if none
     drug_effect: np.ndarray  # (n_drugs, K, G) log fold change at a saturating dose
     ec50: np.ndarray  # (n_drugs,)
+    interaction: dict = dataclasses.field(default_factory=dict)  # (a, b) -> (K, G) extra log fold change
 
 
 def _draw_truth(n_genes: int, s: _Settings) -> _Truth:
@@ -176,7 +194,32 @@ def _draw_truth(n_genes: int, s: _Settings) -> _Truth:
         sensitivity = rng.uniform(0.2, 1.0, (p.n_drugs, K))
         truth.drug_effect = sensitivity[:, :, None] * per_gene[:, None, :]
         truth.ec50 = np.exp(rng.uniform(np.log(min(p.doses)), np.log(max(p.doses)), p.n_drugs))
+        if p.interacting_pairs:
+            chosen = rng.permutation(len(p.pairs))[: p.interacting_pairs]
+            for a, b in (p.pairs[i] for i in sorted(chosen)):
+                truth.interaction[(a, b)] = draw_pair_interaction(
+                    rng, per_gene[[a, b]], sensitivity[[a, b]], p.n_interaction_genes, p.max_log_fc
+                )
     return truth
+
+
+def draw_pair_interaction(
+    rng: np.random.Generator, effects: np.ndarray, sensitivity: np.ndarray, n_genes_moved: int, max_log_fc: float
+) -> np.ndarray:
+    """(K, G) extra log fold change of one interacting pair at saturating doses of both drugs.
+
+    ``effects`` (2, G): the two drugs' per-gene effects (non-zero on their targets); ``sensitivity``
+    (2, K): their cell-type scalings. Half of the ``n_genes_moved`` genes are among the targets.
+    """
+    n_genes = effects.shape[1]
+    targets = np.flatnonzero((effects != 0).any(0))
+    others = np.setdiff1d(np.arange(n_genes), targets)
+    n_shared = min(n_genes_moved // 2, targets.size)
+    n_new = min(n_genes_moved - n_shared, others.size)
+    genes = np.concatenate([rng.choice(targets, n_shared, replace=False), rng.choice(others, n_new, replace=False)])
+    per_gene = np.zeros(n_genes)
+    per_gene[genes] = rng.choice([-1.0, 1.0], genes.size) * max_log_fc * rng.uniform(0.5, 1.0, genes.size)
+    return np.sqrt(sensitivity[0] * sensitivity[1])[:, None] * per_gene[None, :]
 
 
 def _marker_lfc(truth: _Truth, s: _Settings) -> np.ndarray:
@@ -214,6 +257,10 @@ def _draw_block(truth: _Truth, s: _Settings, block: int) -> dict[str, np.ndarray
             d = cells[column][treated]
             level = hill_response(cells["dose"][treated], truth.ec50[d], s.perturbation.hill)
             log_mu[treated] += level[:, None] * truth.drug_effect[d, cell_type[treated]]
+        for (a, b), extra in truth.interaction.items():
+            rows = (cells["drug_a"] == a) & (cells["drug_b"] == b)
+            levels = [hill_response(cells["dose"][rows], truth.ec50[d], s.perturbation.hill) for d in (a, b)]
+            log_mu[rows] += (levels[0] * levels[1])[:, None] * extra[cell_type[rows]]
     mu = np.exp(log_mu)
     counts = rng.poisson(rng.gamma(truth.theta, mu / truth.theta)).astype(np.float32)
     if s.likelihood == "zinb":
@@ -283,13 +330,18 @@ def _var_and_varm(truth: _Truth, s: _Settings) -> tuple[pd.DataFrame, dict[str, 
     if s.perturbation is not None:
         for d, drug in enumerate(s.perturbation.drug_names):
             varm[f"true_drug_effect_{drug}"] = pd.DataFrame(truth.drug_effect[d].T, index=var.index, columns=types)
+        names = s.perturbation.drug_names
+        for (a, b), extra in truth.interaction.items():
+            varm[f"true_interaction_{names[a]}+{names[b]}"] = pd.DataFrame(extra.T, index=var.index, columns=types)
     return var, varm
 
 
 def _uns(truth: _Truth, s: _Settings, n_cells: int, n_genes: int) -> dict:
     uns = s.to_uns(n_cells, n_genes)
     if s.perturbation is not None:
-        uns["perturbation"]["ec50"] = {drug: float(e) for drug, e in zip(s.perturbation.drug_names, truth.ec50)}
+        names = s.perturbation.drug_names
+        uns["perturbation"]["ec50"] = {drug: float(e) for drug, e in zip(names, truth.ec50)}
+        uns["perturbation"]["interacting_pairs"] = [f"{names[a]}+{names[b]}" for a, b in truth.interaction]
     return uns
 
 
@@ -339,7 +391,8 @@ def simulate(
     ``marker_log_fc`` over genes that are no type's marker); and ``uns['simulation']`` (all
     options). With ``perturbation``: ``obs['drug']`` (``control``, ``drug_d``, ``drug_a+drug_b``), ``obs['dose']`` (0 for
     control), ``obs['is_control']``, ``varm['true_drug_effect_drug_d']`` (genes x cell types
-    log fold change at a saturating dose) and ``uns['simulation']['perturbation']['ec50']``;
+    log fold change at a saturating dose), ``varm['true_interaction_a+b']`` for interacting pairs,
+    ``uns['simulation']['perturbation']['ec50']`` and, with pairs, ``uns['interacting_pairs']``;
     :func:`true_drug_log_fc` turns these into the effect at any dose.
 
     Examples
@@ -368,24 +421,49 @@ def simulate(
     adata.obsm["X_true_latent"] = cells["z"].astype(np.float32)
     adata.varm.update(varm)
     adata.uns["simulation"] = _uns(truth, s, n_cells, n_genes)
+    if s.perturbation is not None and s.perturbation.pair_fraction:
+        adata.uns["interacting_pairs"] = list(adata.uns["simulation"]["perturbation"]["interacting_pairs"])
     return adata
 
 
 def true_drug_log_fc(adata: AnnData, drug: str, dose: float) -> pd.DataFrame:
     """Ground-truth log fold change (genes x cell types) of ``drug`` at ``dose`` vs control.
 
-    ``drug`` is a single drug (``"drug_0"``) or a pair (``"drug_0+drug_1"``, effects add).
+    ``drug`` is a single drug (``"drug_0"``) or a pair (``"drug_0+drug_1"``: the drugs' effects
+    add, plus the pair's interaction when it is one of ``uns['interacting_pairs']``).
     """
     params = adata.uns["simulation"].get("perturbation")
     if params is None:
         raise ConfigError("this AnnData was simulated without a perturbation arm.")
-    total = 0.0
+    total, levels = 0.0, []
     for name in drug.split("+"):
         key = f"true_drug_effect_{name}"
         if key not in adata.varm:
             raise ConfigError(f"unknown drug {name!r}; simulated drugs: {list(params['ec50'])}.")
-        total = total + adata.varm[key] * float(hill_response(dose, params["ec50"][name], params["hill"]))
+        levels.append(float(hill_response(dose, params["ec50"][name], params["hill"])))
+        total = total + adata.varm[key] * levels[-1]
+    if f"true_interaction_{drug}" in adata.varm:
+        total = total + adata.varm[f"true_interaction_{drug}"] * float(np.prod(levels))
     return total
+
+
+def true_counterfactual(control: AnnData, *, drug: str, dose: float, seed: int = 0) -> np.ndarray:
+    """Counts the simulator would draw for these simulated control cells under ``drug`` at ``dose``.
+
+    Each cell's ``layers['true_mean']`` times ``exp(true log fold change)`` of its cell type is the
+    NB mean (inverse dispersion ``var['theta']``; ZINB dropout as simulated), (n_cells, n_genes).
+    This is the oracle of the perturbation benchmark: the true effect on the given cells.
+    """
+    settings = control.uns["simulation"]
+    log_fc = true_drug_log_fc(control, drug, dose)
+    types = control.obs["cell_type"].astype(str).to_numpy()
+    mean = np.asarray(control.layers["true_mean"], dtype=np.float64) * np.exp(log_fc[types].to_numpy().T)
+    rng = np.random.default_rng(seed)
+    theta = control.var["theta"].to_numpy(dtype=np.float64)
+    counts = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+    if settings["likelihood"] == "zinb":
+        counts[rng.random(counts.shape) < settings["dropout"]] = 0.0
+    return counts
 
 
 def write_simulated_h5ad(

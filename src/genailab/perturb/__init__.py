@@ -4,15 +4,20 @@ unseen cell type x drug x dose combinations, with honest baselines and held-out 
 * :class:`PerturbationModel` (:mod:`~genailab.anndata_models.perturbation`, re-exported here): fit on an AnnData, ``predict`` the
   counterfactual of given control cells under a drug (or ``"A+B"``) at a dose;
 * :mod:`~genailab.model.perturbation`: the tensor model (basal latent, drug embeddings, dose response);
-* :mod:`~genailab.perturb.baselines`: no change, additive shift, ridge, scGen latent arithmetic;
+* :mod:`~genailab.perturb.baselines`: no change, perturbed mean, additive shift, matching mean, ridge,
+  scGen latent arithmetic, and the generator's oracle;
 * :mod:`~genailab.perturb.evaluate`: metrics and held-out split protocols;
 * :mod:`~genailab.perturb.benchmark`: all methods on one split, and the comparison table;
 * :mod:`~genailab.perturb.datasets`: sciplex / Norman layouts mapped to genailab's columns.
 """
 
 from genailab.anndata_models.perturbation import PerturbationModel
-from genailab.perturb.baselines import AdditiveShift, LatentArithmetic, NoChange, RidgeCovariates
-from genailab.perturb.benchmark import CounterfactualVAE, compare_methods, default_methods, format_table, summarize
+from genailab.perturb.baselines import (
+    AdditiveShift, LatentArithmetic, MatchingMean, NoChange, Oracle, PerturbedMean, RidgeCovariates,
+)  # fmt: skip
+from genailab.perturb.benchmark import (
+    Comparison, CounterfactualVAE, compare_methods, contrast, default_methods, format_table, summarize,
+)  # fmt: skip
 from genailab.perturb.datasets import standardize_obs
 from genailab.perturb.evaluate import HoldoutSplit, holdout_split, log_normalize, perturbation_metrics, r2_score
 from genailab.model.perturbation import DoseResponse, PerturbationConfig, PerturbationVAE
@@ -20,18 +25,23 @@ from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
 
 __all__ = [
     "AdditiveShift",
+    "Comparison",
     "CounterfactualVAE",
     "DoseResponse",
     "HoldoutSplit",
     "LatentArithmetic",
+    "MatchingMean",
     "NoChange",
     "ObsKeys",
+    "Oracle",
     "PerturbationConfig",
     "PerturbationModel",
     "PerturbationSchema",
     "PerturbationVAE",
+    "PerturbedMean",
     "RidgeCovariates",
     "compare_methods",
+    "contrast",
     "default_methods",
     "format_table",
     "holdout_split",

@@ -5,15 +5,21 @@ Every method has ``fit(adata, *, keys, layer)`` on training cells (raw counts in
 cell of ``control`` (an AnnData of control cells of one cell type):
 
 * :class:`NoChange`: the control cells themselves;
+* :class:`PerturbedMean`: control cells plus the mean effect of all perturbations (Systema);
 * :class:`AdditiveShift`: control cells plus each drug's mean shift, summed over a combination;
+* :class:`MatchingMean`: the same with the drugs' shifts averaged (Systema's matching mean);
 * :class:`RidgeCovariates`: control cells plus the change a ridge regression of group means on
-  drug, drug x log-dose, cell type and drug x cell type predicts;
-* :class:`LatentArithmetic`: scGen's latent vector arithmetic with the genailab :class:`~genailab.VAE`.
+  drug, drug x log-dose, cell type, drug x cell type and seen pairs predicts;
+* :class:`LatentArithmetic`: scGen's latent vector arithmetic with the genailab :class:`~genailab.VAE`;
+* :class:`Oracle`: the data generator's true effect on the control cells (the noise ceiling).
 
-A drug's shift at a dose it was never seen at is read at its nearest seen dose (in log dose).
+A drug's shift at a dose it was never seen at is interpolated linearly in log dose between the
+seen doses around it, and held at the nearest seen dose outside their range.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,7 +28,7 @@ from anndata import AnnData
 from sklearn.linear_model import Ridge
 
 from genailab.anndata_models.vae import VAE
-from genailab.errors import SchemaMismatchError
+from genailab.errors import InputDataError, SchemaMismatchError
 from genailab.perturb.evaluate import cell_groups, cell_types, log_normalize
 from genailab.data.perturbation_schema import ObsKeys, cell_doses
 
@@ -33,34 +39,60 @@ def _layer(adata: AnnData, layer: str | None):
     return adata.X if layer is None else adata.layers[layer]
 
 
-def mean_shifts(values: np.ndarray, obs: pd.DataFrame, keys: ObsKeys) -> ShiftTable:
-    """Mean shift of each single drug at each dose: the average over cell types of (mean of the
-    treated cells of that type - mean of that type's control cells), over types that have both.
+def _control_means(values: np.ndarray, groups: pd.DataFrame, keys: ObsKeys) -> dict[str, np.ndarray]:
+    control = groups["drug"] == keys.control
+    return {t: values[(control & (groups["cell_type"] == t)).to_numpy()].mean(0)
+            for t in groups.loc[control, "cell_type"].unique()}  # fmt: skip
+
+
+def cell_type_shifts(values: np.ndarray, obs: pd.DataFrame, keys: ObsKeys) -> dict[str, ShiftTable]:
+    """Per cell type, the shift of each single drug at each dose: mean of the treated cells of
+    that type minus the mean of that type's control cells (types without controls are left out).
 
     ``values`` (n_cells, d) is any per-cell representation (log expression, a latent space).
     """
     groups = pd.DataFrame(cell_groups(obs, keys), columns=["cell_type", "drug", "dose"])
-    control = groups["drug"] == keys.control
-    control_means = {t: values[(control & (groups["cell_type"] == t)).to_numpy()].mean(0)
-                     for t in groups.loc[control, "cell_type"].unique()}  # fmt: skip
-    per_type: dict[tuple[str, float], list[np.ndarray]] = {}
+    control_means = _control_means(values, groups, keys)
+    tables: dict[str, ShiftTable] = {}
     for (cell_type, drug, dose), rows in groups.groupby(["cell_type", "drug", "dose"]).indices.items():
         if len(keys.drugs_of(drug)) == 1 and cell_type in control_means:
-            per_type.setdefault((drug, float(dose)), []).append(values[rows].mean(0) - control_means[cell_type])
+            tables.setdefault(cell_type, {})[(drug, float(dose))] = values[rows].mean(0) - control_means[cell_type]
+    return tables
+
+
+def mean_shifts(values: np.ndarray, obs: pd.DataFrame, keys: ObsKeys) -> ShiftTable:
+    """Mean shift of each single drug at each dose: the average over cell types of (mean of the
+    treated cells of that type - mean of that type's control cells), over types that have both."""
+    per_type: dict[tuple[str, float], list[np.ndarray]] = {}
+    for table in cell_type_shifts(values, obs, keys).values():
+        for key, shift in table.items():
+            per_type.setdefault(key, []).append(shift)
     return {key: np.mean(shifts, axis=0) for key, shifts in per_type.items()}
 
 
+def drug_shift(table: ShiftTable, drug: str, dose: float) -> np.ndarray:
+    """Shift of one drug at ``dose``, interpolated linearly in log dose between the two nearest
+    seen doses; outside the seen range the nearest end is kept (no extrapolation); 0 at dose 0."""
+    seen = np.array(sorted(x for d, x in table if d == drug and x > 0))
+    if seen.size == 0:
+        raise SchemaMismatchError(f"{drug} was never seen on its own in the training cells; no shift is known.")
+    if dose <= 0:
+        return np.zeros_like(table[(drug, float(seen[0]))])
+    if dose <= seen[0] or dose >= seen[-1]:
+        return table[(drug, float(seen[0] if dose <= seen[0] else seen[-1]))]
+    upper = int(np.searchsorted(seen, dose))
+    low, high = float(seen[upper - 1]), float(seen[upper])
+    weight = (np.log(dose) - np.log(low)) / (np.log(high) - np.log(low))
+    return (1.0 - weight) * table[(drug, low)] + weight * table[(drug, high)]
+
+
 def combined_shift(table: ShiftTable, drug_label: str, dose: float, keys: ObsKeys) -> np.ndarray:
-    """Sum of the shifts of the drugs in ``drug_label`` at ``dose`` (nearest seen dose per drug)."""
-    total = 0.0
-    for drug in keys.drugs_of(drug_label):
-        seen = np.array(sorted(x for d, x in table if d == drug and x > 0))
-        if seen.size == 0:
-            raise SchemaMismatchError(f"{drug} was never seen on its own in the training cells; no shift is known.")
-        if dose > 0:
-            nearest = float(seen[np.argmin(np.abs(np.log(seen) - np.log(dose)))])
-            total = total + table[(drug, nearest)]
-    return np.asarray(total)
+    """Sum of the shifts of the drugs in ``drug_label`` at ``dose`` (:func:`drug_shift` per drug)."""
+    return np.asarray(sum(drug_shift(table, drug, dose) for drug in keys.drugs_of(drug_label)))
+
+
+def _knows(table: ShiftTable, drug: str) -> bool:
+    return any(d == drug for d, _ in table)
 
 
 class NoChange:
@@ -76,26 +108,87 @@ class NoChange:
         return log_normalize(_layer(control, self.layer))
 
 
-class AdditiveShift:
-    """Control cells plus the per-drug mean shift in log expression (summed for combinations)."""
+class _PerTypeShift:
+    """Control cells plus the drugs' shifts for their cell type, joined by ``combine`` (sum, mean)."""
+
+    combine: Callable[..., np.ndarray]
+
+    def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None):
+        self.keys, self.layer = keys, layer
+        values = log_normalize(_layer(adata, layer))
+        self.by_type = cell_type_shifts(values, adata.obs, keys)
+        self.average = mean_shifts(values, adata.obs, keys)
+        return self
+
+    def _drug_shifts(self, cell_type: str, drug_label: str, dose: float) -> list[np.ndarray]:
+        """Each drug's shift: the cell type's own where it saw the drug, else the average over types."""
+        own = self.by_type.get(cell_type, {})
+        return [drug_shift(own if _knows(own, d) else self.average, d, dose) for d in self.keys.drugs_of(drug_label)]
+
+    def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
+        out = log_normalize(_layer(control, self.layer))
+        types = cell_types(control.obs, self.keys)
+        for cell_type in np.unique(types):
+            out[types == cell_type] += self.combine(self._drug_shifts(cell_type, drug, dose), axis=0)
+        return out
+
+
+class AdditiveShift(_PerTypeShift):
+    """Control cells plus each drug's mean shift in log expression, summed over a combination.
+
+    A drug's shift is the control cells' own cell type's (treated mean - control mean) where that
+    type saw the drug, else the average over the types that did; between seen doses it is
+    interpolated in log dose (:func:`drug_shift`).
+    """
 
     name = "additive"
+    combine = staticmethod(np.sum)
 
-    def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> AdditiveShift:
+
+class MatchingMean(_PerTypeShift):
+    """Systema's matching mean: for a combination, the average of its drugs' shifts (not the sum);
+    for a single drug the same as :class:`AdditiveShift`."""
+
+    name = "matching mean"
+    combine = staticmethod(np.mean)
+
+
+class PerturbedMean:
+    """Systema's perturbed mean: control cells shifted by the mean effect of *all* perturbations
+    (mean of every perturbed training cell of the type minus its control mean; types that saw no
+    perturbation take the average over types). It ignores which drug and dose are asked for."""
+
+    name = "perturbed mean"
+
+    def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> PerturbedMean:
         self.keys, self.layer = keys, layer
-        self.shifts = mean_shifts(log_normalize(_layer(adata, layer)), adata.obs, keys)
+        values = log_normalize(_layer(adata, layer))
+        types, control = cell_types(adata.obs, keys), keys.is_control(adata.obs)
+        self.shifts = {
+            t: values[~control & (types == t)].mean(0) - values[control & (types == t)].mean(0)
+            for t in np.unique(types)
+            if (~control & (types == t)).any() and (control & (types == t)).any()
+        }
+        if not self.shifts:
+            raise InputDataError("No cell type has both control and perturbed training cells.")
+        self.average = np.mean(list(self.shifts.values()), axis=0)
         return self
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        return log_normalize(_layer(control, self.layer)) + combined_shift(self.shifts, drug, dose, self.keys)
+        out = log_normalize(_layer(control, self.layer))
+        types = cell_types(control.obs, self.keys)
+        for cell_type in np.unique(types):
+            out[types == cell_type] += self.shifts.get(cell_type, self.average)
+        return out
 
 
 class RidgeCovariates:
-    """Ridge regression of group mean log expression on the covariates.
+    """Ridge regression of group mean log expression on one-hot covariates.
 
     Each training group (cell type, drug label, dose) is one row with features: drug indicators,
-    drug x log(dose / median dose), cell-type indicators and drug x cell-type indicators. The
-    prediction for control cells is their expression plus ridge(cell type, drug, dose) minus
+    drug x log(dose / median dose), cell-type indicators, drug x cell-type indicators and one
+    indicator per drug pair seen in training (0 for pairs never seen, which are then additive).
+    The prediction for control cells is their expression plus ridge(cell type, drug, dose) minus
     ridge(cell type, control).
     """
 
@@ -108,7 +201,9 @@ class RidgeCovariates:
         self.keys, self.layer = keys, layer
         values = log_normalize(_layer(adata, layer))
         groups = pd.DataFrame(cell_groups(adata.obs, keys), columns=["cell_type", "drug", "dose"])
-        self.drugs = sorted({d for label in groups["drug"].unique() for d in keys.drugs_of(label)})
+        labels = groups["drug"].unique()
+        self.drugs = sorted({d for label in labels for d in keys.drugs_of(label)})
+        self.pairs = sorted({label for label in labels if len(keys.drugs_of(label)) > 1})
         self.cell_types = sorted(groups["cell_type"].unique())
         doses = cell_doses(adata.obs, keys)
         self.dose_scale = float(np.median(doses[doses > 0])) if (doses > 0).any() else 1.0
@@ -129,7 +224,8 @@ class RidgeCovariates:
         kind = np.zeros(n_t)
         if cell_type in self.cell_types:
             kind[self.cell_types.index(cell_type)] = 1.0
-        return np.concatenate([drug, log_dose, kind, np.outer(drug, kind).ravel()])
+        pair = np.array([float(drug_label == p) for p in self.pairs])
+        return np.concatenate([drug, log_dose, kind, np.outer(drug, kind).ravel(), pair])
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
         values = log_normalize(_layer(control, self.layer))
@@ -149,8 +245,9 @@ class LatentArithmetic:
 
     An unconditional genailab :class:`~genailab.VAE` is trained on the training cells; a drug's
     latent shift is the mean latent of its treated cells minus that of the control cells (per
-    cell type, averaged, as :func:`mean_shifts`); control latents plus the shift are decoded with
-    each control cell's own library size and one count sample is drawn per cell.
+    cell type, averaged, as :func:`mean_shifts`, interpolated in log dose); control latents plus
+    the shift are decoded with each control cell's own library size and one count sample is
+    drawn per cell.
     """
 
     name = "scGen"
@@ -170,8 +267,26 @@ class LatentArithmetic:
     @torch.no_grad()
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
         z = self.vae.get_latent(control) + combined_shift(self.shifts, drug, dose, self.keys)
-        counts = _layer(control, self.layer)
-        device = next(self.vae.module.parameters()).device
-        library = torch.as_tensor(np.asarray(counts.sum(1), dtype=np.float32).reshape(-1, 1), device=device)
-        px = self.vae.module.decode(torch.as_tensor(z, dtype=torch.float32, device=device), None, library)
-        return log_normalize(px.sample().cpu().numpy())
+        library = np.asarray(_layer(control, self.layer).sum(1), dtype=np.float32).ravel()
+        return log_normalize(self.vae.decode(z, library=library, sample=True))
+
+
+class Oracle:
+    """The noise ceiling: the generator's true effect applied to the given control cells.
+
+    ``truth(control, drug=, dose=, seed=)`` returns counts drawn from the data generator's own
+    counterfactual of those control cells (e.g. :func:`genailab.data.simulate.true_counterfactual`);
+    they are log-normalised and scored like any method. It differs from the held-out cells only
+    by sampling noise and by being other cells.
+    """
+
+    name = "oracle"
+
+    def __init__(self, truth: Callable[..., np.ndarray], *, seed: int = 0):
+        self.truth, self.seed = truth, seed
+
+    def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> Oracle:
+        return self
+
+    def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
+        return log_normalize(self.truth(control, drug=drug, dose=dose, seed=self.seed))

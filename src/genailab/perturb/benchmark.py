@@ -3,58 +3,125 @@
 :func:`compare_methods` trains every method on the cells outside a :class:`HoldoutSplit`, predicts
 each held-out group (cell type, drug, dose) from that cell type's control cells, and scores the
 prediction against the held-out cells with :func:`~genailab.perturb.evaluate.perturbation_metrics`.
+Alongside the point scores it draws a paired bootstrap: the held-out cells and the control cells
+of each group are resampled with replacement, and every method is scored on the same draw
+(predictions are rows of the resampled control cells, so the pairing is exact). The top DE genes
+stay those of the full sample. :func:`contrast` turns the draws into 95% intervals of
+(ours - best baseline), the best baseline being the one with the best mean on that metric.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from sklearn.decomposition import PCA
 
+from genailab.anndata_models.perturbation import PerturbationModel
+from genailab.data.perturbation_schema import ObsKeys
 from genailab.data.validation import check_expression
 from genailab.errors import ConfigError, InputDataError
-from genailab.anndata_models.perturbation import PerturbationModel
-from genailab.perturb.baselines import AdditiveShift, LatentArithmetic, NoChange, RidgeCovariates
-from genailab.perturb.evaluate import HoldoutSplit, cell_groups, cell_types, log_normalize, perturbation_metrics
-from genailab.data.perturbation_schema import ObsKeys
+from genailab.perturb.baselines import (
+    AdditiveShift, LatentArithmetic, MatchingMean, NoChange, Oracle, PerturbedMean, RidgeCovariates,
+)  # fmt: skip
+from genailab.perturb.evaluate import (
+    HoldoutSplit, cell_groups, cell_types, centroid_accuracy, log_normalize, perturbation_metrics, top_de_genes,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("r2_mean", "r2_mean_top_de", "r2_delta", "r2_delta_top_de", "energy")
+METRICS = (
+    "r2_mean_top_de", "pearson_mean_top_de", "r2_delta", "pearson_delta", "r2_delta_top_de", "pearson_delta_top_de",
+    "pearson_centred", "centroid_accuracy", "r2_delta_weighted", "direction_top_de", "energy",
+)  # fmt: skip
+BOOTSTRAP_METRICS = ("r2_delta", "pearson_delta", "r2_delta_top_de", "pearson_delta_top_de")
+LOWER_IS_BETTER = ("energy",)
+NOT_BASELINES = ("oracle", "genailab")  # rows that are not baselines when the best baseline is chosen
 _PCA_CELLS = 3000  # training cells the PCA of the energy distance is fitted on
 
 
 class CounterfactualVAE:
-    """The :class:`~genailab.anndata_models.perturbation.PerturbationModel` as a benchmark method (one count sample per cell)."""
+    """The :class:`~genailab.anndata_models.perturbation.PerturbationModel` as a benchmark method.
+
+    With ``n_seeds > 1`` it is a seed ensemble: one model per seed, each predicts one count draw
+    per control cell, and the draws are averaged in log-normalised space (the ensemble predicts a
+    population whose mean is the models' average; energy distance sees the shrunken spread).
+    """
 
     name = "genailab"
 
-    def __init__(self, *, train_options: dict | None = None, **model_options):
+    def __init__(self, *, train_options: dict | None = None, n_seeds: int = 1, **model_options):
         self.train_options = dict(train_options or {})
+        self.n_seeds = n_seeds
         self.model_options = model_options
 
     def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> CounterfactualVAE:
-        self.model = PerturbationModel(
-            adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type,
-            control_value=keys.control, layer=layer, **self.model_options,
-        )  # fmt: skip
-        self.model.fit(**self.train_options)
+        seed = int(self.train_options.get("seed", 0))
+        self.models = []
+        for k in range(self.n_seeds):
+            model = PerturbationModel(
+                adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type,
+                control_value=keys.control, layer=layer, **self.model_options,
+            )  # fmt: skip
+            self.models.append(model.fit(**{**self.train_options, "seed": seed + k}))
         return self
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        return log_normalize(self.model.predict(control, drug=drug, dose=dose).layers["sampled"])
+        draws = [
+            log_normalize(m.predict(control, drug=drug, dose=dose, seed=k).layers["sampled"])
+            for k, m in enumerate(self.models)
+        ]
+        return np.mean(draws, axis=0)
 
 
 def default_methods(
-    *, latent_dim: int = 10, hidden_dims: Sequence[int] = (128,), train_options: dict | None = None
+    *,
+    latent_dim: int = 10,
+    hidden_dims: Sequence[int] | None = None,
+    train_options: dict | None = None,
+    pairs: bool = False,
+    truth: Callable[..., np.ndarray] | None = None,
 ) -> list:
-    """The four baselines and the model; both neural methods share architecture size and training options."""
-    shared = dict(latent_dim=latent_dim, hidden_dims=tuple(hidden_dims), train_options=train_options)
-    return [NoChange(), AdditiveShift(), RidgeCovariates(), LatentArithmetic(**shared), CounterfactualVAE(**shared)]
+    """The baselines, the model and (with ``truth``) the oracle.
+
+    Both neural methods share latent size, hidden layers (None: each class's default) and training
+    options. ``pairs`` adds Systema's matching mean, which differs from the additive baseline
+    only for combinations.
+    """
+    shared: dict = dict(latent_dim=latent_dim, train_options=train_options)
+    if hidden_dims is not None:
+        shared["hidden_dims"] = tuple(hidden_dims)
+    methods = [NoChange(), PerturbedMean(), AdditiveShift()]
+    if pairs:
+        methods.append(MatchingMean())
+    methods += [RidgeCovariates(), LatentArithmetic(**shared), CounterfactualVAE(**shared)]
+    if truth is not None:
+        methods.append(Oracle(truth))
+    return methods
+
+
+@dataclass
+class Comparison:
+    """Scores of every method on every held-out group, with the paired bootstrap draws."""
+
+    scores: pd.DataFrame  # one row per held-out group and method: protocol, cell_type, drug, dose, method, metrics
+    draws: dict[tuple[str, int, str], np.ndarray] = field(default_factory=dict)  # (protocol, group, method) -> (B, m)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Comparison]) -> Comparison:
+        """One comparison from several runs (e.g. one per protocol); group numbers stay distinct."""
+        scores, draws, offset = [], {}, 0
+        for part in parts:
+            frame = part.scores.copy()
+            frame["group"] += offset
+            scores.append(frame)
+            draws.update({(p, g + offset, m): v for (p, g, m), v in part.draws.items()})
+            offset = int(frame["group"].max()) + 1
+        return cls(pd.concat(scores, ignore_index=True), draws)
 
 
 def compare_methods(
@@ -67,8 +134,10 @@ def compare_methods(
     min_cells: int = 10,
     n_top_genes: int = 50,
     n_comps: int = 20,
+    n_bootstrap: int = 200,
+    interacting_pairs: Sequence[str] | None = None,
     seed: int = 0,
-) -> pd.DataFrame:
+) -> Comparison:
     """Train every method without the held-out groups and score its predictions of them.
 
     Parameters
@@ -82,31 +151,43 @@ def compare_methods(
         default :func:`default_methods`.
     min_cells
         Held-out groups with fewer cells are not scored (they stay out of training).
+    n_bootstrap
+        Paired bootstrap draws per group (0: none).
+    interacting_pairs
+        Pair labels whose effect is not the sum of their drugs'; under the ``pair`` protocol their
+        groups are reported as ``pair (interacting)``, the others as ``pair (additive)``. Default
+        ``adata.uns['interacting_pairs']`` (written by both genailab generators), else none.
 
     Returns
     -------
-    One row per held-out group and method: protocol, cell_type, drug, dose, method, n_true,
-    n_control and the metrics of :func:`~genailab.perturb.evaluate.perturbation_metrics`.
+    :class:`Comparison`; its ``scores`` have one row per held-out group and method: protocol,
+    group, cell_type, drug, dose, method, n_true, n_control and the metrics.
     """
     counts = adata.X if layer is None else adata.layers[layer]
     check_expression(counts, counts=True, source="The benchmark's expression matrix")
     test = split.test_mask(adata.obs, keys)
     if test.all() or not test.any():
         raise ConfigError(f"The split holds out {int(test.sum())} of {test.size} cells; it must leave some on each side.")
+    if interacting_pairs is None:
+        interacting_pairs = [str(p) for p in adata.uns.get("interacting_pairs", [])]
     train = adata[~test].copy()
     methods = default_methods() if methods is None else list(methods)
     for method in methods:
         logger.info("fitting %s on %d training cells", method.name, train.n_obs)
         method.fit(train, keys=keys, layer=layer)
-    pca = _fitted_pca(log_normalize(counts[np.flatnonzero(~test)]), n_comps, seed)
+    train_values = log_normalize(counts[np.flatnonzero(~test)])
+    pca = _fitted_pca(train_values, n_comps, seed)
+    perturbed_mean = train_values[~keys.is_control(train.obs)].mean(0)
 
-    groups = np.empty(adata.n_obs, dtype=object)
-    groups[:] = cell_groups(adata.obs, keys)
+    rows_of: dict = {}
+    for i, group in enumerate(cell_groups(adata.obs, keys)):
+        rows_of.setdefault(group, []).append(i)
     types, control = cell_types(adata.obs, keys), keys.is_control(adata.obs)
-    rows = []
-    for group in split.groups:
+    rng = np.random.default_rng(seed)
+    rows, draws, centroids = [], {}, []
+    for number, group in enumerate(split.groups):
         cell_type, drug, dose = group
-        true_rows = np.flatnonzero(test & np.array([g == group for g in groups]))
+        true_rows = np.asarray(rows_of.get(group, []), dtype=np.int64)
         if true_rows.size < min_cells:
             logger.info("skipping %s: %d held-out cells (< %d)", group, true_rows.size, min_cells)
             continue
@@ -115,17 +196,30 @@ def compare_methods(
             raise InputDataError(
                 f"Cell type {cell_type!r} has {control_rows.size} control cells; predictions need its control cells."
             )
+        protocol = split.protocol
+        if protocol == "pair":
+            protocol = "pair (interacting)" if drug in interacting_pairs else "pair (additive)"
         control_values, true_values = log_normalize(counts[control_rows]), log_normalize(counts[true_rows])
+        top = top_de_genes(control_values.mean(0), true_values.mean(0), n_top_genes)
+        weights = _bootstrap_weights(rng, control_rows.size, true_rows.size, n_bootstrap)
+        predicted_means = {}
         for method in methods:
             predicted = method.predict(adata[control_rows], drug=drug, dose=dose)
             scores = perturbation_metrics(
-                control_values, true_values, predicted, n_top_genes=n_top_genes, embed=pca.transform, seed=seed
-            )
-            rows.append(dict(protocol=split.protocol, cell_type=cell_type, drug=drug, dose=dose, method=method.name,
-                             n_true=true_rows.size, n_control=control_rows.size, **scores))  # fmt: skip
+                control_values, true_values, predicted, perturbed_mean=perturbed_mean, n_top_genes=n_top_genes,
+                embed=pca.transform, seed=seed,
+            )  # fmt: skip
+            rows.append(dict(protocol=protocol, group=number, cell_type=cell_type, drug=drug, dose=dose,
+                             method=method.name, n_true=true_rows.size, n_control=control_rows.size, **scores))  # fmt: skip
+            predicted_means[method.name] = predicted.mean(0)
+            if n_bootstrap:
+                draws[(protocol, number, method.name)] = _draw_metrics(control_values, true_values, predicted, top, weights)
+        centroids.append((protocol, true_values.mean(0), predicted_means))
     if not rows:
         raise InputDataError(f"No held-out group has {min_cells}+ cells to score; simulate or keep more cells.")
-    return pd.DataFrame(rows)
+    scores = pd.DataFrame(rows)
+    scores["centroid_accuracy"] = _centroid_column(scores, centroids)
+    return Comparison(scores, draws)
 
 
 def _fitted_pca(values: np.ndarray, n_comps: int, seed: int) -> PCA:
@@ -135,13 +229,101 @@ def _fitted_pca(values: np.ndarray, n_comps: int, seed: int) -> PCA:
     return PCA(n_components=min(n_comps, *values.shape), random_state=seed).fit(values)
 
 
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
+def _bootstrap_weights(rng: np.random.Generator, n_control: int, n_true: int, n_draws: int):
+    """Resampling weights (B, n) for control and true cells: how often each cell is drawn, / n."""
+    def weights(n: int) -> np.ndarray:
+        return rng.multinomial(n, np.full(n, 1.0 / n), size=n_draws).astype(np.float64) / n
+
+    return weights(n_control), weights(n_true)
+
+
+def _draw_metrics(control, true, predicted, top, weights) -> np.ndarray:
+    """:data:`BOOTSTRAP_METRICS` on every bootstrap draw, (B, 4); predicted rows follow the control rows."""
+    control_w, true_w = weights
+    control_mean, true_mean, predicted_mean = control_w @ control, true_w @ true, control_w @ predicted  # (B, G)
+    true_delta, predicted_delta = true_mean - control_mean, predicted_mean - control_mean
+
+    def r2(t, p):
+        total = ((t - t.mean(1, keepdims=True)) ** 2).sum(1)
+        return 1.0 - ((t - p) ** 2).sum(1) / np.where(total > 0, total, np.nan)
+
+    def corr(t, p):
+        t, p = t - t.mean(1, keepdims=True), p - p.mean(1, keepdims=True)
+        norm = np.sqrt((t * t).sum(1) * (p * p).sum(1))
+        return (t * p).sum(1) / np.where(norm > 0, norm, np.nan)
+
+    return np.stack([r2(true_delta, predicted_delta), corr(true_delta, predicted_delta),
+                     r2(true_delta[:, top], predicted_delta[:, top]),
+                     corr(true_delta[:, top], predicted_delta[:, top])], axis=1)  # fmt: skip
+
+
+def _centroid_column(scores: pd.DataFrame, centroids: list) -> np.ndarray:
+    """Centroid accuracy of each row, among the scored groups of the same protocol label."""
+    out = np.full(len(scores), np.nan)
+    methods = list(dict.fromkeys(scores["method"]))
+    for protocol in dict.fromkeys(p for p, _, _ in centroids):
+        chosen = [(t, p) for label, t, p in centroids if label == protocol]
+        true = np.stack([t for t, _ in chosen])
+        for method in methods:
+            accuracy = centroid_accuracy(np.stack([p[method] for _, p in chosen]), true)
+            rows = np.flatnonzero(((scores["protocol"] == protocol) & (scores["method"] == method)).to_numpy())
+            out[rows] = accuracy
+    return out
+
+
+def summarize(comparison: Comparison) -> pd.DataFrame:
     """Mean of each metric over held-out groups, per protocol and method (methods in run order)."""
-    summary = table.groupby(["protocol", "method"], sort=False)[list(METRICS)].mean()
-    summary.insert(0, "groups", table.groupby(["protocol", "method"], sort=False).size())
+    table = comparison.scores
+    by = table.groupby(["protocol", "method"], sort=False)
+    summary = by[list(METRICS)].mean()
+    summary.insert(0, "groups", by.size())
     return summary
 
 
-def format_table(summary: pd.DataFrame) -> str:
-    """The summary as aligned text; higher R2 and lower energy are better."""
-    return summary.to_string(float_format=lambda v: f"{v:.3f}")
+def contrast(comparison: Comparison, *, ours: str = "genailab") -> pd.DataFrame:
+    """Per protocol and bootstrapped metric: our mean, the best baseline's, and the 95% interval
+    of (ours - best) over the paired bootstrap draws (group means of each draw)."""
+    summary = summarize(comparison)
+    rows = []
+    for protocol in dict.fromkeys(summary.index.get_level_values(0)):
+        block = summary.loc[protocol]
+        baselines = [m for m in block.index if m not in NOT_BASELINES and m != ours]
+        if ours not in block.index or not baselines:
+            continue
+        numbers = sorted({g for p, g, m in comparison.draws if p == protocol})
+        for j, metric in enumerate(BOOTSTRAP_METRICS):
+            best = block.loc[baselines, metric].idxmax()
+            row = dict(protocol=protocol, metric=metric, ours=block.loc[ours, metric], best_baseline=best,
+                       best=block.loc[best, metric])  # fmt: skip
+            if numbers:
+                ours_draws = np.nanmean([comparison.draws[(protocol, g, ours)][:, j] for g in numbers], axis=0)
+                best_draws = np.nanmean([comparison.draws[(protocol, g, best)][:, j] for g in numbers], axis=0)
+                row["low"], row["high"] = np.nanpercentile(ours_draws - best_draws, [2.5, 97.5])
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["protocol", "metric", "ours", "best_baseline", "best", "low", "high"])
+
+
+_SHORT = {
+    "r2_mean_top_de": "R2 mean50", "pearson_mean_top_de": "r mean50", "r2_delta": "R2 d", "pearson_delta": "r d",
+    "r2_delta_top_de": "R2 d50", "pearson_delta_top_de": "r d50", "pearson_centred": "r centred",
+    "centroid_accuracy": "centroid", "r2_delta_weighted": "wR2 d", "direction_top_de": "dir50", "energy": "energy",
+}  # fmt: skip
+
+
+def format_table(comparison: Comparison, *, ours: str = "genailab") -> str:
+    """Per protocol: every method's mean scores, then ours - best baseline with its 95% interval.
+
+    Column names: ``d`` change from control, ``50`` the top-50 DE genes, ``R2``/``r`` R2 and
+    Pearson; higher is better except energy.
+    """
+    summary, differences = summarize(comparison), contrast(comparison, ours=ours)
+    blocks = []
+    for protocol in dict.fromkeys(summary.index.get_level_values(0)):
+        block = summary.loc[protocol].rename(columns=_SHORT)
+        lines = [f"== {protocol} ({int(block['groups'].iloc[0])} groups)",
+                 block.drop(columns="groups").to_string(float_format=lambda v: f"{v:.3f}")]  # fmt: skip
+        for row in differences[differences["protocol"] == protocol].itertuples():
+            interval = f" [{row.low:+.3f}, {row.high:+.3f}]" if np.isfinite(row.low) else ""
+            lines.append(f"  {_SHORT[row.metric]:>6}: {ours} - {row.best_baseline} = {row.ours - row.best:+.3f}{interval}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

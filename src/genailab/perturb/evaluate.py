@@ -1,15 +1,23 @@
 """Honest metrics for predicted perturbations, and the held-out split protocols they are measured on.
 
-All metrics compare populations in log-normalised space, ``log1p(counts / total * 1e4)``:
+All metrics compare populations in log-normalised space, ``log1p(counts / total * 1e4)``, one
+held-out group (cell type, drug label, dose) at a time; benchmarks average them over groups.
 
-* ``r2_mean``: R2 of the predicted vs true mean expression over all genes. It is flattered by
+* ``r2_mean`` / ``pearson_mean``: predicted vs true mean expression over all genes. Flattered by
   the genes' baseline levels, which any method gets right by copying the control cells;
-* ``r2_delta``: R2 of the predicted vs true *change* from the control mean, the honest one: the
-  no-change baseline scores <= 0 by construction;
-* ``*_top_de``: the same on the ``n_top_genes`` genes with the largest true |change| (the
-  differentially expressed genes of that cell type, drug and dose);
+* ``r2_delta`` / ``pearson_delta``: predicted vs true *change* from the control mean, the honest
+  ones: the no-change baseline scores R2 <= 0 by construction (its Pearson is undefined, NaN);
+* ``*_top_de``: the same on the ``n_top_genes`` genes with the largest true |change|;
+* ``pearson_centred``: Systema's centred delta (Viñas Torné et al., Nat. Biotech. 2025): change
+  from the mean of all perturbed training cells instead of the controls, so that a method is not
+  rewarded for the effect every perturbation shares;
+* ``r2_delta_weighted``: delta R2 with gene weights ``|true change| / sum |true change|``, so the
+  genes that move count most and unmoved genes cannot dominate;
+* ``direction_top_de``: share of the top DE genes whose predicted change has the true sign;
 * ``energy``: energy distance between predicted and true cells in a PCA space fitted on the
-  training cells (:func:`genailab.eval.energy_distance`).
+  training cells (:func:`genailab.eval.energy_distance`); lower is better;
+* ``centroid_accuracy`` (computed across the groups of a split by the benchmark): 1 when the
+  predicted centroid is nearer its own true centroid than any other held-out group's.
 
 R2 is the coefficient of determination ``1 - SS_res / SS_tot`` (not a squared correlation), so
 it is negative for predictions worse than the true mean.
@@ -17,18 +25,18 @@ it is negative for predictions worse than the true mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from genailab.data.perturbation_schema import ObsKeys, cell_doses, require_columns
 from genailab.errors import ConfigError, InputDataError
 from genailab.eval import energy_distance
-from genailab.data.perturbation_schema import ObsKeys, cell_doses, require_columns
 
-PROTOCOLS = ("combination", "dose", "pair")
+PROTOCOLS = ("combination", "dose", "dose_extrapolation", "pair", "cell_type")
 ALL_CELLS = "all"  # the cell type of every cell when the data have no cell-type column
 
 
@@ -40,13 +48,39 @@ def log_normalize(matrix, *, target_sum: float = 1e4) -> np.ndarray:
     return np.log1p(np.divide(dense * target_sum, totals, out=np.zeros_like(dense), where=totals > 0))
 
 
-def r2_score(true: np.ndarray, predicted: np.ndarray) -> float:
-    """Coefficient of determination of ``predicted`` for ``true`` (1-D, same length)."""
+def r2_score(true: np.ndarray, predicted: np.ndarray, *, weights: np.ndarray | None = None) -> float:
+    """(Weighted) coefficient of determination of ``predicted`` for ``true`` (1-D, same length)."""
     true, predicted = np.asarray(true, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
-    total = np.sum((true - true.mean()) ** 2)
+    w = np.ones_like(true) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = np.sum(w * (true - np.sum(w * true) / np.sum(w)) ** 2)
     if total == 0:
         return float("nan")
-    return float(1.0 - np.sum((true - predicted) ** 2) / total)
+    return float(1.0 - np.sum(w * (true - predicted) ** 2) / total)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two 1-D arrays; NaN when either is constant."""
+    a, b = np.asarray(a, dtype=np.float64) - np.mean(a), np.asarray(b, dtype=np.float64) - np.mean(b)
+    norm = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / norm) if norm > 0 else float("nan")
+
+
+def top_de_genes(control_mean: np.ndarray, true_mean: np.ndarray, n_top_genes: int) -> np.ndarray:
+    """Indices of the ``n_top_genes`` genes with the largest true |mean change| (ties: lower index first)."""
+    return np.argsort(-np.abs(true_mean - control_mean), kind="stable")[: min(n_top_genes, true_mean.size)]
+
+
+def mean_metrics(
+    control_mean: np.ndarray, true_mean: np.ndarray, predicted_mean: np.ndarray, top: np.ndarray
+) -> dict[str, float]:
+    """The delta metrics that need only population means (G,); ``top`` the DE genes' indices."""
+    true_delta, predicted_delta = true_mean - control_mean, predicted_mean - control_mean
+    return {
+        "r2_delta": r2_score(true_delta, predicted_delta),
+        "r2_delta_top_de": r2_score(true_delta[top], predicted_delta[top]),
+        "pearson_delta": pearson(true_delta, predicted_delta),
+        "pearson_delta_top_de": pearson(true_delta[top], predicted_delta[top]),
+    }
 
 
 def perturbation_metrics(
@@ -54,6 +88,7 @@ def perturbation_metrics(
     true: np.ndarray,
     predicted: np.ndarray,
     *,
+    perturbed_mean: np.ndarray | None = None,
     n_top_genes: int = 50,
     embed: Callable[[np.ndarray], np.ndarray] | None = None,
     max_cells: int = 500,
@@ -69,6 +104,9 @@ def perturbation_metrics(
         Log-normalised cells observed under the perturbation, (n_true, G).
     predicted
         Log-normalised predicted cells, (n_predicted, G).
+    perturbed_mean
+        Mean of all perturbed training cells (G,), the reference of ``pearson_centred``; without
+        it that metric is NaN.
     n_top_genes
         Genes with the largest true |mean change| used for the ``*_top_de`` metrics.
     embed
@@ -82,7 +120,7 @@ def perturbation_metrics(
         raise InputDataError("Each population needs at least two cells.")
     control_mean, true_mean, predicted_mean = control.mean(0), true.mean(0), predicted.mean(0)
     true_delta, predicted_delta = true_mean - control_mean, predicted_mean - control_mean
-    top = np.argsort(-np.abs(true_delta), kind="stable")[: min(n_top_genes, true.shape[1])]
+    top = top_de_genes(control_mean, true_mean, n_top_genes)
     rng = np.random.default_rng(seed)
     project = embed or (lambda x: x)
 
@@ -90,13 +128,33 @@ def perturbation_metrics(
         kept = x[rng.choice(x.shape[0], max_cells, replace=False)] if x.shape[0] > max_cells else x
         return project(kept)
 
+    centred = (
+        pearson(true_mean - perturbed_mean, predicted_mean - perturbed_mean) if perturbed_mean is not None else np.nan
+    )
     return {
         "r2_mean": r2_score(true_mean, predicted_mean),
         "r2_mean_top_de": r2_score(true_mean[top], predicted_mean[top]),
-        "r2_delta": r2_score(true_delta, predicted_delta),
-        "r2_delta_top_de": r2_score(true_delta[top], predicted_delta[top]),
+        "pearson_mean": pearson(true_mean, predicted_mean),
+        "pearson_mean_top_de": pearson(true_mean[top], predicted_mean[top]),
+        **mean_metrics(control_mean, true_mean, predicted_mean, top),
+        "r2_delta_weighted": r2_score(true_delta, predicted_delta, weights=np.abs(true_delta)),
+        "pearson_centred": centred,
+        "direction_top_de": float(np.mean(np.sign(predicted_delta[top]) == np.sign(true_delta[top]))),
         "energy": energy_distance(cells(true), cells(predicted)),
     }
+
+
+def centroid_accuracy(predicted_means: np.ndarray, true_means: np.ndarray) -> np.ndarray:
+    """Per group, 1.0 when its predicted centroid is nearest (Euclidean) its own true centroid.
+
+    ``predicted_means`` and ``true_means`` are (n_groups, G), row i of both for group i; with
+    fewer than two groups there is nothing to confuse and every entry is NaN.
+    """
+    n = true_means.shape[0]
+    if n < 2:
+        return np.full(n, np.nan)
+    distances = np.linalg.norm(predicted_means[:, None, :] - true_means[None, :, :], axis=-1)  # (n, n)
+    return (np.argmin(distances, axis=1) == np.arange(n)).astype(np.float64)
 
 
 # -- held-out split protocols --------------------------------------------------------------------
@@ -131,31 +189,51 @@ def cell_groups(obs: pd.DataFrame, keys: ObsKeys) -> list[Group]:
 
 
 def holdout_split(
-    obs: pd.DataFrame, protocol: str, *, keys: ObsKeys = ObsKeys(), n_groups: int | None = None, seed: int = 0
+    obs: pd.DataFrame,
+    protocol: str,
+    *,
+    keys: ObsKeys = ObsKeys(),
+    n_groups: int | None = None,
+    pairs: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> HoldoutSplit:
     """Choose what to hold out under one protocol.
 
     ``"combination"``
-        Unseen (cell type, drug, dose): for ``n_groups`` single drugs (default all), one random
-        cell type and dose among those whose drug is still seen at that dose in another cell type
-        and in that cell type at another dose.
+        Unseen (cell type, drug): for ``n_groups`` single drugs (default all), one random cell type
+        in which the drug is held out at *every* dose, alone and in combinations; the drug stays
+        seen in other cell types and the cell type stays seen under other drugs.
     ``"dose"``
-        Unseen dose: the middle dose of ``n_groups`` single drugs (default all; needs 3+ doses),
-        in every cell type and in every combination containing the drug.
+        Unseen dose inside the seen range (interpolation): the middle dose of ``n_groups`` single
+        drugs (default all; needs 3+ doses), in every cell type and combination containing the drug.
+    ``"dose_extrapolation"``
+        Unseen dose above the seen range: the highest dose of each drug (needs 2+ doses), likewise.
     ``"pair"``
-        Unseen combination: ``n_groups`` drug pairs (default all), in every cell type and dose;
-        their drugs stay seen on their own.
+        Unseen combinations whose drugs are seen alone: ``pairs`` (labels) or ``n_groups`` random
+        pairs (default all), in every cell type and dose.
+    ``"cell_type"``
+        Unseen cell type: every treated cell of one random cell type (its controls stay), for
+        drugs seen in the other cell types.
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={protocol!r} is not one of {PROTOCOLS}.")
     groups = pd.DataFrame(cell_groups(obs, keys), columns=["cell_type", "drug", "dose"]).drop_duplicates()
+    groups = groups[groups["drug"] != keys.control]
     drug_parts = groups["drug"].map(keys.drugs_of)
-    singles = groups[drug_parts.map(len) == 1]
     rng = np.random.default_rng(seed)
-    chooser = {"combination": _unseen_combinations, "dose": _unseen_doses, "pair": _unseen_pairs}[protocol]
-    held = chooser(groups, singles, drug_parts, keys, n_groups, rng)
+    if protocol == "combination":
+        held = _unseen_cell_drug(groups, drug_parts, n_groups, rng)
+    elif protocol in ("dose", "dose_extrapolation"):
+        held = _unseen_doses(groups, drug_parts, n_groups, rng, extrapolate=protocol == "dose_extrapolation")
+    elif protocol == "pair":
+        held = _unseen_pairs(groups, drug_parts, n_groups, pairs, rng)
+    else:
+        held = _unseen_cell_type(groups, rng)
     if not held:
-        raise ConfigError(f"The data offer nothing to hold out under protocol {protocol!r}; see holdout_split's docs.")
+        raise ConfigError(
+            f"The data offer nothing to hold out under protocol {protocol!r} (e.g. 'pair' needs drug pairs whose "
+            "drugs are also given alone); see holdout_split's docs."
+        )
     return HoldoutSplit(protocol=protocol, groups=tuple(sorted(held)))
 
 
@@ -165,35 +243,57 @@ def _pick(options: list, n: int | None, rng: np.random.Generator) -> list:
     return [options[i] for i in sorted(rng.choice(len(options), n, replace=False))]
 
 
-def _unseen_combinations(groups, singles, drug_parts, keys, n_groups, rng) -> list[Group]:
+def _rows(frame: pd.DataFrame) -> list[Group]:
+    return [(str(t), str(d), float(x)) for t, d, x in frame.itertuples(index=False, name=None)]
+
+
+def _unseen_cell_drug(groups, drug_parts, n_groups, rng) -> list[Group]:
+    singles = groups[drug_parts.map(len) == 1]
     held = []
     for drug in _pick(sorted(singles["drug"].unique()), n_groups, rng):
-        rows = singles[singles["drug"] == drug]
-        types, doses = rows["cell_type"].to_numpy(), rows["dose"].to_numpy()
-        candidates = [
-            (str(t), drug, float(x))
-            for t, x in zip(types, doses)
-            if ((types != t) & (doses == x)).any() and ((types == t) & (doses != x)).any()
-        ]
+        types = sorted(singles.loc[singles["drug"] == drug, "cell_type"].unique())
+        others = singles[singles["drug"] != drug]["cell_type"].unique()
+        candidates = [t for t in types if len(types) > 1 and t in others]
         if candidates:
-            held.append(candidates[rng.integers(len(candidates))])
+            chosen = candidates[rng.integers(len(candidates))]
+            contains = drug_parts.map(lambda parts, d=drug: d in parts) & (groups["cell_type"] == chosen)
+            held += _rows(groups[contains])
     return held
 
 
-def _unseen_doses(groups, singles, drug_parts, keys, n_groups, rng) -> list[Group]:
+def _unseen_doses(groups, drug_parts, n_groups, rng, *, extrapolate: bool) -> list[Group]:
+    singles = groups[drug_parts.map(len) == 1]
     held = []
     for drug in _pick(sorted(singles["drug"].unique()), n_groups, rng):
         doses = np.sort(singles.loc[singles["drug"] == drug, "dose"].unique())
-        if doses.size < 3:
-            raise ConfigError(f"{drug} has {doses.size} doses; the 'dose' protocol needs 3+ to hold out a middle one.")
-        middle = float(doses[doses.size // 2])
-        contains = drug_parts.map(lambda parts: drug in parts) & (groups["dose"] == middle)
-        held += list(groups[contains].itertuples(index=False, name=None))
+        needed = 2 if extrapolate else 3
+        if doses.size < needed:
+            raise ConfigError(
+                f"{drug} has {doses.size} doses; this protocol needs {needed}+ to hold one out "
+                f"({'the highest' if extrapolate else 'a middle one'})."
+            )
+        chosen = float(doses[-1] if extrapolate else doses[doses.size // 2])
+        contains = drug_parts.map(lambda parts, d=drug: d in parts) & (groups["dose"] == chosen)
+        held += _rows(groups[contains])
     return sorted(set(held))
 
 
-def _unseen_pairs(groups, singles, drug_parts, keys, n_groups, rng) -> list[Group]:
-    seen_alone = set(singles["drug"])
-    pairs = sorted({d for d, p in zip(groups["drug"], drug_parts) if len(p) == 2 and set(p) <= seen_alone})
-    chosen = set(_pick(pairs, n_groups, rng))
-    return list(groups[groups["drug"].isin(chosen)].itertuples(index=False, name=None))
+def _unseen_pairs(groups, drug_parts, n_groups, pairs, rng) -> list[Group]:
+    seen_alone = set(groups.loc[drug_parts.map(len) == 1, "drug"])
+    available = sorted({d for d, p in zip(groups["drug"], drug_parts) if len(p) == 2 and set(p) <= seen_alone})
+    if pairs is not None:
+        missing = sorted(set(pairs) - set(available))
+        if missing:
+            raise ConfigError(f"pairs {missing} are not drug pairs of these data with both drugs seen alone: {available}.")
+        chosen = set(pairs)
+    else:
+        chosen = set(_pick(available, n_groups, rng))
+    return _rows(groups[groups["drug"].isin(chosen)])
+
+
+def _unseen_cell_type(groups, rng) -> list[Group]:
+    types = sorted(groups["cell_type"].unique())
+    if len(types) < 2:
+        return []
+    chosen = types[rng.integers(len(types))]
+    return _rows(groups[groups["cell_type"] == chosen])
