@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 import genailab
-from genailab.data.backed import ChunkedLoader, OnDiskMatrix
+from genailab.data.backed import OnDiskMatrix
 from genailab.data.loader import MinibatchLoader
 from genailab.data.simulate import write_simulated_h5ad
 from genailab.errors import InputDataError
@@ -42,13 +42,14 @@ def trained(pair):
 
 
 def _recorded_reads(matrix: OnDiskMatrix) -> list[tuple[int, int]]:
-    reads, read = [], matrix.read
+    """Every row range the matrix reads from now on (each is one slice of each stored array)."""
+    reads, read_ranges = [], matrix.read_ranges
 
-    def spy(start, stop):
-        reads.append((start, stop))
-        return read(start, stop)
+    def spy(ranges):
+        reads.extend(ranges)
+        return read_ranges(ranges)
 
-    matrix.read = spy
+    matrix.read_ranges = spy
     return reads
 
 
@@ -57,7 +58,7 @@ def test_every_cell_once_with_its_conditions_shuffled_across_chunks(pair):
     matrix = OnDiskMatrix(backed.X)
     conditions = np.arange(memory.n_obs, dtype=np.float32)[:, None]
     labels = np.arange(memory.n_obs) % 7
-    loader = ChunkedLoader(matrix, conditions, labels=labels, batch_size=50, chunk_rows=40, chunks_in_memory=3, seed=2)
+    loader = MinibatchLoader(matrix, conditions, labels=labels, batch_size=50, chunk_rows=40, chunks_in_memory=3, seed=2)
     loader.set_epoch(1)
     batches = list(loader)
     seen = np.concatenate([b.index.numpy() for b in batches])
@@ -81,7 +82,7 @@ def test_every_cell_once_with_its_conditions_shuffled_across_chunks(pair):
 def test_one_read_covering_all_rows_gives_the_in_memory_order(pair):
     memory, backed = pair
     rows = np.arange(0, memory.n_obs, 3)
-    chunked = ChunkedLoader(OnDiskMatrix(backed.X), indices=rows, batch_size=32, chunk_rows=100, chunks_in_memory=6, seed=5)
+    chunked = MinibatchLoader(OnDiskMatrix(backed.X), indices=rows, batch_size=32, chunk_rows=100, chunks_in_memory=6, seed=5)
     in_memory = MinibatchLoader(memory.X, indices=rows, batch_size=32, seed=5)
     for epoch in (0, 3):
         chunked.set_epoch(epoch)
@@ -97,7 +98,7 @@ def test_reads_are_single_slices_of_at_most_one_chunk(pair):
     _, backed = pair
     matrix = OnDiskMatrix(backed.X)
     reads = _recorded_reads(matrix)
-    loader = ChunkedLoader(matrix, batch_size=16, chunk_rows=64, chunks_in_memory=2, seed=0)
+    loader = MinibatchLoader(matrix, batch_size=16, chunk_rows=64, chunks_in_memory=2, seed=0)
     n_batches = sum(1 for _ in loader)
     sizes = [stop - start for start, stop in reads]
     assert n_batches == len(loader) and sum(sizes) == matrix.shape[0]  # every row read once per epoch
@@ -108,7 +109,7 @@ def test_an_epoch_holds_a_small_part_of_the_matrix(tmp_path):
     path = write_simulated_h5ad(tmp_path / "big.h5ad", 8192, 400, chunk_size=4096, seed=0)
     backed = ad.read_h5ad(path, backed="r")
     nbytes = backed.X.group["data"].size * 8  # values and column indices, as CSR in memory
-    loader = ChunkedLoader(OnDiskMatrix(backed.X), batch_size=64, chunk_rows=128, chunks_in_memory=2, seed=0)
+    loader = MinibatchLoader(OnDiskMatrix(backed.X), batch_size=64, chunk_rows=128, chunks_in_memory=2, seed=0)
     held = nbytes * 256 / 8192  # the 256 rows of one read
     tracemalloc.start()
     try:
@@ -141,7 +142,7 @@ def test_small_chunks_shuffle_differently_but_score_the_same(pair, trained):
     assert model.history[0]["train_loss"] != trained.history[0]["train_loss"]
     val = model.validation_indices
     conditions = model.schema.encode_obs(memory.obs)
-    chunked = ChunkedLoader(model.schema.expression(backed), conditions, indices=val, batch_size=100, shuffle=False)
+    chunked = MinibatchLoader(model.schema.expression(backed), conditions, indices=val, batch_size=100, shuffle=False)
     in_memory = MinibatchLoader(model.schema.expression(memory), conditions, indices=val, batch_size=100, shuffle=False)
     scores = []
     for loader in (chunked, in_memory):
@@ -191,3 +192,18 @@ def test_backed_data_is_validated_block_by_block(pair, trained, tmp_path):
     csc.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(InputDataError, match="CSC"):
         trained.get_latent(ad.read_h5ad(tmp_path / "csc.h5ad", backed="r"))
+
+
+def test_unshuffled_reads_of_a_subset_give_the_in_memory_batches(pair):
+    """Rows in a given (unsorted) order, some chunks' rows left out: the same batches as in memory."""
+    memory, backed = pair
+    rows = np.random.default_rng(0).permutation(memory.n_obs)[:250]
+    on_disk = MinibatchLoader(OnDiskMatrix(backed.X), indices=rows, batch_size=48, shuffle=False, chunk_rows=32,
+                              chunks_in_memory=2)
+    in_memory = MinibatchLoader(memory.X, indices=rows, batch_size=48, shuffle=False)
+    for a, b in zip(on_disk, in_memory, strict=True):
+        np.testing.assert_array_equal(a.index.numpy(), b.index.numpy())
+        np.testing.assert_array_equal(a.x.numpy(), b.x.numpy())
+        for mine, theirs in zip(a.x_sparse, b.x_sparse, strict=True):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    np.testing.assert_array_equal(on_disk.order(), rows)

@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from genailab.data.loader import MinibatchLoader, gather_rows
+from genailab.data.loader import LoaderOptions, MinibatchLoader, gather_rows, stack_csr
+from genailab.errors import ConfigError
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
@@ -68,3 +69,23 @@ def test_drop_last_and_length():
     matrix = np.zeros((33, 4), np.float32)
     assert len(MinibatchLoader(matrix, batch_size=8)) == 5
     assert len(MinibatchLoader(matrix, batch_size=8, drop_last=True)) == 4
+
+
+def test_stacked_csr_blocks_equal_scipy_vstack():
+    blocks = [sp.random(n, 9, density=0.3, format="csr", dtype=np.float32, random_state=n) for n in (4, 0, 7)]
+    stacked = stack_csr(blocks)
+    expected = sp.vstack(blocks, format="csr")
+    assert stacked.shape == expected.shape
+    np.testing.assert_array_equal(stacked.indptr, expected.indptr)
+    np.testing.assert_array_equal(stacked.toarray(), expected.toarray())
+
+
+def test_loader_options_are_split_from_training_options_and_checked():
+    options, rest = LoaderOptions.split({"chunk_rows": 64, "epochs": 3, "lr": 1e-3})
+    assert options == LoaderOptions(chunk_rows=64) and rest == {"epochs": 3, "lr": 1e-3}
+    assert options.chunks_in_memory == LoaderOptions().chunks_in_memory
+    with pytest.raises(ConfigError, match="chunks_in_memory must be a positive whole number"):
+        LoaderOptions(chunks_in_memory=0)
+    with pytest.raises(ConfigError, match="either options=LoaderOptions"):
+        MinibatchLoader(np.zeros((4, 2)), options=LoaderOptions(), chunk_rows=8)
+    assert MinibatchLoader(np.zeros((4, 2)), chunk_rows=8).options == LoaderOptions(chunk_rows=8)

@@ -1,9 +1,9 @@
 """Out-of-core minibatches from a backed h5ad (``anndata.read_h5ad(path, backed="r")``).
 
-The matrix stays on disk. :class:`OnDiskMatrix` reads contiguous row ranges with one slice of each
-stored array (``X/indptr``, ``X/indices``, ``X/data``, or the dense array); :class:`ChunkedLoader`
-shuffles across chunks (their visiting order) and within them (the rows of the few chunks held in
-memory at once), so one epoch reads every row exactly once and never the whole matrix.
+The matrix stays on disk. :class:`OnDiskMatrix` is a row source for
+:class:`~genailab.data.loader.MinibatchLoader`: it reads contiguous row ranges with one slice of
+each stored array (``X/indptr``, ``X/indices``, ``X/data``, or the dense array), one range per chunk
+of rows, so one epoch reads every row exactly once and never the whole matrix.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from collections.abc import Callable, Iterator
 import h5py
 import numpy as np
 import scipy.sparse as sp
-import torch
 from anndata.abc import CSCDataset, CSRDataset
 
-from genailab.data.loader import Batch, MinibatchLoader, gather_rows
-from genailab.errors import ConfigError, InputDataError
+from genailab.data.loader import LoaderOptions, MinibatchLoader, _by_block
+from genailab.errors import InputDataError
 
 SCAN_ROWS = 8192  # rows per read when a whole matrix is scanned (validation, cell totals, hashing)
-CHUNK_ROWS = 2048  # default rows per contiguous read while training
-CHUNKS_IN_MEMORY = 8  # default chunks read together and shuffled row by row
+CHUNK_ROWS = LoaderOptions.chunk_rows  # default rows per contiguous read while training
+CHUNKS_IN_MEMORY = LoaderOptions.chunks_in_memory  # default chunks read together and shuffled row by row
 
 
 def is_on_disk(matrix) -> bool:
@@ -41,6 +40,8 @@ class OnDiskMatrix:
         sets ``shape[1]``.
     """
 
+    in_memory = False  # the loader reads it chunk by chunk
+
     def __init__(self, source, *, transform: Callable | None = None):
         if isinstance(source, CSCDataset):
             raise InputDataError(
@@ -53,15 +54,41 @@ class OnDiskMatrix:
 
     def read(self, start: int, stop: int):
         """Rows ``start:stop``, read with one slice of each stored array."""
+        return self.read_ranges([(start, stop)])
+
+    def read_ranges(self, ranges: list[tuple[int, int]]):
+        """The rows of several ``(start, stop)`` ranges, one range below the other, as one block: one
+        slice of each stored array per range, written straight into the block's arrays."""
         if isinstance(self.source, h5py.Dataset):
-            block = np.asarray(self.source[start:stop], dtype=np.float32)
+            block = np.concatenate([np.asarray(self.source[start:stop], dtype=np.float32) for start, stop in ranges])
         else:
             group = self.source.group
-            indptr = group["indptr"][start : stop + 1].astype(np.int64)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            values = group["data"][lo:hi].astype(np.float32, copy=False)
-            block = sp.csr_matrix((values, group["indices"][lo:hi], indptr - lo), shape=(stop - start, self.source.shape[1]))
+            pointers = [group["indptr"][start : stop + 1].astype(np.int64) for start, stop in ranges]
+            sizes = [int(pointer[-1] - pointer[0]) for pointer in pointers]
+            index_dtype = np.int32 if sum(sizes) < np.iinfo(np.int32).max else np.int64
+            values = np.empty(sum(sizes), dtype=np.float32)
+            indices = np.empty(sum(sizes), dtype=index_dtype)
+            indptr = np.zeros(sum(stop - start for start, stop in ranges) + 1, dtype=index_dtype)
+            at, row = 0, 0
+            for pointer, size in zip(pointers, sizes):
+                lo = int(pointer[0])
+                _read_into(group["data"], lo, lo + size, values, at)
+                _read_into(group["indices"], lo, lo + size, indices, at)
+                indptr[row + 1 : row + pointer.size] = pointer[1:] - lo + at
+                at, row = at + size, row + pointer.size - 1
+            block = sp.csr_matrix((values, indices, indptr), shape=(row, self.source.shape[1]))
         return block if self.transform is None else self.transform(block)
+
+    def hold(self, rows: np.ndarray, chunk_rows: int = CHUNK_ROWS):
+        """(a block holding ``rows``, where each of ``rows`` sits in it): one contiguous read per
+        chunk of ``chunk_rows`` file rows that ``rows`` touch, in file order. Minibatches are then
+        gathered from the block (reordering the whole block at once is slower: it misses the cache)."""
+        ordered = np.sort(rows)
+        chunks = _by_block(ordered, chunk_rows)
+        block = self.read_ranges([(int(chunk[0]), int(chunk[-1]) + 1) for chunk in chunks])
+        starts = np.cumsum([0] + [int(chunk[-1] - chunk[0]) + 1 for chunk in chunks[:-1]])
+        in_block = np.concatenate([chunk - chunk[0] + start for chunk, start in zip(chunks, starts)])  # of ``ordered``
+        return block, in_block[np.searchsorted(ordered, rows)]
 
     def blocks(self, rows: int = SCAN_ROWS) -> Iterator:
         """All rows in order, ``rows`` at a time."""
@@ -78,133 +105,20 @@ def row_blocks(matrix, rows: int = SCAN_ROWS) -> Iterator:
         yield matrix[start : start + rows]
 
 
-class ChunkedLoader:
-    """Minibatches from an :class:`OnDiskMatrix`, shuffled within and across chunks of rows.
-
-    The file's rows are cut into chunks of ``chunk_rows`` consecutive rows. Each epoch the chunks
-    holding rows to visit (``indices``) are taken in an order drawn from ``(seed, epoch)``,
-    ``chunks_in_memory`` at a time; those are read (one contiguous slice per chunk, in file order)
-    and their rows shuffled together and cut into minibatches (a batch may span two reads). At most
-    ``chunk_rows * chunks_in_memory`` rows are in memory at once. When that covers every row, the
-    order equals :class:`~genailab.data.loader.MinibatchLoader`'s for the same seed, epoch and
-    (sorted) indices. Without ``shuffle`` the rows come in the order of ``indices``. Parameters and
-    batches are otherwise those of ``MinibatchLoader``.
-    """
-
-    def __init__(
-        self,
-        matrix: OnDiskMatrix,
-        conditions: np.ndarray | None = None,
-        *,
-        labels: np.ndarray | None = None,
-        indices: np.ndarray | None = None,
-        batch_size: int = 128,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        sparse_counts: bool = True,
-        chunk_rows: int = CHUNK_ROWS,
-        chunks_in_memory: int = CHUNKS_IN_MEMORY,
-    ):
-        if min(batch_size, chunk_rows, chunks_in_memory) < 1:
-            raise ConfigError(
-                f"batch_size ({batch_size}), chunk_rows ({chunk_rows}) and chunks_in_memory ({chunks_in_memory}) "
-                "must be positive."
-            )
-        self.matrix = matrix
-        self.conditions = None if conditions is None else np.ascontiguousarray(conditions, dtype=np.float32)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.indices = np.arange(matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.sparse_counts = sparse_counts
-        self.chunk_rows = chunk_rows
-        self.chunks_in_memory = chunks_in_memory
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = self.indices.size
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _reads(self) -> list[np.ndarray]:
-        """The rows of each group of chunks read together, in visiting order."""
-        if not self.shuffle:
-            size = self.chunk_rows * self.chunks_in_memory
-            return [self.indices[i : i + size] for i in range(0, self.indices.size, size)]
-        if not self.indices.size:
-            return []
-        chunks = _by_block(np.sort(self.indices), self.chunk_rows)
-        chunk_order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(chunks))
-        rng = np.random.default_rng([self.seed, self.epoch])  # MinibatchLoader's stream, for a single read
-        group = self.chunks_in_memory
-        return [
-            rng.permutation(np.concatenate([chunks[c] for c in np.sort(chunk_order[i : i + group])]))
-            for i in range(0, len(chunks), group)
-        ]
-
-    def order(self) -> np.ndarray:
-        """The rows of this epoch in visiting order."""
-        reads = self._reads()
-        return np.concatenate(reads) if reads else self.indices
-
-    def __iter__(self) -> Iterator[Batch]:
-        rows_part, x_part, n_part = [], [], 0  # the batch being filled, possibly across two reads
-        for rows in self._reads():
-            block, position = self._read(rows)
-            start = 0
-            while start < rows.size:
-                take = min(self.batch_size - n_part, rows.size - start)
-                rows_part.append(rows[start : start + take])
-                x_part.append(block[position[start : start + take]])
-                n_part += take
-                start += take
-                if n_part == self.batch_size:
-                    yield self._batch(np.concatenate(rows_part), x_part)
-                    rows_part, x_part, n_part = [], [], 0
-        if n_part and not self.drop_last:
-            yield self._batch(np.concatenate(rows_part), x_part)
-
-    def _read(self, rows: np.ndarray):
-        """``rows`` as one block in ascending row order, and where each of ``rows`` sits in it."""
-        ordered = np.sort(rows)
-        parts = [
-            self.matrix.read(int(chunk[0]), int(chunk[-1]) + 1)[chunk - chunk[0]]
-            for chunk in _by_block(ordered, self.chunk_rows)
-        ]
-        block = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
-        return block, np.searchsorted(ordered, rows)
-
-    def _batch(self, rows: np.ndarray, x_parts: list) -> Batch:
-        """The batch of ``rows`` from their rows of the blocks read, in order (one or two parts)."""
-        if len(x_parts) == 1:
-            parts = x_parts[0]
-        else:
-            parts = sp.vstack(x_parts, format="csr") if sp.issparse(x_parts[0]) else np.concatenate(x_parts)
-        if self.sparse_counts:
-            x, x_sparse = gather_rows(parts, np.arange(rows.size), with_sparse=True)
-        else:
-            x, x_sparse = gather_rows(parts, np.arange(rows.size)), None
-        c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
-        y = None if self.labels is None else torch.from_numpy(self.labels[rows])
-        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y, x_sparse=x_sparse)
+def _read_into(dataset, start: int, stop: int, out: np.ndarray, at: int) -> None:
+    """``dataset[start:stop]`` into ``out[at:]`` (h5py reads it in place, converting the type)."""
+    if stop <= start:
+        return
+    if isinstance(dataset, h5py.Dataset):
+        dataset.read_direct(out[at : at + stop - start], np.s_[start:stop])  # a view: h5py's fast path
+    else:
+        out[at : at + stop - start] = dataset[start:stop]
 
 
-def _by_block(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
-    """Sorted ``rows`` split by the block of ``block_rows`` file rows they fall in (one read each)."""
-    return np.split(rows, np.flatnonzero(np.diff(rows // block_rows)) + 1)
-
-
-def minibatch_loader(
-    matrix, conditions: np.ndarray | None = None, *, chunk_rows: int = CHUNK_ROWS,
-    chunks_in_memory: int = CHUNKS_IN_MEMORY, **options,
-) -> MinibatchLoader | ChunkedLoader:
-    """A :class:`ChunkedLoader` for an :class:`OnDiskMatrix`, else a ``MinibatchLoader``; the chunk
-    options apply to the first only, ``options`` to both."""
-    if isinstance(matrix, OnDiskMatrix):
-        return ChunkedLoader(matrix, conditions, chunk_rows=chunk_rows, chunks_in_memory=chunks_in_memory, **options)
+def minibatch_loader(matrix, conditions: np.ndarray | None = None, **options) -> MinibatchLoader:
+    """The former factory name, kept while callers move to :class:`~genailab.data.loader.MinibatchLoader`,
+    which now takes every row source and the chunk options itself."""
     return MinibatchLoader(matrix, conditions, **options)
+
+
+ChunkedLoader = MinibatchLoader  # the former on-disk loader's name, kept while callers move to MinibatchLoader

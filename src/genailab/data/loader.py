@@ -1,9 +1,18 @@
-"""Minibatches straight from CSR or dense matrices, never densifying the whole matrix."""
+"""One minibatch loader over a row source: an in-memory CSR or dense matrix, or a backed h5ad read
+in chunks (:class:`~genailab.data.backed.OnDiskMatrix`); the whole matrix is never densified.
+
+Each epoch the loader draws a visiting order from ``(seed, epoch)``. For an in-memory source every
+row is held, so the order is one permutation of the rows. For an on-disk source the rows are cut
+into chunks of ``chunk_rows`` consecutive file rows; the chunks are visited in a shuffled order,
+``chunks_in_memory`` at a time, and the rows of the chunks held together are shuffled among
+themselves (a minibatch may span two such reads). When one read covers every row, the on-disk
+order equals the in-memory one, so training gives the same numbers either way.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,7 +33,7 @@ class Batch:
     x_sparse: SparseCounts | None = None  # the stored entries of x, when the source matrix is sparse
 
     def to(self, device: torch.device) -> Batch:
-        if device.type == "cpu":
+        if device.type == "cpu" or self.x.device == device:
             return self
         return Batch(
             x=self.x.to(device, non_blocking=True),
@@ -35,8 +44,51 @@ class Batch:
         )
 
 
-def gather_rows(matrix, rows: np.ndarray, *, with_sparse: bool = False):
-    """Rows of a CSR or dense matrix as a dense float32 array (len(rows), n_cols).
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How minibatches are read from an on-disk (backed h5ad) row source; in memory they change nothing."""
+
+    chunk_rows: int = 2048  # consecutive file rows per disk read; the chunks' visiting order is shuffled
+    chunks_in_memory: int = 8  # chunks held and shuffled together: the loader's memory, in rows chunk_rows * this
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_rows", "chunks_in_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive whole number, got {value!r}.")
+
+    @classmethod
+    def split(cls, options: dict) -> tuple[LoaderOptions, dict]:
+        """(the loader options among ``options``, the remaining options), e.g. to route ``fit(**options)``."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names}), {k: v for k, v in options.items() if k not in names}
+
+
+class InMemoryRows:
+    """A CSR or dense (n_cells, n_genes) matrix as a row source: every row is already held."""
+
+    in_memory = True
+
+    def __init__(self, matrix):
+        if sp.issparse(matrix) and not sp.isspmatrix_csr(matrix):
+            matrix = sp.csr_matrix(matrix)
+        self.matrix = matrix
+        self.shape = matrix.shape
+
+    def hold(self, rows: np.ndarray, chunk_rows: int | None = None):
+        """(a matrix holding ``rows``, their positions in it): here the matrix itself, no copy."""
+        return self.matrix, rows
+
+
+def row_source(matrix):
+    """``matrix`` as a row source: an :class:`~genailab.data.backed.OnDiskMatrix` (anything with
+    ``hold``) stays as it is, an in-memory CSR or dense matrix becomes :class:`InMemoryRows`."""
+    return matrix if hasattr(matrix, "hold") else InMemoryRows(matrix)
+
+
+def gather_rows(matrix, rows: np.ndarray | slice, *, with_sparse: bool = False):
+    """Rows of a CSR or dense matrix as a dense float32 array (len(rows), n_cols); ``rows`` are
+    row numbers or a slice.
 
     For CSR, scipy's compiled row indexing and densification do the work (no Python loop per
     row). With ``with_sparse``, also return the rows' stored entries as :class:`SparseCounts`
@@ -61,7 +113,8 @@ class MinibatchLoader:
     Parameters
     ----------
     matrix
-        (n_cells, n_genes) CSR or dense matrix.
+        (n_cells, n_genes) row source: a CSR or dense matrix in memory, or an
+        :class:`~genailab.data.backed.OnDiskMatrix` over a backed h5ad.
     conditions
         (n_cells, k) float32 condition matrix, or None.
     labels
@@ -70,10 +123,13 @@ class MinibatchLoader:
         Rows to iterate over (e.g. the training split); all rows by default.
     batch_size, shuffle, seed, drop_last
         Usual meanings; the order of epoch e depends only on (seed, e), so a resumed run sees the
-        same batches as an uninterrupted one.
+        same batches as an uninterrupted one. Without ``shuffle`` rows come in the order of ``indices``.
     sparse_counts
         Also hand over each batch's stored entries (``Batch.x_sparse``), which the count
         likelihood uses; inference that only encodes or decodes can skip them.
+    options
+        Chunked reading of an on-disk source (:class:`LoaderOptions`); ``chunk_rows`` and
+        ``chunks_in_memory`` may also be given directly.
     """
 
     def __init__(
@@ -88,23 +144,34 @@ class MinibatchLoader:
         seed: int = 0,
         drop_last: bool = False,
         sparse_counts: bool = True,
+        options: LoaderOptions | None = None,
+        chunk_rows: int | None = None,
+        chunks_in_memory: int | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}.")
-        if sp.issparse(matrix) and not sp.isspmatrix_csr(matrix):
-            matrix = sp.csr_matrix(matrix)
-        self.matrix = matrix
+        given = {k: v for k, v in (("chunk_rows", chunk_rows), ("chunks_in_memory", chunks_in_memory)) if v is not None}
+        if options is not None and given:
+            raise ConfigError("Pass either options=LoaderOptions(...) or chunk_rows/chunks_in_memory, not both.")
+        self.options = options or LoaderOptions(**given)
+        self.source = row_source(matrix)
+        n_rows = self.source.shape[0]
         self.conditions = None if conditions is None else np.ascontiguousarray(conditions, dtype=np.float32)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.indices = np.arange(matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= matrix.shape[0]):
-            raise ConfigError(f"Row indices must lie in [0, {matrix.shape[0]}); got {self.indices.min()}..{self.indices.max()}.")
+        self.indices = np.arange(n_rows) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n_rows):
+            raise ConfigError(f"Row indices must lie in [0, {n_rows}); got {self.indices.min()}..{self.indices.max()}.")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
         self.sparse_counts = sparse_counts
         self.epoch = 0
+
+    @property
+    def matrix(self):
+        """The source matrix (in memory) or :class:`~genailab.data.backed.OnDiskMatrix`."""
+        return self.source.matrix if isinstance(self.source, InMemoryRows) else self.source
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,25 +180,82 @@ class MinibatchLoader:
         n = self.indices.size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _reads(self) -> list[np.ndarray]:
+        """The rows held together, read by read, each in visiting order."""
+        rows_per_read = self.indices.size if self.source.in_memory else self.options.chunk_rows * self.options.chunks_in_memory
+        if not self.indices.size:
+            return []
+        if not self.shuffle:
+            return [self.indices[i : i + rows_per_read] for i in range(0, self.indices.size, rows_per_read)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        ordered = np.sort(self.indices)
+        if rows_per_read >= self.indices.size:
+            return [rng.permutation(ordered)]
+        chunks = _by_block(ordered, self.options.chunk_rows)
+        chunk_order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(chunks))
+        group = self.options.chunks_in_memory
+        return [
+            rng.permutation(np.concatenate([chunks[c] for c in np.sort(chunk_order[i : i + group])]))
+            for i in range(0, len(chunks), group)
+        ]
+
     def order(self) -> np.ndarray:
         """The rows of this epoch in visiting order."""
-        if not self.shuffle:
-            return self.indices
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+        reads = self._reads()
+        return np.concatenate(reads) if reads else self.indices
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self.order()
-        for i in range(len(self)):
-            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.batch(rows)
+        rows_part, x_part, n_part = [], [], 0  # the batch being filled, possibly across two reads
+        for rows in self._reads():
+            held, position = self.source.hold(rows, self.options.chunk_rows)
+            start = 0
+            while start < rows.size:
+                take = min(self.batch_size - n_part, rows.size - start)
+                rows_part.append(rows[start : start + take])
+                x_part.append((held, position[start : start + take]))
+                n_part += take
+                start += take
+                if n_part == self.batch_size:
+                    yield self._batch(np.concatenate(rows_part), x_part)
+                    rows_part, x_part, n_part = [], [], 0
+        if n_part and not self.drop_last:
+            yield self._batch(np.concatenate(rows_part), x_part)
 
     def batch(self, rows: np.ndarray) -> Batch:
         """The :class:`Batch` for the given row numbers."""
-        if self.sparse_counts:
-            x, x_sparse = gather_rows(self.matrix, rows, with_sparse=True)
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._batch(rows, [self.source.hold(rows, self.options.chunk_rows)])
+
+    def _batch(self, rows: np.ndarray, parts: list) -> Batch:
+        """The batch of ``rows`` from (held matrix, positions) parts, in order (one, or two across reads)."""
+        if len(parts) == 1:
+            held, position = parts[0]
         else:
-            x, x_sparse = gather_rows(self.matrix, rows), None
+            blocks = [held[position] for held, position in parts]
+            held = stack_csr(blocks) if sp.issparse(blocks[0]) else np.concatenate(blocks)
+            position = slice(None)
+        if self.sparse_counts:
+            x, x_sparse = gather_rows(held, position, with_sparse=True)
+        else:
+            x, x_sparse = gather_rows(held, position), None
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
-        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(np.asarray(rows, dtype=np.int64)), y=y,
-                     x_sparse=x_sparse)
+        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y, x_sparse=x_sparse)
+
+
+def stack_csr(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """CSR blocks of equal width one above the other, by concatenating their arrays (several
+    times faster than ``scipy.sparse.vstack``, which converts index types block by block)."""
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.concatenate([np.diff(part.indptr) for part in parts])
+    indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    data = np.concatenate([part.data for part in parts])
+    indices = np.concatenate([part.indices for part in parts])
+    return sp.csr_matrix((data, indices, indptr), shape=(lengths.size, parts[0].shape[1]))
+
+
+def _by_block(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
+    """Sorted ``rows`` split by the block of ``block_rows`` file rows they fall in (one read each)."""
+    return np.split(rows, np.flatnonzero(np.diff(rows // block_rows)) + 1)
