@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,25 +11,18 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.data.loader import MinibatchLoader
-from genailab.data.validation import cell_totals, check_expression, empty_cells
-from genailab.errors import CheckpointError, ConfigError, InputDataError
-from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
-from genailab.model.config import ModelConfig
-from genailab.anndata_models.files import data_fingerprint, load_model_files, save_model_files
-from genailab.model.perturbation import PerturbationConfig, PerturbationVAE
+from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded
+from genailab.data.backed import minibatch_loader
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
-from genailab.train.config import TrainConfig
-from genailab.train.trainer import Trainer, resolve_device, seed_everything
+from genailab.errors import ConfigError, InputDataError
+from genailab.model.adversary import BASAL_LATENT, AdversaryConfig
+from genailab.model.config import ModelConfig
+from genailab.model.perturbation import PerturbationConfig, PerturbationVAE
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPE = "genailab.PerturbationModel"
-_INFERENCE_BATCH = 1024
-_DEFAULT_ADVERSARY = AdversaryConfig(weight=5.0, warmup_epochs=5.0, mode="gradient_reversal")
 
-
-class PerturbationModel:
+class PerturbationModel(AnnDataModel):
     """Predict perturbed expression for control cells: unseen cell type x drug x dose combinations.
 
     A basal latent is inferred from each cell's expression; drugs enter as learned embeddings
@@ -70,6 +62,9 @@ class PerturbationModel:
     >>> predicted = model.predict(controls, drug="drug_1", dose=10.0)
     """
 
+    MODEL_NAME = "perturbation model"
+    MODEL_TYPE = "genailab.PerturbationModel"
+
     def __init__(
         self,
         adata: AnnData,
@@ -81,29 +76,21 @@ class PerturbationModel:
         control_value: str = "control",
         layer: str | None = None,
         likelihood: str = "nb",
-        adversary: AdversaryConfig | None = _DEFAULT_ADVERSARY,
+        adversary: AdversaryConfig | None = BASAL_LATENT,
         **model_options,
     ):
         if isinstance(covariate_keys, str):
             raise ConfigError("covariate_keys takes a list of obs columns, e.g. ['batch'].")
         keys = ObsKeys(drug=drug_key, dose=dose_key, cell_type=cell_type_key, control=str(control_value))
         schema = PerturbationSchema.from_anndata(adata, keys=keys, covariate_keys=covariate_keys, layer=layer)
-        vae = ModelConfig(input_dim=schema.data.n_genes, likelihood=likelihood, inject_condition="none", **model_options)
-        self.config = PerturbationConfig(
-            vae=vae,
-            n_drugs=len(schema.drugs),
-            max_drugs=schema.max_drugs,
-            covariate_sizes=schema.covariate_sizes,
-            dose_scale=schema.dose_scale,
+        vae = build_config(
+            ModelConfig, input_dim=schema.data.n_genes, likelihood=likelihood, inject_condition="none", **model_options
         )
-        self.schema = schema
-        self.adversary_config = adversary
-        self.module = PerturbationVAE(self.config)
-        self.adversary: BatchDiscriminator | None = None
-        self.adata = adata
-        self.train_config: TrainConfig | None = None
-        self.history: list[dict] = []
-        self.training_info: dict = {}
+        config = PerturbationConfig(
+            vae=vae, n_drugs=len(schema.drugs), max_drugs=schema.max_drugs, covariate_sizes=schema.covariate_sizes,
+            dose_scale=schema.dose_scale,
+        )  # fmt: skip
+        self._assemble(schema=schema, config=config, adata=adata, adversary_config=adversary)
 
     def __repr__(self) -> str:
         state = f"trained {len(self.history)} epochs" if self.history else "untrained"
@@ -120,81 +107,48 @@ class PerturbationModel:
     def drugs(self) -> tuple[str, ...]:
         return self.schema.drugs
 
-    # -- training --------------------------------------------------------------------------------
-    def fit(self, config: TrainConfig | None = None, **options) -> PerturbationModel:
-        """Train on the AnnData the model was built with; ``config`` or its fields as keywords.
+    # -- the parts AnnDataModel asks for ---------------------------------------------------------
+    def _new_module(self) -> PerturbationVAE:
+        return PerturbationVAE(self.config)
 
-        Returns the model; ``history`` holds one record per epoch (reconstruction, KL, adversary
-        loss, learning rate...).
-        """
-        if config is None:
-            config = TrainConfig(**options)
-        elif options:
-            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
-        matrix = self._matrix(self.adata)
-        conditions = self.schema.encode_obs(self.adata.obs)
-        rows = np.flatnonzero(empty_cells(matrix, action="drop", source="The training data"))
-        train_rows, val_rows = _split(rows, config.validation_fraction, config.seed)
+    @property
+    def _network_config(self) -> ModelConfig:
+        return self.config.vae
 
-        seed_everything(config.seed, deterministic=config.deterministic)
-        self.module = PerturbationVAE(self.config)
-        labels, n_labels = self._drug_labels(self.adata.obs)
-        self.adversary = (
-            BatchDiscriminator(self.config.vae.latent_dim, n_labels, self.adversary_config)
-            if self.adversary_config is not None
-            else None
-        )
-        if self.config.vae.is_count_model:
-            self.module.vae.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
-        trainer = Trainer(self.module, config, adversary=self.adversary)
-        drop_last = train_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
-        train_loader = MinibatchLoader(
-            matrix, conditions, labels=labels, indices=train_rows, batch_size=config.batch_size,
-            seed=config.seed, drop_last=drop_last,
-        )  # fmt: skip
-        val_loader = (
-            MinibatchLoader(matrix, conditions, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
-            if val_rows.size
-            else None
-        )
-        self.history = trainer.fit(train_loader, val_loader)
-        self.train_config = config
-        self.training_info = {
-            "n_cells": int(matrix.shape[0]),
-            "n_train": int(train_rows.size),
-            "n_validation": int(val_rows.size),
-            "stopped_early": trainer.stopped_early,
-            "data_sha256": data_fingerprint(matrix, conditions, self.schema.data.gene_names),
-        }
-        self.module.eval()
-        return self
+    @property
+    def _data_schema(self):
+        return self.schema.data
 
-    def _drug_labels(self, obs: pd.DataFrame) -> tuple[np.ndarray, int]:
+    def _encode_data(self, adata: AnnData, *, align_genes: bool = False):
+        return self.schema.data.expression(adata, align_genes=align_genes), self.schema.encode_obs(adata.obs)
+
+    def _adversary_targets(self, adata: AnnData) -> tuple[np.ndarray, int] | None:
         """Code of each cell's drug label (control and each combination are labels), and their number."""
-        codes, uniques = pd.factorize(obs[self.keys.drug].astype(str), sort=True)
-        if uniques.size < 2 and self.adversary_config is not None:
+        if self.adversary_config is None:
+            return None
+        codes, uniques = pd.factorize(adata.obs[self.keys.drug].astype(str), sort=True)
+        if uniques.size < 2:
             raise InputDataError("The adversary needs at least two drug labels (e.g. control and one drug).")
         return codes.astype(np.int64), int(uniques.size)
 
-    def _matrix(self, adata: AnnData, *, align_genes: bool = False):
-        matrix = self.schema.data.expression(adata, align_genes=align_genes)
-        check_expression(matrix, counts=self.config.vae.is_count_model, source="The expression matrix")
-        return matrix
+    def _description(self) -> dict:
+        return {"perturbation_schema": self.schema.to_dict()}
+
+    @classmethod
+    def _parts_from_description(cls, metadata: dict) -> dict:
+        return {
+            "schema": PerturbationSchema.from_dict(metadata["perturbation_schema"]),
+            "config": PerturbationConfig.from_dict(metadata["model_config"]),
+        }
 
     # -- inference -------------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
     @torch.no_grad()
     def get_basal_latent(self, adata: AnnData | None = None, *, align_genes: bool = False) -> np.ndarray:
         """Posterior means of the basal latent z_basal, (n_cells, latent_dim)."""
-        adata = self.adata if adata is None else adata
-        if adata is None:
-            raise ConfigError("This model was loaded without an AnnData; pass adata=... explicitly.")
         self.module.eval()
-        loader = MinibatchLoader(self._matrix(adata, align_genes=align_genes), batch_size=_INFERENCE_BATCH, shuffle=False,
-                                 sparse_counts=False)
-        return np.concatenate([self.module.encode(b.x.to(self._device()))[0].cpu().numpy() for b in loader])
+        matrix, _ = self._validated(self._data(adata), align_genes=align_genes, with_conditions=False)
+        loader = minibatch_loader(matrix, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
+        return np.concatenate([self.module.encode(b.x.to(self.device))[0].cpu().numpy() for b in loader])
 
     @torch.no_grad()
     def predict(
@@ -245,18 +199,17 @@ class PerturbationModel:
         if not (library_size == "observed" or (isinstance(library_size, (int, float)) and library_size > 0)):
             raise ConfigError(f"library_size must be a positive number or 'observed', got {library_size!r}.")
         obs = _control_obs(control_adata, self.keys)
-        matrix = self._matrix(control_adata, align_genes=align_genes)
+        matrix, _ = self._validated(control_adata, align_genes=align_genes, with_conditions=False)
         covariates = self.schema.data.encode_obs(obs)
         c = self.schema.encode(np.repeat(label, obs.shape[0]), np.full(obs.shape[0], dose), covariates)
-        if seed is not None:
-            torch.manual_seed(seed)
-        mean, sampled = self._decode_batches(matrix, c, library_size)
+        with seeded(seed):
+            mean, sampled = self._decode_batches(matrix, c, library_size)
         return self._prediction_adata(obs, mean, sampled, label, dose)
 
     def _decode_batches(self, matrix, c: np.ndarray, library_size) -> tuple[np.ndarray, np.ndarray]:
         self.module.eval()
-        device = self._device()
-        loader = MinibatchLoader(matrix, c, batch_size=_INFERENCE_BATCH, shuffle=False, sparse_counts=False)
+        device = self.device
+        loader = minibatch_loader(matrix, c, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
         means, samples = [], []
         for batch in loader:
             x, c_batch = batch.x.to(device), batch.c.to(device)
@@ -289,57 +242,6 @@ class PerturbationModel:
             "semantics": "counterfactual expression of the given control cells under this drug and dose",
         }
         return predicted
-
-    # -- persistence -----------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the model to ``directory`` (genailab.json + model.pt); returns the folder."""
-        directory = Path(directory)
-        if (directory / "genailab.json").exists() and not overwrite:
-            raise CheckpointError(f"{directory} already holds a saved model; pass overwrite=True to replace it.")
-        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
-        metadata = {
-            "model_type": MODEL_TYPE,
-            "model_config": self.config.to_dict(),
-            "train_config": None if self.train_config is None else self.train_config.to_dict(),
-            "perturbation_schema": self.schema.to_dict(),
-            "adversary_config": None if self.adversary_config is None else self.adversary_config.to_dict(),
-            "training": self.training_info,
-            "history": self.history,
-        }
-        return save_model_files(directory, metadata=metadata, tensors=tensors)
-
-    @classmethod
-    def load(cls, directory: str | Path, adata: AnnData | None = None, *, device: str = "cpu") -> PerturbationModel:
-        """Load a saved model; ``adata`` (optional) becomes the default data for :meth:`get_basal_latent`."""
-        metadata, tensors = load_model_files(directory)
-        if metadata.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(
-                f"{directory} holds a {metadata.get('model_type', 'genailab.VAE')} model, not a perturbation model; "
-                "load it with the matching class (genailab.VAE.load for `genailab train` runs)."
-            )
-        model = cls.__new__(cls)
-        try:
-            model.config = PerturbationConfig.from_dict(metadata["model_config"])
-            model.schema = PerturbationSchema.from_dict(metadata["perturbation_schema"])
-            train = metadata["train_config"]
-            model.train_config = TrainConfig.from_dict(train) if train else None
-            adversary = metadata["adversary_config"]
-            model.adversary_config = AdversaryConfig(**adversary) if adversary else None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"The description in {directory} is damaged or incomplete ({type(exc).__name__}: {exc}); retrain."
-            ) from exc
-        model.module = PerturbationVAE(model.config)
-        try:
-            model.module.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items()})
-        except RuntimeError as exc:
-            raise CheckpointError(f"The weights in {directory} do not fit the saved architecture: {exc}") from exc
-        model.module.to(resolve_device(device)).eval()
-        model.adversary = None
-        model.adata = adata
-        model.history = list(metadata.get("history", []))
-        model.training_info = dict(metadata.get("training", {}))
-        return model
 
 
 def _label(drug: str | Sequence[str], keys: ObsKeys) -> str:
@@ -383,12 +285,3 @@ def _control_obs(adata: AnnData, keys: ObsKeys) -> pd.DataFrame:
                 f"Pass adata[adata.obs[{keys.drug!r}] == {keys.control!r}]."
             )
     return adata.obs
-
-
-def _split(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random train/validation split of ``rows``, fixed by ``seed``."""
-    n_val = int(round(fraction * rows.size))
-    if rows.size - n_val < 2:
-        raise InputDataError(f"{rows.size} usable cells are too few to train on.")
-    shuffled = np.random.default_rng(seed).permutation(rows)
-    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])

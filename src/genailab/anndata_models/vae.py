@@ -1,11 +1,8 @@
-"""The AnnData-facing model: build from an AnnData, fit, embed, denoise, generate, save, load."""
+"""The AnnData-facing conditional VAE: build from an AnnData, fit, embed, denoise, generate, save, load."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,25 +10,19 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.data.backed import ChunkedLoader, minibatch_loader
-from genailab.data.loader import MinibatchLoader
+from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded, storable_params
 from genailab.data.schema import DataSchema
-from genailab.data.validation import EMPTY_CELL_ACTIONS, cell_totals, check_expression, empty_cells
-from genailab.errors import CheckpointError, ConfigError, InputDataError
-from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
+from genailab.data.validation import EMPTY_CELL_ACTIONS
+from genailab.errors import ConfigError
+from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
-from genailab.anndata_models.files import check_writable, data_fingerprint, load_model_files, save_model_files
-from genailab.train.config import TrainConfig
-from genailab.train.trainer import Trainer, load_checkpoint, resolve_device, seed_everything
+from genailab.train.trainer import evaluate
 
-logger = logging.getLogger(__name__)
-
-_INFERENCE_BATCH = 1024
-_MIN_CELLS = 10
+GENERATED_KEY = "genailab_generate"  # uns key of every generated AnnData: {"params": ...}
 
 
-class VAE:
+class VAE(AnnDataModel):
     """A conditional VAE for an AnnData (the scverse way to use :mod:`genailab.model`).
 
     Parameters
@@ -54,7 +45,8 @@ class VAE:
         A categorical condition (usually the batch) that an adversarial discriminator on the
         latent must not be able to predict: batch correction. Must be one of ``condition_keys``.
     adversary
-        Weight, warm-up and mode of the adversary (:class:`~genailab.model.adversary.AdversaryConfig`).
+        Weight, warm-up and mode of the adversary (:class:`~genailab.model.adversary.AdversaryConfig`);
+        default the ``batch_correction`` preset (:data:`~genailab.model.adversary.BATCH_CORRECTION`).
     **model_options
         Architecture options of :class:`~genailab.model.config.ModelConfig` (``latent_dim``,
         ``hidden_dims``, ``dispersion``, ``dropout``, ``norm``, ``activation``, ``inject_condition``,
@@ -66,6 +58,9 @@ class VAE:
     >>> model.fit(epochs=50)
     >>> adata.obsm["X_genailab"] = model.get_latent()
     """
+
+    MODEL_NAME = "VAE"
+    MODEL_TYPE = "genailab.VAE"
 
     def __init__(
         self,
@@ -81,6 +76,8 @@ class VAE:
         adversary: AdversaryConfig | None = None,
         **model_options,
     ):
+        if isinstance(condition_keys, str) or isinstance(continuous_keys, str):
+            raise ConfigError("condition_keys and continuous_keys take lists of obs columns, e.g. ['batch'].")
         if adversarial_key is not None and adversarial_key not in condition_keys:
             raise ConfigError(
                 f"adversarial_key={adversarial_key!r} must also be a condition so the decoder can model the "
@@ -88,185 +85,128 @@ class VAE:
             )
         if adversary is not None and adversarial_key is None:
             raise ConfigError("An adversary needs adversarial_key=<obs column of the batch>.")
+        schema = DataSchema.from_anndata(
+            adata, layer=layer, categorical_keys=condition_keys, continuous_keys=continuous_keys,
+            encoding=condition_encoding,
+        )  # fmt: skip
+        config = build_config(
+            ModelConfig, input_dim=schema.n_genes, likelihood=likelihood, **schema.model_condition_options(),
+            **model_options,
+        )  # fmt: skip
+        self._assemble(
+            schema=schema, config=config, adata=adata, empty_cells=empty_cells, adversarial_key=adversarial_key,
+            adversary_config=(adversary or BATCH_CORRECTION) if adversarial_key is not None else None,
+        )  # fmt: skip
+
+    def _assemble(self, *, empty_cells: str = "error", adversarial_key: str | None = None, **parts) -> None:
         if empty_cells not in EMPTY_CELL_ACTIONS:
             raise ConfigError(f"empty_cells={empty_cells!r} is not one of {EMPTY_CELL_ACTIONS}.")
-        if isinstance(condition_keys, str) or isinstance(continuous_keys, str):
-            raise ConfigError("condition_keys and continuous_keys take lists of obs columns, e.g. ['batch'].")
-        schema = DataSchema.from_anndata(
-            adata,
-            layer=layer,
-            categorical_keys=condition_keys,
-            continuous_keys=continuous_keys,
-            encoding=condition_encoding,
-        )
-        config = _build_config(
-            ModelConfig,
-            input_dim=schema.n_genes,
-            likelihood=likelihood,
-            **schema.model_condition_options(),
-            **model_options,
-        )
-        self.schema = schema
-        self.config = config
         self.empty_cells = empty_cells
         self.adversarial_key = adversarial_key
-        self.adversary_config = adversary or (AdversaryConfig() if adversarial_key is not None else None)
-        self.module = ConditionalVAE.from_config(config)
-        self.adversary: BatchDiscriminator | None = None
-        self.adata = adata
-        self.train_config: TrainConfig | None = None
-        self.history: list[dict] = []
-        self.training_info: dict = {}
+        super()._assemble(**parts)
 
     def __repr__(self) -> str:
         state = f"trained {len(self.history)} epochs" if self.history else "untrained"
         return (
             f"VAE(likelihood={self.config.likelihood!r}, genes={self.config.input_dim}, "
-            f"latent_dim={self.config.latent_dim}, conditions={list(self.schema.categorical_keys + self.schema.continuous_keys)}, "
-            f"{state})"
+            f"latent_dim={self.config.latent_dim}, conditions={self.condition_keys}, {state})"
         )
+
+    # -- the parts AnnDataModel asks for ---------------------------------------------------------
+    def _new_module(self) -> ConditionalVAE:
+        return ConditionalVAE.from_config(self.config)
 
     @property
-    def is_trained(self) -> bool:
-        return bool(self.history)
+    def _network_config(self) -> ModelConfig:
+        return self.config
 
-    # -- data ------------------------------------------------------------------------------------
-    def _prepare(self, adata: AnnData | None, *, align_genes: bool = False):
-        """Validated (matrix, conditions, rows to use) for ``adata`` (default: the training data)."""
-        adata = self._adata(adata)
-        if adata.n_obs == 0:
-            raise InputDataError("The AnnData has no cells (0 rows); pass at least one cell.")
-        matrix = self.schema.expression(adata, align_genes=align_genes)
-        check_expression(matrix, counts=self.config.is_count_model, source="The expression matrix")
-        conditions = self.schema.encode_obs(adata.obs)
-        return matrix, conditions
+    @property
+    def _empty_cells(self) -> str:
+        return self.empty_cells
 
-    def _adata(self, adata: AnnData | None) -> AnnData:
-        if adata is not None:
-            return adata
-        if self.adata is None:
-            raise ConfigError("This model was loaded without an AnnData; pass adata=... explicitly.")
-        return self.adata
+    def _encode_data(self, adata: AnnData, *, align_genes: bool = False):
+        return self.schema.expression(adata, align_genes=align_genes), self.schema.encode_obs(adata.obs)
 
-    # -- training --------------------------------------------------------------------------------
-    def fit(
-        self,
-        config: TrainConfig | None = None,
-        *,
-        checkpoint_dir: str | Path | None = None,
-        resume_from: str | Path | None = None,
-        **options,
-    ) -> VAE:
-        """Train on the AnnData the model was built with.
+    def _adversary_targets(self, adata: AnnData) -> tuple[np.ndarray, int] | None:
+        if self.adversarial_key is None:
+            return None
+        categories = self.schema.categories[self.schema.categorical_keys.index(self.adversarial_key)]
+        codes = pd.Index(categories).get_indexer(adata.obs[self.adversarial_key].astype(str))
+        return codes, len(categories)
 
-        Parameters
-        ----------
-        config
-            A :class:`~genailab.train.config.TrainConfig`; or give its fields as keyword options
-            (``epochs``, ``batch_size``, ``lr``, ``kl_warmup_epochs``, ``seed``...).
-        checkpoint_dir
-            Folder for resumable checkpoints (``checkpoint.pt``), written every
-            ``checkpoint_every`` epochs.
-        resume_from
-            A checkpoint file to continue from; training then reaches the same result as an
-            uninterrupted run with the same seed.
+    def _description(self) -> dict:
+        return {"schema": self.schema.to_dict(), "empty_cells": self.empty_cells, "adversarial_key": self.adversarial_key}
 
-        Returns
-        -------
-        The model itself; ``history`` holds one record per epoch (train/validation reconstruction,
-        KL and negative ELBO, KL weight, learning rate, seconds).
-        """
-        if config is None:
-            config = _build_config(TrainConfig, **options)
-        elif options:
-            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
-        if config.batch_size == 1 and self.config.norm == "batch":
-            raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size >= 2 or norm='layer'.")
-        matrix, conditions = self._prepare(None)
-        keep = empty_cells(matrix, action=self.empty_cells, source="The training data")
-        rows = np.flatnonzero(keep)
-        train_rows, val_rows = _split(rows, config.validation_fraction, config.seed)
-
-        seed_everything(config.seed, deterministic=config.deterministic)
-        if resume_from is None:
-            self.module = ConditionalVAE.from_config(self.config)  # initial weights depend on the seed
-            self.adversary = self._new_adversary()
-        if self.config.is_count_model:
-            library = cell_totals(matrix)[train_rows]
-            self.module.default_library.fill_(float(np.median(library)))
-
-        checkpoint_path = check_writable(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
-        trainer = Trainer(
-            self.module,
-            config,
-            checkpoint_path=checkpoint_path,
-            checkpoint_extra={"schema": self.schema.to_dict(), "empty_cells": self.empty_cells},
-            adversary=self.adversary,
-        )
-        if resume_from is not None:
-            trainer.load_state_dict(_checked_checkpoint(resume_from, self.config, config))
-        rank_rows = trainer.dist.shard(train_rows)  # all rows unless running under torchrun
-        drop_last = rank_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
-        labels = self._adversary_labels()
-        train_loader = minibatch_loader(
-            matrix, conditions, labels=labels, indices=rank_rows, batch_size=config.batch_size, seed=config.seed,
-            drop_last=drop_last, chunk_rows=config.chunk_rows, chunks_in_memory=config.chunks_in_memory,
-        )
-        val_loader = (
-            minibatch_loader(matrix, conditions, labels=labels, indices=val_rows, batch_size=_INFERENCE_BATCH, shuffle=False)
-            if val_rows.size
-            else None
-        )
-        self.history = trainer.fit(train_loader, val_loader)
-        self.train_config = config
-        self.training_info = {
-            "n_cells": int(matrix.shape[0]),
-            "n_train": int(train_rows.size),
-            "n_validation": int(val_rows.size),
-            "stopped_early": trainer.stopped_early,
-            "data_sha256": data_fingerprint(matrix, conditions, self.schema.gene_names),
+    @classmethod
+    def _parts_from_description(cls, metadata: dict) -> dict:
+        return {
+            "schema": DataSchema.from_dict(metadata["schema"]),
+            "config": ModelConfig.from_dict(metadata["model_config"]),
+            "empty_cells": metadata.get("empty_cells", "error"),
+            "adversarial_key": metadata.get("adversarial_key"),
         }
-        self._split = {"train": train_rows, "validation": val_rows}
-        self.module.eval()
-        return self
 
-    def _new_adversary(self) -> BatchDiscriminator | None:
-        if self.adversarial_key is None:
-            return None
-        n_batches = len(self.schema.categories[self.schema.categorical_keys.index(self.adversarial_key)])
-        return BatchDiscriminator(self.config.latent_dim, n_batches, self.adversary_config)
+    # -- conditions ------------------------------------------------------------------------------
+    @property
+    def condition_keys(self) -> list[str]:
+        """The obs columns the model conditions on: categorical, then continuous."""
+        return list(self.schema.categorical_keys + self.schema.continuous_keys)
 
-    def _adversary_labels(self) -> np.ndarray | None:
-        """Codes of ``adversarial_key`` for every cell of the training data, or None."""
-        if self.adversarial_key is None:
-            return None
-        position = self.schema.categorical_keys.index(self.adversarial_key)
-        values = self.adata.obs[self.adversarial_key].astype(str)
-        return pd.Index(self.schema.categories[position]).get_indexer(values)
+    @property
+    def default_library(self) -> float:
+        """Total count a decoded cell gets when no library size is given (the training median)."""
+        return float(self.module.default_library)
+
+    def encode_conditions(
+        self, obs: pd.DataFrame | None = None, overrides: Mapping[str, object] | None = None, *, n_cells: int | None = None
+    ) -> np.ndarray | None:
+        """The condition matrix the network reads, (n_cells, raw_condition_dim) float32, or None.
+
+        ``obs`` gives each cell's conditions; ``overrides`` replaces some of them by one value for
+        every cell (e.g. ``{"batch": "batch_0"}`` decodes every cell as if from that batch). Without
+        ``obs``, every condition must be in ``overrides`` and ``n_cells`` says how many rows.
+        """
+        overrides = dict(overrides or {})
+        if obs is None:
+            return self.schema.encode_values(overrides, 1 if n_cells is None else n_cells)
+        keys = self.condition_keys
+        unknown = sorted(set(overrides) - set(keys))
+        if unknown:
+            raise ConfigError(f"Unknown condition keys {unknown}; the model's conditions are {keys}.")
+        frame = pd.DataFrame(index=obs.index)
+        for key in keys:
+            if key in overrides:
+                frame[key] = [overrides[key]] * len(obs.index)
+            elif key in obs.columns:
+                frame[key] = obs[key].to_numpy()
+            else:
+                raise ConfigError(
+                    f"No values for the model's condition {key!r}: add the obs column or give it, "
+                    f"e.g. conditions={{{key!r}: ...}}."
+                )
+        return self.schema.encode_obs(frame)
 
     # -- inference -------------------------------------------------------------------------------
-    def _loader(self, adata: AnnData | None, align_genes: bool, batch_size: int) -> MinibatchLoader | ChunkedLoader:
-        matrix, conditions = self._prepare(adata, align_genes=align_genes)
-        return minibatch_loader(matrix, conditions, batch_size=batch_size, shuffle=False, sparse_counts=False)
-
-    def _device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
     @torch.no_grad()
     def get_latent(
         self,
         adata: AnnData | None = None,
         *,
+        indices: np.ndarray | None = None,
         n_samples: int = 0,
+        seed: int | None = 0,
         align_genes: bool = False,
-        batch_size: int = _INFERENCE_BATCH,
+        batch_size: int = INFERENCE_BATCH,
     ) -> np.ndarray:
         """Posterior means of z, (n_cells, latent_dim); with ``n_samples`` > 0, draws from q(z|x,c)
-        instead, (n_samples, n_cells, latent_dim)."""
+        instead, (n_samples, n_cells, latent_dim), seeded by ``seed`` (None: torch's global state).
+
+        ``indices`` restricts the result to those rows of ``adata`` (in their order).
+        """
         self.module.eval()
-        device = self._device()
+        device = self.device
         means, variances = [], []
-        for batch in self._loader(adata, align_genes, batch_size):
+        for batch in self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size):
             batch = batch.to(device)
             mean, var = self.module.encode(batch.x, batch.c)
             means.append(mean.cpu())
@@ -274,8 +214,134 @@ class VAE:
         mean, var = torch.cat(means), torch.cat(variances)
         if n_samples <= 0:
             return mean.numpy()
-        eps = torch.randn((n_samples, *mean.shape))
+        with seeded(seed):
+            eps = torch.randn((n_samples, *mean.shape))
         return (mean + var.sqrt() * eps).numpy()
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z: np.ndarray,
+        *,
+        conditions: np.ndarray | None = None,
+        library: np.ndarray | float | None = None,
+        sample: bool = False,
+        include_dropout: bool = False,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Expected expression E[x|z,c] of latent points, or with ``sample`` values drawn from p(x|z,c).
+
+        Parameters
+        ----------
+        z
+            Latent points, (n, latent_dim).
+        conditions
+            Their condition matrix from :meth:`encode_conditions`, (n, raw_condition_dim); None for
+            a model without conditions.
+        library
+            Total count per cell, (n,) or one number (count models); None gives the training median.
+        sample
+            Draw counts (values) instead of returning the mean.
+        include_dropout
+            ZINB: include the dropout probability in the mean.
+        seed
+            Seeds the draws; None uses torch's global random state.
+
+        Returns
+        -------
+        (n, n_genes) float32.
+        """
+        z = np.asarray(z, dtype=np.float32)
+        n = z.shape[0]
+        if library is None:
+            library = np.full(n, self.default_library, dtype=np.float32)
+        library = np.broadcast_to(np.asarray(library, dtype=np.float32), (n,))
+        module = self.module.eval()
+        device = self.device
+        out = np.empty((n, self.schema.n_genes), dtype=np.float32)
+        with seeded(seed):
+            for start in range(0, n, INFERENCE_BATCH):
+                rows = slice(start, start + INFERENCE_BATCH)
+                z_batch = torch.as_tensor(z[rows], device=device)
+                c_batch = None if conditions is None else torch.as_tensor(conditions[rows], device=device)
+                lib_batch = torch.tensor(library[rows, None], device=device)
+                if sample:
+                    values = module.decode(z_batch, c_batch, lib_batch).sample()
+                else:
+                    values = module.expected_expression(z_batch, c_batch, lib_batch, include_dropout=include_dropout)
+                out[rows] = values.cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        *,
+        indices: np.ndarray | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1e4,
+        conditions: Mapping[str, object] | None = None,
+        n_samples: int = 1,
+        include_dropout: bool = False,
+        align_genes: bool = False,
+        batch_size: int = INFERENCE_BATCH,
+        return_pandas: bool = False,
+        seed: int | None = 0,
+    ) -> np.ndarray | pd.DataFrame:
+        """Denoised expected expression E[x | z, c], (n_cells, n_genes) float32.
+
+        For count models this is the decoder's expression proportions times ``library_size`` (a
+        number, or ``"observed"`` for each cell's own total). For the Gaussian model it is the decoded
+        mean. ``conditions`` replaces the cells' own conditions in the decoder (e.g.
+        ``{"batch": "batch_0"}`` to project every cell into one batch). With ``n_samples`` > 1, the
+        result averages over posterior samples of z (seeded by ``seed``); with 1 it decodes the
+        posterior mean. For ZINB the NB mean is returned (the expression without technical dropout)
+        unless ``include_dropout``. ``indices`` keeps those rows of ``adata``, ``gene_list`` those
+        genes (in its order); ``return_pandas`` gives a DataFrame indexed by cell and gene names.
+        """
+        if not (library_size == "observed" or (isinstance(library_size, (int, float)) and library_size > 0)):
+            raise ConfigError(f"library_size must be a positive number or 'observed', got {library_size!r}.")
+        columns = self._gene_positions(gene_list)
+        self.module.eval()
+        device = self.device
+        adata = self._data(adata)
+        decode_conditions = None if conditions is None else self.encode_conditions(adata.obs, conditions)
+        loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size)
+        n_rows = adata.n_obs if indices is None else len(indices)
+        out = np.empty((n_rows, len(columns) if columns is not None else self.schema.n_genes), dtype=np.float32)
+        done = 0
+        with seeded(seed if n_samples > 1 else None):
+            for batch in loader:
+                rows = batch.index.numpy()
+                batch = batch.to(device)
+                mean, var = self.module.encode(batch.x, batch.c)
+                c = batch.c if decode_conditions is None else torch.as_tensor(decode_conditions[rows], device=device)
+                if library_size == "observed":
+                    library = batch.x.sum(1, keepdim=True)
+                else:
+                    library = torch.full((batch.x.shape[0], 1), float(library_size), device=device)
+                draws = [mean] if n_samples <= 1 else [self.module.reparameterize(mean, var) for _ in range(n_samples)]
+                expression = sum(
+                    self.module.expected_expression(z, c, library, include_dropout=include_dropout) for z in draws
+                ) / len(draws)
+                if columns is not None:
+                    expression = expression[:, torch.as_tensor(columns, device=device)]
+                out[done : done + len(rows)] = expression.cpu().numpy()  # the loader keeps the cells' order
+                done += len(rows)
+        if not return_pandas:
+            return out
+        names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        genes = list(self.schema.gene_names) if columns is None else [self.schema.gene_names[i] for i in columns]
+        return pd.DataFrame(out, index=names, columns=genes)
+
+    def _gene_positions(self, gene_list: Sequence[str] | None) -> list[int] | None:
+        if gene_list is None:
+            return None
+        position = pd.Index(self.schema.gene_names).get_indexer(list(gene_list))
+        if (position < 0).any():
+            unknown = [g for g, p in zip(gene_list, position) if p < 0][:10]
+            raise ConfigError(f"gene_list names genes the model does not have: {unknown}.")
+        return position.tolist()
 
     @torch.no_grad()
     def get_marginal_ll(
@@ -291,76 +357,57 @@ class VAE:
         bound with ``n_samples`` samples), (n_cells,) or (len(indices),). Higher is better; compare
         models on the same cells, e.g. ``indices=model.validation_indices``."""
         self.module.eval()
-        device = self._device()
-        matrix, conditions = self._prepare(adata, align_genes=align_genes)
-        loader = minibatch_loader(matrix, conditions, indices=indices, batch_size=batch_size, shuffle=False,
-                                  sparse_counts=False)
+        device = self.device
+        loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size)
         out = [
             self.module.marginal_log_likelihood(b.x, b.c, n_samples=n_samples).cpu()
             for b in (batch.to(device) for batch in loader)
         ]
         return torch.cat(out).numpy()
 
-    @property
-    def validation_indices(self) -> np.ndarray:
-        """Rows of the training AnnData held out for validation (never used for gradient steps)."""
-        split = getattr(self, "_split", None)
-        if split is None:
-            raise ConfigError("The model has not been trained, so it has no validation cells.")
-        return split["validation"]
+    @torch.no_grad()
+    def get_elbo(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict[str, float]:
+        """Mean per-cell reconstruction -log p(x|z,c), KL(q(z|x,c) || p(z)) and their sum (KL weight
+        1, one posterior sample from torch's global random state)."""
+        return evaluate(self.module, self._loader(adata, indices=indices, sparse_counts=True), self.device)
 
     @torch.no_grad()
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,
-        *,
-        library_size: float | str = 1e4,
-        conditions: Mapping[str, object] | None = None,
-        n_samples: int = 1,
-        include_dropout: bool = False,
-        align_genes: bool = False,
-        batch_size: int = _INFERENCE_BATCH,
-    ) -> np.ndarray:
-        """Denoised expected expression E[x | z, c], (n_cells, n_genes) float32.
+    def get_reconstruction_error(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict:
+        """-log p(x | z = E[z|x,c], c) per cell (``nll``, count models at the observed library) and the
+        mean squared difference of observed and expected values per entry (``mse``, on the log1p
+        scale for count models), with ``n_cells``."""
+        module = self.module.eval()
+        is_count = self.config.is_count_model
+        nll, squared, n_cells = 0.0, 0.0, 0
+        for batch in self._loader(adata, indices=indices):
+            batch = batch.to(self.device)
+            x, c = batch.x, batch.c
+            mean, _ = module.encode(x, c)
+            library = x.sum(1, keepdim=True) if is_count else None
+            nll += float(-module.decode(mean, c, library).log_prob(x).sum())
+            expected = module.expected_expression(mean, c, library)
+            difference = (torch.log1p(x) - torch.log1p(expected)) if is_count else (x - expected)
+            squared += float(difference.double().pow(2).sum())
+            n_cells += x.shape[0]
+        return {"nll": nll / n_cells, "mse": squared / (n_cells * self.config.input_dim), "n_cells": n_cells}
 
-        For count models this is the decoder's expression proportions times ``library_size`` (a
-        number, or ``"observed"`` for each cell's own total). For the Gaussian model it is the decoded
-        mean. ``conditions`` replaces the cells' own conditions in the decoder (e.g.
-        ``{"batch": "batch_0"}`` to project every cell into one batch). With ``n_samples`` > 1, the
-        result averages over posterior samples of z; with 1 it decodes the posterior mean. For ZINB the
-        NB mean is returned (the expression without technical dropout) unless ``include_dropout``.
-        """
-        if not (library_size == "observed" or (isinstance(library_size, (int, float)) and library_size > 0)):
-            raise ConfigError(f"library_size must be a positive number or 'observed', got {library_size!r}.")
-        self.module.eval()
-        device = self._device()
-        adata = self._adata(adata)
-        loader = self._loader(adata, align_genes, batch_size)
-        decode_conditions = None
-        if conditions is not None:
-            decode_conditions = self.schema.encode_obs(_override_obs(adata.obs, self.schema, conditions))
-        out = np.empty((adata.n_obs, self.schema.n_genes), dtype=np.float32)
-        done = 0
-        for batch in loader:
-            rows = batch.index.numpy()
-            batch = batch.to(device)
-            mean, var = self.module.encode(batch.x, batch.c)
-            c = batch.c if decode_conditions is None else torch.from_numpy(decode_conditions[rows]).to(device)
-            if library_size == "observed":
-                library = batch.x.sum(1, keepdim=True)
-            else:
-                library = torch.full((batch.x.shape[0], 1), float(library_size), device=device)
-            if n_samples <= 1:
-                expression = self.module.expected_expression(mean, c, library, include_dropout=include_dropout)
-            else:
-                expression = sum(
-                    self.module.expected_expression(self.module.reparameterize(mean, var), c, library,
-                                                    include_dropout=include_dropout)
-                    for _ in range(n_samples)
-                ) / n_samples
-            out[done : done + len(rows)] = expression.cpu().numpy()  # the loader keeps the cells' order
-            done += len(rows)
-        return out
+    @torch.no_grad()
+    def posterior_predictive_sample(
+        self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, n_samples: int = 1, seed: int | None = 0
+    ) -> np.ndarray:
+        """Replicates x_rep ~ p(x | z, c), z ~ q(z | x, c), each cell at its observed library,
+        (n_samples, n_cells, n_genes) float32."""
+        if n_samples < 1:
+            raise ConfigError(f"n_samples must be at least 1, got {n_samples}.")
+        module = self.module.eval()
+        draws = []
+        with seeded(seed):
+            for _ in range(n_samples):
+                draws.append(np.concatenate([
+                    module(b.x, b.c).px.sample().cpu().numpy()
+                    for b in (batch.to(self.device) for batch in self._loader(adata, indices=indices))
+                ]))  # fmt: skip
+        return np.stack(draws).astype(np.float32)
 
     @torch.no_grad()
     def sample(
@@ -369,137 +416,49 @@ class VAE:
         *,
         conditions: Mapping[str, object] | None = None,
         library_size: float | None = None,
-        seed: int | None = None,
+        seed: int | None = 0,
     ) -> AnnData:
         """Generate ``n`` cells from the prior: z ~ N(0, I), x ~ p(x | z, c).
 
-        Returns an AnnData with the sampled values in ``X`` (counts for count models), the
-        conditions in ``obs`` and the model's genes as ``var_names``. ``library_size`` is the total
-        count per generated cell (default: the training median).
+        Every condition of the model is given in ``conditions`` (one value for all cells);
+        ``library_size`` is the total count per generated cell (default: the training median);
+        ``seed`` fixes the draws (None: torch's global random state).
+
+        Returns
+        -------
+        AnnData of :func:`generated_anndata`: sampled values in ``X`` (and in the model's layer),
+        the conditions in ``obs``, ``uns['genailab_generate']['params']``.
         """
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.module.eval()
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ConfigError(f"n must be a positive number of cells, got {n!r}.")
         values = dict(conditions or {})
-        c = self.schema.encode_values(values, n)
-        c_tensor = None if c is None else torch.from_numpy(c).to(self._device())
-        x = self.module.sample(n, c_tensor, library=library_size).cpu().numpy().astype(np.float32)
-        obs = pd.DataFrame({k: [v] * n for k, v in values.items()}, index=[f"generated_{i}" for i in range(n)])
-        for key in self.schema.categorical_keys:
-            obs[key] = pd.Categorical(obs[key].astype(str), categories=self.schema.categories[self.schema.categorical_keys.index(key)])
-        generated = AnnData(X=sp.csr_matrix(x) if self.config.is_count_model else x, obs=obs)
-        generated.var_names = list(self.schema.gene_names)
-        generated.uns["genailab_generated"] = {"n": n, "conditions": {k: str(v) for k, v in values.items()}}
-        return generated
-
-    # -- persistence -----------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the model to ``directory`` (genailab.json + model.pt); returns the folder."""
-        directory = Path(directory)
-        if (directory / "genailab.json").exists() and not overwrite:
-            raise CheckpointError(f"{directory} already holds a saved model; pass overwrite=True to replace it.")
-        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
-        if self.adversary is not None:
-            tensors.update({f"adversary.{k}": v for k, v in self.adversary.state_dict().items()})
-        split = getattr(self, "_split", None)
-        if split is not None:
-            tensors["split.train"] = torch.from_numpy(split["train"])
-            tensors["split.validation"] = torch.from_numpy(split["validation"])
-        metadata = {
-            "model_config": self.config.to_dict(),
-            "train_config": None if self.train_config is None else self.train_config.to_dict(),
-            "schema": self.schema.to_dict(),
-            "empty_cells": self.empty_cells,
-            "adversarial_key": self.adversarial_key,
-            "adversary_config": None if self.adversary_config is None else self.adversary_config.to_dict(),
-            "training": self.training_info,
-            "history": self.history,
-        }
-        return save_model_files(directory, metadata=metadata, tensors=tensors)
-
-    @classmethod
-    def load(cls, directory: str | Path, adata: AnnData | None = None, *, device: str = "cpu") -> VAE:
-        """Load a saved model; ``adata`` (optional) becomes the default data for inference."""
-        metadata, tensors = load_model_files(directory)
-        model = cls.__new__(cls)
-        try:
-            model.schema = DataSchema.from_dict(metadata["schema"])
-            model.config = ModelConfig.from_dict(metadata["model_config"])
-            model.train_config = TrainConfig.from_dict(metadata["train_config"]) if metadata["train_config"] else None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"The description in {directory} is damaged or incomplete ({type(exc).__name__}: {exc}); "
-                "restore genailab.json from a backup or retrain."
-            ) from exc
-        model.empty_cells = metadata.get("empty_cells", "error")
-        model.history = list(metadata.get("history", []))
-        model.training_info = dict(metadata.get("training", {}))
-        model.adversarial_key = metadata.get("adversarial_key")
-        adversary_config = metadata.get("adversary_config")
-        model.adversary_config = AdversaryConfig(**adversary_config) if adversary_config else None
-        model.module = ConditionalVAE.from_config(model.config)
-        model.adversary = model._new_adversary()
-        state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
-        try:
-            model.module.load_state_dict(state)
-            if model.adversary is not None:
-                model.adversary.load_state_dict(
-                    {k.removeprefix("adversary."): v for k, v in tensors.items() if k.startswith("adversary.")}
-                )
-        except RuntimeError as exc:
-            raise CheckpointError(f"The weights in {directory} do not fit the saved architecture: {exc}") from exc
-        if "split.train" in tensors:
-            model._split = {"train": tensors["split.train"].numpy(), "validation": tensors["split.validation"].numpy()}
-        model.module.to(resolve_device(device)).eval()
-        model.adata = adata
-        return model
+        c = self.encode_conditions(None, values, n_cells=n)
+        with seeded(seed):
+            z = torch.randn(n, self.config.latent_dim).numpy()
+            x = self.decode(z, conditions=c, library=library_size, sample=True)
+        obs = pd.DataFrame({k: [v] * n for k, v in values.items()})
+        return generated_anndata(self, x, obs, params={"n": n, "conditions": values, "library_size": library_size,
+                                                       "seed": seed, "source": "prior"})  # fmt: skip
 
 
-def _build_config(config_class, **options):
-    """``config_class(**options)`` with unknown, doubled or mistyped options reported as ConfigError."""
-    try:
-        return config_class(**options)
-    except TypeError as exc:
-        known = sorted(f.name for f in dataclasses.fields(config_class))
-        raise ConfigError(f"{exc}; the options of {config_class.__name__} are {known}.") from exc
+def generated_anndata(model: VAE, values: np.ndarray, obs: pd.DataFrame, *, params: Mapping[str, object]) -> AnnData:
+    """Generated cells as an AnnData a scanpy user can concatenate with the real data.
 
-
-def _split(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random train/validation split of ``rows``, fixed by ``seed``."""
-    if rows.size < _MIN_CELLS:
-        raise InputDataError(f"Only {rows.size} usable cells; training needs at least {_MIN_CELLS}.")
-    n_val = int(round(fraction * rows.size))
-    if fraction > 0 and (n_val < 1 or rows.size - n_val < 2):
-        raise InputDataError(
-            f"{rows.size} cells are too few for validation_fraction={fraction}; use more cells or "
-            "validation_fraction=0 (early stopping then watches the training loss)."
-        )
-    shuffled = np.random.default_rng(seed).permutation(rows)
-    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
-
-
-def _checked_checkpoint(path: str | Path, model_config: ModelConfig, train_config: TrainConfig) -> dict:
-    state = load_checkpoint(path)
-    if state["model_config"] != model_config.to_dict():
-        raise CheckpointError(f"{path} was written for a different architecture; build the model with the same options.")
-    if state["train_config"]["seed"] != train_config.seed:
-        raise CheckpointError(
-            f"{path} was trained with seed {state['train_config']['seed']}, not {train_config.seed}; "
-            "resume with the same seed so the data split and order match."
-        )
-    return state
-
-
-def _override_obs(obs: pd.DataFrame, schema: DataSchema, overrides: Mapping[str, object]) -> pd.DataFrame:
-    """The model's condition columns of ``obs`` with some replaced by one value for every cell."""
-    keys = list(schema.categorical_keys + schema.continuous_keys)
-    unknown = sorted(set(overrides) - set(keys))
-    if unknown:
-        raise ConfigError(f"Unknown condition keys {unknown}; the model's conditions are {keys}.")
-    missing = [k for k in keys if k not in overrides and k not in obs.columns]
-    if missing:
-        raise ConfigError(f"obs lacks condition columns {missing}; add them or give a value in conditions=.")
-    frame = pd.DataFrame(index=obs.index)
-    for key in keys:
-        frame[key] = overrides[key] if key in overrides else obs[key].to_numpy()
-    return frame
+    ``values`` (n, n_genes) go to ``X`` (CSR for count models) and, when the model reads a layer,
+    to that layer too, so ``anndata.concat([adata, generated])`` keeps it; the model's categorical
+    conditions in ``obs`` get the training categories; ``uns['genailab_generate']['params']``
+    records the request.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    obs = obs.copy()
+    obs.index = [f"generated_{i}" for i in range(values.shape[0])]
+    for key, categories in zip(model.schema.categorical_keys, model.schema.categories):
+        if key in obs:
+            obs[key] = pd.Categorical(obs[key].astype(str), categories=list(categories))
+    matrix = sp.csr_matrix(values) if model.config.is_count_model else values
+    generated = AnnData(X=matrix, obs=obs)
+    generated.var_names = list(model.schema.gene_names)
+    if model.schema.layer is not None:
+        generated.layers[model.schema.layer] = matrix.copy()
+    generated.uns[GENERATED_KEY] = {"params": storable_params(params)}
+    return generated

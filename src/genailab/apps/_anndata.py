@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from genailab.anndata_models.base import storable_params
 from genailab.errors import ConfigError, InputDataError
 
 
@@ -23,7 +24,7 @@ def model_counts(adata: AnnData, model) -> sp.csr_matrix:
     require_count_model(model)
     if adata.isbacked:
         raise InputDataError("The applications need the data in memory; read the h5ad without backed='r'.")
-    return sp.csr_matrix(model.schema.expression(adata), dtype=np.float32)
+    return model.get_expression(adata)
 
 
 def log_normalize(counts, *, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -38,12 +39,4 @@ def log_normalize(counts, *, target_sum: float = 1e4) -> sp.csr_matrix:
 
 def record_params(adata: AnnData, key: str, params: Mapping[str, object], **results) -> None:
     """``adata.uns[key] = {'params': params, **results}`` with None values left out (h5ad cannot store None)."""
-    adata.uns[key] = {"params": {k: _storable(v) for k, v in params.items() if v is not None}, **results}
-
-
-def _storable(value):
-    if isinstance(value, Mapping):
-        return {str(k): _storable(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [str(v) if not isinstance(v, (int, float, bool, str)) else v for v in value]
-    return value
+    adata.uns[key] = {"params": storable_params(params), **results}

@@ -11,7 +11,7 @@ import torch
 from anndata import AnnData
 
 from genailab.apps._anndata import log_normalize, model_counts, record_params
-from genailab.apps._decode import decode, encode_conditions
+from genailab.anndata_models.vae import generated_anndata
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 
@@ -89,7 +89,7 @@ def generate(
         if adata is None:
             obs = pd.DataFrame(index=range(n_cells))
             z = rng.standard_normal((n_cells, model.config.latent_dim))
-            library = np.full(n_cells, float(library_size or model.module.default_library))
+            library = np.full(n_cells, float(library_size or model.default_library))
         else:
             real = _matching_cells(adata, conditions)
             picked = real[np.sort(rng.integers(real.n_obs, size=n_cells))]
@@ -98,11 +98,11 @@ def generate(
             if library_size is not None:
                 library = np.full(n_cells, float(library_size))
             if source == "posterior":
-                z = model.get_latent(picked, n_samples=1)[0]
+                z = model.get_latent(picked, n_samples=1, seed=None)[0]  # from the seeded stream above
             else:
                 z = rng.standard_normal((n_cells, model.config.latent_dim))
-        c = encode_conditions(model, obs, {k: v for k, v in conditions.items() if k in model_keys})
-        counts = decode(model, z, c, library, sample=True)
+        c = model.encode_conditions(obs, {k: v for k, v in conditions.items() if k in model_keys})
+        counts = model.decode(z, conditions=c, library=library, sample=True)
     return _as_anndata(model, counts, obs, conditions, source_cells=adata is not None, params=dict(
         n_cells=n_cells, conditions=conditions, source=source, library_size=library_size, seed=seed))  # fmt: skip
 
@@ -134,10 +134,7 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
         out_obs[key] = pd.Categorical(np.repeat(str(conditions[key]), len(out_obs)))
     if source_cells:
         out_obs["source_cell"] = obs["source_cell"].astype(str).to_numpy()
-    generated = AnnData(X=sp.csr_matrix(counts), obs=out_obs)
-    generated.var_names = list(schema.gene_names)
-    record_params(generated, "genailab_generate", params)
-    return generated
+    return generated_anndata(model, counts, out_obs, params=params)
 
 
 def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> dict[str, float]:

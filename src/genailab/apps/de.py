@@ -22,7 +22,6 @@ import torch
 from anndata import AnnData
 
 from genailab.apps._anndata import record_params, require_count_model
-from genailab.apps._decode import decode, encode_conditions
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
@@ -176,10 +175,10 @@ def _posterior_draws(adata, model, mask, rng, n_samples, max_cells, conditions) 
     if rows.size > max_cells:
         rows = np.sort(rng.choice(rows, max_cells, replace=False))
     cells = adata[rows]
-    z = model.get_latent(cells, n_samples=n_samples)  # (S, n, L)
-    c = encode_conditions(model, cells.obs, conditions)
+    z = model.get_latent(cells, n_samples=n_samples, seed=None)  # (S, n, L), from the caller's seeded stream
+    c = model.encode_conditions(cells.obs, conditions)
     for draw in z:
-        yield decode(model, draw, c, np.ones(draw.shape[0]))
+        yield model.decode(draw, conditions=c, library=1.0)
 
 
 def _cell_draws(draws: Iterator[np.ndarray], rng) -> np.ndarray:

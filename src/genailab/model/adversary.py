@@ -50,6 +50,12 @@ class AdversaryConfig:
         return self.weight * min(1.0, progress / self.warmup_epochs)
 
 
+# Named presets: the one place these defaults are written (API, CLI and apps read them from here).
+BATCH_CORRECTION = AdversaryConfig(weight=5.0, warmup_epochs=5.0, mode="alternating")  # weight 1 hardly mixes simulated batches
+BASAL_LATENT = AdversaryConfig(weight=5.0, warmup_epochs=5.0, mode="gradient_reversal")  # drug-free basal state (CPA)
+PRESETS = {"batch_correction": BATCH_CORRECTION, "basal_latent": BASAL_LATENT}
+
+
 class _ReverseGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,19 +1,12 @@
-"""Cells a fitted-model metric scores, read in minibatches on the model's device, with seeded sampling."""
+"""The cells a fitted-model metric scores (by default the model's validation cells) and their values."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import scipy.sparse as sp
-import torch
 from anndata import AnnData
 
-from genailab.data.backed import minibatch_loader
 from genailab.errors import ConfigError, InputDataError
-
-_BATCH = 512
-
 
 def heldout_cells(model, adata: AnnData | None = None, *, indices=None) -> tuple[AnnData, np.ndarray]:
     """The AnnData and row indices a metric scores: by default the model's validation cells."""
@@ -37,25 +30,7 @@ def heldout_cells(model, adata: AnnData | None = None, *, indices=None) -> tuple
     return adata, indices
 
 
-def batches(model, adata: AnnData, indices: np.ndarray):
-    """Minibatches of the chosen cells in order, on the model's device."""
-    matrix = model.schema.expression(adata)
-    conditions = model.schema.encode_obs(adata.obs)
-    device = next(model.module.parameters()).device
-    for batch in minibatch_loader(matrix, conditions, indices=indices, batch_size=_BATCH, shuffle=False):
-        yield batch.to(device)
-
-
 def observed(model, adata: AnnData, indices: np.ndarray) -> sp.csr_matrix | np.ndarray:
     """The modelled values (layer) of the chosen cells: CSR float64 for count models, else dense."""
-    rows = [batch.x.cpu().numpy().astype(np.float64) for batch in batches(model, adata, indices)]
-    return sp.csr_matrix(np.concatenate(rows)) if model.config.is_count_model else np.concatenate(rows)
-
-
-@contextlib.contextmanager
-def seeded(model, seed: int):
-    """Seed torch's generators for the model's sampling, leaving the caller's random streams as they were."""
-    device = next(model.module.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+    values = model.get_expression(adata, indices=indices)
+    return values.astype(np.float64)

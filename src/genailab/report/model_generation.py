@@ -20,7 +20,9 @@ import torch
 from anndata import AnnData
 
 from genailab.errors import ConfigError, InputDataError
-from genailab.report._model_inputs import batches, heldout_cells, observed, seeded
+from genailab.anndata_models.base import seeded
+from genailab.anndata_models.vae import generated_anndata
+from genailab.report._model_inputs import heldout_cells, observed
 from genailab.eval.de import top_k_overlap
 from genailab.eval.generation import (
     classifier_two_sample_auc,
@@ -59,13 +61,12 @@ def generate_like(model, adata: AnnData | None = None, *, indices=None, seed: in
         model's genes as ``var_names``.
     """
     adata, indices = heldout_cells(model, adata, indices=indices)
-    module = model.module.eval()
-    generated = []
-    with seeded(model, seed):
-        for batch in batches(model, adata, indices):
-            library = batch.x.sum(1, keepdim=True) if model.config.is_count_model else None
-            generated.append(module.sample(batch.x.shape[0], batch.c, library=library).cpu().numpy())
-    return _as_anndata(model, np.concatenate(generated), adata.obs.iloc[indices])
+    obs = adata.obs.iloc[indices]
+    library = np.asarray(observed(model, adata, indices).sum(axis=1)).ravel() if model.config.is_count_model else None
+    with seeded(seed):
+        z = torch.randn(indices.size, model.config.latent_dim).numpy()
+        values = model.decode(z, conditions=model.encode_conditions(obs), library=library, sample=True)
+    return generated_anndata(model, values, obs, params={"source": "prior", "like": "real cells", "seed": seed})
 
 
 @torch.no_grad()
@@ -98,23 +99,10 @@ def replicate_from_posterior(
     if n_draws < 1:
         raise ConfigError(f"n_draws must be positive, got {n_draws}.")
     adata, indices = heldout_cells(model, adata, indices=indices)
-    module = model.module.eval()
-    draws = []
-    with seeded(model, seed):
-        for _ in range(n_draws):
-            for batch in batches(model, adata, indices):
-                draws.append(module(batch.x, batch.c).px.sample().cpu().numpy())  # z ~ q, observed library
+    draws = model.posterior_predictive_sample(adata, indices=indices, n_samples=n_draws, seed=seed)
     obs = adata.obs.iloc[np.tile(indices, n_draws)]
-    return _as_anndata(model, np.concatenate(draws), obs)
-
-
-def _as_anndata(model, values: np.ndarray, obs: pd.DataFrame) -> AnnData:
-    values = values.astype(np.float32)
-    obs = obs.copy()
-    obs.index = [f"generated_{i}" for i in range(obs.shape[0])]
-    result = AnnData(X=sp.csr_matrix(values) if model.config.is_count_model else values, obs=obs)
-    result.var_names = list(model.schema.gene_names)
-    return result
+    return generated_anndata(model, draws.reshape(-1, draws.shape[-1]), obs,
+                             params={"source": "posterior", "n_draws": n_draws, "seed": seed})  # fmt: skip
 
 
 def posterior_predictive_check(

@@ -11,14 +11,12 @@ cells. Pass ``indices=np.arange(adata.n_obs)`` to score every cell of another An
 
 from __future__ import annotations
 
-import torch
 from anndata import AnnData
 
-from genailab.report._model_inputs import batches, heldout_cells, seeded
-from genailab.train.trainer import evaluate
+from genailab.anndata_models.base import seeded
+from genailab.report._model_inputs import heldout_cells
 
 
-@torch.no_grad()
 def validation_elbo(model, adata: AnnData | None = None, *, indices=None, seed: int = 0) -> dict[str, float]:
     """Negative ELBO per cell on held-out cells, with its two terms (KL weight 1, one sample of z).
 
@@ -43,8 +41,8 @@ def validation_elbo(model, adata: AnnData | None = None, *, indices=None, seed: 
         ``negative_elbo`` (their sum) and ``n_cells``.
     """
     adata, indices = heldout_cells(model, adata, indices=indices)
-    with seeded(model, seed):
-        terms = evaluate(model.module, batches(model, adata, indices))
+    with seeded(seed):
+        terms = model.get_elbo(adata, indices=indices)
     return {
         "reconstruction": terms["reconstruction"],
         "kl": terms["kl"],
@@ -80,12 +78,11 @@ def heldout_marginal_ll(
         ``mean`` (float, per cell), ``per_cell`` ((n_cells,) array), ``n_samples`` and ``n_cells``.
     """
     adata, indices = heldout_cells(model, adata, indices=indices)
-    with seeded(model, seed):
+    with seeded(seed):
         per_cell = model.get_marginal_ll(adata, n_samples=n_samples, indices=indices)
     return {"mean": float(per_cell.mean()), "per_cell": per_cell, "n_samples": n_samples, "n_cells": int(indices.size)}
 
 
-@torch.no_grad()
 def reconstruction_error(model, adata: AnnData | None = None, *, indices=None) -> dict[str, float]:
     """How well each cell is reconstructed from its posterior mean, deterministically.
 
@@ -107,16 +104,4 @@ def reconstruction_error(model, adata: AnnData | None = None, *, indices=None) -
         (``log1p(x)`` vs ``log1p(E[x|z,c])``) and as is for the Gaussian model; ``n_cells``.
     """
     adata, indices = heldout_cells(model, adata, indices=indices)
-    module = model.module.eval()
-    is_count = model.config.is_count_model
-    nll, squared, n_cells = 0.0, 0.0, 0
-    for batch in batches(model, adata, indices):
-        x, c = batch.x, batch.c
-        mean, _ = module.encode(x, c)
-        library = x.sum(1, keepdim=True) if is_count else None
-        nll += float(-module.decode(mean, c, library).log_prob(x).sum())
-        expected = module.expected_expression(mean, c, library)
-        difference = (torch.log1p(x) - torch.log1p(expected)) if is_count else (x - expected)
-        squared += float(difference.double().pow(2).sum())
-        n_cells += x.shape[0]
-    return {"nll": nll / n_cells, "mse": squared / (n_cells * model.config.input_dim), "n_cells": n_cells}
+    return model.get_reconstruction_error(adata, indices=indices)

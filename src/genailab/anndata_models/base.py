@@ -1,0 +1,413 @@
+"""The lifecycle every AnnData model shares: validate, split, seed, load minibatches, train (with
+checkpoints, resume and torchrun sharding), record provenance, save and load.
+
+:class:`AnnDataModel` holds that lifecycle once; :class:`~genailab.anndata_models.vae.VAE` and
+:class:`~genailab.anndata_models.perturbation.PerturbationModel` supply only what differs (their
+schema, network, condition encoding and adversary targets) through a few small methods. Both
+``__init__`` and :meth:`AnnDataModel.load` build the object through one private constructor,
+``_assemble``, so a loaded model is put together exactly like a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from genailab.anndata_models.files import check_writable, data_fingerprint, load_model_files, save_model_files
+from genailab.data.backed import minibatch_loader
+from genailab.data.validation import cell_totals, check_expression, empty_cells
+from genailab.errors import CheckpointError, ConfigError, InputDataError
+from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
+from genailab.model.config import ModelConfig
+from genailab.train.config import TrainConfig
+from genailab.train.trainer import Trainer, load_checkpoint, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_BATCH = 1024  # cells per minibatch whenever a model only reads data (inference, metrics)
+MIN_CELLS = 10  # fewest usable cells a model trains on
+
+
+class AnnDataModel:
+    """Base of the AnnData-facing models; not used directly.
+
+    A subclass sets ``MODEL_TYPE`` and implements ``_assemble`` (its own settings, then this
+    class's), ``_new_module``, ``_network_config``, ``_encode_data``, ``_adversary_targets``,
+    ``_description`` and ``_parts_from_description``.
+
+    Attributes
+    ----------
+    schema
+        How the AnnData is read and encoded (genes, layer, condition categories).
+    config
+        The frozen architecture, saved with the model.
+    module
+        The tensor network (:mod:`genailab.model`). Code outside :mod:`genailab.anndata_models`
+        uses the model's public methods instead.
+    adata
+        The AnnData the model was built with (or given to ``load``); the default for every method.
+    train_config, history, training_info
+        How it was trained, one record per epoch, and the provenance of the fit.
+    """
+
+    MODEL_TYPE = ""  # recorded in genailab.json and checked on load
+    MODEL_NAME = ""  # what the messages call it
+
+    # -- the one constructor -----------------------------------------------------------------------
+    def _assemble(self, *, schema, config, adata: AnnData | None, adversary_config: AdversaryConfig | None) -> None:
+        self.schema = schema
+        self.config = config
+        self.adata = adata
+        self.adversary_config = adversary_config
+        self.module = self._new_module()
+        self.adversary: BatchDiscriminator | None = None
+        self.train_config: TrainConfig | None = None
+        self.history: list[dict] = []
+        self.training_info: dict = {}
+        self._split: dict[str, np.ndarray] | None = None
+
+    # -- what a subclass supplies ------------------------------------------------------------------
+    def _new_module(self) -> torch.nn.Module:
+        """A freshly initialised network for ``self.config``."""
+        raise NotImplementedError
+
+    @property
+    def _network_config(self) -> ModelConfig:
+        """The :class:`ModelConfig` of the encoder/decoder (likelihood, latent size, norm)."""
+        raise NotImplementedError
+
+    @property
+    def _empty_cells(self) -> str:
+        """What training does with all-zero cells: ``"error"``, ``"drop"`` or ``"warn"``."""
+        return "drop"
+
+    def _encode_data(self, adata: AnnData, *, align_genes: bool = False):
+        """(expression matrix, condition matrix or None) of ``adata`` as the network reads them."""
+        raise NotImplementedError
+
+    def _adversary_targets(self, adata: AnnData) -> tuple[np.ndarray, int] | None:
+        """Per-cell class codes the adversary must not recover from the latent, and their number."""
+        return None
+
+    def _description(self) -> dict:
+        """The subclass's part of ``genailab.json`` (schema and settings), plain data."""
+        raise NotImplementedError
+
+    @classmethod
+    def _parts_from_description(cls, metadata: dict) -> dict:
+        """Keyword arguments of ``_assemble`` from a saved description (raises KeyError/TypeError/ValueError)."""
+        raise NotImplementedError
+
+    # -- data ------------------------------------------------------------------------------------
+    def _data(self, adata: AnnData | None) -> AnnData:
+        """``adata``, or the model's own AnnData when None."""
+        if adata is not None:
+            return adata
+        if self.adata is None:
+            raise ConfigError("This model was loaded without an AnnData; pass adata=... explicitly.")
+        return self.adata
+
+    def _validated(self, adata: AnnData, *, align_genes: bool = False, with_conditions: bool = True):
+        """``_encode_data`` after checking the cells are there and the values fit the likelihood;
+        without ``with_conditions`` the conditions are not read (None)."""
+        if adata.n_obs == 0:
+            raise InputDataError("The AnnData has no cells (0 rows); pass at least one cell.")
+        if with_conditions:
+            matrix, conditions = self._encode_data(adata, align_genes=align_genes)
+        else:
+            matrix, conditions = self._data_schema.expression(adata, align_genes=align_genes), None
+        check_expression(matrix, counts=self._network_config.is_count_model, source="The expression matrix")
+        return matrix, conditions
+
+    def _loader(
+        self,
+        adata: AnnData | None = None,
+        *,
+        indices: np.ndarray | None = None,
+        align_genes: bool = False,
+        batch_size: int = INFERENCE_BATCH,
+        conditions: np.ndarray | None = None,
+        sparse_counts: bool = False,
+    ):
+        """Minibatches of ``adata`` in order, for inference; ``conditions`` replaces the encoded ones."""
+        matrix, encoded = self._validated(self._data(adata), align_genes=align_genes)
+        return minibatch_loader(
+            matrix, encoded if conditions is None else conditions, indices=indices, batch_size=batch_size,
+            shuffle=False, sparse_counts=sparse_counts,
+        )  # fmt: skip
+
+    def get_expression(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, align_genes: bool = False):
+        """The values the network reads: the model's layer and genes (in its order) of ``adata``,
+        rows ``indices`` (default all), checked as at training; CSR float32 for count models,
+        dense float32 otherwise, (n_cells, n_genes)."""
+        rows = [b.x.numpy() for b in self._loader(adata, indices=indices, align_genes=align_genes)]
+        values = np.concatenate(rows) if rows else np.zeros((0, len(self.schema_genes)), dtype=np.float32)
+        return sp.csr_matrix(values) if self._network_config.is_count_model else values
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are."""
+        return next(self.module.parameters()).device
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.history)
+
+    @property
+    def validation_indices(self) -> np.ndarray:
+        """Rows of the training AnnData held out for validation (never used for gradient steps)."""
+        if self._split is None:
+            raise ConfigError("The model has not been trained, so it has no validation cells.")
+        return self._split["validation"]
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        """Rows of the training AnnData the gradient steps used."""
+        if self._split is None:
+            raise ConfigError("The model has not been trained, so it has no training cells.")
+        return self._split["train"]
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
+        **options,
+    ):
+        """Train on the AnnData the model was built with.
+
+        Parameters
+        ----------
+        config
+            A :class:`~genailab.train.config.TrainConfig`; or give its fields as keyword options
+            (``epochs``, ``batch_size``, ``lr``, ``kl_warmup_epochs``, ``seed``...).
+        checkpoint_dir
+            Folder for resumable checkpoints (``checkpoint.pt``), written every
+            ``checkpoint_every`` epochs.
+        resume_from
+            A checkpoint file to continue from; training then reaches the same result as an
+            uninterrupted run with the same seed.
+
+        Returns
+        -------
+        The model itself; ``history`` holds one record per epoch (train/validation reconstruction,
+        KL and negative ELBO, adversary loss, KL weight, learning rate, seconds).
+
+        Notes
+        -----
+        Under ``torchrun`` every process trains on its own shard of the training cells and only
+        rank 0 writes checkpoints; a backed AnnData (``backed="r"``) is read chunk by chunk.
+        """
+        if config is None:
+            config = build_config(TrainConfig, **options)
+        elif options:
+            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
+        if config.batch_size == 1 and self._network_config.norm == "batch":
+            raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size >= 2 or norm='layer'.")
+        adata = self._data(None)
+        matrix, conditions = self._validated(adata)
+        rows = np.flatnonzero(empty_cells(matrix, action=self._empty_cells, source="The training data"))
+        train_rows, val_rows = split_rows(rows, config.validation_fraction, config.seed)
+        targets = self._adversary_targets(adata)
+        labels = None if targets is None else targets[0]
+
+        seed_everything(config.seed, deterministic=config.deterministic)
+        if resume_from is None:
+            self.module = self._new_module()  # initial weights depend on the seed
+            self.adversary = (
+                BatchDiscriminator(self._network_config.latent_dim, targets[1], self.adversary_config)
+                if targets is not None
+                else None
+            )
+        if self._network_config.is_count_model:
+            self.module.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
+
+        checkpoint_path = check_writable(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+        trainer = Trainer(
+            self.module,
+            config,
+            checkpoint_path=checkpoint_path,
+            checkpoint_extra={"model_type": self.MODEL_TYPE, **self._description()},
+            adversary=self.adversary,
+        )
+        if resume_from is not None:
+            trainer.load_state_dict(self._checked_checkpoint(resume_from, config))
+        rank_rows = trainer.dist.shard(train_rows)  # all rows unless running under torchrun
+        drop_last = rank_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
+        train_loader = minibatch_loader(
+            matrix, conditions, labels=labels, indices=rank_rows, batch_size=config.batch_size, seed=config.seed,
+            drop_last=drop_last, chunk_rows=config.chunk_rows, chunks_in_memory=config.chunks_in_memory,
+        )  # fmt: skip
+        val_loader = (
+            minibatch_loader(matrix, conditions, labels=labels, indices=val_rows, batch_size=INFERENCE_BATCH,
+                             shuffle=False)
+            if val_rows.size
+            else None
+        )
+        self.history = trainer.fit(train_loader, val_loader)
+        self.train_config = config
+        self.training_info = {
+            "n_cells": int(matrix.shape[0]),
+            "n_train": int(train_rows.size),
+            "n_validation": int(val_rows.size),
+            "stopped_early": trainer.stopped_early,
+            "data_sha256": data_fingerprint(matrix, conditions, self.schema_genes),
+        }
+        self._split = {"train": train_rows, "validation": val_rows}
+        self.module.eval()
+        return self
+
+    @property
+    def schema_genes(self) -> tuple[str, ...]:
+        """The model's genes, in the order its network reads them."""
+        return tuple(self._data_schema.gene_names)
+
+    @property
+    def _data_schema(self):
+        """The :class:`~genailab.data.schema.DataSchema` that reads the expression matrix."""
+        return self.schema
+
+    def _checked_checkpoint(self, path: str | Path, train_config: TrainConfig) -> dict:
+        """A trainer checkpoint of this architecture and seed (other checkpoints are refused)."""
+        state = load_checkpoint(path)
+        if state["model_config"] != self.config.to_dict():
+            raise CheckpointError(
+                f"{path} was written for a different architecture; build the model with the same options."
+            )
+        if state["train_config"]["seed"] != train_config.seed:
+            raise CheckpointError(
+                f"{path} was trained with seed {state['train_config']['seed']}, not {train_config.seed}; "
+                "resume with the same seed so the data split and order match."
+            )
+        return state
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to ``directory`` (genailab.json + model.pt); returns the folder."""
+        directory = Path(directory)
+        if (directory / "genailab.json").exists() and not overwrite:
+            raise CheckpointError(f"{directory} already holds a saved model; pass overwrite=True to replace it.")
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        if self.adversary is not None:
+            tensors.update({f"adversary.{k}": v for k, v in self.adversary.state_dict().items()})
+        if self._split is not None:
+            tensors["split.train"] = torch.from_numpy(self._split["train"])
+            tensors["split.validation"] = torch.from_numpy(self._split["validation"])
+        metadata = {
+            "model_type": self.MODEL_TYPE,
+            "model_config": self.config.to_dict(),
+            "train_config": None if self.train_config is None else self.train_config.to_dict(),
+            "adversary_config": None if self.adversary_config is None else self.adversary_config.to_dict(),
+            **self._description(),
+            "training": self.training_info,
+            "history": self.history,
+        }
+        return save_model_files(directory, metadata=metadata, tensors=tensors)
+
+    @classmethod
+    def load(cls, directory: str | Path, adata: AnnData | None = None, *, device: str = "auto"):
+        """Load a saved model; ``adata`` (optional) becomes the default data of every method.
+
+        ``device="auto"`` puts the weights on a GPU when one is present, as training does.
+        """
+        metadata, tensors = load_model_files(directory)
+        model_type = metadata.get("model_type", "genailab.VAE")  # format 1 files of a VAE carry no type
+        if model_type != cls.MODEL_TYPE:
+            raise CheckpointError(
+                f"{directory} holds a {model_type} model, not a {cls.MODEL_NAME}; load it with the matching "
+                "class (genailab.VAE.load for `genailab train` runs, PerturbationModel.load for `perturb train`)."
+            )
+        try:
+            parts = cls._parts_from_description(metadata)
+            adversary = metadata.get("adversary_config")
+            train = metadata.get("train_config")
+            train_config = TrainConfig.from_dict(train) if train else None
+            adversary_config = AdversaryConfig(**adversary) if adversary else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"The description in {directory} is damaged or incomplete ({type(exc).__name__}: {exc}); "
+                "restore genailab.json from a backup or retrain."
+            ) from exc
+        model = cls.__new__(cls)
+        model._assemble(**parts, adata=adata, adversary_config=adversary_config)
+        model.train_config = train_config
+        model.history = list(metadata.get("history", []))
+        model.training_info = dict(metadata.get("training", {}))
+        adversary_state = {k.removeprefix("adversary."): v for k, v in tensors.items() if k.startswith("adversary.")}
+        if adversary_state and adversary_config is not None:
+            model.adversary = BatchDiscriminator(
+                model._network_config.latent_dim, int(adversary_state["out.weight"].shape[0]), adversary_config
+            )
+            try:
+                model.adversary.load_state_dict(adversary_state)
+            except RuntimeError as exc:
+                raise CheckpointError(f"The adversary weights in {directory} do not fit its architecture: {exc}") from exc
+        try:
+            model.module.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")})
+        except RuntimeError as exc:
+            raise CheckpointError(f"The weights in {directory} do not fit the saved architecture: {exc}") from exc
+        if "split.train" in tensors:
+            model._split = {"train": tensors["split.train"].numpy(), "validation": tensors["split.validation"].numpy()}
+        model.module.to(resolve_device(device)).eval()
+        return model
+
+
+def build_config(config_class, **options):
+    """``config_class(**options)`` with unknown, doubled or mistyped options reported as ConfigError."""
+    try:
+        return config_class(**options)
+    except TypeError as exc:
+        known = sorted(f.name for f in dataclasses.fields(config_class))
+        raise ConfigError(f"{exc}; the options of {config_class.__name__} are {known}.") from exc
+
+
+def split_rows(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split of ``rows`` (sorted halves), fixed by ``seed``."""
+    if rows.size < MIN_CELLS:
+        raise InputDataError(f"Only {rows.size} usable cells; training needs at least {MIN_CELLS}.")
+    n_val = int(round(fraction * rows.size))
+    if fraction > 0 and (n_val < 1 or rows.size - n_val < 2):
+        raise InputDataError(
+            f"{rows.size} cells are too few for validation_fraction={fraction}; use more cells or "
+            "validation_fraction=0 (early stopping then watches the training loss)."
+        )
+    shuffled = np.random.default_rng(seed).permutation(rows)
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Seed torch's generators (CPU and CUDA) inside the block, leaving the caller's streams as they
+    were; ``None`` uses the global random state."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def storable_params(params: Mapping[str, object]) -> dict:
+    """``params`` as h5ad can store them in ``uns``: None values left out, sequences as lists."""
+    return {str(k): _storable(v) for k, v in params.items() if v is not None}
+
+
+def _storable(value):
+    if isinstance(value, Mapping):
+        return storable_params(value)
+    if isinstance(value, (list, tuple)):
+        return [v if isinstance(v, (int, float, bool, str)) else str(v) for v in value]
+    if isinstance(value, (int, float, bool, str, np.number, np.bool_)):
+        return value
+    return str(value)
