@@ -26,6 +26,7 @@ def cluster(
     markers_key: str = "rank_genes_groups",
     plot: str | Path | None = None,
     color: Sequence[str] = (),
+    labels_key: str | None = None,
     seed: int = 0,
 ) -> None:
     """Embed with the model, cluster with scanpy (kNN graph, UMAP, Leiden) and rank marker genes.
@@ -54,6 +55,9 @@ def cluster(
         Write a UMAP figure (PNG) here: one panel per ``color`` column, then the clusters.
     color
         ``obs`` columns to show beside the clusters in ``plot`` (e.g. known cell types, batch).
+    labels_key
+        ``obs`` column of known cell types: the clusters' ARI and NMI against it are recorded, and,
+        as in scIB, those of the Leiden resolution among 0.1, 0.2, ..., 2.0 with the best NMI.
     seed
         Random state of the neighbour search, UMAP and Leiden.
 
@@ -61,7 +65,9 @@ def cluster(
     -------
     Nothing; sets ``adata.obsm[latent_key]``, scanpy's ``obsp['connectivities']``,
     ``obsp['distances']``, ``uns['neighbors']`` and ``obsm['X_umap']``, ``adata.obs[key_added]``,
-    ``adata.uns[markers_key]`` and ``adata.uns[key_added]['params']``.
+    ``adata.uns[markers_key]`` and ``adata.uns[key_added]['params']``; with ``labels_key``,
+    ``adata.uns[key_added]['scores']``: ``ari``, ``nmi`` at ``resolution`` and ``best_ari``,
+    ``best_nmi``, ``best_n_clusters`` at ``best_resolution``.
 
     Examples
     --------
@@ -73,9 +79,9 @@ def cluster(
     check_number("resolution", resolution, gt=0)
     check_number("n_neighbors", n_neighbors, integer=True, ge=2, le=max(2, adata.n_obs - 1))
     check_number("seed", seed, integer=True, ge=0)
-    missing = [c for c in color if c not in adata.obs]
+    missing = [c for c in (*color, *([labels_key] if labels_key else [])) if c not in adata.obs]
     if missing:
-        raise InputDataError(f"color columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}.")
+        raise InputDataError(f"color/labels_key columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}.")
     adata.obsm[latent_key] = model.get_latent(adata)
     # exact neighbours: scanpy's approximate (PyNNDescent) path above 8192 cells fails with scipy >= 1.15
     sc.pp.neighbors(adata, use_rep=latent_key, n_neighbors=n_neighbors, random_state=seed, transformer="sklearn")
@@ -87,8 +93,34 @@ def cluster(
     adata.uns[key_added]["params"].update(
         latent_key=latent_key, n_neighbors=n_neighbors, markers_key=markers_key, seed=seed, n_clusters=n_clusters
     )
+    if labels_key is not None:
+        adata.uns[key_added]["scores"] = _label_agreement(adata, labels_key, key_added, latent_key=latent_key)
     if plot is not None:
         _plot_umap(adata, [*color, key_added], Path(plot))
+
+
+def _label_agreement(adata: AnnData, labels_key: str, key_added: str, *, latent_key: str) -> dict:
+    """ARI/NMI of the clusters against the labels, and of the best resolution of scIB's sweep (on the
+    same kNN graph: same latent, neighbours and seed)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from genailab.eval import leiden_ari_nmi_best_resolution
+
+    params = adata.uns[key_added]["params"]
+    labels, clusters = adata.obs[labels_key].astype(str).to_numpy(), adata.obs[key_added].to_numpy()
+    best = leiden_ari_nmi_best_resolution(
+        adata.obsm[latent_key], labels, n_neighbors=params["n_neighbors"], seed=params["seed"]
+    )
+    return {
+        "labels_key": labels_key,
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "resolution": float(params["resolution"]),
+        "best_ari": best["ari"],
+        "best_nmi": best["nmi"],
+        "best_n_clusters": best["n_clusters"],
+        "best_resolution": best["resolution"],
+    }
 
 
 def _markers(adata: AnnData, model, groupby: str) -> dict:
