@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from genailab.data.backed import OnDiskMatrix, is_on_disk
+from genailab.data.sparse_structure import check_sparse_structure
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class DataSchema:
         ``align_genes=True``, which fills them with zeros (with a warning).
         """
         matrix = _layer(adata, self.layer)
+        # before any column is picked: a damaged index would make scipy read outside its arrays
+        check_sparse_structure(matrix, source="adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]")
         names = adata.var_names.astype(str)
         if names.size == self.n_genes and np.array_equal(names.to_numpy(), np.asarray(self.gene_names)):
             return _in_model_order(matrix, None)

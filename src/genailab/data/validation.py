@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from genailab.data.backed import OnDiskMatrix, row_blocks
+from genailab.data.sparse_structure import check_sparse_structure
 from genailab.errors import ConfigError, InputDataError
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,13 @@ def is_integer_counts(matrix) -> bool:
 
 
 def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
-    """Raise :class:`InputDataError` for NaN/Inf, and for negative or non-integer values when
-    ``counts`` is True (count models need raw UMI/read counts)."""
+    """Raise :class:`InputDataError` for a damaged sparse structure (indptr, indices), NaN/Inf, and
+    for negative or non-integer values when ``counts`` is True (count models need raw UMI/read counts)."""
     if isinstance(matrix, OnDiskMatrix):
         for block in row_blocks(matrix):
             check_expression(block, counts=counts, source=source)
         return
+    check_sparse_structure(matrix, source=source)
     values = _values(matrix)
     if values.size and not np.issubdtype(values.dtype, np.number):
         raise InputDataError(f"{source} has non-numeric values (dtype {values.dtype}); convert it to numbers.")
