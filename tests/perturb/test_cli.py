@@ -50,5 +50,6 @@ def test_errors_are_one_clean_line(perturb_adata, tmp_path):
         result = runner.invoke(main, ["perturb", "predict", str(run), str(data), "--drug", drug, "--dose", dose,
                                       "--out", str(tmp_path / "p.h5ad")])  # fmt: skip
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
-    result = runner.invoke(main, ["perturb", "train", str(data), "--out", str(run), "--drug-key", "compound"])
+    result = runner.invoke(main, ["perturb", "train", str(data), "--out", str(run), "--drug-key", "compound",
+                                  "--overwrite"])
     assert result.exit_code != 0 and "SchemaMismatchError" in result.output

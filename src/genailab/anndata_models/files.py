@@ -90,12 +90,12 @@ def check_writable(directory: str | os.PathLike) -> Path:
 def check_model_folder(directory: str | os.PathLike, *, overwrite: bool, option: str = "overwrite=True") -> Path:
     """:func:`check_writable`, and refuse a folder that already holds a saved model unless
     ``overwrite`` (``option`` names the switch in the error: ``--overwrite`` on the command line)."""
-    directory = Path(directory)
+    directory = check_writable(directory)  # links first: a planted link must not pass for a saved model
     if (directory / CONFIG_FILE).exists() and not overwrite:
         raise CheckpointError(
             f"{directory} already holds a saved model; pass {option} to replace it, or choose another folder."
         )
-    return check_writable(directory)
+    return directory
 
 
 def description_hash(document: dict) -> str:

@@ -7,14 +7,15 @@ from pathlib import Path
 import click
 
 from genailab.cli import main
-from genailab.cli.common import fail_cleanly, read_data
+from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
 from genailab.cli.core import _hidden
-from genailab.report.run_folder import write_run
+from genailab.report.run_folder import RUN_FILES, write_run
 from genailab.errors import ConfigError, SchemaMismatchError
 
 _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
 _DATA = click.Path(exists=True, dir_okay=True, path_type=Path)
 _OUT = click.Path(dir_okay=False, path_type=Path)
+INTEGRATED_FILE = "integrated.h5ad"  # the corrected latent and expression, beside the model in --out
 
 
 def _conditions(pairs: tuple[str, ...], model) -> dict[str, object]:
@@ -78,10 +79,11 @@ def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, 
     """Write the model's expected expression of DATA's cells to a layer of --out."""
     from genailab.apps import denoise as denoise_cells
 
+    check_output_file(out)  # fail before the work, not after
     model, adata = _load(run_dir, data)
     denoise_cells(adata, model, key_added=key, library_size=_library(library_size), include_dropout=include_dropout,
                   conditions=_conditions(conditions, model) or None, n_samples=n_samples)  # fmt: skip
-    adata.write_h5ad(out)
+    write_h5ad(adata, out)
     click.echo(f"Wrote denoised expression of {adata.n_obs} cells x {adata.n_vars} genes to layers[{key!r}] of {out}")
 
 
@@ -109,10 +111,11 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
     """Generate --n cells with the given conditions from a trained model; counts in X of --out."""
     from genailab.apps import generate as generate_cells
 
+    check_output_file(out)
     model, adata = _load(run_dir, data)
     generated = generate_cells(adata, model, n_cells=n_cells, conditions=_conditions(conditions, model), source=source,
                                library_size=library_size, seed=seed)  # fmt: skip
-    generated.write_h5ad(out)
+    write_h5ad(generated, out)
     click.echo(f"Wrote {generated.n_obs} generated cells x {generated.n_vars} genes ({source}) to {out}")
 
 
@@ -149,6 +152,7 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
 @fail_cleanly
 def integrate(
     data,
@@ -169,33 +173,33 @@ def integrate(
     lr,
     seed,
     device,
+    overwrite,
 ):
     """Batch-correct DATA with an adversarial CVAE; model, corrected latent and expression in --out."""
     from genailab.apps import integrate as integrate_batches
     from genailab.apps import integration_scores
     from genailab.model.adversary import AdversaryConfig
-    from genailab.anndata_models.files import check_writable
     from genailab.train.config import TrainConfig
 
-    check_writable(out)
-    adata = read_data(data)
-    adversary = (
-        AdversaryConfig(weight=adversary_weight, warmup_epochs=adversary_warmup_epochs, mode=adversary_mode)
-        if adversary_weight != 0  # 0 disables; AdversaryConfig refuses negative and NaN weights
-        else None
-    )
-    model = integrate_batches(
-        adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
-        adversary=adversary, reference_batch=reference_batch, latent_dim=latent_dim, hidden_dims=_hidden(hidden_dims),
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
-    )  # fmt: skip
-    write_run(model, out)
-    adata.write_h5ad(out / "integrated.h5ad")
-    scores = integration_scores(adata, batch_key=batch_key, label_key=labels, seed=seed)
-    click.echo(f"Trained {len(model.history)} epochs; corrected latent in obsm['X_genailab_integrated'], expression "
-               f"decoded into batch {adata.uns['X_genailab_integrated']['params']['reference_batch']!r} in "
-               f"layers['genailab_corrected'] of {out / 'integrated.h5ad'}")  # fmt: skip
-    click.echo("Scores (1 best): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, INTEGRATED_FILE)):
+        adata = read_data(data)
+        adversary = (
+            AdversaryConfig(weight=adversary_weight, warmup_epochs=adversary_warmup_epochs, mode=adversary_mode)
+            if adversary_weight != 0  # 0 disables; AdversaryConfig refuses negative and NaN weights
+            else None
+        )
+        model = integrate_batches(
+            adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
+            adversary=adversary, reference_batch=reference_batch, latent_dim=latent_dim, hidden_dims=_hidden(hidden_dims),
+            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
+        )  # fmt: skip
+        write_run(model, out)
+        write_h5ad(adata, out / INTEGRATED_FILE)
+        scores = integration_scores(adata, batch_key=batch_key, label_key=labels, seed=seed)
+        click.echo(f"Trained {len(model.history)} epochs; corrected latent in obsm['X_genailab_integrated'], expression "
+                   f"decoded into batch {adata.uns['X_genailab_integrated']['params']['reference_batch']!r} in "
+                   f"layers['genailab_corrected'] of {out / 'integrated.h5ad'}")  # fmt: skip
+        click.echo("Scores (1 best): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
 
 @main.command()
@@ -214,11 +218,13 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
 
     from genailab.apps import cluster as cluster_cells
 
-    model, adata = _load(run_dir, data)
     plot = plot or out.with_name(f"{out.stem}_umap.png")
+    check_output_file(out)
+    check_output_file(plot)
+    model, adata = _load(run_dir, data)
     cluster_cells(adata, model, resolution=resolution, n_neighbors=n_neighbors, plot=plot,
                   color=[labels] if labels else (), labels_key=labels, seed=seed)  # fmt: skip
-    adata.write_h5ad(out)
+    write_h5ad(adata, out)
     markers = sc.get.rank_genes_groups_df(adata, group=None)
     click.echo(f"{adata.obs['leiden'].nunique()} Leiden clusters in obs['leiden'] of {out}; UMAP in {plot}")
     for group, table in markers.groupby("group", observed=True):
@@ -260,12 +266,13 @@ def de(run_dir, data, groupby, group, reference, out, delta, fdr_target, level, 
     """Differential expression of --group vs --reference from the model's posterior (scVI change mode)."""
     from genailab.apps import differential_expression
 
+    check_output_file(out)
     model, adata = _load(run_dir, data)
     table = differential_expression(adata, model, groupby=groupby, group=group, reference=reference, delta=delta,
                                     fdr_target=fdr_target, level=level, n_samples_per_cell=n_samples_per_cell,
                                     max_cells=max_cells,
                                     n_pairs=n_pairs, seed=seed)  # fmt: skip
-    table.to_csv(out)
+    write_csv(table, out)
     called = table[table["is_de_fdr"]]
     click.echo(
         f"{len(called)} of {len(table)} genes differ by |log2 FC| > {delta} at expected FDR {fdr_target}; table in {out}"

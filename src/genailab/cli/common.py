@@ -1,14 +1,18 @@
-"""Shared CLI helpers: reading data and turning library errors into clean messages."""
+"""Shared CLI helpers: reading data, writing outputs safely, and turning library errors into clean messages."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import shlex
 from pathlib import Path
 
 import click
 
-from genailab.errors import ConfigError, GenailabError
+from genailab.errors import CheckpointError, ConfigError, GenailabError
+
+CHECKPOINT_FILE = "checkpoint.pt"  # where `genailab train` keeps the resumable checkpoint of its run
 
 
 def fail_cleanly(command):
@@ -64,3 +68,94 @@ def read_data(path: Path, *, backed: bool = False):
     from genailab.data.readers import read
 
     return read(path, backed=backed)
+
+
+def check_output_file(path: Path) -> Path:
+    """Check, before the work, that ``path`` can be written as a file (see :mod:`genailab.safe_write`)."""
+    from genailab.safe_write import check_output_file as check
+
+    return check(path)
+
+
+def write_h5ad(adata, path: Path) -> Path:
+    """Write ``adata`` to ``path`` atomically: never through a link, nothing half-written on failure."""
+    from genailab.safe_write import atomic_path
+
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return path
+
+
+def write_csv(table, path: Path, **options) -> Path:
+    """``table.to_csv(path, **options)``, written atomically like :func:`write_h5ad`."""
+    from genailab.safe_write import atomic_file
+
+    with atomic_file(path, "w") as handle:
+        table.to_csv(handle, **options)
+    return path
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, *, overwrite: bool, names: tuple[str, ...] = (), lock: bool = True):
+    """Check a run folder before the work (writable, no links at ``names``, no saved model unless
+    ``overwrite``) and hold its lock while the command runs (``lock=False``: other torchrun ranks)."""
+    from genailab.anndata_models.files import MODEL_FILES, check_model_folder
+    from genailab.safe_write import FolderLock, check_output_folder
+
+    check_output_folder(out, names=MODEL_FILES + names)
+    check_model_folder(out, overwrite=overwrite, option="--overwrite")
+    with FolderLock(out) if lock else contextlib.nullcontext():
+        yield out
+
+
+def command_line(ctx: click.Context, **replace) -> str:
+    """The shell command that runs ``ctx``'s command again with its options (some replaced)."""
+    parts = ["genailab", *ctx.command_path.split()[1:]]
+    values = {**ctx.params, **replace}
+    for param in ctx.command.params:
+        value = values.get(param.name)
+        if isinstance(param, click.Argument):
+            parts.append(str(value))
+            continue
+        flag = max(param.opts, key=len)
+        if value is None or value == () or value is False or value == param.default:
+            continue
+        if getattr(param, "is_flag", False):
+            parts.append(flag)
+        else:
+            for item in value if getattr(param, "multiple", False) else (value,):
+                parts += [flag, str(item)]
+    return shlex.join(parts)
+
+
+def fit_in_run_folder(model, config, *, out: Path, resume_from: Path | None) -> None:
+    """``model.fit`` with checkpoints in ``out``; Ctrl-C or SIGTERM ends the command (exit 130) with
+    the path of the checkpoint of the last finished epoch and the command that resumes from it."""
+    from genailab.train import load_checkpoint
+
+    checkpoint = out / CHECKPOINT_FILE
+    try:
+        model.fit(config, checkpoint_dir=out, resume_from=resume_from)
+    except KeyboardInterrupt:
+        ctx = click.get_current_context()
+        if checkpoint.is_file():
+            epoch = load_checkpoint(checkpoint)["epoch"]
+            click.echo(f"Interrupted: epoch {epoch} of {config.epochs} is saved in {checkpoint}. Resume with:\n"
+                       f"  {command_line(ctx, resume_from=checkpoint)}", err=True)  # fmt: skip
+        else:
+            click.echo("Interrupted before the first epoch finished; there is nothing to resume.", err=True)
+        ctx.exit(130)
+
+
+def unfinished_run(out: Path, *, resume_from: Path | None, overwrite: bool) -> None:
+    """Refuse to start a new run over ``out``'s checkpoint of an unfinished one unless ``overwrite``
+    (then the old checkpoint is removed, so it is never left beside the new model)."""
+    checkpoint = out / CHECKPOINT_FILE
+    if not checkpoint.exists() or (resume_from is not None and Path(resume_from).resolve() == checkpoint.resolve()):
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{checkpoint} holds the checkpoint of another run; resume it with --resume {checkpoint}, pass "
+            "--overwrite to start afresh (the checkpoint is then deleted), or choose another --out."
+        )
+    checkpoint.unlink()

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from genailab.cli import main
-from genailab.cli.common import fail_cleanly
+from genailab.cli.common import check_output_file, fail_cleanly, write_h5ad
 
 IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (with true means) is built in memory
 
@@ -34,13 +34,15 @@ def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, per
     written chunk by chunk with the counts in X only, ready for `genailab train --backed`.
     """
     from genailab.data.simulate import PerturbationSpec, simulate, write_simulated_h5ad
+    from genailab.safe_write import atomic_path
 
     options = dict(n_cell_types=cell_types, n_batches=batches, likelihood=likelihood, dropout=dropout, seed=seed,
                    perturbation=PerturbationSpec() if perturbation else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out)
     if cells * genes <= IN_MEMORY_VALUES:
-        simulate(cells, genes, **options).write_h5ad(out)
+        write_h5ad(simulate(cells, genes, **options), out)
         click.echo(f"Wrote {cells} cells x {genes} genes with true means to {out}")
     else:
-        write_simulated_h5ad(out, cells, genes, **options)
+        with atomic_path(out) as tmp:
+            write_simulated_h5ad(tmp, cells, genes, **options)
         click.echo(f"Wrote {cells} cells x {genes} genes (counts in X, no true means) chunk by chunk to {out}")

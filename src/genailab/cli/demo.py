@@ -18,9 +18,12 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
     ``obsm['X_genailab']``, UMAP, Leiden clusters, marker genes), ``umap.png`` and ``metrics.json``.
     """
     from genailab.apps import cluster
-    from genailab.report.run_folder import write_run
+    from genailab.cli.common import write_h5ad
+    from genailab.report.run_folder import RUN_FILES, write_run
+    from genailab.safe_write import check_output_folder, write_text
 
-    out = Path(out)
+    out = check_output_folder(out, names=("umap.png", "metrics.json", "pbmc68k_genailab.h5ad"))
+    check_output_folder(out / "model", names=RUN_FILES)
     adata = pbmc68k_counts()
     model = VAE(adata, likelihood="nb", layer="counts", latent_dim=10, hidden_dims=(128, 128))
     model.fit(TrainConfig(epochs=epochs, seed=seed, batch_size=128, kl_warmup_epochs=20))
@@ -43,8 +46,8 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
         "best_ari_vs_cell_type": scores["best_ari"],
         "best_nmi_vs_cell_type": scores["best_nmi"],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    adata.write_h5ad(out / "pbmc68k_genailab.h5ad")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_h5ad(adata, out / "pbmc68k_genailab.h5ad")
     return [
         f"Trained an NB conditional VAE on {adata.n_obs} PBMCs x {adata.n_vars} genes for {len(model.history)} epochs.",
         f"Leiden on the latent at resolution {scores['resolution']:g}: {metrics['leiden_clusters']} clusters, ARI "

@@ -8,6 +8,7 @@ import click
 
 from genailab.cli import main
 from genailab.cli.common import fail_cleanly, read_data
+from genailab.safe_write import FolderLock, check_output_folder
 
 
 def _sizes(value: str | None) -> tuple[int, ...]:
@@ -39,19 +40,24 @@ def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epoch
     """Evaluate the model in RUN_DIR on DATA: metrics.json, PNG figures and index.html in --out."""
     from genailab import VAE
     from genailab.report import write_report
+    from genailab.report.evaluate import REPORT_FILES
 
     latent_dims = _sizes(latent_sweep)
-    adata = read_data(data)
-    model = VAE.load(run_dir, adata)
-    metrics = write_report(
-        model, adata, out, label_key=label_key, batch_key=batch_key, latent_dims=latent_dims,
-        sweep_epochs=sweep_epochs, imputation=imputation, n_samples=n_samples, seed=seed,
-    )
+    with FolderLock(check_output_folder(out, names=REPORT_FILES)):  # fail before the work, not after
+        adata = read_data(data)
+        model = VAE.load(run_dir, adata)
+        metrics = write_report(
+            model, adata, out, label_key=label_key, batch_key=batch_key, latent_dims=latent_dims,
+            sweep_epochs=sweep_epochs, imputation=imputation, n_samples=n_samples, seed=seed, data_path=data,
+        )
     likelihood = metrics["likelihood"]
     click.echo(
         f"Held-out ({metrics['run']['held_out_cells']}, {metrics['run']['n_held_out']}): negative ELBO "
         f"{likelihood['negative_elbo']:.2f}, log-likelihood (IWAE, K={n_samples}) {likelihood['marginal_ll']:.2f} per cell."
     )
     if "ari" in metrics["latent"]:
-        click.echo(f"Leiden on the latent vs {label_key}: ARI {metrics['latent']['ari']:.3f}, NMI {metrics['latent']['nmi']:.3f}.")
+        latent = metrics["latent"]
+        click.echo(f"Leiden on the latent vs {label_key}: ARI {latent['ari']:.3f}, NMI {latent['nmi']:.3f} at resolution "
+                   f"{latent['resolution']:g}; best of scIB's sweep: ARI {latent['best_ari']:.3f}, NMI "
+                   f"{latent['best_nmi']:.3f} at resolution {latent['best_resolution']:g}.")  # fmt: skip
     click.echo(f"Report in {out}: index.html, metrics.json and PNG figures.")

@@ -9,8 +9,10 @@ import click
 import pandas as pd
 
 from genailab.cli import main
-from genailab.cli.common import fail_cleanly, read_data
+from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
 from genailab.cli.core import _hidden
+
+HISTORY_FILE = "history.csv"  # per-epoch losses, beside the saved model
 
 
 def _obs_options(command):
@@ -53,26 +55,26 @@ def perturb() -> None:
               help="Stop after this many epochs without validation improvement; 0 disables early stopping.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
 @fail_cleanly
 def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hidden_dims, adversary_weight, epochs,
-                  batch_size, lr, early_stopping_patience, seed, device):
+                  batch_size, lr, early_stopping_patience, seed, device, overwrite):
     """Train a perturbation model on DATA (control and treated cells) and save it to --out."""
     from genailab.model.adversary import AdversaryConfig
-    from genailab.anndata_models.files import check_writable
     from genailab.perturb import PerturbationModel
     from genailab.train.config import TrainConfig
 
-    check_writable(out)
-    adata = read_data(data)
-    model = PerturbationModel(
-        adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type, control_value=keys.control,
-        covariate_keys=list(covariates), layer=layer, likelihood=likelihood, latent_dim=latent_dim,
-        hidden_dims=_hidden(hidden_dims), adversary=AdversaryConfig(weight=adversary_weight) if adversary_weight != 0 else None,
-    )  # fmt: skip
-    model.fit(TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=early_stopping_patience or None,
-                          seed=seed, device=device))  # fmt: skip
-    model.save(out, overwrite=True)
-    pd.DataFrame(model.history).to_csv(out / "history.csv", index=False)
+    with run_folder(out, overwrite=overwrite, names=(HISTORY_FILE,)):
+        adata = read_data(data)
+        model = PerturbationModel(
+            adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type, control_value=keys.control,
+            covariate_keys=list(covariates), layer=layer, likelihood=likelihood, latent_dim=latent_dim,
+            hidden_dims=_hidden(hidden_dims), adversary=AdversaryConfig(weight=adversary_weight) if adversary_weight != 0 else None,
+        )  # fmt: skip
+        model.fit(TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=early_stopping_patience or None,
+                              seed=seed, device=device))  # fmt: skip
+        model.save(out, overwrite=True)  # the model first: a full disk at the history loses nothing else
+        write_csv(pd.DataFrame(model.history), out / HISTORY_FILE, index=False)
     click.echo(f"Trained {len(model.history)} epochs on {adata.n_obs} cells; drugs: {', '.join(model.drugs)}")
     click.echo(f"Model and history.csv in {out}")
 
@@ -98,6 +100,7 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
     from genailab.errors import InputDataError
     from genailab.perturb import PerturbationModel
 
+    check_output_file(out)  # fail before the work, not after
     model = PerturbationModel.load(run_dir)
     adata = read_data(data)
     keys = model.keys
@@ -112,7 +115,7 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
             "predictions perturb control cells."
         )
     predicted = model.predict(adata, drug=drug, dose=dose, seed=seed, align_genes=align_genes)
-    predicted.write_h5ad(out)
+    write_h5ad(predicted, out)
     click.echo(f"Wrote {predicted.n_obs} counterfactual cells ({drug} at dose {dose:g}) to {out}")
 
 
@@ -138,6 +141,8 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
     from genailab.errors import ConfigError
     from genailab.perturb import compare_methods, default_methods, format_table, holdout_split, summarize
 
+    summary_path = check_output_file(out.with_name(out.stem + "_summary.csv"))  # fail before the work, not after
+    check_output_file(out)
     adata = read_data(data)
     train_options = dict(epochs=epochs, seed=seed, progress=False)
     tables = []
@@ -155,8 +160,7 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
         raise ConfigError("No protocol applies to these data; see `genailab perturb evaluate --help`.")
     table = pd.concat(tables, ignore_index=True)
     summary = summarize(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    summary.to_csv(out.with_name(out.stem + "_summary.csv"))
+    write_csv(table, out, index=False)
+    write_csv(summary, summary_path)
     click.echo(format_table(summary))
     click.echo(f"Per-group scores in {out}")
