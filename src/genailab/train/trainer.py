@@ -33,6 +33,7 @@ from genailab.train.interrupt import LastFinishedEpoch
 from genailab.train.schedules import EarlyStopping, kl_weight
 
 logger = logging.getLogger(__name__)
+_LARGE_BETA = 100.0  # a KL weight above this is named as the likely cause of a NaN/Inf loss
 
 CHECKPOINT_FORMAT = "genailab-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -266,8 +267,15 @@ class Trainer:
             )
 
     def _divergence_hint(self) -> str:
+        config = self.model.config
+        beta = getattr(config, "beta", None) or getattr(getattr(config, "vae", None), "beta", 1.0)
+        if beta > _LARGE_BETA:  # the KL term, not the step size, is what overflows
+            return (
+                f"beta={beta:g} weights the KL term so heavily that the loss overflows; lower `beta` (1 is the "
+                "standard VAE, 0.1-10 the usual range). The learning rate is not the cause."
+            )
         hint = (
-            "Lower the learning rate (lr), keep gradient clipping on (grad_clip), check the input for extreme "
+            "Lower the learning rate (`lr`), keep gradient clipping on (`grad_clip`), check the input for extreme "
             "values, or use a count model on raw counts."
         )
         if self.checkpoint_path is not None and self.checkpoint_path.is_file():
