@@ -52,7 +52,7 @@ from genailab.apps import (
     integrate,
     integration_scores,
 )
-from genailab.apps.integrate import DEFAULT_ADVERSARY
+from genailab.model.adversary import BATCH_CORRECTION as DEFAULT_ADVERSARY
 from genailab.data import pbmc68k_counts, simulate
 from genailab.eval import leiden_ari_nmi_best_resolution, precision_recall, top_k_overlap
 

@@ -1,15 +1,39 @@
-"""genailab: conditional VAEs for gene-expression and count data, for AnnData users."""
+"""genailab: conditional VAEs for gene-expression and count data, for AnnData users.
 
+The names below load on first use (``genailab.VAE`` imports torch then), so the command line
+answers ``--help`` and ``--version`` without loading the numerical stack.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-from genailab.anndata_models.vae import VAE
-from genailab.model.config import ModelConfig
-from genailab.model.vae import CVAE, CVAE_NB, CVAE_ZINB
-from genailab.train.config import TrainConfig
 
 try:
     __version__ = version("genailab")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["VAE", "CVAE", "CVAE_NB", "CVAE_ZINB", "ModelConfig", "TrainConfig", "__version__"]
+_EXPORTS = {
+    "VAE": "genailab.anndata_models.vae",
+    "PerturbationModel": "genailab.anndata_models.perturbation",
+    "CVAE": "genailab.model.vae",
+    "CVAE_NB": "genailab.model.vae",
+    "CVAE_ZINB": "genailab.model.vae",
+    "ModelConfig": "genailab.model.config",
+    "TrainConfig": "genailab.train.config",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'genailab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

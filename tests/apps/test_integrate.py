@@ -8,7 +8,7 @@ import pytest
 from genailab import TrainConfig
 from genailab.apps import integrate, integration_scores
 from genailab.apps._anndata import log_normalize
-from genailab.apps.integrate import DEFAULT_ADVERSARY
+from genailab.model.adversary import BATCH_CORRECTION as DEFAULT_ADVERSARY
 from genailab.data.simulate import simulate
 from genailab.errors import ConfigError
 

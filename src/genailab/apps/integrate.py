@@ -10,12 +10,9 @@ from anndata import AnnData
 from genailab.apps._anndata import record_params
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
-from genailab.model.adversary import AdversaryConfig
+from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.train.config import TrainConfig
 
-DEFAULT_ADVERSARY = AdversaryConfig(
-    weight=5.0, warmup_epochs=5.0, mode="alternating"
-)  # weight 1 hardly mixes simulated batches
 
 
 def integrate(
@@ -25,7 +22,7 @@ def integrate(
     layer: str | None = None,
     likelihood: str = "nb",
     covariate_keys: Sequence[str] = (),
-    adversary: AdversaryConfig | None = DEFAULT_ADVERSARY,
+    adversary: AdversaryConfig | None = BATCH_CORRECTION,
     reference_batch: str | None = None,
     library_size: float = 1e4,
     key_added: str = "X_genailab_integrated",
@@ -53,7 +50,9 @@ def integrate(
         Further categorical ``obs`` columns the model conditions on (not corrected for).
     adversary
         Weight, warm-up and mode (``"alternating"`` or ``"gradient_reversal"``) of the
-        discriminator; None trains a plain batch-conditioned VAE (for comparison).
+        discriminator, default the ``batch_correction`` preset
+        (:data:`~genailab.model.adversary.BATCH_CORRECTION`); None trains a plain
+        batch-conditioned VAE (for comparison).
     reference_batch
         Batch every cell is decoded into for ``corrected_layer``; default the largest batch.
     library_size

@@ -8,7 +8,16 @@ import click
 
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
-from genailab.cli.core import _hidden
+from genailab.apps.integrate import integrate as integrate_batches
+from genailab.cli.options import (
+    adversary_options,
+    architecture_options,
+    argument_default,
+    device_option,
+    hidden_alias,
+    likelihood_option,
+    train_options,
+)
 from genailab.report.run_folder import RUN_FILES, write_run
 from genailab.errors import ConfigError, SchemaMismatchError
 
@@ -32,12 +41,12 @@ def _conditions(pairs: tuple[str, ...], model) -> dict[str, object]:
     return values
 
 
-def _load(run_dir: Path, data: Path | None):
+def _load(run_dir: Path, data: Path | None, device: str = "auto"):
     """The saved model and (optionally) the data subset to the model's genes in the model's order."""
     from genailab import VAE
 
     adata = None if data is None else read_data(data)
-    model = VAE.load(run_dir, adata)
+    model = VAE.load(run_dir, adata, device=device)
     if adata is not None and list(map(str, adata.var_names)) != list(model.schema.gene_names):
         missing = sorted(set(model.schema.gene_names) - set(map(str, adata.var_names)))
         if missing:
@@ -74,13 +83,14 @@ def _library(value: str) -> float | str:
 @click.option(
     "--n-samples", default=1, show_default=True, type=int, help="Posterior draws averaged (1: the posterior mean)."
 )
+@device_option
 @fail_cleanly
-def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, n_samples):
+def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, n_samples, device):
     """Write the model's expected expression of DATA's cells to a layer of --out."""
     from genailab.apps import denoise as denoise_cells
 
     check_output_file(out)  # fail before the work, not after
-    model, adata = _load(run_dir, data)
+    model, adata = _load(run_dir, data, device)
     denoise_cells(adata, model, key_added=key, library_size=_library(library_size), include_dropout=include_dropout,
                   conditions=_conditions(conditions, model) or None, n_samples=n_samples)  # fmt: skip
     write_h5ad(adata, out)
@@ -89,7 +99,8 @@ def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, 
 
 @main.command()
 @click.argument("run_dir", type=_RUN)
-@click.option("--n", "n_cells", required=True, type=int, help="Cells to generate.")
+@click.option("--n-cells", "n_cells", type=int, help="Cells to generate.  [required]")
+@hidden_alias("--n", "n_cells", type=int)
 @click.option("--condition", "conditions", multiple=True, help="KEY=VALUE condition of the new cells (repeatable).")
 @click.option("--out", required=True, type=_OUT, help="h5ad to write.")
 @click.option(
@@ -106,13 +117,16 @@ def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, 
     help="Total count per new cell (default: resampled from --data, else the training median).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_option
 @fail_cleanly
-def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed):
-    """Generate --n cells with the given conditions from a trained model; counts in X of --out."""
+def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed, device):
+    """Generate --n-cells cells with the given conditions from a trained model; counts in X of --out."""
+    if n_cells is None:
+        raise click.UsageError("Missing option '--n-cells'.")
     from genailab.apps import generate as generate_cells
 
     check_output_file(out)
-    model, adata = _load(run_dir, data)
+    model, adata = _load(run_dir, data, device)
     generated = generate_cells(adata, model, n_cells=n_cells, conditions=_conditions(conditions, model), source=source,
                                library_size=library_size, seed=seed)  # fmt: skip
     write_h5ad(generated, out)
@@ -120,82 +134,41 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 
 
 @main.command()
+@fail_cleanly
 @click.argument("data", type=_DATA)
-@click.option("--batch", "batch_key", required=True, help="obs column of the batch to correct.")
+@click.option("--batch-key", "batch_key", help="obs column of the batch to correct.  [required]")
+@hidden_alias("--batch", "batch_key")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder: model and integrated.h5ad.")
 @click.option("--layer", default=None, help="adata.layers key with the raw counts (default: X).")
-@click.option("--model", "likelihood", type=click.Choice(["gaussian", "nb", "zinb"]), default="nb", show_default=True)
+@likelihood_option(integrate_batches)
 @click.option(
-    "--covariate", "covariates", multiple=True, help="Further categorical obs column to condition on (repeatable)."
+    "--covariate-key", "covariates", multiple=True, help="Further categorical obs column to condition on (repeatable)."
 )
-@click.option("--adversary-weight", default=5.0, show_default=True, type=float, help="0 disables the adversary.")
-@click.option(
-    "--adversary-mode",
-    type=click.Choice(["alternating", "gradient_reversal"]),
-    default="alternating",
-    show_default=True,
-)
-@click.option(
-    "--adversary-warmup",
-    "adversary_warmup_epochs",
-    default=5.0,
-    show_default=True,
-    type=float,
-    help="Epochs over which the adversary weight rises.",
-)
+@hidden_alias("--covariate", "covariates", multiple=True)
+@adversary_options(argument_default(integrate_batches, "adversary"))
 @click.option("--reference-batch", default=None, help="Batch every cell is decoded into (default: the largest).")
-@click.option("--labels", default=None, help="obs column of known cell types: also report their conservation.")
-@click.option("--latent-dim", default=10, show_default=True, type=int)
-@click.option("--hidden", "hidden_dims", default="128,128", show_default=True, help="Hidden layer sizes, comma-separated.")
-@click.option("--epochs", default=100, show_default=True, type=int)
-@click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--labels-key", "labels", default=None, help="obs column of known cell types: also report their conservation.")
+@hidden_alias("--labels", "labels")
+@architecture_options("latent_dim", "hidden_dims")
+@train_options
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
-@fail_cleanly
-def integrate(
-    data,
-    batch_key,
-    out,
-    layer,
-    likelihood,
-    covariates,
-    adversary_weight,
-    adversary_mode,
-    adversary_warmup_epochs,
-    reference_batch,
-    labels,
-    latent_dim,
-    hidden_dims,
-    epochs,
-    batch_size,
-    lr,
-    seed,
-    device,
-    overwrite,
-):
+def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, reference_batch, labels, model_options,
+              train_options, overwrite):
     """Batch-correct DATA with an adversarial CVAE; model, corrected latent and expression in --out."""
-    from genailab.apps import integrate as integrate_batches
+    if batch_key is None:
+        raise click.UsageError("Missing option '--batch-key'.")
     from genailab.apps import integration_scores
-    from genailab.model.adversary import AdversaryConfig
     from genailab.train.config import TrainConfig
 
     with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, INTEGRATED_FILE)):
         adata = read_data(data)
-        adversary = (
-            AdversaryConfig(weight=adversary_weight, warmup_epochs=adversary_warmup_epochs, mode=adversary_mode)
-            if adversary_weight != 0  # 0 disables; AdversaryConfig refuses negative and NaN weights
-            else None
-        )
         model = integrate_batches(
             adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
-            adversary=adversary, reference_batch=reference_batch, latent_dim=latent_dim, hidden_dims=_hidden(hidden_dims),
-            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
+            adversary=adversary, reference_batch=reference_batch, train=TrainConfig(**train_options), **model_options,
         )  # fmt: skip
         write_run(model, out)
         write_h5ad(adata, out / INTEGRATED_FILE)
-        scores = integration_scores(adata, batch_key=batch_key, label_key=labels, seed=seed)
+        scores = integration_scores(adata, batch_key=batch_key, label_key=labels, seed=train_options["seed"])
         click.echo(f"Trained {len(model.history)} epochs; corrected latent in obsm['X_genailab_integrated'], expression "
                    f"decoded into batch {adata.uns['X_genailab_integrated']['params']['reference_batch']!r} in "
                    f"layers['genailab_corrected'] of {out / 'integrated.h5ad'}")  # fmt: skip
@@ -208,11 +181,13 @@ def integrate(
 @click.option("--out", required=True, type=_OUT, help="h5ad to write.")
 @click.option("--resolution", default=1.0, show_default=True, type=float, help="Leiden resolution.")
 @click.option("--n-neighbors", default=15, show_default=True, type=int)
-@click.option("--labels", default=None, help="obs column of known cell types: plotted, and ARI/NMI reported.")
+@click.option("--labels-key", "labels", default=None, help="obs column of known cell types: plotted, and ARI/NMI reported.")
+@hidden_alias("--labels", "labels")
 @click.option("--plot", type=_OUT, help="UMAP PNG to write (default: next to --out, <name>_umap.png).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_option
 @fail_cleanly
-def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
+def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed, device):
     """Latent, neighbours, UMAP, Leiden clusters and marker genes of DATA's cells, written to --out."""
     import scanpy as sc
 
@@ -221,7 +196,7 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
     plot = plot or out.with_name(f"{out.stem}_umap.png")
     check_output_file(out)
     check_output_file(plot)
-    model, adata = _load(run_dir, data)
+    model, adata = _load(run_dir, data, device)
     cluster_cells(adata, model, resolution=resolution, n_neighbors=n_neighbors, plot=plot,
                   color=[labels] if labels else (), labels_key=labels, seed=seed)  # fmt: skip
     write_h5ad(adata, out)
@@ -260,14 +235,15 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed):
 @click.option("--max-cells", default=500, show_default=True, type=int, help="Cells drawn per group at most.")
 @click.option("--n-pairs", default=5000, show_default=True, type=int, help="Random pairs of draws across the groups.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_option
 @fail_cleanly
 def de(run_dir, data, groupby, group, reference, out, delta, fdr_target, level, n_samples_per_cell, max_cells, n_pairs,
-       seed):
+       seed, device):
     """Differential expression of --group vs --reference from the model's posterior (scVI change mode)."""
     from genailab.apps import differential_expression
 
     check_output_file(out)
-    model, adata = _load(run_dir, data)
+    model, adata = _load(run_dir, data, device)
     table = differential_expression(adata, model, groupby=groupby, group=group, reference=reference, delta=delta,
                                     fdr_target=fdr_target, level=level, n_samples_per_cell=n_samples_per_cell,
                                     max_cells=max_cells,

@@ -17,7 +17,14 @@ from genailab.cli.common import (
     write_h5ad,
 )
 from genailab.anndata_models.vae import VAE
-from genailab.cli.options import architecture_options, argument_default, hidden_alias, likelihood_option, train_options
+from genailab.cli.options import (
+    architecture_options,
+    argument_default,
+    device_option,
+    hidden_alias,
+    likelihood_option,
+    train_options,
+)
 from genailab.data.validation import EMPTY_CELL_ACTIONS
 from genailab.errors import ConfigError
 
@@ -74,14 +81,15 @@ def train(data, out, likelihood, layer, condition_keys, continuous_keys, model_o
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
 @click.option("--key", default="X_genailab", show_default=True, help="obsm key for the latent.")
 @click.option("--align-genes", is_flag=True, help="Fill genes missing from DATA with zeros instead of failing.")
+@device_option
 @fail_cleanly
-def embed(run_dir, data, out, key, align_genes):
+def embed(run_dir, data, out, key, align_genes, device):
     """Write the latent posterior means of DATA's cells to obsm[KEY] of --out."""
     from genailab import VAE
 
     check_output_file(out)  # fail before the work, not after
     adata = read_data(data)
-    model = VAE.load(run_dir, adata)
+    model = VAE.load(run_dir, adata, device=device)
     adata.obsm[key] = model.get_latent(adata, align_genes=align_genes)
     write_h5ad(adata, out)
     click.echo(f"Wrote {adata.n_obs} x {adata.obsm[key].shape[1]} latent to obsm[{key!r}] of {out}")

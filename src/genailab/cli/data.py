@@ -8,18 +8,23 @@ import click
 
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, write_h5ad
+from genailab.cli.options import argument_default, hidden_alias
+from genailab.data.simulate import simulate
 
 IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (with true means) is built in memory
 
 
 @main.command("simulate")
-@click.option("--cells", default=10_000, show_default=True, type=int, help="Number of cells.")
-@click.option("--genes", default=2_000, show_default=True, type=int, help="Number of genes.")
-@click.option("--cell-types", default=5, show_default=True, type=int)
-@click.option("--batches", default=2, show_default=True, type=int)
-@click.option("--likelihood", type=click.Choice(["nb", "zinb"]), default="nb", show_default=True,
-              help="Count noise: negative binomial, or NB with dropout (--dropout).")
-@click.option("--dropout", default=0.1, show_default=True, type=float, help="ZINB zero-inflation probability.")
+@click.option("--n-cells", "cells", default=10_000, show_default=True, type=int, help="Number of cells.")
+@hidden_alias("--cells", "cells", type=int)
+@click.option("--n-genes", "genes", default=2_000, show_default=True, type=int, help="Number of genes.")
+@hidden_alias("--genes", "genes", type=int)
+@click.option("--cell-types", default=argument_default(simulate, "n_cell_types"), show_default=True, type=int)
+@click.option("--batches", default=argument_default(simulate, "n_batches"), show_default=True, type=int)
+@click.option("--likelihood", type=click.Choice(["nb", "zinb"]), default=argument_default(simulate, "likelihood"),
+              show_default=True, help="Count noise: negative binomial, or NB with dropout (--dropout).")
+@click.option("--dropout", default=argument_default(simulate, "dropout"), show_default=True, type=float,
+              help="ZINB zero-inflation probability.")
 @click.option("--perturbation", is_flag=True, help="Add a drug/dose arm: obs['drug'], obs['dose'], true drug effects.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
@@ -33,7 +38,7 @@ def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, per
     means are stored too (layers['true_mean'], counts also in layers['counts']); larger datasets are
     written chunk by chunk with the counts in X only, ready for `genailab train --backed`.
     """
-    from genailab.data.simulate import PerturbationSpec, simulate, write_simulated_h5ad
+    from genailab.data.simulate import PerturbationSpec, write_simulated_h5ad
     from genailab.safe_write import atomic_path
 
     options = dict(n_cell_types=cell_types, n_batches=batches, likelihood=likelihood, dropout=dropout, seed=seed,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from genailab.cli import main
+from genailab.cli.options import device_option, hidden_alias
 from genailab.cli.common import fail_cleanly, read_data
 from genailab.safe_write import FolderLock, check_output_folder
 
@@ -27,7 +28,8 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder to write.")
-@click.option("--label-key", default=None, help="obs column of known cell types (ARI/NMI, silhouette, DE check).")
+@click.option("--labels-key", "label_key", default=None, help="obs column of known cell types (ARI/NMI, silhouette, DE check).")
+@hidden_alias("--label-key", "label_key")
 @click.option("--batch-key", default=None, help="obs column of batches (kNN batch entropy, iLISI, batch silhouette).")
 @click.option("--latent-sweep", default=None, help="Latent sizes to retrain and compare, e.g. 2,5,10.")
 @click.option("--sweep-epochs", default=None, type=click.IntRange(min=1), help="Epochs per retrained model (default: the run's).")
@@ -35,8 +37,9 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.option("--n-samples", default=100, show_default=True, type=click.IntRange(min=1),
               help="Importance samples K for the held-out marginal log-likelihood.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_option
 @fail_cleanly
-def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epochs, imputation, n_samples, seed):
+def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epochs, imputation, n_samples, seed, device):
     """Evaluate the model in RUN_DIR on DATA: metrics.json, PNG figures and index.html in --out."""
     from genailab import VAE
     from genailab.report import write_report
@@ -45,7 +48,7 @@ def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epoch
     latent_dims = _sizes(latent_sweep)
     with FolderLock(check_output_folder(out, names=REPORT_FILES)):  # fail before the work, not after
         adata = read_data(data)
-        model = VAE.load(run_dir, adata)
+        model = VAE.load(run_dir, adata, device=device)
         metrics = write_report(
             model, adata, out, label_key=label_key, batch_key=batch_key, latent_dims=latent_dims,
             sweep_epochs=sweep_epochs, imputation=imputation, n_samples=n_samples, seed=seed, data_path=data,

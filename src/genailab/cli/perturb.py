@@ -10,7 +10,17 @@ import pandas as pd
 
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
-from genailab.cli.core import _hidden
+from genailab.anndata_models.perturbation import PerturbationModel
+from genailab.cli.options import (
+    adversary_options,
+    architecture_options,
+    argument_default,
+    device_option,
+    hidden_alias,
+    likelihood_option,
+    sizes,
+    train_options,
+)
 
 HISTORY_FILE = "history.csv"  # per-epoch losses, beside the saved model
 
@@ -38,41 +48,33 @@ def perturb() -> None:
 
 
 @perturb.command("train")
+@fail_cleanly
 @click.argument("data", type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @_obs_options
-@click.option("--covariate", "covariates", multiple=True, help="Further categorical obs column (repeatable).")
+@click.option("--covariate-key", "covariates", multiple=True, help="Further categorical obs column (repeatable).")
+@hidden_alias("--covariate", "covariates", multiple=True)
 @click.option("--layer", default=None, help="adata.layers key with the values to model (default: X).")
-@click.option("--model", "likelihood", type=click.Choice(["gaussian", "nb", "zinb"]), default="nb", show_default=True)
-@click.option("--latent-dim", default=10, show_default=True, type=int)
-@click.option("--hidden", "hidden_dims", default="128", show_default=True, help="Hidden layer sizes, comma-separated.")
-@click.option("--adversary-weight", default=1.0, show_default=True, type=float,
-              help="Weight of the adversary that keeps the drug out of the basal latent (0 disables it).")
-@click.option("--epochs", default=100, show_default=True, type=int)
-@click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--patience", "early_stopping_patience", default=20, show_default=True, type=click.IntRange(min=0),
-              help="Stop after this many epochs without validation improvement; 0 disables early stopping.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@likelihood_option(PerturbationModel.__init__)
+@architecture_options("latent_dim", "hidden_dims")
+@adversary_options(argument_default(PerturbationModel.__init__, "adversary"))
+@train_options
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
-@fail_cleanly
-def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hidden_dims, adversary_weight, epochs,
-                  batch_size, lr, early_stopping_patience, seed, device, overwrite):
-    """Train a perturbation model on DATA (control and treated cells) and save it to --out."""
-    from genailab.model.adversary import AdversaryConfig
-    from genailab.perturb import PerturbationModel
+def train_command(data, out, keys, covariates, layer, likelihood, model_options, adversary, train_options, overwrite):
+    """Train a perturbation model on DATA (control and treated cells) and save it to --out.
+
+    The adversary keeps the drug out of the basal latent (``--adversary-weight 0`` trains without it).
+    """
     from genailab.train.config import TrainConfig
 
     with run_folder(out, overwrite=overwrite, names=(HISTORY_FILE,)):
         adata = read_data(data)
         model = PerturbationModel(
             adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type, control_value=keys.control,
-            covariate_keys=list(covariates), layer=layer, likelihood=likelihood, latent_dim=latent_dim,
-            hidden_dims=_hidden(hidden_dims), adversary=AdversaryConfig(weight=adversary_weight) if adversary_weight != 0 else None,
+            covariate_keys=list(covariates), layer=layer, likelihood=likelihood, adversary=adversary, **model_options,
         )  # fmt: skip
-        model.fit(TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=early_stopping_patience or None,
-                              seed=seed, device=device))  # fmt: skip
+        config = TrainConfig(**train_options)
+        model.fit(config, checkpoint_dir=out if config.checkpoint_every else None)
         model.save(out, overwrite=True)  # the model first: a full disk at the history loses nothing else
         write_csv(pd.DataFrame(model.history), out / HISTORY_FILE, index=False)
     click.echo(f"Trained {len(model.history)} epochs on {adata.n_obs} cells; drugs: {', '.join(model.drugs)}")
@@ -88,8 +90,9 @@ def train_command(data, out, keys, covariates, layer, likelihood, latent_dim, hi
 @click.option("--cell-type", "cell_types", multiple=True, help="Only control cells of this cell type (repeatable).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampled counts.")
 @click.option("--align-genes", is_flag=True, help="Fill genes missing from DATA with zeros instead of failing.")
+@device_option
 @fail_cleanly
-def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_genes):
+def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_genes, device):
     """Write the counterfactual expression of DATA's control cells under --drug at --dose.
 
     Only control cells are read (their obs drug label equals the model's control value); the
@@ -98,10 +101,9 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
     """
     from genailab.data.perturbation_schema import require_control_labels
     from genailab.errors import InputDataError
-    from genailab.perturb import PerturbationModel
 
     check_output_file(out)  # fail before the work, not after
-    model = PerturbationModel.load(run_dir)
+    model = PerturbationModel.load(run_dir, device=device)
     adata = read_data(data)
     keys = model.keys
     require_control_labels(adata.obs, keys)
@@ -154,7 +156,7 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
                 raise
             click.echo(f"Skipping protocol {protocol!r}: {exc}")
             continue
-        methods = default_methods(latent_dim=latent_dim, hidden_dims=_hidden(hidden), train_options=train_options)
+        methods = default_methods(latent_dim=latent_dim, hidden_dims=sizes(hidden), train_options=train_options)
         tables.append(compare_methods(adata, split, keys=keys, layer=layer, methods=methods, seed=seed))
     if not tables:
         raise ConfigError("No protocol applies to these data; see `genailab perturb evaluate --help`.")
