@@ -81,7 +81,9 @@ def cluster(
     check_number("seed", seed, integer=True, ge=0)
     missing = [c for c in (*color, *([labels_key] if labels_key else [])) if c not in adata.obs]
     if missing:
-        raise InputDataError(f"color/labels_key columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}.")
+        raise InputDataError(
+            f"color/labels_key columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}."
+        )
     adata.obsm[latent_key] = model.get_latent(adata)
     # exact neighbours: scanpy's approximate (PyNNDescent) path above 8192 cells fails with scipy >= 1.15
     sc.pp.neighbors(adata, use_rep=latent_key, n_neighbors=n_neighbors, random_state=seed, transformer="sklearn")

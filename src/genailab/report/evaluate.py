@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shlex
+import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from genailab.report import model_generation, model_metrics, protocols
 from genailab.report.model_generation import generate_like
 from genailab.anndata_models.files import data_fingerprint
 from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap, plot_training_curves
+from genailab.report.metric_notes import NOTES
 from genailab.report.page import Section, render_page
 from genailab.safe_write import check_output_folder, write_text
 
@@ -42,6 +47,8 @@ def write_report(
     imputation: bool = False,
     n_samples: int = 100,
     seed: int = 0,
+    data_path: str | Path | None = None,
+    command: str | None = None,
 ) -> dict:
     """Score ``model`` on ``adata`` and write a report folder.
 
@@ -71,11 +78,19 @@ def write_report(
         Importance samples K for the held-out marginal log-likelihood.
     seed
         Random state of sampling, subsampling, UMAP and clustering.
+    data_path
+        The file (or folder) ``adata`` was read from, recorded with its SHA-256; None records an
+        in-memory AnnData.
+    command
+        The command line to record; default this process's (``sys.argv``).
 
     Returns
     -------
     dict
-        The metrics written to ``out/metrics.json``. The folder also holds ``training_curves.png``,
+        The metrics written to ``out/metrics.json``, after a ``provenance`` record (genailab's
+        version, the UTC date, the data file and its SHA-256, the seed and the command). The page
+        explains each metric in a line and says which cells each section was computed on; classifier
+        AUCs below 0.5 are flagged. The folder also holds ``training_curves.png``,
         ``latent_umap.png``, ``gene_agreement.png``, ``latent_sweep.png`` (with ``latent_dims``) and
         ``index.html``, a self-contained page with every table and figure.
     """
@@ -84,7 +99,8 @@ def write_report(
             raise ConfigError(f"obs has no column {key!r}; the columns are {list(adata.obs.columns)}.")
     out = check_output_folder(out, names=REPORT_FILES)
     indices, scored = _heldout(model, adata)
-    metrics = {"run": _describe(model, adata, scored, indices)}
+    metrics = {"provenance": _provenance(data_path, command=command, seed=seed)}
+    metrics["run"] = _describe(model, adata, scored, indices)
     metrics["likelihood"] = _likelihood(model, adata, indices, n_samples=n_samples, seed=seed)
     figures: dict[str, list] = {}
     if model.history:
@@ -106,12 +122,17 @@ def write_report(
         figures["latent_sweep"] = [(sweep_png, "Latent-dimension sweep")]
     metrics = _jsonable(metrics)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    sections = [Section(_HEADINGS[key], value, figures.get(key, [])) for key, value in metrics.items()]
+    cells = _cells_used(metrics)
+    sections = [
+        Section(_HEADINGS[key], value, figures.get(key, []), notes=NOTES.get(key, {}), cells=cells.get(key))
+        for key, value in metrics.items()
+    ]
     render_page(f"genailab evaluation: {model.config.likelihood} VAE", sections, out / "index.html")
     return metrics
 
 
 _HEADINGS = {
+    "provenance": "Provenance",
     "run": "Run",
     "likelihood": "Likelihood (held-out cells)",
     "latent": "Latent space",
@@ -121,6 +142,52 @@ _HEADINGS = {
     "imputation": "Imputation (10% of non-zero counts hidden)",
     "latent_sweep": "Latent-dimension sweep",
 }
+
+
+def _provenance(data_path: str | Path | None, *, command: str | None, seed: int) -> dict:
+    """What produced the report: genailab's version, the UTC date, the data and its hash, seed, command."""
+    from genailab import __version__
+
+    return {
+        "genailab_version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_file": str(Path(data_path).resolve()) if data_path is not None else "in-memory AnnData (no file given)",
+        "data_sha256": _sha256(Path(data_path)) if data_path is not None else None,
+        "seed": seed,
+        "command": command if command is not None else shlex.join(sys.argv),
+    }
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes; of a folder (e.g. zarr, 10x), of each file's relative path and
+    SHA-256 in sorted order."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _cells_used(metrics: dict) -> dict[str, str]:
+    """Per section, the cells its metrics were computed on."""
+    run = metrics["run"]
+    heldout = f"{run['n_held_out']} {run['held_out_cells']}"
+    latent_cells = metrics["latent"]["n_cells"]
+    subsample = "every cell" if latent_cells == run["n_cells"] else f"a seeded subsample of {latent_cells} cells"
+    return {
+        "likelihood": heldout,
+        "latent": f"the posterior means of {subsample} of the data ({run['n_cells']} cells)",
+        "generation": f"{heldout}, each against one cell generated from the prior with its conditions",
+        "posterior_predictive": f"{heldout}, each against one replicate drawn from its own posterior",
+        "differential_expression": f"the two largest label groups among the {heldout}",
+        "imputation": f"all {run['n_cells']} cells, 10% of their non-zero counts hidden, a model retrained on them",
+        "latent_sweep": f"a model retrained per latent size on all {run['n_cells']} cells, scored on its "
+        "validation cells",
+    }
 
 
 def _heldout(model, adata: AnnData) -> tuple[np.ndarray, str]:
@@ -181,9 +248,8 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
         labels = obs[label_key].astype(str).to_numpy()
         fixed = metrics_lib.leiden_ari_nmi(latent, labels, seed=seed)
         best = metrics_lib.leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
-        scores.update(ari=fixed["ari"], nmi=fixed["nmi"], n_clusters=fixed["n_clusters"], resolution=fixed["resolution"])
-        scores.update(best_ari=best["ari"], best_nmi=best["nmi"], best_n_clusters=best["n_clusters"],
-                      best_resolution=best["resolution"])  # fmt: skip
+        scores.update(fixed)  # ari, nmi, n_clusters, resolution
+        scores.update({f"best_{name}": value for name, value in best.items()})
         scores["label_silhouette"] = metrics_lib.label_silhouette(latent, labels)
         scores["clisi"] = metrics_lib.clisi(latent, labels, perplexity=perplexity)
         scores["graph_connectivity"] = metrics_lib.graph_connectivity(latent, labels, n_neighbors=min(15, rows.size))
@@ -197,11 +263,13 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
         )
         if label_key is not None:
             scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, labels)
-    graph = AnnData(obs=pd.DataFrame(index=obs.index.astype(str)), obsm={"X_latent": latent})
+    columns = [key for key in dict.fromkeys((label_key, batch_key)) if key is not None]
+    colours = pd.DataFrame({key: obs[key].astype(str).astype("category").to_numpy() for key in columns},
+                           index=obs.index.astype(str))  # fmt: skip
+    graph = AnnData(obs=colours, obsm={"X_latent": latent})
     sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed, transformer="sklearn")
     sc.tl.umap(graph, random_state=seed)
-    colours = {key: obs[key].to_numpy() for key in dict.fromkeys((label_key, batch_key)) if key is not None}
-    return scores, plot_latent_umap(graph.obsm["X_umap"], colours, out / "latent_umap.png")
+    return scores, plot_latent_umap(graph, columns, out / "latent_umap.png")
 
 
 def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, seed: int) -> tuple[dict, Path]:

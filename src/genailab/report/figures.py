@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from genailab.safe_write import atomic_file  # noqa: E402
 
@@ -29,27 +28,18 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_latent_umap(umap: np.ndarray, colours: Mapping[str, Sequence], path: str | Path) -> Path:
-    """One UMAP panel per categorical colouring (e.g. cell type and batch), legend beside each.
+def plot_latent_umap(adata, columns: Sequence[str], path: str | Path) -> Path:
+    """scanpy's UMAP plot (``sc.pl.umap``) of ``adata``, one panel per ``obs`` column, legend beside each.
 
-    ``umap`` is (n_cells, 2); ``colours`` maps a title to one label per cell. With no colourings,
-    one grey panel is drawn.
+    ``adata`` holds ``obsm['X_umap']``; with no columns one uncoloured panel is drawn.
     """
-    panels = list(colours.items()) or [("latent", np.zeros(umap.shape[0], dtype=int))]
+    import scanpy as sc
+
+    panels = list(columns) or [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
-    size = max(2.0, min(20.0, 12000 / umap.shape[0]))
-    for ax, (title, labels) in zip(axes[0], panels):
-        labels = pd.Categorical(np.asarray(labels).astype(str))
-        cmap = plt.get_cmap("tab20" if len(labels.categories) > 10 else "tab10")
-        for code, category in enumerate(labels.categories):
-            rows = labels.codes == code
-            colour = "0.5" if not colours else cmap(code % cmap.N)
-            ax.scatter(umap[rows, 0], umap[rows, 1], s=size, color=colour, label=category, linewidths=0)
-        ax.set_title(f"latent UMAP: {title}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if colours:
-            ax.legend(markerscale=12 / size**0.5, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    for ax, column in zip(axes[0], panels):
+        sc.pl.umap(adata, color=column, ax=ax, show=False, title=f"latent UMAP: {column or 'all cells'}",
+                   legend_fontsize=8, frameon=False)  # fmt: skip
     return _save(fig, path)
 
 
