@@ -53,7 +53,7 @@ def untrained(model):
 
 
 def test_validation_elbo_is_the_sum_of_its_terms_and_matches_the_history(model):
-    terms = validation_elbo(model)
+    terms = validation_elbo(model.adata, model)
     assert terms["n_cells"] == model.validation_indices.size == 100
     assert terms["negative_elbo"] == pytest.approx(terms["reconstruction"] + terms["kl"])
     assert terms["kl"] > 0
@@ -63,27 +63,27 @@ def test_validation_elbo_is_the_sum_of_its_terms_and_matches_the_history(model):
 
 def test_marginal_ll_is_a_tighter_bound_than_the_elbo_and_is_seeded(model):
     state = torch.get_rng_state()
-    iwae = heldout_marginal_ll(model, n_samples=50, seed=3)
+    iwae = heldout_marginal_ll(model.adata, model, n_samples=50, seed=3)
     assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is untouched
     assert iwae["per_cell"].shape == (100,) and iwae["n_samples"] == 50
-    assert iwae["mean"] >= -validation_elbo(model)["negative_elbo"]  # IWAE(K=50) >= ELBO
-    again = heldout_marginal_ll(model, n_samples=50, seed=3)
+    assert iwae["mean"] >= -validation_elbo(model.adata, model)["negative_elbo"]  # IWAE(K=50) >= ELBO
+    again = heldout_marginal_ll(model.adata, model, n_samples=50, seed=3)
     np.testing.assert_array_equal(iwae["per_cell"], again["per_cell"])
 
 
 def test_reconstruction_error_matches_denoised_expression_and_improves_with_training(model, untrained, adata):
-    error = reconstruction_error(model)
+    error = reconstruction_error(model.adata, model)
     rows = model.validation_indices
     denoised = model.get_normalized_expression(library_size="observed")[rows]
     counts = adata.layers["counts"][rows].toarray()
     expected_mse = np.mean((np.log1p(counts) - np.log1p(denoised)) ** 2)
     assert error["mse"] == pytest.approx(expected_mse, rel=1e-4)
-    worse = reconstruction_error(untrained)
+    worse = reconstruction_error(untrained.adata, untrained)
     assert error["mse"] < worse["mse"] and error["nll"] < worse["nll"]
 
 
 def test_generate_like_keeps_each_cells_conditions_and_library(model, adata):
-    generated = generate_like(model, seed=0)
+    generated = generate_like(model.adata, model, seed=0)
     rows = model.validation_indices
     assert generated.shape == (rows.size, adata.n_vars) and sp.issparse(generated.X)
     np.testing.assert_array_equal(generated.obs["batch"].to_numpy(), adata.obs["batch"].to_numpy()[rows])
@@ -91,23 +91,23 @@ def test_generate_like_keeps_each_cells_conditions_and_library(model, adata):
     generated_totals = np.asarray(generated.X.sum(1)).ravel()
     assert np.median(generated_totals / real_totals) == pytest.approx(1, abs=0.05)
     assert np.corrcoef(real_totals, generated_totals)[0, 1] > 0.8
-    assert np.array_equal(generate_like(model, seed=0).X.toarray(), generated.X.toarray())
+    assert np.array_equal(generate_like(model.adata, model, seed=0).X.toarray(), generated.X.toarray())
 
 
 def test_generation_fidelity_prefers_the_trained_model(model, untrained):
-    good = generation_fidelity(model, condition_key="batch", n_comps=10)
-    bad = generation_fidelity(untrained, condition_key="batch", n_comps=10)
+    good = generation_fidelity(model.adata, model, condition_key="batch", n_comps=10)
+    bad = generation_fidelity(untrained.adata, untrained, condition_key="batch", n_comps=10)
     assert set(good["per_condition"]) == {"batch_0", "batch_1"}
     assert good["overall"]["mean_pearson"] > 0.85
     assert good["overall"]["classifier_auc"] < bad["overall"]["classifier_auc"]
     assert good["overall"]["energy_distance"] < bad["overall"]["energy_distance"]
     with pytest.raises(ConfigError, match="not a categorical condition"):
-        generation_fidelity(model, condition_key="library_size")
+        generation_fidelity(model.adata, model, condition_key="library_size")
 
 
 def test_posterior_predictive_check_reproduces_zero_fractions(model, untrained):
-    good = posterior_predictive_check(model, n_draws=2)
-    bad = posterior_predictive_check(untrained, n_draws=2)
+    good = posterior_predictive_check(model.adata, model, n_draws=2)
+    bad = posterior_predictive_check(untrained.adata, untrained, n_draws=2)
     assert good["zero_fraction_observed"].shape == (100,)
     assert good["zero_fraction_mae"] < 0.05 and good["zero_fraction_pearson"] > 0.9
     assert good["cv_pearson"] > 0.7 and bad["cv_pearson"] < 0.5
@@ -128,15 +128,15 @@ def test_log_fold_change_known_answer():
 
 
 def test_de_agreement_beats_chance(model, adata):
-    prior = de_agreement(model, group_key="cell_type", group_a="type_0", group_b="type_1", k=10)
+    prior = de_agreement(model.adata, model, group_key="cell_type", group_a="type_0", group_b="type_1", k=10)
     assert prior["lfc_real"].shape == (adata.n_vars,)
     assert prior["top_k_overlap"] >= 0.4 and prior["lfc_pearson"] > 0.5  # chance: k / n_genes = 0.1, 0
     posterior = de_agreement(
-        model, group_key="cell_type", group_a="type_0", group_b="type_1", k=10, source="posterior"
+        model.adata, model, group_key="cell_type", group_a="type_0", group_b="type_1", k=10, source="posterior"
     )
     assert posterior["top_k_overlap"] >= 0.4
     with pytest.raises(ConfigError, match="source='posterior'"):
-        de_agreement(model, group_key="library_size", group_a=1, group_b=2)
+        de_agreement(model.adata, model, group_key="library_size", group_a=1, group_b=2)
 
 
 def test_masked_anndata_hides_counts_in_x_and_layer(adata):

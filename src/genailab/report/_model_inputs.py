@@ -8,12 +8,10 @@ from anndata import AnnData
 
 from genailab.errors import ConfigError, InputDataError
 
-def heldout_cells(model, adata: AnnData | None = None, *, indices=None) -> tuple[AnnData, np.ndarray]:
+def heldout_cells(adata: AnnData, model, *, indices=None) -> tuple[AnnData, np.ndarray]:
     """The AnnData and row indices a metric scores: by default the model's validation cells."""
     if adata is None:
-        adata = model.adata
-        if adata is None:
-            raise ConfigError("The model was loaded without an AnnData; pass adata=... explicitly.")
+        raise ConfigError("Pass the AnnData to score (the training AnnData for the model's validation cells).")
     if indices is None:
         indices = model.validation_indices
         if indices.size == 0:

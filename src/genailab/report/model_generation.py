@@ -36,7 +36,7 @@ _NORMALISED_TOTAL = 1e4  # counts per cell before log1p in the distances and fol
 
 
 @torch.no_grad()
-def generate_like(model, adata: AnnData | None = None, *, indices=None, seed: int = 0) -> AnnData:
+def generate_like(adata: AnnData, model, *, indices=None, seed: int = 0) -> AnnData:
     """One generated cell per real cell, from the prior, with the real cell's conditions and library.
 
     Cell ``i`` is ``x ~ p(x | z, c_i)`` with ``z ~ N(0, I)``, its conditions ``c_i`` and (count
@@ -45,10 +45,10 @@ def generate_like(model, adata: AnnData | None = None, *, indices=None, seed: in
 
     Parameters
     ----------
+    adata
+        Real cells (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Real cells; default the training AnnData.
     indices
         Rows of ``adata``; default ``model.validation_indices``.
     seed
@@ -60,7 +60,7 @@ def generate_like(model, adata: AnnData | None = None, *, indices=None, seed: in
         Generated values in ``X`` (CSR counts for count models), the real cells' ``obs`` and the
         model's genes as ``var_names``.
     """
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     obs = adata.obs.iloc[indices]
     library = np.asarray(observed(model, adata, indices).sum(axis=1)).ravel() if model.config.is_count_model else None
     with seeded(seed):
@@ -71,7 +71,7 @@ def generate_like(model, adata: AnnData | None = None, *, indices=None, seed: in
 
 @torch.no_grad()
 def replicate_from_posterior(
-    model, adata: AnnData | None = None, *, indices=None, n_draws: int = 1, seed: int = 0
+    adata: AnnData, model, *, indices=None, n_draws: int = 1, seed: int = 0
 ) -> AnnData:
     """Replicated data for a posterior predictive check: ``x_rep ~ p(x | z, c)``, ``z ~ q(z | x, c)``.
 
@@ -79,10 +79,10 @@ def replicate_from_posterior(
 
     Parameters
     ----------
+    adata
+        Real cells (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Real cells; default the training AnnData.
     indices
         Rows of ``adata``; default ``model.validation_indices``.
     n_draws
@@ -98,7 +98,7 @@ def replicate_from_posterior(
     """
     if n_draws < 1:
         raise ConfigError(f"n_draws must be positive, got {n_draws}.")
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     draws = model.posterior_predictive_sample(adata, indices=indices, n_samples=n_draws, seed=seed)
     obs = adata.obs.iloc[np.tile(indices, n_draws)]
     return generated_anndata(model, draws.reshape(-1, draws.shape[-1]), obs,
@@ -106,7 +106,7 @@ def replicate_from_posterior(
 
 
 def posterior_predictive_check(
-    model, adata: AnnData | None = None, *, indices=None, n_draws: int = 1, seed: int = 0
+    adata: AnnData, model, *, indices=None, n_draws: int = 1, seed: int = 0
 ) -> dict:
     """Per-gene coefficient of variation and zero fraction of posterior replicates vs the observed data.
 
@@ -115,10 +115,10 @@ def posterior_predictive_check(
 
     Parameters
     ----------
+    adata
+        Real cells (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Real cells; default the training AnnData.
     indices
         Rows of ``adata``; default ``model.validation_indices``.
     n_draws
@@ -132,8 +132,8 @@ def posterior_predictive_check(
         As :func:`~genailab.eval.posterior_predictive_gene_stats`: per-gene arrays and the summaries
         ``cv_pearson``, ``cv_mae``, ``zero_fraction_pearson``, ``zero_fraction_mae``.
     """
-    adata, indices = heldout_cells(model, adata, indices=indices)
-    replicated = replicate_from_posterior(model, adata, indices=indices, n_draws=n_draws, seed=seed)
+    adata, indices = heldout_cells(adata, model, indices=indices)
+    replicated = replicate_from_posterior(adata, model, indices=indices, n_draws=n_draws, seed=seed)
     return posterior_predictive_gene_stats(observed(model, adata, indices), replicated.X)
 
 
@@ -158,7 +158,7 @@ def _fidelity(model, real, generated, *, n_comps: int, seed: int) -> dict[str, f
 
 
 def generation_fidelity(
-    model, adata: AnnData | None = None, *, indices=None, condition_key: str | None = None, n_comps: int = 20,
+    adata: AnnData, model, *, indices=None, condition_key: str | None = None, n_comps: int = 20,
     seed: int = 0,
 ) -> dict:
     """Generated cells (:func:`generate_like`) against held-out real cells, overall and per condition.
@@ -168,10 +168,10 @@ def generation_fidelity(
 
     Parameters
     ----------
+    adata
+        Real cells (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Real cells; default the training AnnData.
     indices
         Rows of ``adata``; default ``model.validation_indices``.
     condition_key
@@ -195,9 +195,9 @@ def generation_fidelity(
             f"({list(model.schema.categorical_keys)}); generated cells can only be matched to real ones "
             "by a condition the model was given."
         )
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     real = observed(model, adata, indices)
-    generated = generate_like(model, adata, indices=indices, seed=seed).X
+    generated = generate_like(adata, model, indices=indices, seed=seed).X
     result = {"overall": _fidelity(model, real, generated, n_comps=n_comps, seed=seed), "per_condition": {}}
     if condition_key is not None:
         labels = adata.obs[condition_key].astype(str).to_numpy()[indices]
@@ -264,7 +264,7 @@ def log_fold_change(
 
 
 def de_agreement(
-    model, adata: AnnData | None = None, *, group_key: str, group_a, group_b, k: int = 50, indices=None,
+    adata: AnnData, model, *, group_key: str, group_a, group_b, k: int = 50, indices=None,
     source: str = "prior", seed: int = 0,
 ) -> dict:
     """Do generated cells reproduce the real differential expression between two groups?
@@ -275,10 +275,10 @@ def de_agreement(
 
     Parameters
     ----------
+    adata
+        Real cells (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Real cells; default the training AnnData.
     group_key
         ``obs`` column holding the groups.
     group_a, group_b
@@ -309,11 +309,11 @@ def de_agreement(
             f"group_key={group_key!r} is not a categorical condition of the model, so cells generated from "
             "the prior carry no group; use source='posterior' to replicate each real cell instead."
         )
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     if source == "prior":
-        generated = generate_like(model, adata, indices=indices, seed=seed).X
+        generated = generate_like(adata, model, indices=indices, seed=seed).X
     else:
-        generated = replicate_from_posterior(model, adata, indices=indices, seed=seed).X
+        generated = replicate_from_posterior(adata, model, indices=indices, seed=seed).X
     groups = adata.obs[group_key].to_numpy()[indices]
     is_count = model.config.is_count_model
     contrast = {"group_a": group_a, "group_b": group_b, "counts": is_count}

@@ -3,8 +3,8 @@
 bound) and :func:`reconstruction_error`. Generated cells are scored in
 :mod:`~genailab.report.model_generation`.
 
-Every function takes ``(model, adata=None, *, indices=None, ...)``: ``adata`` defaults to the
-model's training AnnData and ``indices`` to the model's validation cells
+Every function takes ``(adata, model, *, indices=None, ...)``, AnnData first as in
+:mod:`genailab.apps`; with the model's training AnnData, ``indices`` defaults to its validation cells
 (``model.validation_indices``, never used for gradient steps), so the defaults score held-out
 cells. Pass ``indices=np.arange(adata.n_obs)`` to score every cell of another AnnData.
 """
@@ -17,7 +17,7 @@ from genailab.anndata_models.base import seeded
 from genailab.report._model_inputs import heldout_cells
 
 
-def validation_elbo(model, adata: AnnData | None = None, *, indices=None, seed: int = 0) -> dict[str, float]:
+def validation_elbo(adata: AnnData, model, *, indices=None, seed: int = 0) -> dict[str, float]:
     """Negative ELBO per cell on held-out cells, with its two terms (KL weight 1, one sample of z).
 
     The same quantity as the ``val_elbo_loss`` column of ``model.history`` once KL warm-up has
@@ -25,10 +25,10 @@ def validation_elbo(model, adata: AnnData | None = None, *, indices=None, seed: 
 
     Parameters
     ----------
+    adata
+        Cells to score (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Cells to score; default the training AnnData.
     indices
         Rows of ``adata`` to score; default ``model.validation_indices``.
     seed
@@ -40,7 +40,7 @@ def validation_elbo(model, adata: AnnData | None = None, *, indices=None, seed: 
         ``reconstruction`` (mean over cells of -log p(x|z,c)), ``kl`` (mean KL(q(z|x,c) || p(z))),
         ``negative_elbo`` (their sum) and ``n_cells``.
     """
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     with seeded(seed):
         terms = model.get_elbo(adata, indices=indices)
     return {
@@ -52,7 +52,7 @@ def validation_elbo(model, adata: AnnData | None = None, *, indices=None, seed: 
 
 
 def heldout_marginal_ll(
-    model, adata: AnnData | None = None, *, n_samples: int = 100, indices=None, seed: int = 0
+    adata: AnnData, model, *, n_samples: int = 100, indices=None, seed: int = 0
 ) -> dict:
     """Held-out log-likelihood log p(x|c) per cell by importance sampling (IWAE bound, K samples).
 
@@ -61,10 +61,10 @@ def heldout_marginal_ll(
 
     Parameters
     ----------
+    adata
+        Cells to score (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Cells to score; default the training AnnData.
     n_samples
         Importance samples K per cell.
     indices
@@ -77,21 +77,21 @@ def heldout_marginal_ll(
     dict
         ``mean`` (float, per cell), ``per_cell`` ((n_cells,) array), ``n_samples`` and ``n_cells``.
     """
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     with seeded(seed):
         per_cell = model.get_marginal_ll(adata, n_samples=n_samples, indices=indices)
     return {"mean": float(per_cell.mean()), "per_cell": per_cell, "n_samples": n_samples, "n_cells": int(indices.size)}
 
 
-def reconstruction_error(model, adata: AnnData | None = None, *, indices=None) -> dict[str, float]:
+def reconstruction_error(adata: AnnData, model, *, indices=None) -> dict[str, float]:
     """How well each cell is reconstructed from its posterior mean, deterministically.
 
     Parameters
     ----------
+    adata
+        Cells to score (the training AnnData for its validation cells).
     model
         A fitted :class:`~genailab.VAE`.
-    adata
-        Cells to score; default the training AnnData.
     indices
         Rows of ``adata``; default ``model.validation_indices``.
 
@@ -103,5 +103,5 @@ def reconstruction_error(model, adata: AnnData | None = None, *, indices=None) -
         difference between the observed and expected values, on the log1p scale for count models
         (``log1p(x)`` vs ``log1p(E[x|z,c])``) and as is for the Gaussian model; ``n_cells``.
     """
-    adata, indices = heldout_cells(model, adata, indices=indices)
+    adata, indices = heldout_cells(adata, model, indices=indices)
     return model.get_reconstruction_error(adata, indices=indices)

@@ -155,8 +155,8 @@ def latent_dim_sweep(
     for latent_dim in latent_dims:
         logger.info("latent-dimension sweep: training latent_dim=%d", latent_dim)
         model = VAE(adata, latent_dim=int(latent_dim), **model_options).fit(**dict(train_options or {}))
-        reconstruction = reconstruction_error(model)
-        elbo = validation_elbo(model)
+        reconstruction = reconstruction_error(model.adata, model)
+        elbo = validation_elbo(model.adata, model)
         row = {
             "latent_dim": int(latent_dim),
             "reconstruction_nll": reconstruction["nll"],
@@ -167,6 +167,6 @@ def latent_dim_sweep(
             "epochs": len(model.history),
         }
         if n_samples > 0:
-            row["marginal_ll"] = heldout_marginal_ll(model, n_samples=n_samples)["mean"]
+            row["marginal_ll"] = heldout_marginal_ll(model.adata, model, n_samples=n_samples)["mean"]
         rows.append(row)
     return rows
