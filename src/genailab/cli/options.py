@@ -196,13 +196,15 @@ def adversary_options(preset: AdversaryConfig | None):
                       help=field_help(AdversaryConfig, "weight").rstrip(".") + "; 0 trains without the adversary.")
         @click.option("--adversary-mode", default=preset.mode, show_default=True, type=click.Choice(ADVERSARY_MODES),
                       help=field_help(AdversaryConfig, "mode"))
-        @click.option("--adversary-warmup", default=preset.warmup_epochs, show_default=True, type=float,
+        @click.option("--adversary-warmup", "adversary_warmup_epochs", default=preset.warmup_epochs, show_default=True,
+                      type=float,
                       help=field_help(AdversaryConfig, "warmup_epochs"))
         @functools.wraps(command)
-        def wrapper(*args, adversary_weight, adversary_mode, adversary_warmup, **kwargs):
+        def wrapper(*args, adversary_weight, adversary_mode, adversary_warmup_epochs, **kwargs):
             kwargs["adversary"] = (
-                dataclasses.replace(preset, weight=adversary_weight, mode=adversary_mode, warmup_epochs=adversary_warmup)
-                if adversary_weight > 0
+                dataclasses.replace(preset, weight=adversary_weight, mode=adversary_mode,
+                                    warmup_epochs=adversary_warmup_epochs)
+                if adversary_weight != 0  # 0 disables it; AdversaryConfig refuses a negative or NaN weight
                 else None
             )
             return command(*args, **kwargs)
