@@ -16,8 +16,10 @@ import scipy.sparse as sp
 from anndata.abc import CSCDataset, CSRDataset
 
 from genailab.data.loader import LoaderOptions, MinibatchLoader, _by_block
+from genailab.data.sparse_structure import check_indices, check_indptr
 from genailab.errors import InputDataError
 
+_BACKED = "The backed h5ad's X"  # how errors name the matrix on disk
 SCAN_ROWS = 8192  # rows per read when a whole matrix is scanned (validation, cell totals, hashing)
 CHUNK_ROWS = LoaderOptions.chunk_rows  # default rows per contiguous read while training
 CHUNKS_IN_MEMORY = LoaderOptions.chunks_in_memory  # default chunks read together and shuffled row by row
@@ -48,6 +50,14 @@ class OnDiskMatrix:
                 "The backed matrix is stored as CSC (by genes), which cannot be read cell by cell; rewrite it as "
                 "CSR: adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(path)."
             )
+        if isinstance(source, CSRDataset):
+            group = source.group
+            if group["indptr"].shape[0] != source.shape[0] + 1 or group["indices"].shape != group["data"].shape:
+                raise InputDataError(
+                    f"{_BACKED} is a damaged sparse matrix: indptr has {group['indptr'].shape[0]} entries for "
+                    f"{source.shape[0]} rows and {group['indices'].shape[0]} indices go with {group['data'].shape[0]} "
+                    "values. The file was probably corrupted; re-create it from a good copy."
+                )
         self.source = source
         self.transform = transform
         self.shape = (int(source.shape[0]), self.read(0, 0).shape[1])
@@ -64,16 +74,20 @@ class OnDiskMatrix:
         else:
             group = self.source.group
             pointers = [group["indptr"][start : stop + 1].astype(np.int64) for start, stop in ranges]
+            for (start, stop), pointer in zip(ranges, pointers):  # damaged pointers would size the arrays wrongly
+                check_indptr(pointer, n_major=stop - start, n_stored=group["indices"].shape[0], source=_BACKED,
+                             first_row=start)
             sizes = [int(pointer[-1] - pointer[0]) for pointer in pointers]
             index_dtype = np.int32 if sum(sizes) < np.iinfo(np.int32).max else np.int64
             values = np.empty(sum(sizes), dtype=np.float32)
             indices = np.empty(sum(sizes), dtype=index_dtype)
             indptr = np.zeros(sum(stop - start for start, stop in ranges) + 1, dtype=index_dtype)
             at, row = 0, 0
-            for pointer, size in zip(pointers, sizes):
+            for (start, _), pointer, size in zip(ranges, pointers, sizes):
                 lo = int(pointer[0])
                 _read_into(group["data"], lo, lo + size, values, at)
                 _read_into(group["indices"], lo, lo + size, indices, at)
+                check_indices(indices, pointer - lo + at, n_minor=self.source.shape[1], source=_BACKED, first_row=start)
                 indptr[row + 1 : row + pointer.size] = pointer[1:] - lo + at
                 at, row = at + size, row + pointer.size - 1
             block = sp.csr_matrix((values, indices, indptr), shape=(row, self.source.shape[1]))
