@@ -73,7 +73,7 @@ def test_other_data_is_scored_on_every_cell(run, tmp_path):
     folder, adata = run
     other = adata[:120].copy()
     model = VAE.load(folder / "run", other)
-    metrics = write_report(model, other, tmp_path, n_samples=5)
+    metrics = write_report(other, model, tmp_path, n_samples=5)
     assert metrics["run"]["held_out_cells"].startswith("every cell") and metrics["run"]["n_held_out"] == 120
     assert "ari" not in metrics["latent"] and "differential_expression" not in metrics
 

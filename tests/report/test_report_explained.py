@@ -34,7 +34,7 @@ def report(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         umap = sc.pl.umap
         patch.setattr(sc.pl, "umap", lambda data, **kw: drawn.append(kw["color"]) or umap(data, **kw))
-        metrics = write_report(model, adata, folder / "report", label_key="cell_type", batch_key="batch",
+        metrics = write_report(adata, model, folder / "report", label_key="cell_type", batch_key="batch",
                                n_samples=5, seed=3, data_path=folder / "data.h5ad", command=COMMAND)  # fmt: skip
     return folder, metrics, (folder / "report" / "index.html").read_text(), drawn
 

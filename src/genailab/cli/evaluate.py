@@ -50,7 +50,7 @@ def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epoch
         adata = read_data(data)
         model = VAE.load(run_dir, adata, device=device)
         metrics = write_report(
-            model, adata, out, label_key=label_key, batch_key=batch_key, latent_dims=latent_dims,
+            adata, model, out, label_key=label_key, batch_key=batch_key, latent_dims=latent_dims,
             sweep_epochs=sweep_epochs, imputation=imputation, n_samples=n_samples, seed=seed, data_path=data,
         )
     likelihood = metrics["likelihood"]

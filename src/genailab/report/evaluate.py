@@ -36,8 +36,8 @@ _MIN_GROUP = 10  # cells a label needs in the held-out set to be contrasted in t
 
 
 def write_report(
-    model,
     adata: AnnData,
+    model,
     out: str | Path,
     *,
     label_key: str | None = None,
@@ -220,9 +220,9 @@ def _describe(model, adata: AnnData, scored: str, indices: np.ndarray) -> dict:
 
 
 def _likelihood(model, adata: AnnData, indices: np.ndarray, *, n_samples: int, seed: int) -> dict:
-    elbo = model_metrics.validation_elbo(model, adata, indices=indices, seed=seed)
-    reconstruction = model_metrics.reconstruction_error(model, adata, indices=indices)
-    iwae = model_metrics.heldout_marginal_ll(model, adata, indices=indices, n_samples=n_samples, seed=seed)
+    elbo = model_metrics.validation_elbo(adata, model, indices=indices, seed=seed)
+    reconstruction = model_metrics.reconstruction_error(adata, model, indices=indices)
+    iwae = model_metrics.heldout_marginal_ll(adata, model, indices=indices, n_samples=n_samples, seed=seed)
     return {
         "negative_elbo": elbo["negative_elbo"],
         "reconstruction": elbo["reconstruction"],
@@ -276,10 +276,10 @@ def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, 
     """Generation fidelity (per condition when a key is a model condition), posterior predictive
     check, and the per-gene figure."""
     condition = next((k for k in keys if k is not None and k in model.schema.categorical_keys), None)
-    fidelity = model_generation.generation_fidelity(model, adata, indices=indices, condition_key=condition, seed=seed)
-    ppc = model_generation.posterior_predictive_check(model, adata, indices=indices, seed=seed)
+    fidelity = model_generation.generation_fidelity(adata, model, indices=indices, condition_key=condition, seed=seed)
+    ppc = model_generation.posterior_predictive_check(adata, model, indices=indices, seed=seed)
     real = model.schema.expression(adata)[indices]
-    generated = generate_like(model, adata, indices=indices, seed=seed).X
+    generated = generate_like(adata, model, indices=indices, seed=seed).X
     real_mean, generated_mean = (np.asarray(m.mean(axis=0)).ravel() for m in (real, generated))
     real_zeros, generated_zeros = (1 - np.asarray((m != 0).mean(axis=0)).ravel() for m in (real, generated))
     png = plot_gene_agreement(
@@ -299,7 +299,7 @@ def _de(model, adata: AnnData, indices: np.ndarray, *, label_key: str, seed: int
     source = "prior" if label_key in model.schema.categorical_keys else "posterior"
     k = max(1, min(50, model.config.input_dim // 10))
     result = model_generation.de_agreement(
-        model, adata, group_key=label_key, group_a=groups[0], group_b=groups[1], k=k, indices=indices,
+        adata, model, group_key=label_key, group_a=groups[0], group_b=groups[1], k=k, indices=indices,
         source=source, seed=seed,
     )
     return {
