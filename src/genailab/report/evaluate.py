@@ -19,7 +19,9 @@ from anndata import AnnData
 
 from genailab import eval as metrics_lib
 from genailab.errors import ConfigError
-from genailab.report import model_generation, model_metrics, protocols
+import genailab.report.model_generation as model_generation
+import genailab.report.model_metrics as model_metrics
+import genailab.report.protocols as protocols
 from genailab.report.model_generation import generate_like
 from genailab.anndata_models.files import data_fingerprint
 from genailab.report.figures import plot_gene_agreement, plot_latent_sweep, plot_latent_umap, plot_training_curves
