@@ -82,18 +82,32 @@ def _patience(ctx, param, value):
     return None if value == 0 else value  # 0 on the command line is the API's None: never stop early
 
 
+def _field_type(config_class, name: str):
+    """int, float, bool or str from the field's annotation (``"int | None"`` gives int)."""
+    annotation = str({f.name: f for f in dataclasses.fields(config_class)}[name].type)
+    for kind in (bool, int, float):
+        if re.search(rf"\b{kind.__name__}\b", annotation):
+            return kind
+    return str
+
+
 def config_option(*flags: str, config, field: str, help: str | None = None, **extra):
-    """A click option for one config field: its default, type, choices and help from the dataclass."""
+    """A click option for one config field: its default, type, choices and help from the dataclass.
+
+    A field whose default is None (e.g. epochs chosen from the data size) keeps None as the option's
+    default, shown as "auto"."""
     default = extra.pop("default", field_default(config, field))
-    settings = {"default": default, "show_default": True, "help": help or field_help(config, field)}
+    settings = {"default": default, "show_default": True if default is not None else "auto",
+                "help": help or field_help(config, field)}  # fmt: skip
+    kind = _field_type(config, field)
     if field in CHOICES:
         settings["type"] = click.Choice(CHOICES[field])
     elif isinstance(default, tuple):
         settings.update(default=",".join(map(str, default)), callback=_sizes_option)
-    elif isinstance(default, bool):
+    elif kind is bool:
         settings["is_flag"] = True
-    elif isinstance(default, (int, float)):
-        settings["type"] = type(default)
+    elif kind in (int, float):
+        settings["type"] = kind
     settings.update(extra)
     return click.option(*flags, field, **settings)
 
