@@ -30,7 +30,7 @@ from genailab.train.checkpoint import (
 from genailab.train.config import TrainConfig
 from genailab.train.distributed import DistributedContext, distributed_context
 from genailab.train.interrupt import LastFinishedEpoch
-from genailab.train.schedules import EarlyStopping, kl_weight
+from genailab.train.schedules import EarlyStopping, cosine_lr_factor, kl_weight
 
 logger = logging.getLogger(__name__)
 _LARGE_BETA = 100.0  # a KL weight above this is named as the likely cause of a NaN/Inf loss
@@ -113,8 +113,6 @@ class Trainer:
         self.model = model.to(self.device)
         self._ddp = None
         if self.dist.is_distributed:
-            if adversary is not None:
-                raise ConfigError("Adversarial training is not yet supported under torchrun; train it in one process.")
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._ddp = torch.nn.parallel.DistributedDataParallel(_LossModule(self.model), device_ids=device_ids)
         self.adversary = adversary.to(self.device) if adversary is not None else None
@@ -126,7 +124,7 @@ class Trainer:
             torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, factor=config.lr_factor, patience=config.lr_plateau_patience, min_lr=config.min_lr
             )
-            if config.lr_plateau_patience is not None
+            if config.lr_plateau_patience is not None and config.lr_schedule_used == "plateau"
             else None
         )
         self.early_stopping = (
@@ -154,6 +152,8 @@ class Trainer:
             return self._fit(train_loader, val_loader)
 
     def _fit(self, train_loader: MinibatchLoader, val_loader: MinibatchLoader | None) -> list[dict]:
+        # the data-dependent defaults (epochs, schedules), from all ranks' training cells
+        self.config = self.config.resolved(train_loader.indices.size * self.dist.world_size)
         cfg = self.config
         epochs = range(self.start_epoch, cfg.epochs)
         show = cfg.progress and self.dist.is_main
@@ -206,6 +206,8 @@ class Trainer:
         weight = 1.0
         for step, batch in enumerate(loader):
             batch = batch.to(self.device)
+            if cfg.lr_schedule == "cosine":
+                self._set_lr(epoch * n_batches + step, cfg.epochs * n_batches)
             weight = kl_weight(
                 epoch + step / n_batches,
                 schedule=cfg.kl_schedule,
@@ -239,6 +241,13 @@ class Trainer:
         if self.adversary is not None:
             record["adversary_loss"] = adversary
         return record
+
+    def _set_lr(self, step: int, total_steps: int) -> None:
+        """The cosine schedule's rate for this step (a pure function of the step, so resuming continues it)."""
+        cfg = self.config
+        factor = cosine_lr_factor(step, total_steps, round(cfg.lr_warmup_fraction * total_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
     def _raise_if_diverged(self, watch: _DivergenceWatch, epoch: int, n_batches: int) -> None:
         """Read the divergence flag back (one synchronisation); raise at the first non-finite loss."""
@@ -285,15 +294,26 @@ class Trainer:
     def _adversary_step(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Update the discriminator; returns its classification loss on this batch (detached)."""
         if self.adversary.config.mode == "gradient_reversal":
-            self.adversary_optimizer.step()  # its gradient came with the VAE's backward pass
+            self._average_adversary_gradients()  # its gradient came with the VAE's backward pass
+            self.adversary_optimizer.step()
             self.adversary_optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 return self.adversary.classification_loss(z.detach(), labels)
         self.adversary_optimizer.zero_grad(set_to_none=True)
         loss = self.adversary.classification_loss(z.detach(), labels)
         loss.backward()
+        self._average_adversary_gradients()
         self.adversary_optimizer.step()
         return loss.detach()
+
+    def _average_adversary_gradients(self) -> None:
+        """Under torchrun, every rank steps the discriminator with the gradient averaged over ranks
+        (DistributedDataParallel averages the VAE's; the discriminator sits outside it)."""
+        if not self.dist.is_distributed:
+            return
+        for parameter in self.adversary.parameters():
+            if parameter.grad is not None:
+                parameter.grad = self.dist.all_reduce_sum(parameter.grad) / self.dist.world_size
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
