@@ -127,8 +127,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise write_error(path, exc) from exc
     try:
         yield Path(tmp)
-        _flush_to_disk(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
+        _finish(tmp)
         refuse_link(path)  # a link planted while we worked is refused too (os.replace would not follow it)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -198,9 +197,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _flush_to_disk(path: str) -> None:
+def _finish(path: str) -> None:
+    """Give the temporary file the usual permissions (mkstemp makes it private) and flush it to disk;
+    opened without following links, in case one replaced it meanwhile."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         os.fsync(fd)
     finally:
         os.close(fd)

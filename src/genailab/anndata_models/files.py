@@ -39,6 +39,7 @@ CONFIG_FILE = "genailab.json"
 WEIGHTS_FILE = "model.pt"
 PENDING_WEIGHTS_FILE = "model.pending.pt"  # new weights, until the description naming them is in place
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, PENDING_WEIGHTS_FILE)
+CHECKPOINT_FILE = "checkpoint.pt"  # the resumable checkpoint that fit(checkpoint_dir=...) writes beside them
 
 
 def package_versions() -> dict[str, str]:
@@ -84,7 +85,7 @@ def _sha256(path: Path) -> str:
 def check_writable(directory: str | os.PathLike) -> Path:
     """Create ``directory`` if needed and prove a file can be written there, before long work starts
     (a uniquely named probe; a folder that is a link, or model file names that are links, are refused)."""
-    return check_output_folder(directory, names=MODEL_FILES)
+    return check_output_folder(directory, names=(*MODEL_FILES, CHECKPOINT_FILE))
 
 
 def check_model_folder(directory: str | os.PathLike, *, overwrite: bool, option: str = "overwrite=True") -> Path:

@@ -110,7 +110,11 @@ def run_folder(out: Path, *, overwrite: bool, names: tuple[str, ...] = (), lock:
 
 def command_line(ctx: click.Context, **replace) -> str:
     """The shell command that runs ``ctx``'s command again with its options (some replaced)."""
-    parts = ["genailab", *ctx.command_path.split()[1:]]
+    names, context = [], ctx
+    while context.parent is not None:  # the subcommands' names (the program's own may read "python -m genailab")
+        names.insert(0, context.info_name)
+        context = context.parent
+    parts = ["genailab", *names]
     values = {**ctx.params, **replace}
     for param in ctx.command.params:
         value = values.get(param.name)

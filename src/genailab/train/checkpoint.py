@@ -119,21 +119,27 @@ def check_resume(state: dict, path: str | os.PathLike, *, model_config: dict, tr
             f"{path} was trained with {_differences({k: previous[k] for k in fixed}, train_config)}; resume with the "
             "checkpoint's values (they fix the data split, the data order and the optimiser's state), or train afresh."
         )
-    if train_config["epochs"] < state["epoch"]:
+    if train_config["epochs"] is not None and train_config["epochs"] < state["epoch"]:  # None: chosen at fit
         raise CheckpointError(
-            f"{path} has finished {state['epoch']} epochs, more than epochs={train_config['epochs']} (--epochs on the "
-            f"command line); give at least {state['epoch']} epochs to resume from it."
+            f"{path} has finished {state['epoch']} epochs, more than epochs={train_config['epochs']}; give at least "
+            f"{state['epoch']} epochs to resume from it."
         )
 
 
-def check_same_data(state: dict, path: str | os.PathLike, *, schema: dict, data_sha256: str | None) -> None:
+def check_same_data(state: dict, path: str | os.PathLike, *, description: dict, data_sha256: str | None) -> None:
     """Refuse to resume from ``state`` on data whose genes, conditions or cells differ from the
-    checkpoint's (its ``extra['schema']`` and ``extra['data_sha256']``), naming the difference."""
-    saved = state["extra"].get("schema")
-    if isinstance(saved, dict) and saved != schema:
-        raise CheckpointError(f"{path} was written for other data: {_schema_difference(saved, schema)}. "
-                              "Resume on the data the checkpoint was trained on, or train afresh.")  # fmt: skip
-    saved_hash = state["extra"].get("data_sha256")
+    checkpoint's, naming the difference. ``description`` holds the model's data schema as saved
+    with it (``schema``, or a perturbation model's ``perturbation_schema``), compared with the
+    checkpoint's ``extra``; ``data_sha256`` is compared with the data hash recorded there."""
+    extra = state["extra"]
+    for key in ("schema", "perturbation_schema"):
+        saved, current = extra.get(key), description.get(key)
+        if isinstance(saved, dict) and isinstance(current, dict) and saved != current:
+            if key == "perturbation_schema":
+                saved, current = {**saved, **saved.get("data", {})}, {**current, **current.get("data", {})}
+            raise CheckpointError(f"{path} was written for other data: {_schema_difference(saved, current)}. "
+                                  "Resume on the data the checkpoint was trained on, or train afresh.")  # fmt: skip
+    saved_hash = extra.get("data_sha256")
     if saved_hash is not None and data_sha256 is not None and saved_hash != data_sha256:
         raise CheckpointError(
             f"{path} was written for other data: the genes and conditions agree, but the cells or their counts differ "
@@ -173,4 +179,5 @@ def _schema_difference(saved: dict, current: dict) -> str:
             return f"the same {len(old)} genes in another order"
         return (f"the genes differ ({len(missing)} of the checkpoint's genes are missing, e.g. {missing[:3]}; "
                 f"{len(extra)} are new, e.g. {extra[:3]})")  # fmt: skip
-    return f"the conditions differ ({_differences({k: v for k, v in saved.items() if k != 'gene_names'}, current)})"
+    rest = {k: v for k, v in saved.items() if k not in ("gene_names", "data")}
+    return f"the conditions differ ({_differences(rest, {k: v for k, v in current.items() if k in rest})})"
