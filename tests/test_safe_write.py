@@ -285,3 +285,18 @@ def test_orphans_of_a_killed_checkpoint_write_are_removed_on_the_next_run(h5ad, 
     assert result.exit_code == 0, result.output
     assert not (out / orphans[0]).exists() and live.exists()
     assert remove_orphans(out) == []
+
+
+def test_a_failed_h5ad_write_is_a_clear_error_and_leaves_no_file(run, h5ad, tmp_path, monkeypatch):
+    import anndata
+
+    def half_then_full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89HDF\r\n half")
+        raise NO_SPACE
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", half_then_full)
+    out = tmp_path / "embedded.h5ad"
+    result = CliRunner().invoke(main, ["embed", str(run), str(h5ad), "--out", str(out)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"Could not write {out} (No space left on device); free disk space" in result.output
+    assert _files(tmp_path) == []
