@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from genailab.errors import ConfigError
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 def kl_weight(
@@ -32,6 +35,20 @@ def kl_weight(
         phase = (progress % cycle_length) / cycle_length
         return min(1.0, phase / ramp_fraction)
     raise ConfigError(f"kl_schedule={schedule!r} is not one of {KL_SCHEDULES}.")
+
+
+def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier in (0, 1] for optimiser step ``step`` (0-based) of ``total_steps``.
+
+    Rises linearly over the first ``warmup_steps`` steps (Adam's moment estimates are poor at the
+    start, and a large rate then can throw the weights far), then follows a half cosine from 1
+    down to 0 at the last step (Loshchilov & Hutter, 2017, "SGDR"), which spends the last part of
+    a short run refining rather than bouncing.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, remaining) / remaining))
 
 
 class EarlyStopping:

@@ -259,10 +259,13 @@ class Trainer:
             )
 
     def _loss(self, batch, weight: float) -> LossOutput:
-        """The VAE's loss on a batch; through DistributedDataParallel when running under torchrun."""
-        if self._ddp is None:
-            return self.model.loss(batch.x, batch.c, kl_weight=weight, x_sparse=batch.x_sparse)
-        loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight, batch.x_sparse)
+        """The VAE's loss on a batch; through DistributedDataParallel when running under torchrun,
+        under bfloat16 autocast on CUDA with ``precision="bfloat16"`` (the likelihood upcasts to float32)."""
+        bf16 = self.config.precision == "bfloat16" and self.device.type == "cuda"
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if self._ddp is None:
+                return self.model.loss(batch.x, batch.c, kl_weight=weight, x_sparse=batch.x_sparse)
+            loss, reconstruction, kl, z = self._ddp(batch.x, batch.c, weight, batch.x_sparse)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z)
 
     def _check_parameters(self, epoch: int) -> None:
