@@ -222,9 +222,10 @@ class AnnDataModel:
         labels = None if targets is None else targets[0]
 
         seed_everything(config.seed, deterministic=config.deterministic)
-        if resume_from is None:
-            self.module = self._new_module()  # initial weights depend on the seed
-            self.adversary = (
+        if resume_from is None or self.adversary is None:
+            if resume_from is None:
+                self.module = self._new_module()  # initial weights depend on the seed
+            self.adversary = (  # on resume, the checkpoint then restores its weights
                 BatchDiscriminator(self._network_config.latent_dim, targets[1], self.adversary_config)
                 if targets is not None
                 else None
