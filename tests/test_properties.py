@@ -4,6 +4,8 @@ validation, loader, readers and a one-epoch fit either work or raise genailab's 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -13,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from scipy import stats
 from anndata import AnnData
+from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +25,11 @@ from genailab.data.loader import MinibatchLoader
 from genailab.data.schema import DataSchema
 from genailab.data.validation import check_expression, empty_cells
 from genailab.likelihood.distributions import log_nb, log_zinb
-from genailab.errors import GenailabError
+from genailab import TrainConfig
+from genailab.cli import main as cli_main
+from genailab.data.simulate import simulate
+from genailab.errors import ConfigError, GenailabError, InputDataError, TrainingDivergedError
+from genailab.model.adversary import AdversaryConfig
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DEFECTS = (None, "nan", "inf", "negative", "fraction", "empty cells", "duplicate genes", "missing layer",
@@ -137,3 +144,98 @@ def test_count_likelihoods_stay_accurate_for_extreme_means_and_dispersions(log_t
     assert torch.isfinite(mu.grad).all() and torch.isfinite(theta.grad).all()
     zinb = log_zinb(value, mu.detach(), theta.detach(), torch.tensor([zi_logit]))
     assert torch.isfinite(zinb).all() and zinb.item() <= tolerance
+
+
+# -- random option values: a documented error or a finite training run -------------------------------
+NASTY_NUMBERS = (float("nan"), float("inf"), float("-inf"), 1e39, -1e39, 3e38, 0.0, -0.0, -1.0, 1e-300, 0.5, 1.5, 2)
+PLAUSIBLE = st.sampled_from([1, 2, 3, 8, 0.001, 0.01, 0.1, 0.5])  # valid for most fields: trains, most examples
+option_values = st.one_of(
+    PLAUSIBLE,
+    PLAUSIBLE,
+    PLAUSIBLE,
+    st.sampled_from(NASTY_NUMBERS),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-5, 40),
+    st.sampled_from([None, True, "1", "abc", (), (4,), [8, 0]]),
+)
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "grad_clip", "kl_warmup_epochs", "kl_cycles",
+                "validation_fraction", "early_stopping_patience", "early_stopping_min_delta", "lr_plateau_patience",
+                "lr_factor", "min_lr", "checkpoint_every", "seed", "chunk_rows", "chunks_in_memory")
+MODEL_FIELDS = ("latent_dim", "hidden_dims", "dropout", "embedding_dim", "beta")
+ADVERSARY_FIELDS = ("weight", "warmup_epochs", "hidden_dims", "lr")
+ALLOWED_ERRORS = (ConfigError, InputDataError, TrainingDivergedError)  # documented; anything else fails the test
+
+
+@pytest.fixture(scope="module")
+def tiny_counts():
+    """60 cells x 12 genes of simulated NB counts in X, 2 batches."""
+    adata = simulate(60, 12, n_cell_types=2, n_batches=2, n_markers=3, seed=0)
+    adata.X = sp.csr_matrix(adata.layers["counts"])
+    return adata
+
+
+def _finite_run(model) -> None:
+    assert model.history and all(math.isfinite(r["train_loss"]) for r in model.history)
+    assert np.isfinite(model.get_latent()).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(train=st.dictionaries(st.sampled_from(TRAIN_FIELDS), option_values, max_size=2),
+       model=st.dictionaries(st.sampled_from(MODEL_FIELDS), option_values, max_size=1),
+       adversary=st.one_of(st.none(), st.dictionaries(st.sampled_from(ADVERSARY_FIELDS), option_values, max_size=1)))
+def test_random_option_values_through_the_configs(tiny_counts, train, model, adversary):
+    try:
+        adversary_config = None if adversary is None else AdversaryConfig(**adversary)
+        vae = genailab.VAE(tiny_counts, likelihood="nb", condition_keys=["batch"],
+                           adversarial_key="batch" if adversary is not None else None, adversary=adversary_config,
+                           **{"hidden_dims": (8,), "latent_dim": 2, **model})  # fmt: skip
+        config = TrainConfig(**{"epochs": 2, "progress": False, **train})
+        # the values were accepted; few epochs keep the example short (their number is not what is tested)
+        vae.fit(dataclasses.replace(config, epochs=2 if config.epochs is None else min(config.epochs, 2)))
+    except ALLOWED_ERRORS as exc:
+        event(type(exc).__name__)
+        assert str(exc)
+        return
+    event("trained")
+    _finite_run(vae)
+
+
+cli_plausible = st.sampled_from(["0.001", "0.1", "0.5", "1", "4"])
+cli_values = st.one_of(cli_plausible, cli_plausible, st.sampled_from(["nan", "inf", "-inf", "1e39", "-1", "0", "0.5", "abc", "", "1e-300", "2"]),
+                       st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-3, 30).map(str))
+CLI_OPTIONS = ("--lr", "--beta", "--kl-warmup", "--validation-fraction", "--patience", "--batch-size", "--latent-dim",
+               "--checkpoint-every", "--seed", "--hidden")
+
+
+@pytest.fixture(scope="module")
+def tiny_counts_file(tiny_counts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_fuzz") / "tiny.h5ad"
+    tiny_counts.write_h5ad(path)
+    return path
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=st.dictionaries(st.sampled_from(CLI_OPTIONS), cli_values, min_size=1, max_size=2),
+       epochs=st.sampled_from(["1", "1", "2", "0", "-1", "nan", "1.5"]))
+def test_random_option_values_through_the_cli(tiny_counts_file, tmp_path_factory, options, epochs):
+    out = tmp_path_factory.mktemp("run")
+    args = ["train", str(tiny_counts_file), "--out", str(out), "--epochs", epochs, "--hidden", "8", "--latent-dim", "2"]
+    for flag, value in options.items():
+        args += [flag, value]
+    result = CliRunner().invoke(cli_main, args)
+    assert isinstance(result.exception, (SystemExit, type(None))), result.output  # never an uncaught exception
+    assert "Traceback" not in result.output
+    if result.exit_code == 0:
+        event("trained")
+        saved = json.loads((out / "genailab.json").read_text())
+        assert saved["history"] and all(math.isfinite(r["train_loss"]) for r in saved["history"])
+        return
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1, result.output
+    if result.exit_code == 2:  # an invalid option: click's usage error or our ConfigError
+        event("usage error" if "ConfigError" not in error[0] else "ConfigError")
+        assert "Invalid value" in error[0] or "ConfigError: --" in error[0] or "No such option" in error[0]
+    else:
+        assert result.exit_code == 1, result.output
+        assert error[0].startswith(("Error: InputDataError:", "Error: TrainingDivergedError:")), result.output
+        event(error[0].split(":")[1].strip())
