@@ -41,6 +41,10 @@ COMMANDS = {
         "genailab.cli.apps",
         "Differential expression of --group vs --reference from the model's posterior (scVI change mode).",
     ),
+    "map": (
+        "genailab.cli.mapping",
+        "Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.",
+    ),
     "perturb": (
         "genailab.cli.perturb",
         "Predict perturbed expression of control cells under drugs and doses (counterfactuals).",

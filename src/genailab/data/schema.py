@@ -22,6 +22,7 @@ from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 logger = logging.getLogger(__name__)
 
 ENCODINGS = ("onehot", "embedding")
+MAX_MISSING_FRACTION = 0.1  # most model genes a new AnnData may lack when they are filled with zeros
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,14 @@ class DataSchema:
         return np.concatenate(columns, axis=1)
 
     # -- expression --------------------------------------------------------------------------
-    def expression(self, adata: AnnData, *, align_genes: bool = False):
+    def expression(
+        self, adata: AnnData, *, align_genes: bool = False, max_missing_fraction: float = MAX_MISSING_FRACTION
+    ):
         """The (n_cells, n_genes) matrix in the model's gene order: CSR float32 or dense float32, or
         for a backed AnnData an :class:`~genailab.data.backed.OnDiskMatrix` that converts as it reads.
 
-        Genes in a different order are reordered by name and extra genes are dropped. Genes the
-        model needs but ``adata`` lacks raise :class:`SchemaMismatchError`, unless
-        ``align_genes=True``, which fills them with zeros (with a warning).
+        Genes in a different order are reordered by name and extra genes are dropped (see
+        :meth:`gene_positions` for the rules on missing and duplicated genes).
         """
         matrix = _layer(adata, self.layer)
         # before any column is picked: a damaged index would make scipy read outside its arrays
@@ -164,21 +166,61 @@ class DataSchema:
         names = adata.var_names.astype(str)
         if names.size == self.n_genes and np.array_equal(names.to_numpy(), np.asarray(self.gene_names)):
             return _in_model_order(matrix, None)
-        position = pd.Index(names).get_indexer(list(self.gene_names))
+        position = self.gene_positions(names, align_genes=align_genes, max_missing_fraction=max_missing_fraction)
+        return _in_model_order(matrix, position)
+
+    def gene_positions(
+        self, var_names: Sequence[str], *, align_genes: bool = False, max_missing_fraction: float = MAX_MISSING_FRACTION
+    ) -> np.ndarray:
+        """Column of ``var_names`` holding each model gene, (n_genes,) int64; -1 for a missing gene.
+
+        Duplicated names in ``var_names`` and data that share no gene with the model are
+        :class:`InputDataError` / :class:`SchemaMismatchError`. Genes the model needs but the data
+        lack are an error unless ``align_genes=True``: they are then filled with zeros and named in
+        a warning, as long as they are at most ``max_missing_fraction`` of the model's genes (a
+        cell missing more of them is encoded too far from what the model learnt; raise the
+        fraction to accept that knowingly).
+        """
+        names = pd.Index([str(name) for name in var_names])
+        if not names.is_unique:
+            dupes = names[names.duplicated()].unique()
+            raise InputDataError(
+                f"Gene names are not unique: {dupes.size} names occur more than once (e.g. {dupes[:5].tolist()}); "
+                "call adata.var_names_make_unique() or keep one column per gene, as at training."
+            )
+        if not 0.0 <= max_missing_fraction <= 1.0:
+            raise ConfigError(f"max_missing_fraction must be between 0 and 1, got {max_missing_fraction}.")
+        position = names.get_indexer(list(self.gene_names)).astype(np.int64)
         missing = np.flatnonzero(position < 0)
+        if missing.size == self.n_genes:
+            raise SchemaMismatchError(
+                f"The data share no gene with the model: the model's genes are e.g. {list(self.gene_names[:5])}, "
+                f"the data's are e.g. {names[:5].tolist()}. Use the same kind of gene identifiers (symbols or "
+                "Ensembl IDs) in var_names as in training."
+            )
+        shown = ", ".join(self.gene_names[i] for i in missing[:10])
         if missing.size and not align_genes:
-            shown = ", ".join(self.gene_names[i] for i in missing[:10])
             raise SchemaMismatchError(
                 f"{missing.size} of the model's {self.n_genes} genes are missing from the data "
                 f"(e.g. {shown}). Use the same gene set (and var_names) as in training, or pass "
                 "align_genes=True to fill missing genes with zeros."
             )
+        if missing.size > max_missing_fraction * self.n_genes:
+            raise SchemaMismatchError(
+                f"{missing.size} of the model's {self.n_genes} genes ({missing.size / self.n_genes:.1%}) are missing "
+                f"from the data (e.g. {shown}), more than max_missing_fraction={max_missing_fraction:g} allows. "
+                "Filling that many with zeros distorts the cells; use data measured on the model's genes, or raise "
+                "max_missing_fraction to accept it."
+            )
         if missing.size:
-            logger.warning("Filling %d genes missing from the data with zeros.", missing.size)
+            logger.warning(
+                "Filling %d of the model's %d genes missing from the data with zeros: %s%s.",
+                missing.size, self.n_genes, shown, ", ..." if missing.size > 10 else "",
+            )  # fmt: skip
         extra = names.size - (self.n_genes - missing.size)
         if extra:
             logger.info("Ignoring %d genes the model was not trained on.", extra)
-        return _in_model_order(matrix, position)
+        return position
 
     def to_dict(self) -> dict:
         data = asdict(self)

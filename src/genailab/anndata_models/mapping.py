@@ -1,0 +1,254 @@
+"""Reference mapping at the AnnData level: put a query dataset into a trained model's latent space.
+
+:func:`map_query` aligns the query's genes to the reference, adds the query's new condition
+categories (new batches, donors, labs) to the reference network by architecture surgery
+(:mod:`genailab.model.surgery`) and returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
+training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
+categories learn (optionally also the encoder's first layer, or everything); every reference weight
+and batch-norm statistic stays bitwise as it was. The query model is then a :class:`~genailab.VAE`
+like any other: it embeds, denoises, saves and loads as one, and its ``genailab.json`` records the
+reference it came from (folder and SHA-256 of its files). The reference is never modified.
+
+A reference trained with the batch adversary is mapped without it: the adversary shaped the
+reference encoder, which stays frozen; training the new categories against a discriminator that
+has never seen the query batch would only add noise, so the query model has no adversary.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from genailab.anndata_models.base import build_config
+from genailab.anndata_models.files import CONFIG_FILE, WEIGHTS_FILE, _sha256
+from genailab.anndata_models.vae import VAE
+from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema
+from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
+from genailab.model.surgery import UNFREEZE, ConditionExtension, extend_conditions, freeze_reference, trainable_entries
+from genailab.model.vae import ConditionalVAE
+from genailab.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+QUERY_EPOCH_CELLS = 400_000  # default query epochs = this / query cells, clipped to QUERY_EPOCHS
+QUERY_EPOCHS = (20, 200)  # a small query needs more passes over it, a large one fewer
+QUERY_LR = 1e-2  # few parameters learn, each far from its start (1e-3 needs ~3x the epochs for the same fit)
+
+
+def default_query_epochs(n_cells: int) -> int:
+    """Fine-tuning epochs for a query of ``n_cells``: about 400,000 cell visits, between 20 and 200."""
+    return int(np.clip(round(QUERY_EPOCH_CELLS / max(n_cells, 1)), *QUERY_EPOCHS))
+
+
+def map_query(
+    query: AnnData,
+    reference: VAE,
+    *,
+    unfreeze: str = "new_categories",
+    epochs: int | None = None,
+    max_missing_fraction: float = MAX_MISSING_FRACTION,
+) -> QueryVAE:
+    """A model for ``query`` built on the trained ``reference``, ready to ``fit()``.
+
+    Parameters
+    ----------
+    query
+        Cells x genes in memory, with the reference's layer (raw counts for count models) and its
+        condition columns in ``obs``. Genes are matched by name: reordered, extra genes dropped,
+        genes the query lacks filled with zeros and named in a warning (refused above
+        ``max_missing_fraction`` of the reference genes); duplicated names or no shared gene are errors.
+    reference
+        A trained :class:`~genailab.VAE` with at least one categorical condition (the batch). It is
+        not modified.
+    unfreeze
+        What learns: ``"new_categories"`` (the one-hot columns or embedding rows of the query's new
+        categories: scArches' default), ``"first_layer"`` (also the encoder's first layer) or
+        ``"all"`` (fine-tune everything, starting from the reference weights).
+    epochs
+        Default epochs of the query model's ``fit()``; None chooses them from the query size
+        (:func:`default_query_epochs`).
+    max_missing_fraction
+        Largest share of reference genes the query may lack.
+
+    Returns
+    -------
+    An untrained :class:`QueryVAE` whose default data is the gene-aligned query.
+
+    Examples
+    --------
+    >>> reference = genailab.VAE.load("runs/reference")  # doctest: +SKIP
+    >>> model = reference.map_query(query).fit(seed=0)  # doctest: +SKIP
+    >>> query.obsm["X_genailab"] = model.get_latent()  # doctest: +SKIP
+    """
+    if unfreeze not in UNFREEZE:
+        raise ConfigError(f"unfreeze={unfreeze!r} is not one of {UNFREEZE}.")
+    if not reference.is_trained:
+        raise ConfigError("The reference model is not trained; fit() it (or load a trained one) before mapping a query.")
+    if query.isbacked:
+        raise InputDataError("map_query needs the query in memory; read it without backed='r' (query.to_memory()).")
+    if query.n_obs == 0:
+        raise InputDataError("The query has no cells (0 rows); pass at least one cell.")
+    schema = reference.schema
+    if not schema.categorical_keys:
+        raise ConfigError(
+            "The reference has no categorical condition, so there is nothing to extend; embed the query "
+            "directly with reference.get_latent(query, align_genes=True)."
+        )
+    new = new_categories(query.obs, schema)
+    if unfreeze == "new_categories" and not any(new):
+        raise ConfigError(
+            f"Every query category of {list(schema.categorical_keys)} is already in the reference, so "
+            "unfreeze='new_categories' has nothing to train; embed the query with reference.get_latent(query), "
+            "or fine-tune with unfreeze='first_layer' or 'all'."
+        )
+    aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)
+    query_schema = dataclasses.replace(schema, categories=tuple(old + added for old, added in zip(schema.categories, new)))
+    extension = ConditionExtension(schema.categorical_sizes, [len(a) for a in new], len(schema.continuous_keys))
+    mapping = {
+        "unfreeze": unfreeze,
+        "new_categories": {key: list(added) for key, added in zip(schema.categorical_keys, new)},
+        "genes_filled_with_zeros": filled,
+    }
+    return QueryVAE(aligned, reference, schema=query_schema, extension=extension, mapping=mapping,
+                    epochs=epochs or default_query_epochs(query.n_obs))  # fmt: skip
+
+
+def new_categories(obs: pd.DataFrame, schema: DataSchema) -> tuple[tuple[str, ...], ...]:
+    """Per categorical condition of ``schema``, the categories of ``obs`` it has not seen, in their order.
+
+    Missing condition columns are :class:`SchemaMismatchError`; missing values (NaN) in them are
+    :class:`InputDataError` (a query cell without a batch cannot be mapped).
+    """
+    missing = [key for key in schema.categorical_keys + schema.continuous_keys if key not in obs.columns]
+    if missing:
+        raise SchemaMismatchError(
+            f"The query's obs lacks the reference's condition columns {missing}; add them (e.g. the query's "
+            "batch as a new category)."
+        )
+    found = []
+    for key, known in zip(schema.categorical_keys, schema.categories):
+        column = obs[key]
+        n_missing = int(column.isna().sum())
+        if n_missing:
+            raise InputDataError(
+                f"obs[{key!r}] of the query has {n_missing} missing values (NaN); every query cell needs a {key} "
+                f"to be mapped. Fill them (e.g. with a new label such as 'query_{key}') or drop those cells."
+            )
+        values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column)
+        used, seen = set(column.astype(str)), set(known)
+        found.append(tuple(str(v) for v in values if str(v) in used and str(v) not in seen))
+    return tuple(found)
+
+
+def aligned_query(
+    query: AnnData, schema: DataSchema, *, max_missing_fraction: float = MAX_MISSING_FRACTION
+) -> tuple[AnnData, list[str]]:
+    """The query with exactly the schema's genes in its order (in ``X`` and the schema's layer), and
+    the names of the genes filled with zeros; ``obs`` is copied."""
+    matrix = schema.expression(query, align_genes=True, max_missing_fraction=max_missing_fraction)
+    positions = schema.gene_positions(query.var_names.astype(str), align_genes=True, max_missing_fraction=1.0)
+    filled = [schema.gene_names[i] for i in np.flatnonzero(positions < 0)]
+    aligned = AnnData(X=matrix, obs=query.obs.copy(), var=pd.DataFrame(index=pd.Index(schema.gene_names)))
+    if schema.layer is not None:
+        aligned.layers[schema.layer] = matrix
+    return aligned, filled
+
+
+class QueryVAE(VAE):
+    """A :class:`~genailab.VAE` for a query mapped onto a reference (made by :func:`map_query`).
+
+    ``fit()`` restarts from the extended reference weights and trains only what ``unfreeze``
+    allows. Its defaults differ from a new model's: ``epochs`` from the query size, a learning rate
+    of 1e-2, no weight decay (it would shrink the frozen weights) and a constant KL weight (the
+    reference is trained with the full KL already). It saves as a plain VAE (``genailab.VAE.load`` reads it) whose
+    description also holds ``reference`` (folder and hashes of the reference files) and
+    ``mapping`` (unfreeze mode, new categories, zero-filled genes); a loaded query model is a plain
+    VAE whose ``fit()`` would train from scratch.
+    """
+
+    def __init__(
+        self,
+        aligned: AnnData,
+        reference: VAE,
+        *,
+        schema: DataSchema,
+        extension: ConditionExtension,
+        mapping: dict,
+        epochs: int,
+    ):
+        self._reference_module = copy.deepcopy(reference.module).cpu().eval()
+        self._extension = extension
+        self.unfreeze = mapping["unfreeze"]
+        self.mapping = mapping
+        self.reference = reference_record(reference)
+        self.default_epochs = int(epochs)
+        config = extend_conditions(self._reference_module, extension)[0].config
+        self._assemble(schema=schema, config=config, adata=aligned, empty_cells=reference.empty_cells,
+                       adversarial_key=None, adversary_config=None)  # fmt: skip
+
+    def _new_module(self) -> ConditionalVAE:
+        module, extended = extend_conditions(self._reference_module, self._extension)
+        trainable = trainable_entries(module, extended, unfreeze=self.unfreeze)
+        freeze_reference(module, trainable, freeze_norm_statistics=self.unfreeze != "all")
+        return module
+
+    @property
+    def fit_defaults(self) -> dict:
+        """The TrainConfig options ``fit()`` uses unless given."""
+        return {"epochs": self.default_epochs, "lr": QUERY_LR, "weight_decay": 0.0, "kl_schedule": "constant"}
+
+    def fit_config(self, **options) -> TrainConfig:
+        """The :class:`~genailab.train.config.TrainConfig` of ``fit(**options)``: :attr:`fit_defaults`
+        updated by ``options``."""
+        return build_config(TrainConfig, **{**self.fit_defaults, **options})
+
+    def fit(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
+        **options,
+    ) -> QueryVAE:
+        """Train the query parameters (see :meth:`genailab.VAE.fit`; defaults in :attr:`fit_defaults`)."""
+        if config is None:
+            config = self.fit_config(**options)
+        elif options:
+            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
+        if self.unfreeze != "all" and config.weight_decay != 0:
+            raise ConfigError(
+                f"weight_decay={config.weight_decay} would shrink the frozen reference weights; use weight_decay=0 "
+                "(the default for a query model), or unfreeze='all' to fine-tune everything."
+            )
+        return super().fit(config, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+
+    def _description(self) -> dict:
+        return {**super()._description(), "reference": self.reference, "mapping": self.mapping}
+
+
+def reference_record(reference: VAE) -> dict:
+    """Where the reference came from: its folder and the SHA-256 of its two files when it was loaded
+    or saved, else the SHA-256 of its weights in memory."""
+    folder = getattr(reference, "saved_dir", None)
+    if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        return {
+            "path": str(folder.resolve()),
+            "genailab_json_sha256": _sha256(folder / CONFIG_FILE),
+            "model_pt_sha256": _sha256(folder / WEIGHTS_FILE),
+        }
+    return {"path": None, "weights_sha256": _state_sha256(reference.module.state_dict())}
+
+
+def _state_sha256(state: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

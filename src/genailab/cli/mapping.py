@@ -1,0 +1,108 @@
+"""``genailab map``: put a query dataset into a trained model's latent space and transfer its labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from genailab.anndata_models.mapping import map_query
+from genailab.apps.transfer import transfer_labels
+from genailab.cli import main
+from genailab.cli.common import check_output_file, fail_cleanly, fit_in_run_folder, read_data, run_folder, write_h5ad
+from genailab.cli.options import argument_default
+from genailab.errors import ConfigError
+from genailab.model.surgery import UNFREEZE
+
+MAPPED_FILE = "query.h5ad"  # the query with its latent and transferred labels, beside the query model
+UMAP_FILE = "umap.png"  # reference and query together, by dataset and by label
+LATENT_KEY = "X_genailab"
+
+
+@main.command(name="map")
+@fail_cleanly
+@click.argument("ref_run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("query", type=click.Path(exists=True, dir_okay=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder: query model, query.h5ad, umap.png.")
+@click.option("--reference-data", type=click.Path(exists=True, dir_okay=True, path_type=Path),
+              help="The reference's cells: drawn beside the query and, with --label-key, the labels to transfer.")
+@click.option("--label-key", default=None, help="obs column of --reference-data with the labels (cell types) to transfer.")
+@click.option("--unfreeze", type=click.Choice(UNFREEZE), default=argument_default(map_query, "unfreeze"), show_default=True,
+              help="What learns: the new categories' parameters, also the encoder's first layer, or everything.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs (default: from the query size).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-missing-fraction", type=click.FloatRange(0, 1), show_default=True,
+              default=argument_default(map_query, "max_missing_fraction"),
+              help="Largest share of the reference's genes the query may lack (they are filled with zeros).")
+@click.option("--n-neighbors", type=click.IntRange(min=1), show_default=True,
+              default=argument_default(transfer_labels, "n_neighbors"), help="Reference cells voting for each query cell.")
+@click.option("--unknown-threshold", type=click.FloatRange(0, 1), show_default=True,
+              default=argument_default(transfer_labels, "unknown_threshold"),
+              help="Cells whose label uncertainty is above this are called 'unknown'.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace the query model already saved in --out.")
+def map_command(ref_run, query, out, reference_data, label_key, unfreeze, epochs, lr, seed, max_missing_fraction,
+                n_neighbors, unknown_threshold, device, overwrite):
+    """Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.
+
+    Writes the query model to --out (it records REF_RUN and the hashes of its files; REF_RUN is never
+    modified), --out/query.h5ad with obsm['X_genailab'] (and the transferred labels), and with
+    --reference-data --out/umap.png of both datasets.
+    """
+    from genailab import VAE
+    from genailab.report.figures import plot_latent_umap
+    from genailab.report.run_folder import RUN_FILES, write_run
+
+    if label_key is not None and reference_data is None:
+        raise ConfigError("`label_key` needs the reference's cells: pass `reference_data` (REF.h5ad) as well.")
+    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, MAPPED_FILE, UMAP_FILE)):
+        for name in (MAPPED_FILE, UMAP_FILE):
+            check_output_file(out / name)
+        reference = VAE.load(ref_run, device=device)
+        model = map_query(read_data(query), reference, unfreeze=unfreeze, epochs=epochs,
+                          max_missing_fraction=max_missing_fraction)  # fmt: skip
+        options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
+        fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
+        write_run(model, out)
+        mapped = model.adata
+        mapped.obsm[LATENT_KEY] = model.get_latent()
+        click.echo(f"Trained the query model {len(model.history)} epochs ({unfreeze}); saved in {out}")
+        if reference_data is not None:
+            cells = read_data(reference_data)
+            cells.obsm[LATENT_KEY] = reference.get_latent(cells, align_genes=True)
+            if label_key is not None:
+                transfer_labels(mapped, cells, label_key=label_key, latent_key=LATENT_KEY, n_neighbors=n_neighbors,
+                                unknown_threshold=unknown_threshold)  # fmt: skip
+                _report_labels(mapped, f"{label_key}_transferred")
+            _plot_together(cells, mapped, label_key, out / UMAP_FILE, seed=seed, plot=plot_latent_umap)
+            click.echo(f"UMAP of reference and query in {out / UMAP_FILE}")
+        write_h5ad(mapped, out / MAPPED_FILE)
+        click.echo(f"Query latent in obsm[{LATENT_KEY!r}] of {out / MAPPED_FILE}")
+
+
+def _report_labels(mapped, key: str) -> None:
+    counts = mapped.obs[key].value_counts()
+    shown = ", ".join(f"{label} {n}" for label, n in counts.items() if n)
+    click.echo(f"Transferred labels in obs[{key!r}] (uncertainty in obs['{key}_uncertainty']): {shown}")
+
+
+def _plot_together(reference, query, label_key: str | None, path: Path, *, seed: int, plot) -> None:
+    """UMAP of the reference's and the query's latents in one neighbour graph, by dataset and by label."""
+    import anndata
+    import numpy as np
+    import pandas as pd
+    import scanpy as sc
+
+    latent = np.concatenate([reference.obsm[LATENT_KEY], query.obsm[LATENT_KEY]])
+    obs = pd.DataFrame({"dataset": pd.Categorical(["reference"] * reference.n_obs + ["query"] * query.n_obs)})
+    columns = ["dataset"]
+    if label_key is not None:
+        transferred = query.obs[f"{label_key}_transferred"].astype(str).to_numpy()
+        obs[label_key] = pd.Categorical(np.concatenate([reference.obs[label_key].astype(str).to_numpy(), transferred]))
+        columns.append(label_key)
+    together = anndata.AnnData(obs=obs.set_index(pd.Index([f"cell_{i}" for i in range(len(obs))])))
+    together.obsm[LATENT_KEY] = latent
+    sc.pp.neighbors(together, use_rep=LATENT_KEY, random_state=seed)
+    sc.tl.umap(together, random_state=seed)
+    plot(together, columns, path)

@@ -1,0 +1,236 @@
+"""Reference mapping on simulated batches: frozen reference, gene alignment, saved provenance, label transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+import genailab
+from genailab.anndata_models.mapping import QueryVAE, default_query_epochs, map_query
+from genailab.apps import transfer_labels
+from genailab.data.simulate import simulate
+from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
+
+FAST = dict(batch_size=64, progress=False, seed=0)
+ARCH = dict(latent_dim=4, hidden_dims=(32,))
+
+
+@pytest.fixture(scope="module")
+def split():
+    """900 cells x 100 genes, 3 cell types, 3 batches: reference = batch_0 + batch_1, query = batch_2."""
+    sim = simulate(900, 100, n_cell_types=3, n_batches=3, batch_effect_scale=0.5, seed=0)
+    sim.layers["log"] = _log_normalised(sim.layers["counts"])
+    reference = sim[sim.obs["batch"] != "batch_2"].copy()
+    query = sim[sim.obs["batch"] == "batch_2"].copy()
+    return reference, query
+
+
+def _log_normalised(counts):
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    scaled = sp.diags(1e4 / np.asarray(counts.sum(1)).ravel()) @ counts
+    scaled.data = np.log1p(scaled.data)
+    return sp.csr_matrix(scaled, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference_run(split, tmp_path_factory):
+    """An NB reference conditioned on the batch, trained 30 epochs and saved."""
+    reference, _ = split
+    model = genailab.VAE(reference, likelihood="nb", layer="counts", condition_keys=["batch"], **ARCH)
+    model.fit(epochs=30, **FAST)
+    folder = tmp_path_factory.mktemp("reference")
+    model.save(folder)
+    return genailab.VAE.load(folder, reference, device="cpu"), folder
+
+
+def _file_hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _bits(tensor):
+    return tensor.detach().contiguous().view(torch.int32) if tensor.dtype == torch.float32 else tensor.detach()
+
+
+def _assert_reference_kept(reference_module, query_module, *, changed_new=True):
+    """Every reference tensor bitwise equal in the query model (old columns of extended tensors)."""
+    new_state = query_module.state_dict()
+    for name, old in reference_module.state_dict().items():
+        if name == "default_library":  # the query's median library (a data statistic, not a weight)
+            continue
+        new = new_state[name]
+        if new.shape == old.shape:
+            assert torch.equal(_bits(new), _bits(old)), name
+            continue
+        # embedding rows (axis 0) or one-hot input columns (axis 1) grew; with the batch as the only
+        # condition, the new category comes after the reference's slices
+        axis = 0 if new.shape[1] == old.shape[1] else 1
+        assert torch.equal(_bits(new.narrow(axis, 0, old.shape[axis])), _bits(old)), name
+        if changed_new:
+            added = new.narrow(axis, old.shape[axis], new.shape[axis] - old.shape[axis])
+            mean = old.narrow(axis, old.shape[axis] - 2, 2).mean(dim=axis, keepdim=True)  # the 2 reference batches
+            assert not torch.allclose(added, mean.expand_as(added)), f"{name}: the new batch did not learn"
+
+
+def test_only_new_category_parameters_change_and_reference_files_stay(split, reference_run):
+    _, query = split
+    reference, folder = reference_run
+    before_files = _file_hashes(folder)
+    before_state = {k: v.clone() for k, v in reference.module.state_dict().items()}
+    model = map_query(query, reference)
+    assert isinstance(model, genailab.VAE) and model.schema.categories == (("batch_0", "batch_1", "batch_2"),)
+    model.fit(epochs=4, **FAST)
+    assert len(model.history) == 4
+    _assert_reference_kept(reference.module, model.module)
+    for name, tensor in reference.module.state_dict().items():  # the reference object itself is untouched
+        assert torch.equal(tensor, before_state[name]), name
+    assert _file_hashes(folder) == before_files
+
+
+@pytest.mark.parametrize(
+    "likelihood, layer, encoding, adversarial",
+    [("gaussian", "log", "embedding", False), ("zinb", "counts", "onehot", True)],
+)
+def test_gaussian_embedding_and_adversarial_references_map_frozen(split, likelihood, layer, encoding, adversarial):
+    reference_data, query = split
+    options = dict(adversarial_key="batch") if adversarial else {}
+    reference = genailab.VAE(reference_data, likelihood=likelihood, layer=layer, condition_keys=["batch"],
+                             condition_encoding=encoding, **options, **ARCH)  # fmt: skip
+    reference.fit(epochs=5, **FAST)
+    adversary_before = None if reference.adversary is None else {k: v.clone() for k, v in reference.adversary.state_dict().items()}
+    model = map_query(query, reference).fit(epochs=3, **FAST)
+    _assert_reference_kept(reference.module, model.module)
+    assert model.adversary is None and model.adversarial_key is None  # documented: the adversary is not trained further
+    if adversarial:
+        for name, tensor in reference.adversary.state_dict().items():
+            assert torch.equal(tensor, adversary_before[name])
+    assert np.isfinite(model.get_latent()).all()
+
+
+def test_first_layer_and_all_unfreeze_more(split, reference_run):
+    _, query = split
+    reference, _ = reference_run
+    first = map_query(query, reference, unfreeze="first_layer").fit(epochs=2, **FAST)
+    old = reference.module.state_dict()
+    new = first.module.state_dict()
+    assert not torch.equal(new["encoder.layers.0.weight"][:, : query.n_vars], old["encoder.layers.0.weight"][:, : query.n_vars])
+    for name in ("decoder.layers.0.bias", "z_mean.weight", "encoder.layers.1.running_var", "head.scale.weight"):
+        assert torch.equal(new[name], old[name]), name
+    everything = map_query(query, reference, unfreeze="all").fit(epochs=2, **FAST)
+    for name in ("z_mean.weight", "head.scale.weight", "encoder.layers.1.running_var"):
+        assert not torch.equal(everything.module.state_dict()[name], old[name]), name
+
+
+def test_saved_query_model_records_its_reference_and_loads(split, reference_run, tmp_path):
+    _, query = split
+    reference, folder = reference_run
+    model = map_query(query, reference).fit(epochs=2, **FAST)
+    model.save(tmp_path / "query")
+    saved = json.loads((tmp_path / "query" / "genailab.json").read_text())
+    hashes = _file_hashes(folder)
+    assert saved["reference"] == {
+        "path": str(folder.resolve()),
+        "genailab_json_sha256": hashes["genailab.json"],
+        "model_pt_sha256": hashes["model.pt"],
+    }
+    assert saved["mapping"] == {"unfreeze": "new_categories", "new_categories": {"batch": ["batch_2"]},
+                                "genes_filled_with_zeros": []}  # fmt: skip
+    loaded = genailab.VAE.load(tmp_path / "query", device="cpu")
+    assert type(loaded) is genailab.VAE
+    np.testing.assert_allclose(loaded.get_latent(query), model.get_latent(), rtol=1e-5, atol=1e-6)
+
+
+def test_shuffled_gene_order_gives_the_same_latent(split, reference_run):
+    _, query = split
+    reference, _ = reference_run
+    shuffled = query[:, np.random.default_rng(0).permutation(query.n_vars)].copy()
+    ordered = map_query(query, reference).fit(epochs=2, **FAST).get_latent()
+    np.testing.assert_array_equal(map_query(shuffled, reference).fit(epochs=2, **FAST).get_latent(), ordered)
+
+
+def test_missing_genes_are_filled_reported_and_limited(split, reference_run, caplog):
+    _, query = split
+    reference, _ = reference_run
+    dropped = list(query.var_names[[3, 50, 97]])
+    fewer = query[:, ~query.var_names.isin(dropped)].copy()
+    with caplog.at_level(logging.WARNING, logger="genailab.data.schema"):
+        model = map_query(fewer, reference)
+    assert "Filling 3 of the model's 100 genes missing from the data with zeros: " + ", ".join(dropped) in caplog.text
+    assert model.mapping["genes_filled_with_zeros"] == dropped
+    counts = model.adata.layers["counts"]
+    assert list(model.adata.var_names) == list(query.var_names)
+    assert counts[:, [3, 50, 97]].nnz == 0
+    np.testing.assert_array_equal(counts[:, 4].toarray(), query.layers["counts"][:, 4].toarray())
+    many = query[:, 15:].copy()  # 15% missing
+    with pytest.raises(SchemaMismatchError, match=r"15 of the model's 100 genes \(15.0%\).*max_missing_fraction=0.1"):
+        map_query(many, reference)
+    assert map_query(many, reference, max_missing_fraction=0.2).mapping["genes_filled_with_zeros"] == list(query.var_names[:15])
+
+
+def test_duplicated_and_foreign_gene_names_are_clear_errors(split, reference_run):
+    _, query = split
+    reference, _ = reference_run
+    doubled = query.copy()
+    names = list(doubled.var_names)
+    names[7] = names[2]
+    doubled.var_names = names
+    for call in (lambda: map_query(doubled, reference), lambda: reference.get_latent(doubled, align_genes=True)):
+        with pytest.raises(InputDataError, match=rf"not unique: 1 names occur more than once \(e.g. \['{names[2]}'\]\)"):
+            call()
+    foreign = query.copy()
+    foreign.var_names = [f"ENSG{i:05d}" for i in range(query.n_vars)]
+    with pytest.raises(SchemaMismatchError, match="share no gene with the model.*ENSG00000"):
+        map_query(foreign, reference)
+
+
+def test_query_conditions_are_checked(split, reference_run):
+    _, query = split
+    reference, _ = reference_run
+    unlabelled = query.copy()
+    unlabelled.obs["batch"] = unlabelled.obs["batch"].astype(object)
+    unlabelled.obs.iloc[:4, unlabelled.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(InputDataError, match=r"obs\['batch'\] of the query has 4 missing values \(NaN\)"):
+        map_query(unlabelled, reference)
+    with pytest.raises(SchemaMismatchError, match=r"lacks the reference's condition columns \['batch'\]"):
+        map_query(AnnData(query.X, var=query.var), reference)
+    known = reference.adata[:50].copy()
+    with pytest.raises(ConfigError, match="already in the reference"):
+        map_query(known, reference)
+    assert map_query(known, reference, unfreeze="first_layer").schema == reference.schema
+    with pytest.raises(ConfigError, match="unfreeze='decoder' is not one of"):
+        map_query(query, reference, unfreeze="decoder")
+    with pytest.raises(ConfigError, match="weight_decay=0.01 would shrink the frozen reference weights"):
+        map_query(query, reference).fit(epochs=1, weight_decay=0.01, **FAST)
+    untrained = genailab.VAE(reference.adata, layer="counts", condition_keys=["batch"], **ARCH)
+    with pytest.raises(ConfigError, match="not trained"):
+        map_query(query, untrained)
+
+
+def test_default_epochs_follow_the_query_size(split, reference_run):
+    _, query = split
+    reference, _ = reference_run
+    assert [default_query_epochs(n) for n in (100, 2000, 10_000, 1_000_000)] == [200, 200, 40, 20]
+    model = map_query(query, reference)
+    assert isinstance(model, QueryVAE) and model.default_epochs == 200
+    assert model.fit_defaults == {"epochs": 200, "lr": 1e-2, "weight_decay": 0.0, "kl_schedule": "constant"}
+    assert map_query(query, reference, epochs=7).fit(progress=False, batch_size=64).train_config.epochs == 7
+
+
+def test_label_transfer_on_a_held_out_batch(split, reference_run):
+    reference_data, query = split
+    reference, _ = reference_run
+    model = map_query(query, reference).fit(epochs=60, **FAST)
+    reference_data = reference_data.copy()
+    reference_data.obsm["X_genailab"] = reference.get_latent(reference_data)
+    query = query.copy()
+    query.obsm["X_genailab"] = model.get_latent()
+    predicted = transfer_labels(query, reference_data, label_key="cell_type", unknown_threshold=1.0)
+    accuracy = np.mean(predicted.astype(str).to_numpy() == query.obs["cell_type"].astype(str).to_numpy())
+    assert accuracy > 0.9

@@ -1,0 +1,73 @@
+"""``genailab map`` end to end: train a reference, map a held-out batch, transfer labels, draw both."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import genailab
+from genailab.cli import main
+from genailab.data.simulate import simulate
+
+
+def _invoke(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Reference (batch_0, batch_1) and query (batch_2) h5ads, and a reference run from ``genailab train``."""
+    folder = tmp_path_factory.mktemp("map")
+    sim = simulate(600, 80, n_cell_types=3, n_batches=3, n_markers=5, seed=0)
+    sim[sim.obs["batch"] != "batch_2"].copy().write_h5ad(folder / "reference.h5ad")
+    query = sim[sim.obs["batch"] == "batch_2"].copy()
+    query[:, ::-1].copy().write_h5ad(folder / "query.h5ad")  # genes in another order
+    _invoke("train", folder / "reference.h5ad", "--likelihood", "nb", "--layer", "counts", "--condition-key", "batch",
+            "--latent-dim", "4", "--hidden", "32", "--epochs", "30", "--batch-size", "32", "--out", folder / "ref_run")  # fmt: skip
+    return folder
+
+
+def _hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_map_writes_query_model_latent_labels_and_umap(files, tmp_path):
+    before = _hashes(files / "ref_run")
+    out = tmp_path / "mapped"
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data",
+                     files / "reference.h5ad", "--label-key", "cell_type", "--epochs", "40", "--device", "cpu")  # fmt: skip
+    assert "Trained the query model 40 epochs (new_categories)" in output
+    assert _hashes(files / "ref_run") == before  # the reference run is never modified
+    saved = json.loads((out / "genailab.json").read_text())
+    assert saved["reference"]["path"] == str((files / "ref_run").resolve())
+    assert saved["reference"]["model_pt_sha256"] == before["model.pt"]
+    assert saved["mapping"]["new_categories"] == {"batch": ["batch_2"]}
+    mapped = ad.read_h5ad(out / "query.h5ad")
+    assert mapped.obsm["X_genailab"].shape == (mapped.n_obs, 4)
+    model = genailab.VAE.load(out, device="cpu")
+    np.testing.assert_allclose(model.get_latent(mapped), mapped.obsm["X_genailab"], rtol=1e-5, atol=1e-6)
+    accuracy = np.mean(mapped.obs["cell_type_transferred"].astype(str) == mapped.obs["cell_type"].astype(str))
+    assert accuracy > 0.9
+    assert {"cell_type_transferred_uncertainty"} <= set(mapped.obs.columns)
+    assert mapped.uns["cell_type_transferred"]["params"]["n_neighbors"] == 15
+    with Image.open(out / "umap.png") as image:
+        assert image.size[0] > 2 * image.size[1] * 0.9  # two panels side by side: dataset and label
+
+
+def test_map_refuses_what_it_cannot_do(files, tmp_path):
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "a", "--label-key",
+                     "cell_type", code=2)  # fmt: skip
+    assert "--label-key needs the reference's cells: pass --reference-data" in output
+    output = _invoke("map", files / "ref_run", files / "reference.h5ad", "--out", tmp_path / "b", code=2)
+    assert "already in the reference" in output
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "c", "--unfreeze", "decoder",
+                     code=2)  # fmt: skip
+    assert "Invalid value for '--unfreeze'" in output
