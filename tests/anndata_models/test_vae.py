@@ -107,3 +107,14 @@ def test_same_seed_same_latent(pbmc):
         return model.fit(**FAST).get_latent()
 
     np.testing.assert_array_equal(latent(), latent())
+
+
+def test_constructor_options_rebuild_the_same_architecture(pbmc):
+    """Every architecture field of the config comes back (a new ModelConfig field cannot drop out)."""
+    from genailab import VAE
+
+    model = VAE(pbmc, likelihood="zinb", layer="counts", latent_dim=6, hidden_dims=(32, 16), dropout=0.2,
+                dispersion="gene-cell", beta=0.5, norm="layer", activation="gelu")  # fmt: skip
+    rebuilt = VAE(pbmc, **model.constructor_options())
+    assert rebuilt.config == model.config
+    assert rebuilt.schema.to_dict() == model.schema.to_dict()

@@ -146,6 +146,23 @@ class VAE(AnnDataModel):
             "adversarial_key": metadata.get("adversarial_key"),
         }
 
+    def constructor_options(self) -> dict:
+        """Keyword options of ``VAE(adata, **options)`` that rebuild this model (data handling,
+        conditions, adversary and every architecture field of its config) on other data, e.g. to
+        retrain it with another ``latent_dim``. Fields the schema derives from the data (genes,
+        condition widths) are left to the new data."""
+        derived = {"input_dim", "condition_dim", "categorical_sizes", "n_continuous"}
+        return {
+            "layer": self.schema.layer,
+            "condition_keys": list(self.schema.categorical_keys),
+            "continuous_keys": list(self.schema.continuous_keys),
+            "condition_encoding": self.schema.encoding,
+            "empty_cells": self.empty_cells,
+            "adversarial_key": self.adversarial_key,
+            "adversary": self.adversary_config if self.adversarial_key else None,
+            **{k: v for k, v in self.config.to_dict().items() if k not in derived},
+        }
+
     # -- conditions ------------------------------------------------------------------------------
     @property
     def condition_keys(self) -> list[str]:

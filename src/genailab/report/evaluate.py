@@ -115,7 +115,8 @@ def write_report(
     figures["posterior_predictive"] = [(gene_png, caption)]
     if label_key is not None:
         metrics["differential_expression"] = _de(model, adata, indices, label_key=label_key, seed=seed)
-    retrain = {"model_options": _vae_options(model), "train_options": _train_options(model, sweep_epochs)}
+    rebuild = {k: v for k, v in model.constructor_options().items() if k != "latent_dim"}  # the sweep sets it
+    retrain = {"model_options": rebuild, "train_options": _train_options(model, sweep_epochs)}
     if imputation:
         metrics["imputation"] = protocols.imputation_benchmark(adata, seed=seed, **retrain)
     if latent_dims:
@@ -312,26 +313,6 @@ def _de(model, adata: AnnData, indices: np.ndarray, *, label_key: str, seed: int
         "chance_overlap": k / model.config.input_dim,
         "lfc_pearson": result["lfc_pearson"],
     }
-
-
-def _vae_options(model) -> dict:
-    """Keyword options that rebuild ``model``'s architecture and data handling with :class:`~genailab.VAE`."""
-    config, schema = model.config, model.schema
-    options = {
-        "likelihood": config.likelihood,
-        "layer": schema.layer,
-        "condition_keys": list(schema.categorical_keys),
-        "continuous_keys": list(schema.continuous_keys),
-        "condition_encoding": schema.encoding,
-        "empty_cells": model.empty_cells,
-        "adversarial_key": model.adversarial_key,
-        "adversary": model.adversary_config if model.adversarial_key else None,
-    }
-    architecture = (
-        "hidden_dims", "dispersion", "dropout", "norm", "activation", "inject_condition", "beta", "embedding_dim",
-    )
-    options.update({name: getattr(config, name) for name in architecture})
-    return options
 
 
 def _train_options(model, epochs: int | None) -> dict:
