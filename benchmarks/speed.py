@@ -7,6 +7,7 @@ importable. Run:
 
     python benchmarks/speed.py                      # 20,000 cells x 2,000 genes
     python benchmarks/speed.py --scaling 10000,100000
+    python benchmarks/speed.py --profile            # where the milliseconds of a training step go
     /opt/scvi-venv/bin/python benchmarks/speed.py   # an environment with scvi-tools adds its row
 """
 
@@ -84,6 +85,54 @@ def inference_throughput(adata, repeats: int = 3) -> dict[str, float]:
     return result
 
 
+def profile_steps(adata, *, batch_size: int, steps: int = 40, warmup: int = 10) -> None:
+    """Print where a training step's time goes: the phases (loader, forward + loss, backward,
+    optimiser) timed around each step, then torch.profiler's operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    seed_everything(0)
+    model = CVAE_ZINB(input_dim=adata.n_vars, latent_dim=10, hidden_dims=[128, 128])
+    config = TrainConfig(epochs=1, batch_size=batch_size)
+    optimizer = Trainer(model, config).optimizer
+    loader = iter(MinibatchLoader(adata.layers["counts"], batch_size=batch_size, seed=0))
+    phases = {"loader": 0.0, "forward + loss": 0.0, "backward": 0.0, "clip + optimiser": 0.0}
+
+    def step(timed: bool) -> None:
+        marks = [time.perf_counter()]
+        with record_function("loader"):
+            batch = next(loader)
+        marks.append(time.perf_counter())
+        with record_function("forward + loss"):
+            loss = model.loss(batch.x, batch.c, x_sparse=batch.x_sparse).loss
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        with record_function("backward"):
+            loss.backward()
+        marks.append(time.perf_counter())
+        with record_function("clip + optimiser"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        marks.append(time.perf_counter())
+        if timed:
+            for name, a, b in zip(phases, marks, marks[1:]):
+                phases[name] += b - a
+
+    model.train()
+    for _ in range(warmup):
+        step(False)
+    for _ in range(steps):
+        step(True)
+    total = sum(phases.values())
+    print(f"one training step, batch {batch_size} (mean of {steps} steps): {1e3 * total / steps:.1f} ms")
+    for name, seconds in phases.items():
+        print(f"  {name:<18} {1e3 * seconds / steps:7.2f} ms  {seconds / total:6.1%}")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(False)
+    print(f"operators by self CPU time (per step = total / {steps}):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
 class ScviTraining:
     """scvi-tools' SCVI with the same architecture and likelihood, one epoch at a time; None without scvi-tools."""
 
@@ -111,8 +160,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scaling", default="", help="comma-separated cell counts for the per-epoch cost")
+    parser.add_argument("--profile", action="store_true", help="only profile a training step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        adata = simulate(min(args.cells, 20_000), args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=0)
+        profile_steps(adata, batch_size=args.batch_size)
+        return
 
     adata = simulate(args.cells, args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=0)
     density = adata.layers["counts"].nnz / (adata.n_obs * adata.n_vars)

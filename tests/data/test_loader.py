@@ -89,3 +89,27 @@ def test_loader_options_are_split_from_training_options_and_checked():
     with pytest.raises(ConfigError, match="either options=LoaderOptions"):
         MinibatchLoader(np.zeros((4, 2)), options=LoaderOptions(), chunk_rows=8)
     assert MinibatchLoader(np.zeros((4, 2)), chunk_rows=8).options == LoaderOptions(chunk_rows=8)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_rows_gathered_on_the_device_equal_the_host_batches(fmt):
+    """The device gather (run here on the CPU, the same torch code) rebuilds the exact rows."""
+    from genailab.data.loader import DeviceRows
+
+    rng = np.random.default_rng(0)
+    dense = ((rng.random((70, 13)) < 0.3) * rng.integers(1, 50, (70, 13))).astype(np.float32)
+    dense[5] = 0  # an empty row
+    matrix = sp.csr_matrix(dense) if fmt == "csr" else dense
+    conditions, labels = rng.random((70, 2)).astype(np.float32), np.arange(70) % 3
+    host = MinibatchLoader(matrix, conditions, labels=labels, batch_size=16, seed=4, drop_last=True)
+    host.set_epoch(2)
+    device = DeviceRows(matrix, host.conditions, host.labels, torch.device("cpu"))
+    pairs = list(zip(device.batches(host.order(), 16, True), host, strict=True))
+    assert len(pairs) == 4
+    for a, b in pairs:
+        np.testing.assert_array_equal(a.index.numpy(), b.index.numpy())
+        np.testing.assert_array_equal(a.x.numpy(), b.x.numpy())
+        np.testing.assert_array_equal(a.c.numpy(), b.c.numpy())
+        np.testing.assert_array_equal(a.y.numpy(), b.y.numpy())
+    assert DeviceRows.nbytes(sp.csr_matrix(dense)) == 12 * int((dense != 0).sum()) + 8 * 71
+    assert not host.preload(torch.device("cpu"))  # only accelerators take a copy

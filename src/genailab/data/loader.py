@@ -80,6 +80,69 @@ class InMemoryRows:
         return self.matrix, rows
 
 
+class DeviceRows:
+    """An in-memory CSR or dense matrix copied once to a device (a GPU), with minibatches gathered
+    there: no host-to-device copy of the expression per step and no synchronisation (the host
+    knows each batch's number of stored entries from its own copy of the row pointers).
+
+    Parameters
+    ----------
+    matrix
+        (n_cells, n_genes) CSR or dense matrix.
+    conditions, labels
+        As for :class:`MinibatchLoader`; copied alongside.
+    device
+        Where to keep them.
+    """
+
+    def __init__(self, matrix, conditions: np.ndarray | None, labels: np.ndarray | None, device: torch.device):
+        self.device = device
+        self.sparse = sp.issparse(matrix)
+        if self.sparse:
+            matrix = matrix.tocsr() if matrix.format != "csr" else matrix
+            self.indptr = np.asarray(matrix.indptr, dtype=np.int64)
+            self.indptr_device = torch.from_numpy(self.indptr).to(device)
+            self.indices = torch.from_numpy(np.asarray(matrix.indices, dtype=np.int64)).to(device)
+            self.values = torch.from_numpy(np.asarray(matrix.data, dtype=np.float32)).to(device)
+        else:
+            self.dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)).to(device)
+        self.n_genes = matrix.shape[1]
+        self.conditions = None if conditions is None else torch.from_numpy(conditions).to(device)
+        self.labels = None if labels is None else torch.from_numpy(labels).to(device)
+
+    @staticmethod
+    def nbytes(matrix) -> int:
+        """Device bytes needed for ``matrix`` (values, int64 column indices and row pointers, or dense)."""
+        if sp.issparse(matrix):
+            return 12 * int(matrix.nnz) + 8 * (matrix.shape[0] + 1)
+        return 4 * int(np.prod(matrix.shape))
+
+    def batches(self, order: np.ndarray, batch_size: int, drop_last: bool) -> Iterator[Batch]:
+        """Minibatches of ``order`` (host row numbers), gathered on the device."""
+        order_device = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64)).to(self.device)  # one copy per epoch
+        n_batches = order.size // batch_size if drop_last else -(-order.size // batch_size)
+        for i in range(n_batches):
+            rows, rows_device = order[i * batch_size : (i + 1) * batch_size], order_device[i * batch_size : (i + 1) * batch_size]
+            x = self._rows(rows, rows_device)
+            c = None if self.conditions is None else self.conditions.index_select(0, rows_device)
+            y = None if self.labels is None else self.labels.index_select(0, rows_device)
+            yield Batch(x=x, c=c, index=torch.from_numpy(rows), y=y)
+
+    def _rows(self, rows: np.ndarray, rows_device: torch.Tensor) -> torch.Tensor:
+        """Dense (len(rows), n_genes) float32 rows on the device."""
+        if not self.sparse:
+            return self.dense.index_select(0, rows_device)
+        nnz = int((self.indptr[rows + 1] - self.indptr[rows]).sum())  # from the host's row pointers: no sync
+        starts = self.indptr_device.index_select(0, rows_device)
+        lengths = self.indptr_device.index_select(0, rows_device + 1) - starts
+        which_row = torch.repeat_interleave(torch.arange(rows.size, device=self.device), lengths, output_size=nnz)
+        first_of_row = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=nnz)
+        source = starts.index_select(0, which_row) + torch.arange(nnz, device=self.device) - first_of_row  # (nnz,)
+        x = torch.zeros(rows.size, self.n_genes, device=self.device)
+        x[which_row, self.indices.index_select(0, source)] = self.values.index_select(0, source)
+        return x
+
+
 def row_source(matrix):
     """``matrix`` as a row source: an :class:`~genailab.data.backed.OnDiskMatrix` (anything with
     ``hold``) stays as it is, an in-memory CSR or dense matrix becomes :class:`InMemoryRows`."""
@@ -167,6 +230,7 @@ class MinibatchLoader:
         self.drop_last = drop_last
         self.sparse_counts = sparse_counts
         self.epoch = 0
+        self._on_device: DeviceRows | None = None  # set by preload()
 
     @property
     def matrix(self):
@@ -175,6 +239,17 @@ class MinibatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def preload(self, device: torch.device, *, max_fraction: float = 0.5) -> bool:
+        """Copy an in-memory source to ``device`` when it takes at most ``max_fraction`` of the
+        device's free memory, so batches are then gathered there; returns whether it did. Later
+        batches are then on ``device`` and carry no sparse entries (their use is CPU-only)."""
+        if device.type != "cuda" or not isinstance(self.source, InMemoryRows):
+            return False
+        if DeviceRows.nbytes(self.source.matrix) > max_fraction * torch.cuda.mem_get_info(device)[0]:
+            return False
+        self._on_device = DeviceRows(self.source.matrix, self.conditions, self.labels, device)
+        return True
 
     def __len__(self) -> int:
         n = self.indices.size
@@ -205,6 +280,9 @@ class MinibatchLoader:
         return np.concatenate(reads) if reads else self.indices
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._on_device is not None:
+            yield from self._on_device.batches(self.order(), self.batch_size, self.drop_last)
+            return
         rows_part, x_part, n_part = [], [], 0  # the batch being filled, possibly across two reads
         for rows in self._reads():
             held, position = self.source.hold(rows, self.options.chunk_rows)

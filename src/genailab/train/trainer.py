@@ -155,6 +155,9 @@ class Trainer:
         # the data-dependent defaults (epochs, schedules), from all ranks' training cells
         self.config = self.config.resolved(train_loader.indices.size * self.dist.world_size)
         cfg = self.config
+        for loader in (train_loader, val_loader):  # on a GPU, an in-memory matrix that fits is copied there once
+            if loader is not None and hasattr(loader, "preload"):
+                loader.preload(self.device)
         epochs = range(self.start_epoch, cfg.epochs)
         show = cfg.progress and self.dist.is_main
         bar = tqdm(epochs, desc="training", unit="epoch", disable=None if show else True, leave=False)
