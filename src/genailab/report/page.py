@@ -90,16 +90,21 @@ def _records_table(records: Sequence[Mapping], notes: Mapping[str, str] = _NO_NO
 
 
 def _metrics_table(metrics: Mapping, notes: Mapping[str, str] = _NO_NOTES) -> str:
-    """Scalars as a metric | value | meaning table; a dict of dicts (e.g. per condition) as a
-    groups x metrics table under its own title; other nested dicts recursively."""
+    """Scalars as a metric | value | meaning table (meaning only when a scalar has a note); a dict of
+    dicts (e.g. per condition) as a groups x metrics table under its own title; other nested dicts
+    recursively."""
     scalars = [(k, v) for k, v in metrics.items() if not isinstance(v, Mapping) and not _is_records(v)]
     parts = []
     if scalars:
+        explained = any(k in notes for k, _ in scalars)
         rows = "".join(
-            f"<tr><td>{html.escape(str(k))}</td>{_cell(v, k)}<td class='note'>{html.escape(notes.get(k, ''))}</td></tr>"
+            f"<tr><td>{html.escape(str(k))}</td>{_cell(v, k)}"
+            + (f"<td class='note'>{html.escape(notes.get(k, ''))}</td>" if explained else "")
+            + "</tr>"
             for k, v in scalars
         )
-        parts.append(f"<table><tr><th>metric</th><th>value</th><th>meaning</th></tr>{rows}</table>")
+        meaning = "<th>meaning</th>" if explained else ""
+        parts.append(f"<table><tr><th>metric</th><th>value</th>{meaning}</tr>{rows}</table>")
     for key, value in metrics.items():
         if _is_records(value):
             parts.append(f"<h3>{html.escape(str(key))}</h3>{_records_table(value, notes)}")
