@@ -108,28 +108,32 @@ def run_folder(out: Path, *, overwrite: bool, names: tuple[str, ...] = (), lock:
         yield out
 
 
-def command_line(ctx: click.Context, **replace) -> str:
-    """The shell command that runs ``ctx``'s command again with its options (some replaced)."""
+class KeepsArguments(click.Command):
+    """A command that keeps the arguments it was given (``ctx.meta["genailab.args"]``), so that
+    :func:`resume_command` can repeat them exactly."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["genailab.args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def resume_command(ctx: click.Context, checkpoint: Path) -> str:
+    """The shell command that runs ``ctx``'s command again as given, resuming from ``checkpoint``."""
     names, context = [], ctx
     while context.parent is not None:  # the subcommands' names (the program's own may read "python -m genailab")
         names.insert(0, context.info_name)
         context = context.parent
-    parts = ["genailab", *names]
-    values = {**ctx.params, **replace}
-    for param in ctx.command.params:
-        value = values.get(param.name)
-        if isinstance(param, click.Argument):
-            parts.append(str(value))
+    args, kept = ctx.meta.get("genailab.args", []), []
+    skip = False
+    for arg in args:
+        if skip or arg.startswith("--resume="):
+            skip = False
             continue
-        flag = max(param.opts, key=len)
-        if value is None or value == () or value is False or value == param.default:
+        if arg == "--resume":
+            skip = True
             continue
-        if getattr(param, "is_flag", False):
-            parts.append(flag)
-        else:
-            for item in value if getattr(param, "multiple", False) else (value,):
-                parts += [flag, str(item)]
-    return shlex.join(parts)
+        kept.append(arg)
+    return shlex.join(["genailab", *names, *kept, "--resume", str(checkpoint)])
 
 
 def fit_in_run_folder(model, config, *, out: Path, resume_from: Path | None) -> None:
@@ -145,7 +149,7 @@ def fit_in_run_folder(model, config, *, out: Path, resume_from: Path | None) -> 
         if checkpoint.is_file():
             epoch = load_checkpoint(checkpoint)["epoch"]
             click.echo(f"Interrupted: epoch {epoch} of {config.epochs} is saved in {checkpoint}. Resume with:\n"
-                       f"  {command_line(ctx, resume_from=checkpoint)}", err=True)  # fmt: skip
+                       f"  {resume_command(ctx, checkpoint)}", err=True)  # fmt: skip
         else:
             click.echo("Interrupted before the first epoch finished; there is nothing to resume.", err=True)
         ctx.exit(130)

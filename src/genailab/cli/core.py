@@ -8,6 +8,7 @@ import click
 from genailab.cli import main
 from genailab.cli.common import (
     CHECKPOINT_FILE,
+    KeepsArguments,
     check_output_file,
     fail_cleanly,
     fit_in_run_folder,
@@ -29,7 +30,7 @@ from genailab.data.validation import EMPTY_CELL_ACTIONS
 from genailab.errors import ConfigError
 
 
-@main.command()
+@main.command(cls=KeepsArguments)
 @fail_cleanly
 @click.argument("data", type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
