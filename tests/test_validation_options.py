@@ -241,3 +241,16 @@ def test_a_nan_loss_from_a_huge_beta_blames_beta_not_the_learning_rate(counts, c
     result = CliRunner().invoke(main, ["train", str(counts_file), "--out", str(tmp_path / "run"), "--epochs", "2",
                                        "--beta", "1e38", "--kl-schedule", "constant"])  # fmt: skip
     assert result.exit_code == 1 and "lower --beta" in result.output and "--beta 1e+38" in result.output
+
+
+def test_non_integer_counts_name_layer_and_likelihood_as_options(counts, tmp_path):
+    fractional = counts.copy()
+    fractional.X = fractional.X * 0.5
+    path = tmp_path / "fractional.h5ad"
+    fractional.write_h5ad(path)
+    result = CliRunner().invoke(main, ["train", str(path), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 1, result.output
+    assert "Point --layer at the raw-count layer" in result.output and "--likelihood gaussian" in result.output
+    assert "`layer`" not in result.output and "likelihood='gaussian'" not in result.output
+    with pytest.raises(InputDataError, match=r"Point `layer` at the raw-count layer.*likelihood='gaussian'"):
+        VAE(fractional, likelihood="nb").fit(epochs=1, progress=False)
