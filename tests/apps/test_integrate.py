@@ -7,7 +7,7 @@ import pytest
 
 from genailab import TrainConfig
 from genailab.apps import integrate, integration_scores
-from genailab.apps._anndata import log_normalize
+from genailab.data.preprocess import log_normalize
 from genailab.model.adversary import BATCH_CORRECTION as DEFAULT_ADVERSARY
 from genailab.data.simulate import simulate
 from genailab.errors import ConfigError

@@ -27,16 +27,6 @@ def model_counts(adata: AnnData, model) -> sp.csr_matrix:
     return model.get_expression(adata)
 
 
-def log_normalize(counts, *, target_sum: float = 1e4) -> sp.csr_matrix:
-    """``log1p(counts / total * target_sum)`` per cell, as ``sc.pp.normalize_total`` + ``sc.pp.log1p``."""
-    counts = sp.csr_matrix(counts, dtype=np.float64)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    out = sp.diags(scale) @ counts
-    out.data = np.log1p(out.data)
-    return sp.csr_matrix(out, dtype=np.float32)
-
-
 def record_params(adata: AnnData, key: str, params: Mapping[str, object], **results) -> None:
     """``adata.uns[key] = {'params': params, **results}`` with None values left out (h5ad cannot store None)."""
     adata.uns[key] = {"params": storable_params(params), **results}

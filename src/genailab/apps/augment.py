@@ -10,7 +10,8 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.apps._anndata import log_normalize, model_counts, record_params
+from genailab.apps._anndata import model_counts, record_params
+from genailab.data.preprocess import log_normalize
 from genailab.anndata_models.vae import generated_anndata
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from genailab.apps._anndata import log_normalize, model_counts
+from genailab.apps._anndata import model_counts
+from genailab.data.preprocess import log_normalize
 from genailab.checks import check_number
 from genailab.errors import InputDataError
 from genailab.safe_write import atomic_file

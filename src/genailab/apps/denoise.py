@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from genailab.apps._anndata import model_counts, record_params
+from genailab.data.preprocess import log_normalize
 from genailab.checks import check_library_size, check_number
 from genailab.errors import InputDataError
 
@@ -113,7 +114,7 @@ def denoising_error(
     rows = []
     for scale, rescale in (
         ("counts", lambda m: _per_cell(m, total)),
-        ("log_cp10k", lambda m: np.log1p(_per_cell(m, 1e4))),
+        ("log_cp10k", lambda m: log_normalize(m)),
     ):
         target = rescale(truth_matrix)
         for method, values in methods.items():

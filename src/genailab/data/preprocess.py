@@ -134,3 +134,21 @@ def _select_genes(adata: AnnData, *, n_top_genes: int, counts_layer: str, batch_
     sc.pp.highly_variable_genes(
         adata, flavor="seurat_v3", n_top_genes=n_top_genes, layer=counts_layer, batch_key=batch_key, subset=True
     )
+
+
+def log_normalize(counts, *, target_sum: float = 1e4):
+    """``log1p(counts / total * target_sum)`` per cell, as ``sc.pp.normalize_total`` + ``sc.pp.log1p``.
+
+    The one log-normalisation of the package. ``counts`` is (n_cells, n_genes), sparse or dense;
+    the result is of the same kind (CSR or ndarray), float64; cells with no counts stay 0.
+    """
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts, dtype=np.float64)
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        out = sp.csr_matrix(sp.diags(scale) @ counts)
+        out.data = np.log1p(out.data)
+        return out
+    dense = np.asarray(counts, dtype=np.float64)
+    totals = dense.sum(axis=1, keepdims=True)
+    return np.log1p(np.divide(dense * target_sum, totals, out=np.zeros_like(dense), where=totals > 0))

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from genailab.data import preprocess
 from genailab.data.perturbation_schema import ObsKeys, cell_doses, require_columns
 from genailab.errors import ConfigError, InputDataError
 from genailab.eval import energy_distance
@@ -41,11 +42,9 @@ ALL_CELLS = "all"  # the cell type of every cell when the data have no cell-type
 
 
 def log_normalize(matrix, *, target_sum: float = 1e4) -> np.ndarray:
-    """``log1p(x / total * target_sum)`` per cell as a dense float64 array (cells with no counts stay 0)."""
-    dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    dense = dense.astype(np.float64)
-    totals = dense.sum(1, keepdims=True)
-    return np.log1p(np.divide(dense * target_sum, totals, out=np.zeros_like(dense), where=totals > 0))
+    """:func:`genailab.data.preprocess.log_normalize` as a dense float64 array, for population metrics."""
+    values = preprocess.log_normalize(matrix, target_sum=target_sum)
+    return values.toarray() if sp.issparse(values) else values
 
 
 def r2_score(true: np.ndarray, predicted: np.ndarray, *, weights: np.ndarray | None = None) -> float:

@@ -21,6 +21,7 @@ from anndata import AnnData
 
 from genailab.errors import ConfigError, InputDataError
 from genailab.anndata_models.base import seeded
+from genailab.data.preprocess import log_normalize
 from genailab.anndata_models.vae import generated_anndata
 from genailab.report._model_inputs import heldout_cells, observed
 from genailab.eval.de import top_k_overlap
@@ -138,13 +139,9 @@ def posterior_predictive_check(
 
 
 def _log_normalised(model, matrix):
-    """log1p of counts scaled to 1e4 per cell (count models); Gaussian values are used as they are."""
-    if not model.config.is_count_model:
-        return matrix
-    matrix = sp.csr_matrix(matrix, dtype=np.float64)
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
-    scaled = sp.diags(_NORMALISED_TOTAL / np.maximum(totals, 1)) @ matrix
-    return scaled.log1p()
+    """Log-normalised counts (count models, :func:`~genailab.data.preprocess.log_normalize`); Gaussian
+    values are used as they are."""
+    return log_normalize(matrix, target_sum=_NORMALISED_TOTAL) if model.config.is_count_model else matrix
 
 
 def _fidelity(model, real, generated, *, n_comps: int, seed: int) -> dict[str, float]:
