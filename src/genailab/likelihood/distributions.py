@@ -49,24 +49,24 @@ def log_zinb(
     eps: float = 1e-8,
     include_constant: bool = True,
 ) -> torch.Tensor:
-    """Elementwise log ZINB(x; mu, theta, pi = sigmoid(zi_logits)), arguments as in :func:`log_nb`.
+    """Elementwise log ZINB(x; mu, theta, pi = sigmoid(zi_logits)), arguments as in :func:`log_nb`:
+    :func:`log_zero_inflated` around :func:`log_nb`. ``zi_logits`` is broadcastable with ``x``."""
+    log_base = log_nb(x, mu, theta, eps=eps, include_constant=include_constant)
+    return log_zero_inflated(x.to(log_base.dtype), log_base, zi_logits)
 
-    Zeros: log(pi + (1 - pi) NB(0)); positives: log(1 - pi) + log NB(x); both via softplus, so
-    ``zi_logits`` (broadcastable with ``x``) may be of any size.
+
+def log_zero_inflated(x: torch.Tensor, log_base: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """The zero-inflation formula of the package: log of ``pi 1[x = 0] + (1 - pi) p_base(x)``.
+
+    ``log_base`` is the base distribution's log-probability at ``x`` and ``pi = sigmoid(gate_logits)``.
+    Zeros: log(pi + (1 - pi) p_base(0)) = logaddexp(log pi, log(1 - pi) + log p_base(0)); positive
+    counts: log(1 - pi) + log p_base(x); log pi and log(1 - pi) via softplus, exact at any logit.
+    (The fused training path, :func:`genailab.likelihood.fused_nll.count_nll`, evaluates the same
+    expression in place together with its derivatives.)
     """
-    x = x.to(torch.result_type(mu, theta))
-    log1p_ratio = torch.log1p(mu / theta)
-    log_nb_zero = -theta * log1p_ratio
-    minus_log_pi = F.softplus(-zi_logits)
-    case_zero = F.softplus(log_nb_zero - zi_logits) - minus_log_pi  # log(pi + (1 - pi) NB(0))
-    log_one_minus_pi = -minus_log_pi - zi_logits  # softplus(z) = softplus(-z) + z
-    case_positive = (
-        log_one_minus_pi
-        + log_nb_zero
-        + x * (torch.log(mu + eps) - log1p_ratio)
-        + count_terms(x, theta, include_constant)
-    )
-    return torch.where(x == 0, case_zero, case_positive)
+    log_keep = -F.softplus(gate_logits)  # log(1 - pi)
+    log_gate = -F.softplus(-gate_logits)  # log(pi)
+    return torch.where(x == 0, torch.logaddexp(log_gate, log_keep + log_base), log_keep + log_base)
 
 
 def _log_rising(x: torch.Tensor, theta: torch.Tensor, lgamma_theta: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -229,10 +229,7 @@ class ZeroInflatedDistribution(Distribution):
         return torch.sigmoid(-self.gate_logits) * (self.base.variance + self.gate * self.base.mean.pow(2))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        log_keep = -F.softplus(self.gate_logits)  # log(1 - pi)
-        log_gate = -F.softplus(-self.gate_logits)  # log(pi)
-        log_base = self.base.log_prob(value)
-        return torch.where(value == 0, torch.logaddexp(log_gate, log_keep + log_base), log_keep + log_base)
+        return log_zero_inflated(value, self.base.log_prob(value), self.gate_logits)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
