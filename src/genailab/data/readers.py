@@ -172,12 +172,19 @@ def _read_10x_folder(folder: Path) -> AnnData:
 
 
 def _read_loom(path: Path) -> AnnData:
+    """A .loom file with its cell and gene names: the loom convention's ``CellID``/``Gene``
+    attributes, or the ``obs_names``/``var_names`` that anndata's ``write_loom`` uses."""
     import anndata
 
     try:
-        return anndata.read_loom(path)
+        import loompy
     except ImportError as err:
         raise ImportError(f"reading {path.name} needs the loompy package: pip install loompy ({err}).") from err
+    with loompy.connect(str(path), mode="r") as connection:
+        cell_attrs, gene_attrs = set(connection.ca.keys()), set(connection.ra.keys())
+    obs_names = next((name for name in ("CellID", "obs_names") if name in cell_attrs), None)
+    var_names = next((name for name in ("Gene", "var_names") if name in gene_attrs), None)
+    return anndata.read_loom(path, obs_names=obs_names, var_names=var_names)
 
 
 def _leading_comment_lines(path: Path) -> int:
