@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +10,11 @@ from anndata import AnnData
 from sklearn.metrics import r2_score as sklearn_r2
 
 from genailab.errors import SchemaMismatchError
-from genailab.perturb import AdditiveShift, NoChange, ObsKeys, log_normalize, perturbation_metrics, r2_score
+from genailab.perturb import (
+    AdditiveShift, MatchingMean, NoChange, ObsKeys, Oracle, PerturbedMean, RidgeCovariates, log_normalize,
+    perturbation_metrics, r2_score,
+)  # fmt: skip
+from genailab.perturb.baselines import combined_shift, drug_shift
 
 KEYS = ObsKeys()
 
@@ -33,19 +38,65 @@ def _hand_adata() -> AnnData:
 def test_additive_baseline_is_control_plus_the_drug_shift_by_hand():
     adata = _hand_adata()
     baseline = AdditiveShift().fit(adata, keys=KEYS)
-    control_a = adata[[0, 1]]
-    # shift of x at dose 1: mean over types A and B of (treated mean - control mean), in log1p(counts)
-    shift_x = ((np.log1p([9000, 1000]) - np.log1p([5000, 5000])) + (np.log1p([4000, 6000]) - np.log1p([2000, 8000]))) / 2
-    shift_y = np.log1p([6000, 4000]) - np.log1p([5000, 5000])  # only seen in type A
-    np.testing.assert_allclose(baseline.predict(control_a, drug="x", dose=1.0), np.log1p([[5000, 5000]] * 2) + shift_x)
-    # a combination adds the shifts; an unseen dose reads the nearest seen dose (3 is nearer 1 than 10 in log)
+    control_a, control_b = adata[[0, 1]], adata[[4]]
+    log = np.log1p
+    # type A saw x and y at dose 1: its own shifts are used
+    shift_x_a = log([9000, 1000]) - log([5000, 5000])
+    shift_y_a = log([6000, 4000]) - log([5000, 5000])
+    np.testing.assert_allclose(baseline.predict(control_a, drug="x", dose=1.0), log([[5000, 5000]] * 2) + shift_x_a)
     np.testing.assert_allclose(
-        baseline.predict(control_a, drug="x+y", dose=3.0), np.log1p([[5000, 5000]] * 2) + shift_x + shift_y
+        baseline.predict(control_a, drug="x+y", dose=1.0), log([[5000, 5000]] * 2) + shift_x_a + shift_y_a
     )
-    shift_x10 = np.log1p([7000, 3000]) - np.log1p([2000, 8000])
-    np.testing.assert_allclose(baseline.predict(control_a, drug="x", dose=8.0), np.log1p([[5000, 5000]] * 2) + shift_x10)
+    # type B never saw y: the average over the types that did (only A)
+    np.testing.assert_allclose(baseline.predict(control_b, drug="y", dose=1.0), log([[2000, 8000]]) + shift_y_a)
+    # type B saw x at 1 and 10: dose 3 is interpolated in log dose, weight log(3) / log(10) on dose 10
+    shift_1, shift_10 = log([4000, 6000]) - log([2000, 8000]), log([7000, 3000]) - log([2000, 8000])
+    w = np.log(3.0) / np.log(10.0)
+    np.testing.assert_allclose(baseline.predict(control_b, drug="x", dose=3.0),
+                               log([[2000, 8000]]) + (1 - w) * shift_1 + w * shift_10)  # fmt: skip
+    # outside the seen doses the nearest end is kept
+    np.testing.assert_allclose(baseline.predict(control_b, drug="x", dose=100.0), log([[2000, 8000]]) + shift_10)
+    np.testing.assert_allclose(baseline.predict(control_b, drug="x", dose=0.01), log([[2000, 8000]]) + shift_1)
     with pytest.raises(SchemaMismatchError, match="never seen"):
         baseline.predict(control_a, drug="z", dose=1.0)
+
+
+def test_log_dose_interpolation_between_seen_doses():
+    a, b = np.array([1.0, -2.0]), np.array([3.0, 4.0])
+    table = {("d", 0.1): a, ("d", 10.0): b}
+    # dose 1 is halfway between 0.1 and 10 in log dose (the old nearest-dose rule returned a)
+    np.testing.assert_allclose(combined_shift(table, "d", 1.0, KEYS), (a + b) / 2)
+    np.testing.assert_allclose(drug_shift(table, "d", 10 ** -0.5), 0.75 * a + 0.25 * b)
+    np.testing.assert_allclose(drug_shift(table, "d", 0.0), [0.0, 0.0])
+    np.testing.assert_allclose(combined_shift({**table, ("e", 1.0): a}, "d+e", 1.0, KEYS), (a + b) / 2 + a)
+
+
+def test_perturbed_mean_matching_mean_and_ridge_pair_terms_by_hand():
+    adata = _hand_adata()
+    log = np.log1p
+    control_a = adata[[0, 1]]
+    # perturbed mean of type A: mean of its three treated cells minus its control mean, whatever the drug
+    shift = np.mean(log([[9000, 1000], [6000, 4000]]), axis=0) - log([5000, 5000])
+    predicted = PerturbedMean().fit(adata, keys=KEYS).predict(control_a, drug="y", dose=5.0)
+    np.testing.assert_allclose(predicted, log([[5000, 5000]] * 2) + shift)
+    matching = MatchingMean().fit(adata, keys=KEYS).predict(control_a, drug="x+y", dose=1.0)
+    shift_x, shift_y = log([9000, 1000]) - log([5000, 5000]), log([6000, 4000]) - log([5000, 5000])
+    np.testing.assert_allclose(matching, log([[5000, 5000]] * 2) + (shift_x + shift_y) / 2)
+    # with a pair in training, ridge has one indicator for it; an unseen pair leaves it at 0
+    rows = _hand_adata()
+    pair = AnnData(X=np.array([[8000, 2000]], dtype=np.float32),
+                   obs=pd.DataFrame({"cell_type": ["A"], "drug": ["x+y"], "dose": [1.0]}, index=["p"]))  # fmt: skip
+    ridge = RidgeCovariates().fit(anndata.concat([rows, pair]), keys=KEYS)
+    assert ridge.pairs == ["x+y"]
+    features = ridge._features("A", "x+y", 1.0)
+    assert features[-1] == 1.0 and ridge._features("A", "x", 1.0)[-1] == 0.0
+
+
+def test_oracle_scores_the_generator_truth():
+    adata = _hand_adata()
+    truth = lambda control, *, drug, dose, seed: np.asarray(control.X) * 2.0  # noqa: E731
+    oracle = Oracle(truth).fit(adata, keys=KEYS)
+    np.testing.assert_allclose(oracle.predict(adata[[0]], drug="x", dose=1.0), log_normalize(np.asarray(adata.X[[0]])))
 
 
 def test_no_change_predicts_the_control_cells():

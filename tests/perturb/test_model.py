@@ -8,12 +8,23 @@ import torch
 
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.config import ModelConfig
-from genailab.model.perturbation import DoseResponse, PerturbationConfig, PerturbationVAE
+from genailab.model.perturbation import (
+    DoseResponse, GeneDoseResponse, PerturbationConfig, PerturbationVAE, shift_counts,
+)  # fmt: skip
 
 
 def _model(**options) -> PerturbationVAE:
     vae = ModelConfig(input_dim=30, latent_dim=4, hidden_dims=(16,), likelihood="nb", inject_condition="none")
     return PerturbationVAE(PerturbationConfig(vae=vae, n_drugs=3, covariate_sizes=(2,), **options))
+
+
+#                 drug codes    doses       cell type
+CONDITIONS = torch.tensor([
+    [-1, -1, 0.0, 0.0, 1],   # control
+    [0, -1, 2.0, 0.0, 1],    # drug 0
+    [2, -1, 2.0, 0.0, 1],    # drug 2
+    [0, 2, 2.0, 2.0, 1],     # drug 0 + drug 2
+])  # fmt: skip
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -34,22 +45,15 @@ def test_dose_response_is_monotone_for_random_parameters(seed):
 
 def test_combination_adds_the_drug_terms():
     torch.manual_seed(0)
-    model = _model()
-    #           drug codes    doses       cell type
-    c = torch.tensor([
-        [-1, -1, 0.0, 0.0, 1],   # control
-        [0, -1, 2.0, 0.0, 1],    # drug 0
-        [2, -1, 2.0, 0.0, 1],    # drug 2
-        [0, 2, 2.0, 2.0, 1],     # drug 0 + drug 2
-    ])  # fmt: skip
-    control, a, b, both = model.perturbation_shift(c)
+    model = _model(response="latent")
+    control, a, b, both = model.perturbation_shift(CONDITIONS)
     torch.testing.assert_close(both - control, (a - control) + (b - control))
     assert not torch.allclose(a, control)
 
 
 def test_loss_returns_the_basal_latent_and_trains_drug_parameters():
     torch.manual_seed(0)
-    model = _model()
+    model = _model(response="latent")
     x = torch.poisson(torch.full((8, 30), 3.0))
     c = torch.tensor([[1, -1, 1.0, 0.0, 0]] * 8, dtype=torch.float32)
     out = model.loss(x, c)
@@ -67,11 +71,101 @@ def test_wrong_condition_width_is_refused():
 
 
 def test_config_round_trip_and_checks():
-    config = _model(max_drugs=3, dose_scale=2.5).config
+    config = _model(max_drugs=3, dose_scale=2.5, interaction_rank=3, per_gene_dose=True).config
     assert PerturbationConfig.from_dict(config.to_dict()) == config
+    saved_before = {k: v for k, v in config.to_dict().items()
+                    if k not in ("response", "interaction_rank", "interaction_l2", "per_gene_dose")}  # fmt: skip
+    assert PerturbationConfig.from_dict(saved_before).response == "latent"  # older files hold CPA models
+    with pytest.raises(ConfigError, match="response"):
+        _model(response="genes")
     vae = ModelConfig(input_dim=30, condition_dim=2)
     with pytest.raises(ConfigError, match="unconditional"):
         PerturbationConfig(vae=vae, n_drugs=1)
     with pytest.raises(ConfigError, match="dose_scale"):
         PerturbationConfig(vae=ModelConfig(input_dim=30), n_drugs=1, dose_scale=0.0)
     assert np.isclose(_model().config.condition_dim, 2 * 2 + 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gene_dose_response_is_monotone_in_dose_for_every_gene(seed):
+    torch.manual_seed(seed)
+    response = GeneDoseResponse(2, 7, dose_scale=1.0, per_gene=True)
+    with torch.no_grad():
+        response.slope_logit.normal_(0.0, 0.3)
+        response.shift.normal_(0.0, 0.3)
+        response.gene_shift.normal_(0.0, 0.1)
+    doses = torch.cat([torch.zeros(1), 10 ** torch.linspace(-6, 4, 300)]).reshape(-1, 1)
+    for drug in range(2):
+        levels = response(torch.full_like(doses, drug, dtype=torch.long), doses)[:, 0, :]  # (n_doses, G)
+        assert torch.all(levels[0] == 0) and torch.all(levels.diff(dim=0) >= 0)
+
+
+def test_gene_response_adds_drug_terms_and_is_zero_for_controls():
+    torch.manual_seed(0)
+    model = _model(interaction_rank=2)
+    with torch.no_grad():
+        for p in model.gene_response.parameters():
+            p.normal_()
+    control, a, b, both = model.gene_shift(CONDITIONS)
+    assert torch.all(control == 0)
+    torch.testing.assert_close(both, a + b)
+    # the same drug acts differently in the other cell type through the interaction term
+    other = CONDITIONS.clone()
+    other[:, -1] = 0
+    assert not torch.allclose(model.gene_shift(other)[1], a)
+    assert _model(interaction_rank=0).gene_response.type_factor is None
+
+
+def test_encoder_sees_the_cell_with_its_drug_effect_divided_out():
+    torch.manual_seed(0)
+    model = _model().eval()
+    with torch.no_grad():
+        model.gene_response.effect.normal_(0.0, 0.1)
+    x = torch.poisson(torch.full((4, 30), 4.0))
+    delta = model.gene_shift(CONDITIONS)
+    torch.testing.assert_close(model.encode(x, CONDITIONS)[0], model.vae.encode(x * torch.exp(-delta))[0])
+    torch.testing.assert_close(model.encode(x[:1], CONDITIONS[:1])[0], model.encode(x[:1])[0])  # control: as is
+
+
+def test_gene_response_loss_trains_effects_and_decode_shifts_the_logits():
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.poisson(torch.full((4, 30), 3.0))
+    out = model.loss(x, CONDITIONS)
+    out.loss.backward()
+    grad = model.gene_response.effect.grad
+    assert grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0 and grad[1].abs().sum() == 0  # drug 1 not given
+    model.eval()
+    with torch.no_grad():
+        model.gene_response.effect[0, 3] = 0.1  # x10 scale: log fold change 1 on gene 3 at full level
+        z = torch.zeros(4, 4)
+        library = torch.full((4, 1), 100.0)
+        mean = model.decode(z, CONDITIONS, library).mean
+        level = model.gene_response.dose_response(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 2.0))[0, 0, 0]
+        ratio = (mean[1] / mean[0]) / (mean[1] / mean[0]).sum() * (mean[0] / mean[0]).sum()
+    log_ratio = torch.log(mean[1] / mean[0])
+    assert torch.allclose(log_ratio[3] - log_ratio[4], level, atol=1e-5)  # softmax: gene 3 gains exactly Delta
+    assert ratio.shape == (30,)
+
+
+def test_shift_counts_has_the_expected_mean():
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((4000, 3), 5.0))
+    ratio = torch.tensor([0.3, 1.0, 2.5]).expand(4000, 3)
+    moved = shift_counts(counts, ratio, torch.full_like(counts, 5.0))
+    torch.testing.assert_close(moved.mean(0), torch.tensor([1.5, counts[:, 1].mean(), 12.5]), rtol=0.03, atol=0)
+    assert torch.equal(moved[:, 1], counts[:, 1])  # ratio 1 changes nothing
+    assert (moved[:, 0] <= counts[:, 0]).all() and (moved[:, 2] >= counts[:, 2]).all()
+
+
+def test_counterfactual_counts_of_a_control_under_no_drug_are_its_own_counts():
+    torch.manual_seed(0)
+    model = _model().eval()
+    with torch.no_grad():
+        model.gene_response.effect.normal_(0.0, 0.1)
+    x = torch.poisson(torch.full((4, 30), 4.0))
+    control = model.without_drugs(CONDITIONS)
+    assert torch.all(control[:, :2] == -1) and torch.all(control[:, 2:4] == 0) and torch.all(control[:, 4] == 1)
+    torch.testing.assert_close(model.counterfactual_counts(x, control), x)
+    moved = model.counterfactual_counts(x, CONDITIONS)
+    assert torch.equal(moved[0], x[0]) and not torch.equal(moved[1], x[1])

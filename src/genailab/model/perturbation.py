@@ -1,16 +1,29 @@
-"""The tensor model: a basal latent plus learned drug and covariate shifts (after CPA).
+"""The tensor model: a basal latent, and drugs that act on it or directly on the genes.
 
-For a cell with expression x, drugs d_1..d_K at doses s_1..s_K and covariates k_1..k_J:
+For a cell with expression x, drugs d_1..d_K at doses s_1..s_K and covariates k_1..k_J (cell type
+first), ``q(z_basal | x)`` is the encoder of an unconditional VAE and ``p(x | .)`` a decoder head
+('nb', 'zinb' or 'gaussian'). Two ways for the drugs to act (``PerturbationConfig.response``):
 
-    q(z_basal | x) = N(mu(x), sigma^2(x))                 encoder of an unconditional VAE
-    z = z_basal + sum_i f_{d_i}(s_i) e_{d_i} + sum_j e_{k_j}
-    p(x | z)                                               decoder head: 'nb', 'zinb' or 'gaussian'
+``"gene"`` (the default): the change from the cell's own basal state, gene by gene,
 
-with learned drug embeddings e_d, covariate embeddings e_k and a Hill-type dose response f_d
-(:class:`DoseResponse`, monotone in dose by construction). Combinations add their drugs' terms.
+    logits = decoder(z_basal + sum_j e_{k_j}) + Delta(c),
+    Delta(c)_g = sum_i f_{d_i g}(s_i) * (a_{d_i g} + u_k . V_{d_i, :, g})
+
+where ``logits`` are the decoder's log expression proportions (log mean for the Gaussian). Each
+drug has a sparse-able per-gene effect a_d (the additive baseline's shift, learned in count space
+and pooled over doses and cell types), a per-gene Hill dose response f_{dg} (monotone in dose by
+construction, :class:`GeneDoseResponse`), and a rank-r interaction of a cell-type embedding u_k
+with drug factors V_d, so that a drug's effect may depend on the cell type (L2-penalised, so a
+cell type that never saw a drug gets the average effect). Combinations add their drugs' terms.
+The encoder sees the cell with its modelled drug effect divided out (x * exp(-Delta), Delta not
+differentiated through there), so z_basal needs no drug information.
+
+``"latent"`` (CPA, Lotfollahi et al., Mol. Syst. Biol. 2023; models saved before ``response``
+existed): ``z = z_basal + sum_i f_{d_i}(s_i) e_{d_i} + sum_j e_{k_j}`` decoded as a whole, with
+drug embeddings e_d and a per-drug Hill curve (:class:`DoseResponse`).
+
 An adversary on z_basal (owned by the trainer, labels = drug label) keeps drug information out of
-the basal latent, so that a counterfactual swaps only the drug part of z (Lotfollahi et al., Mol.
-Syst. Biol. 2023).
+the basal latent, so that a counterfactual swaps only the drug part.
 """
 
 from __future__ import annotations
@@ -24,11 +37,19 @@ from torch import nn
 from torch.distributions import Distribution
 
 from genailab.errors import ConfigError, InputDataError
+from genailab.likelihood.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from genailab.likelihood.fused_nll import count_nll
+from genailab.likelihood.sparse_counts import SparseCounts
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE, LossOutput, gaussian_kl
-from genailab.likelihood.sparse_counts import SparseCounts
 
 _TINY_DOSE = 1e-12  # doses are clamped here before the log; dose 0 itself is handled exactly
+RESPONSES = ("gene", "latent")
+_TINY_MEAN = 1e-12  # floor of an expected count in the denominator of a fold change
+# The gene response is stored divided by this factor: Adam moves each parameter by about lr per
+# step whatever its gradient's scale, and log fold changes of 2-3 must be reachable in a few
+# hundred steps at lr 1e-3.
+_RESPONSE_SCALE = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,10 @@ class PerturbationConfig:
     max_drugs: int = 2  # drug slots per cell: combinations of up to this many drugs
     covariate_sizes: tuple[int, ...] = ()  # categories of each covariate (cell type first)
     dose_scale: float = 1.0  # s_0 of the dose response: b_d = 0 puts a drug's half-maximal dose at s_0
+    response: str = "gene"  # "gene": per-gene change from the basal state; "latent": CPA's latent shift
+    interaction_rank: int = 2  # rank of the cell type x drug interaction of the gene response (0: none)
+    interaction_l2: float = 1e-3  # L2 weight on its factors: unseen cell types fall back to the average
+    per_gene_dose: bool = False  # each gene its own half-maximal dose (else one curve per drug)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "covariate_sizes", tuple(int(k) for k in self.covariate_sizes))
@@ -51,6 +76,10 @@ class PerturbationConfig:
             raise ConfigError(f"dose_scale must be positive, got {self.dose_scale}.")
         if any(k < 1 for k in self.covariate_sizes):
             raise ConfigError(f"covariate_sizes must be positive, got {self.covariate_sizes}.")
+        if self.response not in RESPONSES:
+            raise ConfigError(f"response={self.response!r} is not one of {RESPONSES}.")
+        if self.interaction_rank < 0 or self.interaction_l2 < 0:
+            raise ConfigError("interaction_rank and interaction_l2 must be >= 0.")
 
     @property
     def condition_dim(self) -> int:
@@ -64,11 +93,17 @@ class PerturbationConfig:
             "max_drugs": self.max_drugs,
             "covariate_sizes": list(self.covariate_sizes),
             "dose_scale": self.dose_scale,
+            "response": self.response,
+            "interaction_rank": self.interaction_rank,
+            "interaction_l2": self.interaction_l2,
+            "per_gene_dose": self.per_gene_dose,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> PerturbationConfig:
+        """Rebuild from :meth:`to_dict`; descriptions saved before ``response`` existed are CPA models."""
         data = dict(data)
+        data.setdefault("response", "latent")
         return cls(vae=ModelConfig.from_dict(data.pop("vae")), **data)
 
 
@@ -92,8 +127,69 @@ class DoseResponse(nn.Module):
         return torch.where(doses > 0, level, torch.zeros_like(level))
 
 
+class GeneDoseResponse(nn.Module):
+    """f_{dg}(s) = sigmoid(softplus(a_d) * log(s / s_0) + b_d + b_{dg}) for s > 0, f_{dg}(0) = 0.
+
+    The curve of :class:`DoseResponse` with a per-gene shift of the half-maximal dose (b_{dg},
+    zero when ``per_gene`` is False): non-decreasing in s for every gene and parameter value.
+    Parameters are stored divided by :data:`_RESPONSE_SCALE`; at the start every drug has Hill
+    coefficient 1 and half-maximal dose s_0. ``forward(drugs, doses)`` maps (B, K) codes and
+    doses to (B, K, G) levels in [0, 1).
+    """
+
+    def __init__(self, n_drugs: int, n_genes: int, dose_scale: float, *, per_gene: bool):
+        super().__init__()
+        self.slope_logit = nn.Parameter(torch.full((n_drugs,), math.log(math.e - 1) / _RESPONSE_SCALE))
+        self.shift = nn.Parameter(torch.zeros(n_drugs))
+        self.gene_shift = nn.Parameter(torch.zeros(n_drugs, n_genes)) if per_gene else None
+        self.dose_scale = dose_scale
+
+    def forward(self, drugs: torch.Tensor, doses: torch.Tensor) -> torch.Tensor:
+        log_dose = torch.log(doses.clamp_min(_TINY_DOSE) / self.dose_scale)  # (B, K)
+        slope = F.softplus(_RESPONSE_SCALE * self.slope_logit[drugs])  # (B, K)
+        logit = (slope * log_dose + _RESPONSE_SCALE * self.shift[drugs]).unsqueeze(-1)  # (B, K, 1)
+        if self.gene_shift is not None:
+            logit = logit + _RESPONSE_SCALE * self.gene_shift[drugs]  # (B, K, G)
+        level = torch.sigmoid(logit)
+        return torch.where((doses > 0).unsqueeze(-1), level, torch.zeros_like(level))
+
+
+class GeneResponse(nn.Module):
+    """Delta(c)_g = sum_i f_{d_i g}(s_i) * (a_{d_i g} + u_k . V_{d_i, :, g}): (B, K) drugs -> (B, G).
+
+    a (n_drugs, G) starts at zero (the model starts as "no change"); u (cell types, r) and V
+    (n_drugs, r, G) are the low-rank cell type x drug interaction, absent when the rank is 0 or
+    there is no cell-type covariate. a and V are stored divided by :data:`_RESPONSE_SCALE`.
+    """
+
+    def __init__(self, config: PerturbationConfig):
+        super().__init__()
+        n_genes, rank = config.vae.input_dim, config.interaction_rank
+        self.effect = nn.Parameter(torch.zeros(config.n_drugs, n_genes))
+        self.dose_response = GeneDoseResponse(config.n_drugs, n_genes, config.dose_scale, per_gene=config.per_gene_dose)
+        has_types = rank > 0 and len(config.covariate_sizes) > 0
+        self.type_factor = nn.Parameter(0.1 * torch.randn(config.covariate_sizes[0], rank)) if has_types else None
+        self.drug_factor = nn.Parameter(torch.zeros(config.n_drugs, rank, n_genes)) if has_types else None
+
+    def forward(self, drugs: torch.Tensor, doses: torch.Tensor, cell_type: torch.Tensor | None) -> torch.Tensor:
+        present = (drugs >= 0).unsqueeze(-1)  # (B, K, 1)
+        safe = drugs.clamp_min(0)  # empty slots read drug 0, then get weight 0
+        effect = _RESPONSE_SCALE * self.effect[safe]  # (B, K, G)
+        if self.type_factor is not None and cell_type is not None:
+            u = self.type_factor[cell_type]  # (B, r)
+            effect = effect + _RESPONSE_SCALE * torch.einsum("br,bkrg->bkg", u, self.drug_factor[safe])
+        level = self.dose_response(safe, doses) * present  # (B, K, G)
+        return (level * effect).sum(1)  # (B, G)
+
+    def penalty(self) -> torch.Tensor:
+        """Sum of squares of the interaction factors u and V (as used), 0 without them."""
+        if self.type_factor is None:
+            return self.effect.new_zeros(())
+        return self.type_factor.square().sum() + (_RESPONSE_SCALE * self.drug_factor).square().sum()
+
+
 class PerturbationVAE(nn.Module):
-    """Basal encoder, drug/dose/covariate shifts in latent space, likelihood decoder.
+    """Basal encoder, drug/dose/covariate terms, likelihood decoder (see the module docstring).
 
     ``c`` is (B, 2 K + J) float: K drug codes (-1 for an empty slot), K doses, J covariate codes;
     see :mod:`genailab.data.perturbation_schema`.
@@ -104,9 +200,17 @@ class PerturbationVAE(nn.Module):
         self.config = config
         latent = config.vae.latent_dim
         self.vae = ConditionalVAE(config.vae)
-        self.drug_embedding = nn.Embedding(config.n_drugs, latent)
-        self.dose_response = DoseResponse(config.n_drugs, config.dose_scale)
+        if config.response == "latent":
+            self.drug_embedding = nn.Embedding(config.n_drugs, latent)
+            self.dose_response = DoseResponse(config.n_drugs, config.dose_scale)
+        else:
+            self.gene_response = GeneResponse(config)
         self.covariate_embeddings = nn.ModuleList(nn.Embedding(k, latent) for k in config.covariate_sizes)
+
+    @property
+    def default_library(self) -> torch.Tensor:
+        """The decoder's library size for cells without one (a buffer; set from the training data)."""
+        return self.vae.default_library
 
     def split_conditions(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Drug codes (B, K) long, doses (B, K), covariate codes (B, J) long."""
@@ -117,23 +221,93 @@ class PerturbationVAE(nn.Module):
         return c[:, :k].long(), c[:, k : 2 * k], c[:, 2 * k :].long()
 
     def perturbation_shift(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i f_{d_i}(s_i) e_{d_i} + sum_j e_{k_j}: (B, 2K + J) -> (B, L)."""
+        """Latent shift (B, L): sum_j e_{k_j}, plus sum_i f_{d_i}(s_i) e_{d_i} for ``"latent"``."""
         drugs, doses, covariates = self.split_conditions(c)
-        present = drugs >= 0
-        safe = drugs.clamp_min(0)  # empty slots read drug 0, then get weight 0
-        weight = self.dose_response(safe, doses) * present  # (B, K)
-        shift = (weight.unsqueeze(-1) * self.drug_embedding(safe)).sum(1)  # (B, L)
+        shift = torch.zeros(c.shape[0], self.config.vae.latent_dim, device=c.device)
+        if self.config.response == "latent":
+            present = drugs >= 0
+            safe = drugs.clamp_min(0)  # empty slots read drug 0, then get weight 0
+            weight = self.dose_response(safe, doses) * present  # (B, K)
+            shift = shift + (weight.unsqueeze(-1) * self.drug_embedding(safe)).sum(1)  # (B, L)
         for j, embedding in enumerate(self.covariate_embeddings):
             shift = shift + embedding(covariates[:, j])
         return shift
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z_basal | x): (mean, variance), each (B, L). The encoder never sees the drug."""
+    def gene_shift(self, c: torch.Tensor) -> torch.Tensor | None:
+        """Delta(c) (B, G) added to the decoder's logits for ``"gene"``; None for ``"latent"``."""
+        if self.config.response == "latent":
+            return None
+        drugs, doses, covariates = self.split_conditions(c)
+        cell_type = covariates[:, 0] if covariates.shape[1] else None
+        return self.gene_response(drugs, doses, cell_type)
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_basal | x): (mean, variance), each (B, L). The encoder never sees the drug; with ``c``
+        (``"gene"`` response) it sees x with the modelled drug effect divided out."""
+        delta = None if c is None else self.gene_shift(c)
+        if delta is not None:
+            delta = delta.detach()
+            x = x * torch.exp(-delta) if self.config.vae.is_count_model else x - delta
         return self.vae.encode(x)
 
     def decode(self, z_basal: torch.Tensor, c: torch.Tensor, library: torch.Tensor | None = None) -> Distribution:
-        """p(x | z_basal + shift(c)) with batch shape (B, G); ``library`` (B, 1) scales count means."""
-        return self.vae.decode(z_basal + self.perturbation_shift(c), None, library)
+        """p(x | z_basal, c) with batch shape (B, G); ``library`` (B, 1) scales count means."""
+        z = z_basal + self.perturbation_shift(c)
+        delta = self.gene_shift(c)
+        if delta is None:
+            return self.vae.decode(z, None, library)
+        hidden, library = self.vae._decoder_hidden(z, None, library)
+        head = self.vae.head
+        if not self.config.vae.is_count_model:
+            return torch.distributions.Normal(head.mean(hidden) + delta, torch.exp(0.5 * head.log_variance(hidden, None)))
+        rate = library * torch.softmax(head.scale(hidden) + delta, dim=-1)  # (B, G)
+        theta = torch.exp(head.log_theta(hidden, None))
+        zi_logits = head._zi_logits(hidden)
+        if zi_logits is None:
+            return NegativeBinomial(rate, theta, validate_args=False)
+        return ZeroInflatedNegativeBinomial(rate, theta, zi_logits, validate_args=False)
+
+    def without_drugs(self, c: torch.Tensor) -> torch.Tensor:
+        """The same conditions with every drug slot emptied and doses 0 (covariates kept), (B, 2K + J)."""
+        k = self.config.max_drugs
+        control = c.clone()
+        control[:, :k] = -1.0
+        control[:, k : 2 * k] = 0.0
+        return control
+
+    @torch.no_grad()
+    def counterfactual_counts(
+        self, x: torch.Tensor, c: torch.Tensor, library: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Counts of the control cells x (B, G) moved by the model's fold change under c, (B, G).
+
+        The fold change is E[x | z_basal, c] / E[x | z_basal, no drug] per cell and gene; the
+        cell's own counts are thinned where it is below 1 and topped up with Poisson counts of
+        mean (ratio - 1) E[x | z_basal, no drug] where it is above (:func:`shift_counts`). The
+        model's reconstruction error cancels in the ratio and the cell keeps its real noise,
+        which makes these the counts to log-normalise when predictions are compared with data.
+        Count models only.
+        """
+        if not self.config.vae.is_count_model:
+            raise ConfigError("counterfactual_counts needs a count likelihood ('nb' or 'zinb').")
+        z_basal, _ = self.encode(x)
+        if library is None:
+            library = x.sum(dim=1, keepdim=True)
+        treated = self.decode(z_basal, c, library).mean
+        basal = self.decode(z_basal, self.without_drugs(c), library).mean
+        return shift_counts(x, treated / basal.clamp_min(_TINY_MEAN), basal)
+
+    def _reconstruction(self, x, z_basal, c, library, x_sparse) -> torch.Tensor:
+        z = z_basal + self.perturbation_shift(c)
+        delta = self.gene_shift(c)
+        if delta is None:
+            return self.vae.reconstruction_nll(x, z, None, library, x_sparse=x_sparse)
+        if not self.config.vae.is_count_model:
+            return -self.decode(z_basal, c, library).log_prob(x).sum(-1)
+        hidden, library = self.vae._decoder_hidden(z, None, library)
+        head = self.vae.head
+        theta = torch.exp(head.log_theta(hidden, None))
+        return count_nll(x, head.scale(hidden) + delta, library, theta, head._zi_logits(hidden), x_sparse=x_sparse)
 
     def loss(
         self,
@@ -144,13 +318,28 @@ class PerturbationVAE(nn.Module):
         kl_weight: float = 1.0,
         x_sparse: SparseCounts | None = None,
     ) -> LossOutput:
-        """Negative ELBO; ``z`` of the output is the basal sample, which the trainer's adversary sees.
-        ``x_sparse`` as in :meth:`ConditionalVAE.loss`."""
+        """Negative ELBO (plus the interaction's L2 term); ``z`` of the output is the basal sample,
+        which the trainer's adversary sees. ``x_sparse`` as in :meth:`ConditionalVAE.loss`."""
         qz_mean, qz_var = self.encode(x)
         z_basal = ConditionalVAE.reparameterize(qz_mean, qz_var)
         if library is None and self.config.vae.is_count_model:
             library = x.sum(dim=1, keepdim=True)
-        reconstruction = self.vae.reconstruction_nll(x, z_basal + self.perturbation_shift(c), None, library, x_sparse=x_sparse)
+        reconstruction = self._reconstruction(x, z_basal, c, library, x_sparse)
         kl = gaussian_kl(qz_mean, qz_var)
         loss = torch.mean(reconstruction + (kl_weight * self.config.vae.beta) * kl)
+        if self.config.response == "gene":
+            loss = loss + self.config.interaction_l2 * self.gene_response.penalty()
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl, z=z_basal)
+
+
+def shift_counts(x: torch.Tensor, ratio: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Counts whose expectation is ``ratio`` times that of the counts x, all (B, G).
+
+    Where ``ratio <= 1``: binomial thinning, ``Binomial(x, ratio)``. Where ``ratio > 1``:
+    ``x + Poisson((ratio - 1) * mean)``, with ``mean`` the expected count of x, so a gene at zero
+    can rise. Thinning alone could only lower expression.
+    """
+    counts = torch.round(x)
+    down = torch.distributions.Binomial(total_count=counts, probs=ratio.clamp(0.0, 1.0)).sample()
+    up = counts + torch.poisson((ratio - 1.0).clamp_min(0.0) * mean)
+    return torch.where(ratio <= 1.0, down, up)
