@@ -118,3 +118,26 @@ def test_constructor_options_rebuild_the_same_architecture(pbmc):
     rebuilt = VAE(pbmc, **model.constructor_options())
     assert rebuilt.config == model.config
     assert rebuilt.schema.to_dict() == model.schema.to_dict()
+
+
+def test_counts_in_adata_raw_are_read_with_layer_raw(pbmc):
+    """Public h5ad files often keep counts in .raw and log-normalised highly variable genes in X."""
+    import anndata
+    import scanpy as sc
+
+    from genailab import VAE
+    from genailab.errors import SchemaMismatchError
+
+    counts = anndata.AnnData(pbmc.layers["counts"].copy(), obs=pbmc.obs.copy(), var=pbmc.var[[]].copy())
+    adata = counts.copy()
+    adata.raw = counts  # all genes, raw counts
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata = adata[:, :200].copy()  # X: log-normalised subset; raw: every gene's counts
+    model = VAE(adata, layer="raw", likelihood="nb", latent_dim=4, hidden_dims=(32,))
+    assert model.schema.gene_names == tuple(counts.var_names)  # the genes of .raw, not of X
+    model.fit(epochs=2, progress=False)
+    np.testing.assert_allclose(model.get_expression(adata).toarray(), np.asarray(counts.X.todense()))
+    assert model.get_latent(adata).shape == (adata.n_obs, 4)
+    with pytest.raises(SchemaMismatchError, match="no .raw"):
+        VAE(counts, layer="raw")

@@ -56,15 +56,12 @@ class DataSchema:
         if overlap:
             raise ConfigError(f"Columns {sorted(overlap)} are listed as both categorical and continuous.")
         _require_columns(adata.obs, categorical_keys + continuous_keys, when="training")
-        if layer is not None and layer not in adata.layers:
-            raise SchemaMismatchError(
-                f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); "
-                "pass layer=None to use adata.X."
-            )
-        if adata.n_obs == 0 or adata.n_vars == 0:
-            raise InputDataError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-        if not adata.var_names.is_unique:
-            dupes = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+        _layer(adata, layer)  # the layer (or adata.raw for layer="raw") must be there
+        var_names = _var_names(adata, layer)
+        if adata.n_obs == 0 or var_names.size == 0:
+            raise InputDataError(f"The AnnData is empty ({adata.n_obs} cells x {var_names.size} genes).")
+        if not var_names.is_unique:
+            dupes = var_names[var_names.duplicated()].unique()[:5].tolist()
             raise InputDataError(f"Gene names are not unique (e.g. {dupes}); call adata.var_names_make_unique().")
         categories = []
         for key in categorical_keys:
@@ -80,7 +77,7 @@ class DataSchema:
             means.append(float(values.mean()))
             stds.append(float(values.std()) or 1.0)
         return cls(
-            gene_names=tuple(map(str, adata.var_names)),
+            gene_names=tuple(map(str, var_names)),
             layer=layer,
             categorical_keys=categorical_keys,
             categories=tuple(categories),
@@ -163,7 +160,7 @@ class DataSchema:
         matrix = _layer(adata, self.layer)
         # before any column is picked: a damaged index would make scipy read outside its arrays
         check_sparse_structure(matrix, source="adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]")
-        names = adata.var_names.astype(str)
+        names = _var_names(adata, self.layer).astype(str)
         if names.size == self.n_genes and np.array_equal(names.to_numpy(), np.asarray(self.gene_names)):
             return _in_model_order(matrix, None)
         position = self.gene_positions(names, align_genes=align_genes, max_missing_fraction=max_missing_fraction)
@@ -270,15 +267,34 @@ def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str) -
     return codes
 
 
+RAW = "raw"  # layer="raw" reads adata.raw.X (and adata.raw.var_names) when no layer has that name
+
+
 def _layer(adata: AnnData, layer: str | None):
+    """The matrix a model reads: ``X``, a layer, or for ``"raw"`` (without such a layer) ``adata.raw.X``."""
     if layer is None:
         return adata.X
+    if layer == RAW and layer not in adata.layers:
+        if adata.raw is None:
+            raise SchemaMismatchError(
+                "layer='raw' reads adata.raw, but this AnnData has no .raw; name the layer that holds the "
+                f"counts (available: {list(adata.layers)}) or None for adata.X."
+            )
+        return adata.raw.X
     if layer not in adata.layers:
         raise SchemaMismatchError(
-            f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); the model was "
-            "trained on that layer, so store the same kind of values there."
+            f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}"
+            f"{', or raw for adata.raw' if adata.raw is not None else ''}); pass the layer that holds the "
+            "values (None for adata.X)."
         )
     return adata.layers[layer]
+
+
+def _var_names(adata: AnnData, layer: str | None) -> pd.Index:
+    """Gene names of the matrix ``_layer`` reads (``adata.raw.var_names`` for adata.raw)."""
+    if layer == RAW and layer not in adata.layers and adata.raw is not None:
+        return adata.raw.var_names
+    return adata.var_names
 
 
 def _in_model_order(matrix, position: np.ndarray | None):
