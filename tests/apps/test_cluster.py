@@ -31,3 +31,18 @@ def test_clusters_and_markers_recover_the_cell_types(app_data, app_model, tmp_pa
 def test_unknown_colour_column(app_data, app_model):
     with pytest.raises(InputDataError, match="color"):
         cluster(app_data.copy(), app_model, color=["nope"])
+
+
+def test_marker_params_say_what_was_ranked(app_data, app_model):
+    """The ranking's params name the layer of log-normalised counts it used, and that layer holds them."""
+    import numpy as np
+
+    from genailab.apps.cluster import MARKER_LAYER
+    from genailab.data.preprocess import log_normalize
+
+    adata = app_data.copy()
+    cluster(adata, app_model, resolution=0.3)
+    params = adata.uns["rank_genes_groups"]["params"]
+    assert params["layer"] == MARKER_LAYER and params["use_raw"] is False
+    expected = log_normalize(adata.layers["counts"]).toarray()
+    np.testing.assert_allclose(adata.layers[MARKER_LAYER].toarray(), expected, rtol=1e-6)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 from genailab.apps._anndata import model_counts
@@ -126,22 +127,33 @@ def _label_agreement(adata: AnnData, labels_key: str, key_added: str, *, latent_
     }
 
 
+MARKER_LAYER = "genailab_log1p_cp10k"  # the values the markers are ranked on, kept so the params stay true
+
+
 def _markers(adata: AnnData, model, groupby: str) -> dict:
-    """scanpy's Wilcoxon ranking of every cluster (of two cells or more) against the rest."""
+    """scanpy's Wilcoxon ranking of every cluster (of two cells or more) against the rest, on
+    log-normalised counts (count models) or the model's values (Gaussian). When ``adata`` has the
+    model's genes in its order, those values are stored as ``layers[MARKER_LAYER]`` and the ranking
+    runs on that layer, so ``params['layer']`` says what was ranked and scanpy's plots find it."""
     import scanpy as sc
 
     values = (
         log_normalize(model_counts(adata, model)) if model.config.is_count_model else model.schema.expression(adata)
     )
-    scratch = AnnData(X=values, obs=adata.obs[[groupby]].copy(), var=pd.DataFrame(index=list(model.schema.gene_names)))
-    sizes = scratch.obs[groupby].value_counts()
+    sizes = adata.obs[groupby].value_counts()
     groups = [str(g) for g in sizes.index[sizes >= 2]]
     if len(groups) < 2:
         raise InputDataError(
             f"Leiden found fewer than two clusters of two cells or more ({dict(sizes)}); raise the resolution."
         )
-    sc.tl.rank_genes_groups(scratch, groupby, groups=sorted(groups, key=_natural), method="wilcoxon")
-    return scratch.uns["rank_genes_groups"]
+    same_genes = list(map(str, adata.var_names)) == list(model.schema.gene_names)
+    target = adata if same_genes else AnnData(
+        X=sp.csr_matrix(values.shape), obs=adata.obs[[groupby]].copy(), var=pd.DataFrame(index=list(model.schema.gene_names))
+    )  # fmt: skip
+    target.layers[MARKER_LAYER] = values
+    sc.tl.rank_genes_groups(target, groupby, groups=sorted(groups, key=_natural), method="wilcoxon",
+                            layer=MARKER_LAYER, use_raw=False, key_added="_genailab_markers")  # fmt: skip
+    return target.uns.pop("_genailab_markers")
 
 
 def _natural(label: str):
