@@ -53,6 +53,11 @@ def test_train_then_embed(h5ad, tmp_path):
     assert result.exit_code == 0, result.output
     embedded = ad.read_h5ad(out)
     assert embedded.obsm["X_genailab"].shape == (300, 4)
+    params = embedded.uns["X_genailab"]["params"]  # the model that made the latent, exactly
+    from genailab.anndata_models.files import model_fingerprint
+
+    assert params["model"] == str(run.resolve()) and params["model_sha256"] == model_fingerprint(run)
+    assert params["latent_dim"] == 4 and params["align_genes"] is False
 
 
 def test_bad_input_gives_one_clean_line(h5ad, tmp_path):

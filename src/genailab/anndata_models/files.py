@@ -82,6 +82,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_fingerprint(directory: str | os.PathLike) -> str:
+    """SHA-256 of a saved model's ``genailab.json``; it records the weights' hash, so this names
+    the model exactly (for provenance in outputs made with it)."""
+    return _sha256(Path(directory) / CONFIG_FILE)
+
+
 def check_writable(directory: str | os.PathLike) -> Path:
     """Create ``directory`` if needed and prove a file can be written there, before long work starts
     (a uniquely named probe; a folder that is a link, or model file names that are links, are refused)."""

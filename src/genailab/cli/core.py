@@ -17,6 +17,9 @@ from genailab.cli.common import (
     unfinished_run,
     write_h5ad,
 )
+from genailab import __version__
+from genailab.anndata_models.base import storable_params
+from genailab.anndata_models.files import model_fingerprint
 from genailab.anndata_models.vae import VAE
 from genailab.cli.options import (
     architecture_options,
@@ -92,6 +95,11 @@ def embed(run_dir, data, out, key, align_genes, device):
     adata = read_data(data)
     model = VAE.load(run_dir, adata, device=device)
     adata.obsm[key] = model.get_latent(adata, align_genes=align_genes)
+    adata.uns[key] = {"params": storable_params({
+        "model": str(Path(run_dir).resolve()), "model_sha256": model_fingerprint(run_dir), "latent": "posterior mean",
+        "latent_dim": model.config.latent_dim, "likelihood": model.config.likelihood, "layer": model.schema.layer,
+        "align_genes": align_genes, "genailab_version": __version__,
+    })}  # fmt: skip
     write_h5ad(adata, out)
     click.echo(f"Wrote {adata.n_obs} x {adata.obsm[key].shape[1]} latent to obsm[{key!r}] of {out}")
 
