@@ -43,6 +43,9 @@ def report(run):
     ])
     assert result.exit_code == 0, result.output
     assert "Report in" in result.output
+    # without a terminal, each stage logs a line (a scheduler's log shows how far it got)
+    assert "evaluate: held-out likelihood on 60 cells" in result.output
+    assert "evaluate: latent-dimension sweep over [2, 3]" in result.output
     return out
 
 

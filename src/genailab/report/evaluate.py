@@ -103,23 +103,29 @@ def write_report(
     indices, scored = _heldout(model, adata)
     metrics = {"provenance": _provenance(data_path, command=command, seed=seed)}
     metrics["run"] = _describe(model, adata, scored, indices)
+    _stage(f"held-out likelihood on {indices.size} cells (IWAE, K={n_samples})")
     metrics["likelihood"] = _likelihood(model, adata, indices, n_samples=n_samples, seed=seed)
     figures: dict[str, list] = {}
     if model.history:
         figures["likelihood"] = [(plot_training_curves(model.history, out / "training_curves.png"), "Training curves")]
+    _stage("latent space: UMAP, Leiden sweep, batch mixing and conservation")
     metrics["latent"], umap_png = _latent(model, adata, out, label_key=label_key, batch_key=batch_key, seed=seed)
     figures["latent"] = [(umap_png, "UMAP of the posterior means")]
+    _stage("generated vs held-out cells, posterior predictive check")
     generation, gene_png = _generation(model, adata, indices, out, keys=(batch_key, label_key), seed=seed)
     metrics.update(generation)
     caption = "Per gene: generated vs held-out real cells; posterior predictive CV"
     figures["posterior_predictive"] = [(gene_png, caption)]
     if label_key is not None:
+        _stage("differential expression, real vs generated")
         metrics["differential_expression"] = _de(model, adata, indices, label_key=label_key, seed=seed)
     rebuild = {k: v for k, v in model.constructor_options().items() if k != "latent_dim"}  # the sweep sets it
     retrain = {"model_options": rebuild, "train_options": _train_options(model, sweep_epochs)}
     if imputation:
+        _stage("imputation protocol (retrains a model)")
         metrics["imputation"] = protocols.imputation_benchmark(adata, seed=seed, **retrain)
     if latent_dims:
+        _stage(f"latent-dimension sweep over {list(latent_dims)} (retrains one model each)")
         metrics["latent_sweep"] = protocols.latent_dim_sweep(adata, list(latent_dims), **retrain)
         sweep_png = plot_latent_sweep(metrics["latent_sweep"], out / "latent_sweep.png")
         figures["latent_sweep"] = [(sweep_png, "Latent-dimension sweep")]
@@ -131,7 +137,13 @@ def write_report(
         for key, value in metrics.items()
     ]
     render_page(f"genailab evaluation: {model.config.likelihood} VAE", sections, out / "index.html")
+    _stage(f"done: {out / 'index.html'}")
     return metrics
+
+
+def _stage(description: str) -> None:
+    """One log line per stage, so a run without a terminal shows how far it got."""
+    logger.info("evaluate: %s", description)
 
 
 _HEADINGS = {
