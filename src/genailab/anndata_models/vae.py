@@ -17,7 +17,7 @@ from genailab.errors import ConfigError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
-from genailab.train.trainer import evaluate
+from genailab.train.trainer import elbo_terms
 
 GENERATED_KEY = "genailab_generate"  # uns key of every generated AnnData: {"params": ...}
 
@@ -386,7 +386,7 @@ class VAE(AnnDataModel):
     def get_elbo(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict[str, float]:
         """Mean per-cell reconstruction -log p(x|z,c), KL(q(z|x,c) || p(z)) and their sum (KL weight
         1, one posterior sample from torch's global random state)."""
-        return evaluate(self.module, self._loader(adata, indices=indices, sparse_counts=True), self.device)
+        return elbo_terms(self.module, self._loader(adata, indices=indices, sparse_counts=True), self.device)
 
     @torch.no_grad()
     def get_reconstruction_error(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict:

@@ -1,6 +1,6 @@
 """Training: configuration, schedules, checkpoints and the loop."""
 
 from genailab.train.config import TrainConfig
-from genailab.train.trainer import Trainer, evaluate, load_checkpoint, resolve_device, seed_everything
+from genailab.train.trainer import Trainer, elbo_terms, load_checkpoint, resolve_device, seed_everything
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "load_checkpoint", "resolve_device", "seed_everything"]
+__all__ = ["TrainConfig", "Trainer", "elbo_terms", "load_checkpoint", "resolve_device", "seed_everything"]

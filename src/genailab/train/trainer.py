@@ -52,9 +52,9 @@ def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     parameters = list(parameters)
     try:
-        return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return optimizer_class(parameters, lr=config.lr_used, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # older torch, or a device without a fused kernel
-        return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return optimizer_class(parameters, lr=config.lr_used, weight_decay=config.weight_decay)
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -166,7 +166,7 @@ class Trainer:
             train = self._train_epoch(train_loader, epoch)
             record = {"epoch": epoch + 1, "kl_weight": train.pop("kl_weight"), **{f"train_{k}": v for k, v in train.items()}}
             if val_loader is not None:
-                record.update({f"val_{k}": v for k, v in evaluate(self.model, val_loader, self.device).items()})
+                record.update({f"val_{k}": v for k, v in elbo_terms(self.model, val_loader, self.device).items()})
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             record["seconds"] = time.perf_counter() - started
             self.history.append(record)
@@ -415,7 +415,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: ConditionalVAE, loader: Iterable, device: torch.device | None = None) -> dict[str, float]:
+def elbo_terms(model: ConditionalVAE, loader: Iterable, device: torch.device | None = None) -> dict[str, float]:
     """Mean per-cell reconstruction, KL and negative ELBO (reconstruction + KL) over a loader;
     the sums stay on the device and are read once."""
     was_training = model.training
