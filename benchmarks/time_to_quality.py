@@ -20,6 +20,7 @@ Run (scvi-tools must be importable for its rows; without it only genailab's rows
     python benchmarks/time_to_quality.py                            # 20,000 simulated + PBMC
     python benchmarks/time_to_quality.py --cells 5000 --datasets sim
     /tmp/scvi-venv/bin/python benchmarks/time_to_quality.py --cells 5000
+    python benchmarks/time_to_quality.py --datasets pbmc --tools genailab --genailab-options '{"lr": 1e-3}'
 """
 
 from __future__ import annotations
@@ -41,15 +42,15 @@ PURITY_NEIGHBOURS = 15
 
 
 # -- worker: one tool on one dataset, in its own process ------------------------------------------
-def _genailab_fit(adata, batch_key: str | None, likelihood: str):
+def _genailab_fit(adata, batch_key: str | None, likelihood: str, options: dict):
     from genailab import VAE
 
     model = VAE(adata, likelihood=likelihood, layer="counts", condition_keys=[batch_key] if batch_key else [])
-    model.fit(progress=False)
+    model.fit(progress=False, **options)
     return model, len(model.history)
 
 
-def _scvi_fit(adata, batch_key: str | None, likelihood: str):
+def _scvi_fit(adata, batch_key: str | None, likelihood: str, options: dict):
     import scvi
 
     scvi.settings.seed = 0
@@ -70,7 +71,7 @@ def _worker(args) -> None:
     fit = _scvi_fit if args.worker == "scvi" else _genailab_fit
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    model, epochs = fit(train, batch_key, args.likelihood)
+    model, epochs = fit(train, batch_key, args.likelihood, json.loads(args.genailab_options))
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
@@ -123,7 +124,7 @@ def knn_purity(latent: np.ndarray, labels: np.ndarray, k: int = PURITY_NEIGHBOUR
 
 def _run_tool(tool: str, args, work: Path) -> dict | None:
     command = [sys.executable, __file__, "--worker", tool, "--workdir", str(work), "--n-samples", str(args.n_samples),
-               "--likelihood", args.likelihood]
+               "--likelihood", args.likelihood, "--genailab-options", args.genailab_options]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  {tool} failed:\n{done.stderr[-2000:]}")
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--tools", default="genailab,scvi", help="Comma-separated; scvi is skipped when not importable.")
     parser.add_argument("--n-samples", type=int, default=100, help="Importance samples K of the held-out likelihood.")
     parser.add_argument("--likelihood", default="zinb", choices=("zinb", "nb"))
+    parser.add_argument("--genailab-options", default="{}", help="JSON of fit() options to try instead of the defaults.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -40,14 +40,15 @@ def test_early_stopping_patience_and_state():
     assert other.state_dict() == stopper.state_dict()
 
 
-def test_cosine_lr_warms_up_linearly_then_follows_a_half_cosine_to_zero():
-    from genailab.train.schedules import cosine_lr_factor
+def test_one_cycle_lr_rises_linearly_then_falls_along_a_half_cosine():
+    from genailab.train.schedules import one_cycle_lr
 
-    assert [cosine_lr_factor(s, 100, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert cosine_lr_factor(4, 100, 4) == 1.0
-    assert cosine_lr_factor(52, 100, 4) == pytest.approx(0.5)  # half-way through the decay
-    assert cosine_lr_factor(100, 100, 4) == pytest.approx(0.0, abs=1e-12)
-    assert cosine_lr_factor(0, 10, 0) == 1.0
+    rates = dict(start=1.0, peak=5.0, end=0.0)
+    assert [one_cycle_lr(s, 100, warmup_steps=4, **rates) for s in range(4)] == [2.0, 3.0, 4.0, 5.0]
+    assert one_cycle_lr(4, 100, warmup_steps=4, **rates) == 5.0
+    assert one_cycle_lr(52, 100, warmup_steps=4, **rates) == pytest.approx(2.5)  # half-way through the decay
+    assert one_cycle_lr(100, 100, warmup_steps=4, **rates) == pytest.approx(0.0, abs=1e-12)
+    assert one_cycle_lr(0, 10, warmup_steps=0, start=1.0, peak=5.0, end=0.5) == 5.0
 
 
 def test_data_dependent_defaults_follow_the_training_cells():
@@ -56,7 +57,7 @@ def test_data_dependent_defaults_follow_the_training_cells():
     auto = TrainConfig()
     assert [auto.resolved(n).epochs for n in (630, 4_500, 18_000, 1_000_000, 10**9, 1)] == [80, 30, 15, 2, 2, 400]
     plan = auto.resolved(4_500)
-    assert plan.lr_schedule == "cosine" and plan.kl_warmup_epochs == pytest.approx(0.3 * 30)
+    assert plan.lr_schedule == "one_cycle" and plan.kl_warmup_epochs == pytest.approx(0.3 * 30)
     assert plan.resolved(10).epochs == 30  # resolving twice changes nothing
     given = TrainConfig(epochs=7).resolved(4_500)  # given epochs keep the earlier defaults
     assert (given.epochs, given.lr_schedule, given.kl_warmup_epochs) == (7, "plateau", 10.0)

@@ -84,12 +84,12 @@ def test_divergence_watch_keeps_the_first_non_finite_loss_on_the_device():
     assert watch.first_bad() == (2, float("inf"))  # the first bad step, not the later NaN
 
 
-def test_auto_epochs_train_on_a_cosine_schedule():
-    """epochs=None: round(50 / sqrt(100 training cells)) = 5 epochs, lr rising then decaying to ~0."""
-    config = TrainConfig(auto_epoch_scale=50.0, lr=1e-2, seed=0, progress=False)
+def test_auto_epochs_train_on_a_one_cycle_schedule():
+    """epochs=None: round(50 / sqrt(100 training cells)) = 5 epochs, lr up to 4 x lr, then down to ~min_lr."""
+    config = TrainConfig(auto_epoch_scale=50.0, lr=2e-3, seed=0, progress=False)
     trainer, history = _fit(config, _data())
     lrs = [r["lr"] for r in history]
-    assert len(history) == 5 and trainer.config.epochs == 5 and trainer.config.lr_schedule == "cosine"
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9e-2 and lrs[-1] < 1e-4
+    assert len(history) == 5 and trainer.config.epochs == 5 and trainer.config.lr_schedule == "one_cycle"
+    assert lrs == sorted(lrs, reverse=True) and 6e-3 < lrs[0] < 8e-3 and lrs[-1] < 1e-4
     assert history[0]["kl_weight"] < 1.0 and history[-1]["kl_weight"] == 1.0  # warm-up over 30% of the run
     assert history[-1]["val_elbo_loss"] < history[0]["val_elbo_loss"]

@@ -133,6 +133,3 @@ def minibatch_loader(matrix, conditions: np.ndarray | None = None, **options) ->
     """The former factory name, kept while callers move to :class:`~genailab.data.loader.MinibatchLoader`,
     which now takes every row source and the chunk options itself."""
     return MinibatchLoader(matrix, conditions, **options)
-
-
-ChunkedLoader = MinibatchLoader  # the former on-disk loader's name, kept while callers move to MinibatchLoader

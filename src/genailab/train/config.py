@@ -21,9 +21,10 @@ class TrainConfig:
     epochs: int | None = None  # None: chosen from the number of training cells (see resolved())
     auto_epoch_scale: float = 2000.0  # epochs=None: round(scale / sqrt(training cells)) in [2, 400]: 30 at 4,500 cells, 2 at 1M
     batch_size: int = 128
-    lr: float = 1e-3  # peak learning rate of the cosine schedule, starting rate of the plateau one
-    lr_schedule: str | None = None  # "cosine" (warm-up, then decay to min_lr) or "plateau"; None: cosine when epochs=None, else plateau
-    lr_warmup_fraction: float = 0.05  # cosine: share of the run's steps over which lr rises linearly
+    lr: float = 1e-3  # the first learning rate (the plateau schedule lowers it, the one-cycle one raises it first)
+    lr_schedule: str | None = None  # "one_cycle" or "plateau"; None: one-cycle when epochs=None, else plateau
+    one_cycle_peak: float = 4.0  # one-cycle: lr rises to this multiple of lr, then falls to min_lr along a half cosine
+    lr_warmup_fraction: float = 0.05  # one-cycle: share of the run's steps over which lr rises to its peak
     weight_decay: float = 1e-6  # decoupled (AdamW) or L2 (Adam) regularisation
     optimizer: str = "adamw"
     grad_clip: float | None = 10.0  # max global gradient norm; None disables clipping
@@ -69,8 +70,8 @@ class TrainConfig:
 
     @property
     def lr_schedule_used(self) -> str:
-        """``lr_schedule``, or its default: cosine when the epochs are chosen from the data, else plateau."""
-        return self.lr_schedule or ("cosine" if self.epochs is None else "plateau")
+        """``lr_schedule``, or its default: one-cycle when the epochs are chosen from the data, else plateau."""
+        return self.lr_schedule or ("one_cycle" if self.epochs is None else "plateau")
 
     def resolved(self, n_train_cells: int) -> TrainConfig:
         """This configuration with the data-dependent defaults filled in for ``n_train_cells``
@@ -78,7 +79,7 @@ class TrainConfig:
 
         With ``epochs=None``: ``round(auto_epoch_scale / sqrt(n))`` epochs within [2, 400] (the
         steps a VAE needs grow much more slowly than the data: about 30 epochs at 4,500 cells, 15
-        at 18,000, 2 at a million), a cosine learning-rate schedule (the run's length is known) and
+        at 18,000, 2 at a million), the one-cycle learning-rate schedule (the run's length is known) and
         a KL warm-up over ``kl_warmup_fraction`` of it. With given epochs: the plateau schedule and
         a 10-epoch KL warm-up unless set. Explicit values are kept.
         """
@@ -110,6 +111,7 @@ _NUMBERS = {
     "kl_warmup_fraction": dict(ge=0, le=1),
     "batch_size": dict(integer=True, ge=1),
     "lr": dict(gt=0),
+    "one_cycle_peak": dict(ge=1),
     "weight_decay": dict(ge=0),
     "grad_clip": dict(gt=0, allow_none=True, hint="None disables clipping."),
     "kl_warmup_epochs": dict(ge=0, allow_none=True, hint="None: a share of the run (epochs=None) or 10 epochs."),

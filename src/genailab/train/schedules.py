@@ -7,7 +7,7 @@ import math
 from genailab.errors import ConfigError
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
-LR_SCHEDULES = ("plateau", "cosine")
+LR_SCHEDULES = ("plateau", "one_cycle")
 
 
 def kl_weight(
@@ -37,18 +37,18 @@ def kl_weight(
     raise ConfigError(f"kl_schedule={schedule!r} is not one of {KL_SCHEDULES}.")
 
 
-def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier in (0, 1] for optimiser step ``step`` (0-based) of ``total_steps``.
+def one_cycle_lr(step: int, total_steps: int, *, warmup_steps: int, start: float, peak: float, end: float) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total_steps`` in a one-cycle schedule.
 
-    Rises linearly over the first ``warmup_steps`` steps (Adam's moment estimates are poor at the
-    start, and a large rate then can throw the weights far), then follows a half cosine from 1
-    down to 0 at the last step (Loshchilov & Hutter, 2017, "SGDR"), which spends the last part of
-    a short run refining rather than bouncing.
+    Rises linearly from ``start`` to ``peak`` over the first ``warmup_steps`` steps (Adam's moment
+    estimates are poor at first, and a high rate then throws the weights far), then falls along a
+    half cosine from ``peak`` to ``end`` at the last step (Smith & Topin, 2017, "Super-convergence";
+    Loshchilov & Hutter, 2017, "SGDR"): a short run at a high rate, spending its end refining.
     """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return start + (peak - start) * (step + 1) / warmup_steps
     remaining = max(total_steps - warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, remaining) / remaining))
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, remaining) / remaining))
 
 
 class EarlyStopping:

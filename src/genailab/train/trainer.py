@@ -30,7 +30,7 @@ from genailab.train.checkpoint import (
 from genailab.train.config import TrainConfig
 from genailab.train.distributed import DistributedContext, distributed_context
 from genailab.train.interrupt import LastFinishedEpoch
-from genailab.train.schedules import EarlyStopping, cosine_lr_factor, kl_weight
+from genailab.train.schedules import EarlyStopping, kl_weight, one_cycle_lr
 
 logger = logging.getLogger(__name__)
 _LARGE_BETA = 100.0  # a KL weight above this is named as the likely cause of a NaN/Inf loss
@@ -52,9 +52,9 @@ def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     parameters = list(parameters)
     try:
-        return optimizer_class(parameters, lr=config.lr_used, weight_decay=config.weight_decay, fused=True)
+        return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # older torch, or a device without a fused kernel
-        return optimizer_class(parameters, lr=config.lr_used, weight_decay=config.weight_decay)
+        return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -209,7 +209,7 @@ class Trainer:
         weight = 1.0
         for step, batch in enumerate(loader):
             batch = batch.to(self.device)
-            if cfg.lr_schedule == "cosine":
+            if cfg.lr_schedule == "one_cycle":
                 self._set_lr(epoch * n_batches + step, cfg.epochs * n_batches)
             weight = kl_weight(
                 epoch + step / n_batches,
@@ -246,11 +246,12 @@ class Trainer:
         return record
 
     def _set_lr(self, step: int, total_steps: int) -> None:
-        """The cosine schedule's rate for this step (a pure function of the step, so resuming continues it)."""
+        """The one-cycle schedule's rate for this step (a pure function of the step, so resuming continues it)."""
         cfg = self.config
-        factor = cosine_lr_factor(step, total_steps, round(cfg.lr_warmup_fraction * total_steps))
+        lr = one_cycle_lr(step, total_steps, warmup_steps=round(cfg.lr_warmup_fraction * total_steps), start=cfg.lr,
+                          peak=cfg.one_cycle_peak * cfg.lr, end=cfg.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+            group["lr"] = lr
 
     def _raise_if_diverged(self, watch: _DivergenceWatch, epoch: int, n_batches: int) -> None:
         """Read the divergence flag back (one synchronisation); raise at the first non-finite loss."""
