@@ -84,7 +84,7 @@ def test_only_new_category_parameters_change_and_reference_files_stay(split, ref
     reference, folder = reference_run
     before_files = _file_hashes(folder)
     before_state = {k: v.clone() for k, v in reference.module.state_dict().items()}
-    model = map_query(query, reference)
+    model = reference.map_query(query)
     assert isinstance(model, genailab.VAE) and model.schema.categories == (("batch_0", "batch_1", "batch_2"),)
     model.fit(epochs=4, **FAST)
     assert len(model.history) == 4
@@ -105,7 +105,7 @@ def test_gaussian_embedding_and_adversarial_references_map_frozen(split, likelih
                              condition_encoding=encoding, **options, **ARCH)  # fmt: skip
     reference.fit(epochs=5, **FAST)
     adversary_before = None if reference.adversary is None else {k: v.clone() for k, v in reference.adversary.state_dict().items()}
-    model = map_query(query, reference).fit(epochs=3, **FAST)
+    model = reference.map_query(query).fit(epochs=3, **FAST)
     _assert_reference_kept(reference.module, model.module)
     assert model.adversary is None and model.adversarial_key is None  # documented: the adversary is not trained further
     if adversarial:
@@ -131,7 +131,7 @@ def test_first_layer_and_all_unfreeze_more(split, reference_run):
 def test_saved_query_model_records_its_reference_and_loads(split, reference_run, tmp_path):
     _, query = split
     reference, folder = reference_run
-    model = map_query(query, reference).fit(epochs=2, **FAST)
+    model = reference.map_query(query).fit(epochs=2, **FAST)
     model.save(tmp_path / "query")
     saved = json.loads((tmp_path / "query" / "genailab.json").read_text())
     hashes = _file_hashes(folder)
@@ -151,8 +151,8 @@ def test_shuffled_gene_order_gives_the_same_latent(split, reference_run):
     _, query = split
     reference, _ = reference_run
     shuffled = query[:, np.random.default_rng(0).permutation(query.n_vars)].copy()
-    ordered = map_query(query, reference).fit(epochs=2, **FAST).get_latent()
-    np.testing.assert_array_equal(map_query(shuffled, reference).fit(epochs=2, **FAST).get_latent(), ordered)
+    ordered = reference.map_query(query).fit(epochs=2, **FAST).get_latent()
+    np.testing.assert_array_equal(reference.map_query(shuffled).fit(epochs=2, **FAST).get_latent(), ordered)
 
 
 def test_missing_genes_are_filled_reported_and_limited(split, reference_run, caplog):
@@ -226,7 +226,7 @@ def test_default_epochs_follow_the_query_size(split, reference_run):
 def test_label_transfer_on_a_held_out_batch(split, reference_run):
     reference_data, query = split
     reference, _ = reference_run
-    model = map_query(query, reference).fit(epochs=60, **FAST)
+    model = reference.map_query(query).fit(epochs=60, **FAST)
     reference_data = reference_data.copy()
     reference_data.obsm["X_genailab"] = reference.get_latent(reference_data)
     query = query.copy()

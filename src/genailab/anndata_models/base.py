@@ -22,12 +22,13 @@ import torch
 from anndata import AnnData
 
 from genailab.anndata_models.files import check_writable, data_fingerprint, load_model_files, save_model_files
-from genailab.data.backed import minibatch_loader
+from genailab.data.loader import LoaderOptions, MinibatchLoader
 from genailab.data.validation import cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
 from genailab.train.config import TrainConfig
+from genailab.train.checkpoint import check_same_data
 from genailab.train.trainer import Trainer, load_checkpoint, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class AnnDataModel:
         self.history: list[dict] = []
         self.training_info: dict = {}
         self._split: dict[str, np.ndarray] | None = None
+        self.saved_dir: Path | None = None  # the folder this model was loaded from or last saved to
 
     # -- what a subclass supplies ------------------------------------------------------------------
     def _new_module(self) -> torch.nn.Module:
@@ -139,7 +141,7 @@ class AnnDataModel:
     ):
         """Minibatches of ``adata`` in order, for inference; ``conditions`` replaces the encoded ones."""
         matrix, encoded = self._validated(self._data(adata), align_genes=align_genes)
-        return minibatch_loader(
+        return MinibatchLoader(
             matrix, encoded if conditions is None else conditions, indices=indices, batch_size=batch_size,
             shuffle=False, sparse_counts=sparse_counts,
         )  # fmt: skip
@@ -182,6 +184,7 @@ class AnnDataModel:
         *,
         checkpoint_dir: str | Path | None = None,
         resume_from: str | Path | None = None,
+        loader: LoaderOptions | None = None,
         **options,
     ):
         """Train on the AnnData the model was built with.
@@ -197,6 +200,9 @@ class AnnDataModel:
         resume_from
             A checkpoint file to continue from; training then reaches the same result as an
             uninterrupted run with the same seed.
+        loader
+            How a backed AnnData is read (:class:`~genailab.data.loader.LoaderOptions`); its fields
+            ``chunk_rows`` and ``chunks_in_memory`` may also be given as keyword options.
 
         Returns
         -------
@@ -208,6 +214,8 @@ class AnnDataModel:
         Under ``torchrun`` every process trains on its own shard of the training cells and only
         rank 0 writes checkpoints; a backed AnnData (``backed="r"``) is read chunk by chunk.
         """
+        if loader is None:
+            loader, options = LoaderOptions.split(options)
         if config is None:
             config = build_config(TrainConfig, **options)
         elif options:
@@ -218,6 +226,7 @@ class AnnDataModel:
         matrix, conditions = self._validated(adata)
         rows = np.flatnonzero(empty_cells(matrix, action=self._empty_cells, source="The training data"))
         train_rows, val_rows = split_rows(rows, config.validation_fraction, config.seed)
+        config = config.resolved(train_rows.size)  # the data-dependent defaults (epochs, schedules), as trained
         targets = self._adversary_targets(adata)
         labels = None if targets is None else targets[0]
 
@@ -234,38 +243,46 @@ class AnnDataModel:
             self.module.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
 
         checkpoint_path = check_writable(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+        data_sha256 = data_fingerprint(matrix, conditions, self.schema_genes)
         trainer = Trainer(
             self.module,
             config,
             checkpoint_path=checkpoint_path,
-            checkpoint_extra={"model_type": self.MODEL_TYPE, **self._description()},
+            checkpoint_extra={"model_type": self.MODEL_TYPE, **self._description(), "data_sha256": data_sha256},
             adversary=self.adversary,
         )
         if resume_from is not None:
-            trainer.load_state_dict(self._checked_checkpoint(resume_from, config))
+            trainer.load_state_dict(self._checked_checkpoint(resume_from, data_sha256), source=resume_from)
         rank_rows = trainer.dist.shard(train_rows)  # all rows unless running under torchrun
         drop_last = rank_rows.size % config.batch_size == 1  # a batch of one cell breaks batch norm
-        train_loader = minibatch_loader(
+        train_loader = MinibatchLoader(
             matrix, conditions, labels=labels, indices=rank_rows, batch_size=config.batch_size, seed=config.seed,
-            drop_last=drop_last, chunk_rows=config.chunk_rows, chunks_in_memory=config.chunks_in_memory,
+            drop_last=drop_last, options=loader,
         )  # fmt: skip
         val_loader = (
-            minibatch_loader(matrix, conditions, labels=labels, indices=val_rows, batch_size=INFERENCE_BATCH,
+            MinibatchLoader(matrix, conditions, labels=labels, indices=val_rows, batch_size=INFERENCE_BATCH, options=loader,
                              shuffle=False)
             if val_rows.size
             else None
         )
-        self.history = trainer.fit(train_loader, val_loader)
+        interrupted = None
+        try:
+            trainer.fit(train_loader, val_loader)
+        except KeyboardInterrupt as exc:  # the trainer went back to its last finished epoch: keep that
+            interrupted = exc
+        self.history = trainer.history
         self.train_config = config
         self.training_info = {
             "n_cells": int(matrix.shape[0]),
             "n_train": int(train_rows.size),
             "n_validation": int(val_rows.size),
             "stopped_early": trainer.stopped_early,
-            "data_sha256": data_fingerprint(matrix, conditions, self.schema_genes),
+            "data_sha256": data_sha256,
         }
         self._split = {"train": train_rows, "validation": val_rows}
         self.module.eval()
+        if interrupted is not None:
+            raise interrupted
         return self
 
     @property
@@ -278,18 +295,11 @@ class AnnDataModel:
         """The :class:`~genailab.data.schema.DataSchema` that reads the expression matrix."""
         return self.schema
 
-    def _checked_checkpoint(self, path: str | Path, train_config: TrainConfig) -> dict:
-        """A trainer checkpoint of this architecture and seed (other checkpoints are refused)."""
+    def _checked_checkpoint(self, path: str | Path, data_sha256: str) -> dict:
+        """A trainer checkpoint written for this data (its genes, conditions and cells); the trainer
+        checks the architecture and options when it loads it."""
         state = load_checkpoint(path)
-        if state["model_config"] != self.config.to_dict():
-            raise CheckpointError(
-                f"{path} was written for a different architecture; build the model with the same options."
-            )
-        if state["train_config"]["seed"] != train_config.seed:
-            raise CheckpointError(
-                f"{path} was trained with seed {state['train_config']['seed']}, not {train_config.seed}; "
-                "resume with the same seed so the data split and order match."
-            )
+        check_same_data(state, path, description=self._description(), data_sha256=data_sha256)
         return state
 
     # -- persistence -----------------------------------------------------------------------------
@@ -313,7 +323,9 @@ class AnnDataModel:
             "training": self.training_info,
             "history": self.history,
         }
-        return save_model_files(directory, metadata=metadata, tensors=tensors)
+        save_model_files(directory, metadata=metadata, tensors=tensors)
+        self.saved_dir = directory
+        return directory
 
     @classmethod
     def load(cls, directory: str | Path, adata: AnnData | None = None, *, device: str = "auto"):
@@ -360,6 +372,7 @@ class AnnDataModel:
         if "split.train" in tensors:
             model._split = {"train": tensors["split.train"].numpy(), "validation": tensors["split.validation"].numpy()}
         model.module.to(resolve_device(device)).eval()
+        model.saved_dir = Path(directory)
         return model
 
 

@@ -5,7 +5,7 @@ categories (new batches, donors, labs) to the reference network by architecture 
 (:mod:`genailab.model.surgery`) and returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
 training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
 categories learn (optionally also the encoder's first layer, or everything); every reference weight
-and batch-norm statistic stays bitwise as it was. The query model is then a :class:`~genailab.VAE`
+and batch-norm statistic stays bitwise as it was (see :class:`QueryVAE`). The query model is then a :class:`~genailab.VAE`
 like any other: it embeds, denoises, saves and loads as one, and its ``genailab.json`` records the
 reference it came from (folder and SHA-256 of its files). The reference is never modified.
 
@@ -167,10 +167,11 @@ class QueryVAE(VAE):
     ``fit()`` restarts from the extended reference weights and trains only what ``unfreeze``
     allows. Its defaults differ from a new model's: ``epochs`` from the query size, a learning rate
     of 1e-2, no weight decay (it would shrink the frozen weights) and a constant KL weight (the
-    reference is trained with the full KL already). It saves as a plain VAE (``genailab.VAE.load`` reads it) whose
-    description also holds ``reference`` (folder and hashes of the reference files) and
-    ``mapping`` (unfreeze mode, new categories, zero-filled genes); a loaded query model is a plain
-    VAE whose ``fit()`` would train from scratch.
+    reference is trained with the full KL already). As for any model, ``fit()`` sets the default
+    library size (used only when decoding without one) to the median of its own (query) cells. It
+    saves as a plain VAE (``genailab.VAE.load`` reads it) whose description also holds ``reference``
+    (folder and hashes of the reference files) and ``mapping`` (unfreeze mode, new categories,
+    zero-filled genes); a loaded query model is a plain VAE whose ``fit()`` would train from scratch.
     """
 
     def __init__(
@@ -236,7 +237,7 @@ class QueryVAE(VAE):
 def reference_record(reference: VAE) -> dict:
     """Where the reference came from: its folder and the SHA-256 of its two files when it was loaded
     or saved, else the SHA-256 of its weights in memory."""
-    folder = getattr(reference, "saved_dir", None)
+    folder = reference.saved_dir
     if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
         return {
             "path": str(folder.resolve()),

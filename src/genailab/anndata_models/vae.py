@@ -11,6 +11,7 @@ import torch
 from anndata import AnnData
 
 from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded, storable_params
+from genailab.checks import check_library_size, check_number
 from genailab.data.schema import DataSchema
 from genailab.data.validation import EMPTY_CELL_ACTIONS
 from genailab.errors import ConfigError
@@ -163,6 +164,18 @@ class VAE(AnnDataModel):
             **{k: v for k, v in self.config.to_dict().items() if k not in derived},
         }
 
+    # -- reference mapping -----------------------------------------------------------------------
+    def map_query(self, query: AnnData, **options) -> VAE:
+        """A model for ``query`` on top of this trained reference: the query's new categories get
+        their own parameters and ``fit()`` trains only those (see
+        :func:`~genailab.anndata_models.mapping.map_query` for the options and what is written).
+
+        >>> query_model = reference.map_query(query).fit(seed=0)  # doctest: +SKIP
+        """
+        from genailab.anndata_models.mapping import map_query  # the mapping module builds on this class
+
+        return map_query(query, self, **options)
+
     # -- conditions ------------------------------------------------------------------------------
     @property
     def condition_keys(self) -> list[str]:
@@ -220,6 +233,7 @@ class VAE(AnnDataModel):
 
         ``indices`` restricts the result to those rows of ``adata`` (in their order).
         """
+        check_number("n_samples", n_samples, integer=True, ge=0, hint="0 gives the posterior means.")
         self.module.eval()
         device = self.device
         means, variances = [], []
@@ -316,8 +330,8 @@ class VAE(AnnDataModel):
         unless ``include_dropout``. ``indices`` keeps those rows of ``adata``, ``gene_list`` those
         genes (in its order); ``return_pandas`` gives a DataFrame indexed by cell and gene names.
         """
-        if not (library_size == "observed" or (isinstance(library_size, (int, float)) and library_size > 0)):
-            raise ConfigError(f"library_size must be a positive number or 'observed', got {library_size!r}.")
+        check_library_size(library_size, observed=True)
+        check_number("n_samples", n_samples, integer=True, ge=1, hint="1 decodes the posterior mean.")
         columns = self._gene_positions(gene_list)
         self.module.eval()
         device = self.device
@@ -373,6 +387,7 @@ class VAE(AnnDataModel):
         """Held-out log-likelihood per cell, log p(x|c) estimated by importance sampling (IWAE
         bound with ``n_samples`` samples), (n_cells,) or (len(indices),). Higher is better; compare
         models on the same cells, e.g. ``indices=model.validation_indices``."""
+        check_number("n_samples", n_samples, integer=True, ge=1)
         self.module.eval()
         device = self.device
         loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size)
@@ -414,8 +429,7 @@ class VAE(AnnDataModel):
     ) -> np.ndarray:
         """Replicates x_rep ~ p(x | z, c), z ~ q(z | x, c), each cell at its observed library,
         (n_samples, n_cells, n_genes) float32."""
-        if n_samples < 1:
-            raise ConfigError(f"n_samples must be at least 1, got {n_samples}.")
+        check_number("n_samples", n_samples, integer=True, ge=1)
         module = self.module.eval()
         draws = []
         with seeded(seed):
@@ -446,8 +460,8 @@ class VAE(AnnDataModel):
         AnnData of :func:`generated_anndata`: sampled values in ``X`` (and in the model's layer),
         the conditions in ``obs``, ``uns['genailab_generate']['params']``.
         """
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ConfigError(f"n must be a positive number of cells, got {n!r}.")
+        n = check_number("n", n, integer=True, ge=1)
+        library_size = check_library_size(library_size, allow_none=True)
         values = dict(conditions or {})
         c = self.encode_conditions(None, values, n_cells=n)
         with seeded(seed):
