@@ -251,7 +251,7 @@ def description_problems(metadata: dict) -> list[str]:
 
 
 def _unknown_keys(value: dict, config_class, field: str) -> list[str]:
-    known = {f.name for f in dataclasses.fields(config_class)}
+    known = {f.name for f in dataclasses.fields(config_class)} | set(getattr(config_class, "MOVED_OPTIONS", ()))
     problems = [f"{field} has unknown entries {sorted(set(value) - known)}"] if set(value) - known else []
     for (outer, name), inner_class in _NESTED.items():
         if outer is config_class and isinstance(value.get(name), dict):

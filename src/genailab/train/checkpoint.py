@@ -45,7 +45,7 @@ _REQUIRED = {"format": str, "version": int, "epoch": int, "model": dict, "optimi
 _OPTIONAL = {"scheduler": dict, "early_stopping": dict, "adversary": dict, "adversary_optimizer": dict,
              "rng_cuda": list}  # fmt: skip
 # Options that fix the data split and order or the optimiser's state: a resumed run must keep them.
-FIXED_ON_RESUME = ("seed", "batch_size", "validation_fraction", "optimizer", "chunk_rows", "chunks_in_memory")
+FIXED_ON_RESUME = ("seed", "batch_size", "validation_fraction", "optimizer")
 
 
 def check_checkpoint(state: object, path: str | os.PathLike) -> dict:
@@ -115,8 +115,9 @@ def check_resume(state: dict, path: str | os.PathLike, *, model_config: dict, tr
             "so the data split and order match."
         )
     if fixed:
+        differences = _differences({k: previous[k] for k in fixed}, {k: train_config.get(k) for k in fixed})
         raise CheckpointError(
-            f"{path} was trained with {_differences({k: previous[k] for k in fixed}, train_config)}; resume with the "
+            f"{path} was trained with {differences}; resume with the "
             "checkpoint's values (they fix the data split, the data order and the optimiser's state), or train afresh."
         )
     if train_config["epochs"] is not None and train_config["epochs"] < state["epoch"]:  # None: chosen at fit

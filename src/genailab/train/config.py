@@ -5,18 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from genailab.data.backed import CHUNK_ROWS, CHUNKS_IN_MEMORY
 from genailab.checks import check_number
 from genailab.errors import ConfigError
 from genailab.train.schedules import KL_SCHEDULES, LR_SCHEDULES
 
 OPTIMIZERS = ("adam", "adamw")
+MOVED_TO_LOADER = ("chunk_rows", "chunks_in_memory")  # saved by earlier versions; now LoaderOptions (not training)
 PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to fit a model; plain data so it round-trips through JSON."""
+
+    MOVED_OPTIONS = MOVED_TO_LOADER  # class attribute, not a field: accepted (and ignored) in saved descriptions
 
     epochs: int | None = None  # None: chosen from the number of training cells (see resolved())
     auto_epoch_scale: float = 2000.0  # epochs=None: round(scale / sqrt(training cells)) in [2, 400]: 30 at 4,500 cells, 2 at 1M
@@ -40,8 +42,6 @@ class TrainConfig:
     min_lr: float = 1e-6
     checkpoint_every: int = 0  # write a resumable checkpoint every N epochs (0: only the final model)
     seed: int = 0  # one seed for weights, dropout, sampling, the split and the data order
-    chunk_rows: int = CHUNK_ROWS  # backed h5ad only: consecutive rows per disk read; chunk order is shuffled
-    chunks_in_memory: int = CHUNKS_IN_MEMORY  # backed h5ad only: chunks held and shuffled together (the memory)
     deterministic: bool = False  # ask torch for deterministic kernels (bitwise-repeatable, maybe slower)
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     precision: str = "float32"  # "bfloat16": autocast the networks on CUDA (the likelihood stays float32)
@@ -96,6 +96,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        data = {k: v for k, v in data.items() if k not in MOVED_TO_LOADER}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -124,6 +125,4 @@ _NUMBERS = {
     "min_lr": dict(ge=0),
     "checkpoint_every": dict(integer=True, ge=0, hint="0 writes only the final model."),
     "seed": dict(integer=True, ge=0, le=2**32 - 1),
-    "chunk_rows": dict(integer=True, ge=1),
-    "chunks_in_memory": dict(integer=True, ge=1),
 }
