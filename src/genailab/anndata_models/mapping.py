@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,8 +32,6 @@ from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 from genailab.model.surgery import UNFREEZE, ConditionExtension, extend_conditions, freeze_reference, trainable_entries
 from genailab.model.vae import ConditionalVAE
 from genailab.train.config import TrainConfig
-
-logger = logging.getLogger(__name__)
 
 QUERY_EPOCH_CELLS = 400_000  # default query epochs = this / query cells, clipped to QUERY_EPOCHS
 QUERY_EPOCHS = (20, 200)  # a small query needs more passes over it, a large one fewer
@@ -210,25 +206,18 @@ class QueryVAE(VAE):
         updated by ``options``."""
         return build_config(TrainConfig, **{**self.fit_defaults, **options})
 
-    def fit(
-        self,
-        config: TrainConfig | None = None,
-        *,
-        checkpoint_dir: str | Path | None = None,
-        resume_from: str | Path | None = None,
-        **options,
-    ) -> QueryVAE:
-        """Train the query parameters (see :meth:`genailab.VAE.fit`; defaults in :attr:`fit_defaults`)."""
+    def fit(self, config: TrainConfig | None = None, **options) -> QueryVAE:
+        """Train the query parameters: :meth:`genailab.VAE.fit` with :attr:`fit_defaults` for the
+        training options not given (and without them when ``config`` is given)."""
         if config is None:
-            config = self.fit_config(**options)
-        elif options:
-            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
-        if self.unfreeze != "all" and config.weight_decay != 0:
+            options = {**self.fit_defaults, **options}
+        weight_decay = options.get("weight_decay", 0.0) if config is None else config.weight_decay
+        if self.unfreeze != "all" and weight_decay != 0:
             raise ConfigError(
-                f"weight_decay={config.weight_decay} would shrink the frozen reference weights; use weight_decay=0 "
+                f"weight_decay={weight_decay} would shrink the frozen reference weights; use weight_decay=0 "
                 "(the default for a query model), or unfreeze='all' to fine-tune everything."
             )
-        return super().fit(config, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+        return super().fit(config, **options)
 
     def _description(self) -> dict:
         return {**super()._description(), "reference": self.reference, "mapping": self.mapping}
