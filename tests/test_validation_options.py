@@ -254,3 +254,35 @@ def test_non_integer_counts_name_layer_and_likelihood_as_options(counts, tmp_pat
     assert "`layer`" not in result.output and "likelihood='gaussian'" not in result.output
     with pytest.raises(InputDataError, match=r"Point `layer` at the raw-count layer.*likelihood='gaussian'"):
         VAE(fractional, likelihood="nb").fit(epochs=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(counts):
+    return VAE(counts, likelihood="nb", latent_dim=4, hidden_dims=(16,)).fit(epochs=2, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.sample(0), "n must be a whole number >= 1, got 0."),
+    (lambda m: m.sample(2.5), "n must be a whole number >= 1, got 2.5."),
+    (lambda m: m.sample(5, library_size=INF), "library_size must be a positive finite number, got inf."),
+    (lambda m: m.sample(5, library_size=NAN), "library_size is NaN"),
+    (lambda m: m.sample(5, library_size=-10.0), "library_size must be a positive number, got -10."),
+    (lambda m: m.sample(5, library_size=1e39), "library_size=1e+39 overflows float32"),
+    (lambda m: m.get_normalized_expression(library_size=INF), "library_size must be a positive finite number, got inf."),
+    (lambda m: m.get_normalized_expression(library_size=True), "library_size must be a positive number"),
+    (lambda m: m.get_normalized_expression(library_size="total"), "or 'observed' (each cell's own total), got 'total'."),
+    (lambda m: m.get_normalized_expression(n_samples=0), "n_samples must be a whole number >= 1, got 0."),
+    (lambda m: m.get_latent(n_samples=-2), "n_samples must be a non-negative whole number, got -2."),
+    (lambda m: m.get_marginal_ll(n_samples=0), "n_samples must be a whole number >= 1, got 0."),
+])
+def test_model_methods_refuse_nonsense(fitted, call, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call(fitted)
+
+
+def test_valid_library_sizes_scale_the_expression_exactly(fitted):
+    """The checks leave valid input alone: expression at library L is L/1e4 times that at 1e4."""
+    base = fitted.get_normalized_expression(library_size=1e4)
+    np.testing.assert_allclose(fitted.get_normalized_expression(library_size=np.float32(250.0)), base * 0.025,
+                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(base.sum(axis=1), 1e4, rtol=1e-4)

@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded
+from genailab.checks import check_library_size, check_number
 from genailab.data.backed import minibatch_loader
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
 from genailab.errors import ConfigError, InputDataError
@@ -172,7 +173,8 @@ class PerturbationModel(AnnDataModel):
         Parameters
         ----------
         control_adata
-            Control cells only (``obs[drug_key] == control_value`` when the column exists), with
+            Control cells only (``obs[drug_key] == control_value`` when the column exists; without it
+            every cell is taken as a control, with a warning), with
             the model's genes and covariate columns (cell type...).
         drug
             One drug, a combination ``"A+B"``, or a list of drugs; all must be known to the model.
@@ -196,8 +198,7 @@ class PerturbationModel(AnnDataModel):
         label = _label(drug, self.keys)
         self.schema.drug_codes(label)  # unknown drugs fail before any work
         dose = _checked_dose(dose)
-        if not (library_size == "observed" or (isinstance(library_size, (int, float)) and library_size > 0)):
-            raise ConfigError(f"library_size must be a positive number or 'observed', got {library_size!r}.")
+        check_library_size(library_size, observed=True)
         obs = _control_obs(control_adata, self.keys)
         matrix, _ = self._validated(control_adata, align_genes=align_genes, with_conditions=False)
         covariates = self.schema.data.encode_obs(obs)
@@ -259,29 +260,28 @@ def _label(drug: str | Sequence[str], keys: ObsKeys) -> str:
 
 
 def _checked_dose(dose: float) -> float:
-    try:
-        dose = float(dose)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"dose must be a number, got {dose!r}.") from exc
-    if not np.isfinite(dose) or dose < 0:
-        raise ConfigError(f"dose must be a finite number >= 0, got {dose}.")
-    return dose
+    return check_number("dose", dose, ge=0, hint="0 gives the control prediction.")
 
 
 def _control_obs(adata: AnnData, keys: ObsKeys) -> pd.DataFrame:
     """The obs of ``adata`` after checking that it holds control cells only."""
     if adata.n_obs == 0:
         raise InputDataError("No control cells were given; predict needs the control cells to perturb.")
-    if keys.drug in adata.obs.columns:
-        control = keys.is_control(adata.obs)
-        if not control.any():
-            raise InputDataError(
-                f"None of the {adata.n_obs} cells has the control label {keys.control!r} in obs[{keys.drug!r}]; "
-                "predict needs control cells (their counterfactual is what is predicted)."
-            )
-        if not control.all():
-            raise InputDataError(
-                f"{int((~control).sum())} of the cells are not controls; predict perturbs control cells only. "
-                f"Pass adata[adata.obs[{keys.drug!r}] == {keys.control!r}]."
-            )
+    if keys.drug not in adata.obs.columns:  # documented: control cells alone need no drug column
+        logger.warning(
+            "adata.obs has no %r column, so every one of the %d cells is taken as a control; treated cells among "
+            "them would be perturbed as if untreated. Add the column to have them refused.", keys.drug, adata.n_obs,
+        )
+        return adata.obs
+    control = keys.is_control(adata.obs)
+    if not control.any():
+        raise InputDataError(
+            f"None of the {adata.n_obs} cells has the control label {keys.control!r} in obs[{keys.drug!r}]; "
+            "predict needs control cells (their counterfactual is what is predicted)."
+        )
+    if not control.all():
+        raise InputDataError(
+            f"{int((~control).sum())} of the cells are not controls; predict perturbs control cells only. "
+            f"Pass adata[adata.obs[{keys.drug!r}] == {keys.control!r}]."
+        )
     return adata.obs
