@@ -1,9 +1,12 @@
 """A training run killed without warning (SIGKILL) resumes from its last checkpoint and ends exactly
-where an uninterrupted run with the same seed ends."""
+where an uninterrupted run with the same seed ends; one interrupted by Ctrl-C or SIGTERM keeps its
+last finished epoch (checkpointed even with default options) and says how to resume."""
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,3 +74,94 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(b.module.state_dict()[name], tensor, rtol=0, atol=1e-6)
     np.testing.assert_allclose(b.get_latent(), a.get_latent(), rtol=0, atol=1e-6)
     assert b.training_info == a.training_info
+
+
+def _start(data, out, *extra):
+    """`genailab -v train` in a child process with default checkpointing (none periodic)."""
+    args = [sys.executable, "-m", "genailab", "-v", "train", str(data), "--out", str(out), *INTERRUPT_ARGS, *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epoch(process, epoch, lines):
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith(f"INFO genailab.train.trainer: epoch {epoch}:"):
+            return
+    raise AssertionError(f"training ended before epoch {epoch}: {''.join(lines)}")
+
+
+INTERRUPT_ARGS = [a for a in ARGS if a not in ("--checkpoint-every", "1")]  # the defaults: no periodic checkpoint
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_interrupted_train_keeps_the_last_epoch_and_its_resume_command_finishes_the_same_run(tmp_path, signum):
+    adata = simulate(150, 30, n_cell_types=3, n_batches=2, seed=0)
+    data = tmp_path / "data.h5ad"
+    adata.write_h5ad(data)
+    full = tmp_path / "full"
+    assert CliRunner().invoke(main, ["train", str(data), "--out", str(full), *INTERRUPT_ARGS]).exit_code == 0
+
+    out = tmp_path / "interrupted"
+    process, lines = _start(data, out), []
+    _wait_for_epoch(process, 3, lines)
+    process.send_signal(signum)
+    _, rest = process.communicate(timeout=120)
+    stderr = "".join(lines) + rest
+    assert process.returncode == 130, stderr
+    assert not (out / "genailab.json").exists(), "the run finished before it could be interrupted"
+    reached = load_checkpoint(out / "checkpoint.pt")["epoch"]
+    assert 2 <= reached < EPOCHS  # epoch 3 may not have counted as finished when the signal came
+    assert f"Interrupted: epoch {reached} of {EPOCHS} is saved in {out / 'checkpoint.pt'}. Resume with:" in stderr
+    assert not (out / ".genailab.lock").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    command = shlex.split(stderr.split("Resume with:\n", 1)[1].splitlines()[0])
+    assert command[:2] == ["genailab", "train"] and command[-2:] == ["--resume", str(out / "checkpoint.pt")]
+    result = CliRunner().invoke(main, command[1:])
+    assert result.exit_code == 0, result.output
+    a, b = genailab.VAE.load(full, adata), genailab.VAE.load(out, adata)
+    assert _without_seconds(b.history) == _without_seconds(a.history)
+    for name, tensor in a.module.state_dict().items():
+        torch.testing.assert_close(b.module.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
+class _SignalAt(logging.Handler):
+    """Sends this process ``signum`` when the trainer logs the end of epoch ``epoch`` (before that
+    epoch counts as finished), as a user pressing Ctrl-C or a scheduler's SIGTERM would."""
+
+    def __init__(self, epoch: int, signum: int):
+        super().__init__(logging.INFO)
+        self.prefix, self.signum = f"epoch {epoch}:", signum
+
+    def emit(self, record):
+        if record.getMessage().startswith(self.prefix):
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_interrupted_fit_leaves_the_model_at_its_last_finished_epoch(tmp_path, signum):
+    adata = simulate(150, 30, n_cell_types=3, n_batches=2, seed=0)
+    options = dict(layer="counts", condition_keys=["batch"], latent_dim=3, hidden_dims=(16,))
+    train = dict(batch_size=32, progress=False, seed=3, early_stopping_patience=None)
+    two_epochs = genailab.VAE(adata, **options).fit(epochs=2, **train)
+
+    model = genailab.VAE(adata, **options)
+    logger, handler = logging.getLogger("genailab.train.trainer"), _SignalAt(3, signum)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(epochs=6, checkpoint_dir=tmp_path, **train)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again
+    assert _without_seconds(model.history) == _without_seconds(two_epochs.history)
+    for name, tensor in two_epochs.module.state_dict().items():
+        torch.testing.assert_close(model.module.state_dict()[name], tensor, rtol=0, atol=0)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+    resumed = genailab.VAE(adata, **options).fit(epochs=6, checkpoint_dir=tmp_path,
+                                                 resume_from=tmp_path / "checkpoint.pt", **train)  # fmt: skip
+    uninterrupted = genailab.VAE(adata, **options).fit(epochs=6, **train)
+    assert _without_seconds(resumed.history) == _without_seconds(uninterrupted.history)
