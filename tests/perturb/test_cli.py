@@ -34,9 +34,35 @@ def test_train_predict_evaluate(perturb_adata, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     scores = pd.read_csv(table)
-    assert set(scores["method"]) == {"no change", "additive", "ridge", "scGen", "genailab"}
+    assert set(scores["method"]) == {"no change", "perturbed mean", "additive", "ridge", "scGen", "genailab"}
     assert (scores.loc[scores["method"] == "no change", "r2_delta"] <= 0).all()
-    assert "r2_delta" in result.output and (tmp_path / "scores_summary.csv").is_file()
+    assert "R2 d50" in result.output and (tmp_path / "scores_summary.csv").is_file()
+
+
+def test_evaluate_pairs_from_the_simulator_and_refuses_before_training(tmp_path):
+    from genailab.data.simulate import PerturbationSpec, simulate
+
+    runner = CliRunner()
+    common = ["--layer", "counts", "--latent-dim", "4", "--hidden", "16", "--epochs", "2"]
+    singles = tmp_path / "singles.h5ad"
+    simulate(300, 30, n_cell_types=2, n_batches=1, n_markers=3, seed=0,
+             perturbation=PerturbationSpec(n_drugs=2, n_target_genes=5)).write_h5ad(singles)  # fmt: skip
+    table = tmp_path / "none.csv"
+    args = ["perturb", "evaluate", str(singles), "--out", str(table), "--protocol", "dose", "--protocol", "pair", *common]
+    result = runner.invoke(main, args)
+    assert result.exit_code != 0 and "ConfigError" in result.output and "pair" in result.output
+    assert not table.exists()  # refused before any protocol was trained
+
+    pairs = tmp_path / "pairs.h5ad"
+    spec = PerturbationSpec(n_drugs=3, pair_fraction=0.4, interacting_pairs=1, n_target_genes=5)
+    simulate(1500, 30, n_cell_types=2, n_batches=1, n_markers=3, seed=0, perturbation=spec).write_h5ad(pairs)
+    table = tmp_path / "pairs.csv"
+    args = ["perturb", "evaluate", str(pairs), "--out", str(table), "--protocol", "pair", "--protocol", "dose", *common]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(table)
+    assert {"pair (additive)", "pair (interacting)", "dose"} <= set(scores["protocol"])
+    assert "matching mean" in set(scores["method"])
 
 
 def test_errors_are_one_clean_line(perturb_adata, tmp_path):

@@ -192,7 +192,13 @@ class PerturbationModel(AnnDataModel):
         -------
         AnnData, one row per control cell, with the model's genes: ``X`` the expected expression
         E[x | z] (expected counts for count models, including ZINB dropout); ``layers['sampled']``
-        one draw from p(x | z); ``obs`` the drug, dose and covariate columns plus
+        one draw from p(x | z); for count models ``layers['counterfactual']``, each control cell's
+        own counts moved by the model's fold change (thinned or topped up,
+        :meth:`~genailab.model.perturbation.PerturbationVAE.counterfactual_counts`; observed library
+        sizes). Log-normalise ``layers['counterfactual']`` to compare predictions with observed
+        cells: the log of ``X`` is not the mean of log-normalised counts (it overstates low
+        counts), and ``sampled`` adds the decoder's reconstruction error to every gene;
+        ``obs`` the drug, dose and covariate columns plus
         ``obs['control_cell']`` (the source cell's name); ``uns['genailab_perturb']`` the request.
         """
         label = _label(drug, self.keys)
@@ -204,14 +210,14 @@ class PerturbationModel(AnnDataModel):
         covariates = self.schema.data.encode_obs(obs)
         c = self.schema.encode(np.repeat(label, obs.shape[0]), np.full(obs.shape[0], dose), covariates)
         with seeded(seed):
-            mean, sampled = self._decode_batches(matrix, c, library_size)
-        return self._prediction_adata(obs, mean, sampled, label, dose)
+            mean, sampled, moved = self._decode_batches(matrix, c, library_size)
+        return self._prediction_adata(obs, mean, sampled, moved, label, dose)
 
-    def _decode_batches(self, matrix, c: np.ndarray, library_size) -> tuple[np.ndarray, np.ndarray]:
+    def _decode_batches(self, matrix, c: np.ndarray, library_size) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         self.module.eval()
         device = self.device
         loader = minibatch_loader(matrix, c, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
-        means, samples = [], []
+        means, samples, moved = [], [], []
         for batch in loader:
             x, c_batch = batch.x.to(device), batch.c.to(device)
             z_basal, _ = self.module.encode(x)
@@ -222,9 +228,12 @@ class PerturbationModel(AnnDataModel):
             px = self.module.decode(z_basal, c_batch, library)
             means.append(px.mean.cpu().numpy())
             samples.append(px.sample().cpu().numpy())
-        return np.concatenate(means).astype(np.float32), np.concatenate(samples).astype(np.float32)
+            if self.config.vae.is_count_model:
+                moved.append(self.module.counterfactual_counts(x, c_batch).cpu().numpy())
+        counterfactual = np.concatenate(moved).astype(np.float32) if moved else None
+        return np.concatenate(means).astype(np.float32), np.concatenate(samples).astype(np.float32), counterfactual
 
-    def _prediction_adata(self, obs: pd.DataFrame, mean, sampled, label: str, dose: float) -> AnnData:
+    def _prediction_adata(self, obs: pd.DataFrame, mean, sampled, moved, label: str, dose: float) -> AnnData:
         keys = self.keys
         out_obs = pd.DataFrame(index=[f"{name}|{label}@{dose:g}" for name in obs.index])
         out_obs["control_cell"] = obs.index.to_numpy()
@@ -235,6 +244,8 @@ class PerturbationModel(AnnDataModel):
         counts = self.config.vae.is_count_model
         predicted = AnnData(X=mean, obs=out_obs)
         predicted.layers["sampled"] = sp.csr_matrix(sampled) if counts else sampled
+        if moved is not None:
+            predicted.layers["counterfactual"] = sp.csr_matrix(moved)
         predicted.var_names = list(self.schema.data.gene_names)
         predicted.uns["genailab_perturb"] = {
             "drug": label,

@@ -49,7 +49,7 @@ _TINY_MEAN = 1e-12  # floor of an expected count in the denominator of a fold ch
 # The gene response is stored divided by this factor: Adam moves each parameter by about lr per
 # step whatever its gradient's scale, and log fold changes of 2-3 must be reachable in a few
 # hundred steps at lr 1e-3.
-_RESPONSE_SCALE = 10.0
+_RESPONSE_SCALE = 30.0
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class SemiSyntheticSpec:
     n_cells: int = 4000  # synthetic cells (each from one real cell)
     n_cell_types: int = 4  # the largest annotated types of pbmc68k
     n_drugs: int = 3
-    doses: tuple[float, ...] = (0.1, 0.5, 2.0, 10.0)
+    doses: tuple[float, ...] = (0.1, 1.0, 10.0)
     control_fraction: float = 0.25
     pair_fraction: float = 0.2  # share of treated cells given two drugs
     interacting_pairs: int = 1  # pairs whose effect is not additive
