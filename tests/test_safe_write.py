@@ -300,3 +300,15 @@ def test_a_failed_h5ad_write_is_a_clear_error_and_leaves_no_file(run, h5ad, tmp_
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert f"Could not write {out} (No space left on device); free disk space" in result.output
     assert _files(tmp_path) == []
+
+
+def test_fit_with_a_checkpoint_folder_in_use_by_another_process_is_refused(counts, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match=f"in use by another genailab process \\(PID {holder.pid}"):
+            genailab.VAE(counts, layer="counts", **TINY).fit(**FAST, checkpoint_every=1, checkpoint_dir=tmp_path)
+        assert not (tmp_path / "checkpoint.pt").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()

@@ -27,6 +27,7 @@ from genailab.data.validation import cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
+from genailab.safe_write import FolderLock
 from genailab.train.config import TrainConfig
 from genailab.train.checkpoint import check_same_data
 from genailab.train.trainer import Trainer, load_checkpoint, resolve_device, seed_everything
@@ -266,8 +267,10 @@ class AnnDataModel:
             else None
         )
         interrupted = None
+        writes_checkpoints = checkpoint_dir is not None and trainer.dist.is_main
         try:
-            trainer.fit(train_loader, val_loader)
+            with FolderLock(checkpoint_dir) if writes_checkpoints else contextlib.nullcontext():  # one writer per folder
+                trainer.fit(train_loader, val_loader)
         except KeyboardInterrupt as exc:  # the trainer went back to its last finished epoch: keep that
             interrupted = exc
         self.history = trainer.history
