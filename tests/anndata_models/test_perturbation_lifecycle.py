@@ -76,3 +76,12 @@ def test_save_load_keeps_the_adversary_and_the_split(adata, tmp_path):
         loaded.predict(controls, drug="drug_0", dose=1.0).X, model.predict(controls, drug="drug_0", dose=1.0).X,
         rtol=1e-5,
     )
+
+
+def test_an_option_typo_is_a_clear_error(adata):
+    from genailab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="latent_dims.*the options of ModelConfig are"):
+        PerturbationModel(adata, layer="counts", latent_dims=4)
+    with pytest.raises(ConfigError, match="epoch.*the options of TrainConfig are"):
+        PerturbationModel(adata, layer="counts", **OPTIONS).fit(epoch=2)
