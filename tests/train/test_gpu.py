@@ -42,10 +42,11 @@ def _syncs_of_one_epoch(n_cells: int) -> int:
 
 
 def test_training_steps_take_no_host_synchronisation(monkeypatch):
-    """An epoch of 4 steps and one of 40 synchronise equally often: only at the epoch's end."""
+    """An epoch of 4 steps and one of 40 synchronise equally often: only around the epoch (the copy
+    of the matrix and of the epoch's order to the GPU, the reads of the sums and flags at its end)."""
     monkeypatch.setattr(trainer_module, "DIVERGENCE_CHECK_STEPS", 10**6)
     short, long = _syncs_of_one_epoch(64), _syncs_of_one_epoch(640)
-    assert short == long and long <= 6, (short, long)
+    assert short == long and long <= 10, (short, long)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
