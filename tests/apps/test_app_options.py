@@ -94,3 +94,15 @@ def test_the_cli_names_its_own_options(app_data, app_model, tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, result.output
         assert f"ConfigError: {message}" in result.output and "Traceback" not in result.output
+
+
+def test_transfer_labels_refuses_nonsense(app_data):
+    from genailab.apps import transfer_labels
+
+    cells = app_data[:50].copy()
+    cells.obsm["X_genailab"] = cells.obsm["X_true_latent"]
+    for options, message in [(dict(n_neighbors=2.5), "n_neighbors must be a whole number >= 1, got 2.5."),
+                             (dict(unknown_threshold=float("nan")), "unknown_threshold is NaN"),
+                             (dict(unknown_threshold=1.5), "unknown_threshold must be a number in [0, 1], got 1.5.")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            transfer_labels(cells, cells, label_key="cell_type", **options)

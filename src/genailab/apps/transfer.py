@@ -10,6 +10,7 @@ from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
 from genailab.apps._anndata import record_params
+from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def transfer_labels(
     >>> transfer_labels(query, reference, label_key="cell_type")  # doctest: +SKIP
     """
     key_added = key_added or f"{label_key}_transferred"
-    if not 0.0 <= unknown_threshold <= 1.0:
-        raise ConfigError(f"unknown_threshold must be between 0 and 1, got {unknown_threshold}.")
+    check_number("unknown_threshold", unknown_threshold, ge=0, le=1)
     query_latent = _latent(query, latent_key, "query")
     reference_latent = _latent(reference, latent_key, "reference")
     if query_latent.shape[1] != reference_latent.shape[1]:
@@ -88,8 +88,10 @@ def transfer_labels(
     names, codes = np.unique(labels[labelled].astype(str).to_numpy(), return_inverse=True)
     if unknown_label in names:
         raise ConfigError(f"{unknown_label!r} is a reference label; choose another unknown_label.")
-    if not 1 <= n_neighbors <= int(labelled.sum()):
-        raise ConfigError(f"n_neighbors={n_neighbors} must be between 1 and the {int(labelled.sum())} labelled reference cells.")
+    check_number("n_neighbors", n_neighbors, integer=True, ge=1)
+    if n_neighbors > int(labelled.sum()):
+        raise ConfigError(f"n_neighbors={n_neighbors} must be between 1 and the {int(labelled.sum())} labelled reference cells.",
+                          argument="n_neighbors")
 
     distances, neighbours = NearestNeighbors(n_neighbors=n_neighbors).fit(reference_latent[labelled]).kneighbors(query_latent)
     weights = _vote_weights(distances)  # (n_query, k)
