@@ -148,6 +148,8 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
     from genailab.errors import ConfigError
     from genailab.perturb import compare_methods, default_methods, format_table, holdout_split, summarize
 
+    summary_path = check_output_file(out.with_name(out.stem + "_summary.csv"))  # fail before the work, not after
+    check_output_file(out)
     adata = read_data(data)
     splits = []
     for protocol in protocols or ("combination", "dose", "dose_extrapolation", "pair", "cell_type"):
@@ -160,16 +162,15 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
     if not splits:
         raise ConfigError("No protocol applies to these data; see `genailab perturb evaluate --help`.")
     train_options = dict(epochs=epochs, seed=seed, progress=False)
-    hidden_dims = _hidden(hidden) if hidden else None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    hidden_dims = sizes(hidden) if hidden else None
     tables = []
     for split in splits:
         methods = default_methods(latent_dim=latent_dim, hidden_dims=hidden_dims, train_options=train_options,
                                   pairs=split.protocol == "pair")  # fmt: skip
         tables.append(compare_methods(adata, split, keys=keys, layer=layer, methods=methods, seed=seed))
         table = pd.concat(tables, ignore_index=True)
-        table.to_csv(out, index=False)
-        summarize(table).to_csv(out.with_name(out.stem + "_summary.csv"))
+        write_csv(table, out, index=False)
+        write_csv(summarize(table), summary_path)
         click.echo(f"{split.protocol}: {len(split.groups)} groups held out; scores so far in {out}", err=True)
     click.echo(format_table(table))
     click.echo(f"Per-group scores in {out}")
