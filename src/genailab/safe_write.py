@@ -105,7 +105,9 @@ def check_output_file(path: str | os.PathLike) -> Path:
 def _check_file_name(path: Path) -> None:
     refuse_link(path)
     if path.is_dir():
-        raise CheckpointError(f"Cannot write the file {path}: a folder of that name exists; remove it or choose another name.")
+        raise CheckpointError(
+            f"Cannot write the file {path}: a folder of that name exists; remove it or choose another name."
+        )
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -117,9 +119,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Raises :class:`CheckpointError` (any earlier file at ``path`` unchanged) if the write fails
     with an ``OSError`` or, as torch and h5py report disk errors, a ``RuntimeError``.
     """
-    path = refuse_link(path)
-    if path.is_dir():
-        raise CheckpointError(f"Cannot write the file {path}: a folder of that name exists; remove it or choose another name.")
+    path = Path(path)
+    _check_file_name(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.close(fd)

@@ -95,7 +95,9 @@ def check_weights_fit(saved: dict, expected: dict, path: str | os.PathLike, *, w
                 f"{tuple(tensor.shape)}; the checkpoint is damaged or from another model."
             )
         if saved[name].is_floating_point() and not torch.isfinite(saved[name]).all():
-            raise CheckpointError(f"{path}: the {what} weight {name} holds NaN or infinite values; use an earlier checkpoint.")
+            raise CheckpointError(
+                f"{path}: the {what} weight {name} holds NaN or infinite values; use an earlier checkpoint."
+            )
 
 
 def check_resume(state: dict, path: str | os.PathLike, *, model_config: dict, train_config: dict) -> None:
@@ -163,7 +165,8 @@ def apply_resumed_options(state: dict, config, *, optimizer, scheduler, early_st
         scheduler.factor, scheduler.patience = config.lr_factor, config.lr_plateau_patience
         scheduler.min_lrs = [config.min_lr] * len(optimizer.param_groups)
     if early_stopping is not None:
-        early_stopping.patience, early_stopping.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
+        early_stopping.patience = config.early_stopping_patience
+        early_stopping.min_delta = config.early_stopping_min_delta
     return changed
 
 
