@@ -6,7 +6,7 @@ import pytest
 
 from genailab.data.simulate import PerturbationSpec, simulate
 from genailab.errors import ConfigError
-from genailab.perturb import holdout_split
+from genailab.perturb import ObsKeys, holdout_split
 
 DOSES = (0.1, 1.0, 10.0)
 
@@ -24,7 +24,7 @@ def test_unseen_cell_type_and_drug_holds_out_every_dose_and_its_pairs(screen):
     assert {x for _, d, x in split.groups if d == drug} == set(DOSES)
     pairs = {d for _, d, _ in split.groups if "+" in d}
     assert pairs == {p for p in screen["drug"].unique() if "+" in p and drug in p.split("+")}
-    held = split.test_mask(screen, split_keys())
+    held = split.test_mask(screen, ObsKeys())
     # the drug is still seen in another cell type, the cell type under another drug
     rest = screen[~held]
     assert ((rest["drug"] == drug) & (rest["cell_type"] != cell_type)).any()
@@ -50,9 +50,3 @@ def test_pair_and_cell_type_protocols(screen):
     singles = screen[~screen["drug"].astype(str).str.contains("+", regex=False)]
     with pytest.raises(ConfigError, match="nothing to hold out"):
         holdout_split(singles, "pair")
-
-
-def split_keys():
-    from genailab.perturb import ObsKeys
-
-    return ObsKeys()
