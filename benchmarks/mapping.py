@@ -1,0 +1,199 @@
+"""Reference mapping (issue 14): map a held-out batch onto a trained reference and transfer its labels.
+
+Two splits, each with a reference (labelled) and a query (a batch the reference never saw):
+
+1. simulated: ``genailab.data.simulate`` with several batches and known cell types; the query is
+   the last batch, with its own batch effect and library shift drawn by the simulator; once with
+   clear cell types (batch effect 0.5) and once hard (batch effect 1.0, weak markers);
+2. PBMC: ``genailab.data.pbmc68k_counts()`` (700 cells, 10 labels) split at random into two
+   pseudo-batches; the query's counts get a simulated batch effect (a log-normal factor per gene
+   and a library shift, then Poisson noise).
+
+For each split, with the same architecture everywhere:
+
+* ``mapping``: genailab's reference model, then ``VAE.map_query(query).fit()`` with its defaults
+  (only the new batch's parameters learn); the time is the query fit alone;
+* ``from_scratch``: one genailab model trained on reference + query together;
+* ``scvi_query`` / ``scvi_scratch``: scvi-tools' ``SCVI.load_query_data`` + ``train`` and an SCVI
+  model on both, when scvi-tools is importable (rows skipped otherwise).
+
+Scores: label-transfer accuracy and macro-F1 against the true labels of the query
+(``genailab.apps.transfer_labels``, 15 neighbours, no "unknown" call), and batch mixing of query
+and reference in the shared latent (``genailab.eval.knn_batch_entropy`` with dataset as the batch,
+50 neighbours; 1 = every neighbourhood holds both datasets in equal parts).
+
+Run (a few minutes on 2 CPU cores):
+
+    python benchmarks/mapping.py
+    python benchmarks/mapping.py --threads 2 --epochs 100 --json mapping.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from genailab import VAE
+from genailab.apps import transfer_labels
+from genailab.data import pbmc68k_counts, simulate
+from genailab.eval import knn_batch_entropy
+
+LATENT = "X_genailab"
+LABEL = "cell_type"
+
+
+def simulated_split(args, **options) -> tuple[anndata.AnnData, anndata.AnnData]:
+    sim = simulate(args.cells, args.genes, n_cell_types=args.cell_types, n_batches=args.batches, seed=args.seed,
+                   **options)  # fmt: skip
+    held_out = f"batch_{args.batches - 1}"
+    return sim[sim.obs["batch"] != held_out].copy(), sim[sim.obs["batch"] == held_out].copy()
+
+
+def pbmc_split(args) -> tuple[anndata.AnnData, anndata.AnnData]:
+    pbmc = pbmc68k_counts()
+    rng = np.random.default_rng(args.seed)
+    in_query = rng.random(pbmc.n_obs) < 0.5
+    reference, query = pbmc[~in_query].copy(), pbmc[in_query].copy()
+    factors = np.exp(rng.normal(0.0, args.pbmc_batch_effect, pbmc.n_vars))  # per-gene batch effect
+    factors *= args.pbmc_library_shift / factors.mean()
+    counts = query.layers["counts"].toarray() * factors[None, :]
+    query.layers["counts"] = sp.csr_matrix(rng.poisson(counts).astype(np.float32))
+    query.X = query.layers["counts"].copy()
+    reference.obs["batch"], query.obs["batch"] = "pbmc_a", "pbmc_b"
+    keep = np.asarray(query.layers["counts"].sum(1)).ravel() > 0
+    return reference, query[keep].copy()
+
+
+def scores(reference: anndata.AnnData, query: anndata.AnnData, seconds: float) -> dict[str, float]:
+    """Label transfer from reference to query and mixing of the two, both from obsm[LATENT]."""
+    predicted = transfer_labels(query, reference, label_key=LABEL, latent_key=LATENT, unknown_threshold=1.0)
+    truth = query.obs[LABEL].astype(str).to_numpy()
+    latent = np.concatenate([reference.obsm[LATENT], query.obsm[LATENT]])
+    dataset = np.r_[np.zeros(reference.n_obs), np.ones(query.n_obs)]
+    return {
+        "accuracy": accuracy_score(truth, predicted.astype(str)),
+        "macro_f1": f1_score(truth, predicted.astype(str), average="macro"),
+        "mixing": knn_batch_entropy(latent, dataset, k=50),
+        "train_seconds": seconds,
+    }
+
+
+def genailab_rows(reference, query, args) -> dict[str, dict]:
+    options = dict(likelihood="nb", layer="counts", condition_keys=["batch"], latent_dim=args.latent_dim,
+                   hidden_dims=(args.hidden,))  # fmt: skip
+    fit = dict(epochs=args.epochs, seed=args.seed, progress=False)
+    started = time.perf_counter()
+    model = VAE(reference, **options).fit(**fit)
+    reference_seconds = time.perf_counter() - started
+    reference.obsm[LATENT] = model.get_latent(reference)
+
+    started = time.perf_counter()
+    mapped = model.map_query(query).fit(seed=args.seed, progress=False)
+    map_seconds = time.perf_counter() - started
+    query.obsm[LATENT] = mapped.get_latent()
+    rows = {"mapping": {**scores(reference, query, map_seconds), "epochs": len(mapped.history)}}
+    print(f"  reference model: {len(model.history)} epochs in {reference_seconds:.0f} s; query fit "
+          f"{len(mapped.history)} epochs in {map_seconds:.0f} s", flush=True)  # fmt: skip
+
+    both = anndata.concat([reference, query], label="dataset", keys=["reference", "query"], index_unique="-")
+    started = time.perf_counter()
+    scratch = VAE(both, **options).fit(**fit)
+    scratch_seconds = time.perf_counter() - started
+    latent = scratch.get_latent(both)
+    reference_again, query_again = reference.copy(), query.copy()
+    reference_again.obsm[LATENT], query_again.obsm[LATENT] = latent[: reference.n_obs], latent[reference.n_obs :]
+    rows["from_scratch"] = {**scores(reference_again, query_again, scratch_seconds), "epochs": len(scratch.history)}
+    return rows
+
+
+def scvi_rows(reference, query, args) -> dict[str, dict]:
+    """scvi-tools' query mapping and its from-scratch model on the same split and sizes."""
+    import scvi
+
+    scvi.settings.seed = args.seed
+    reference, query = reference.copy(), query.copy()
+    scvi.model.SCVI.setup_anndata(reference, layer="counts", batch_key="batch")
+    model = scvi.model.SCVI(reference, n_latent=args.latent_dim, n_hidden=args.hidden, n_layers=1)
+    model.train(max_epochs=args.epochs, early_stopping=True, enable_progress_bar=False)
+    reference.obsm[LATENT] = model.get_latent_representation(reference)
+    started = time.perf_counter()
+    mapped = scvi.model.SCVI.load_query_data(query, model)
+    mapped.train(max_epochs=args.epochs, plan_kwargs={"weight_decay": 0.0}, early_stopping=True, enable_progress_bar=False)
+    query_seconds = time.perf_counter() - started
+    query.obsm[LATENT] = mapped.get_latent_representation(query)
+    rows = {"scvi_query": scores(reference, query, query_seconds)}
+
+    both = anndata.concat([reference, query], index_unique="-")
+    scvi.model.SCVI.setup_anndata(both, layer="counts", batch_key="batch")
+    started = time.perf_counter()
+    scratch = scvi.model.SCVI(both, n_latent=args.latent_dim, n_hidden=args.hidden, n_layers=1)
+    scratch.train(max_epochs=args.epochs, early_stopping=True, enable_progress_bar=False)
+    scratch_seconds = time.perf_counter() - started
+    latent = scratch.get_latent_representation(both)
+    reference.obsm[LATENT], query.obsm[LATENT] = latent[: reference.n_obs], latent[reference.n_obs :]
+    rows["scvi_scratch"] = scores(reference, query, scratch_seconds)
+    return rows
+
+
+def benchmark(name: str, reference, query, args) -> pd.DataFrame:
+    print(f"{name}: reference {reference.n_obs} cells ({', '.join(sorted(set(reference.obs['batch'])))}), "
+          f"query {query.n_obs} cells ({', '.join(sorted(set(query.obs['batch'])))}), {reference.n_vars} genes", flush=True)
+    rows = genailab_rows(reference, query, args)
+    if importlib.util.find_spec("scvi") is not None:
+        rows.update(scvi_rows(reference, query, args))
+    else:
+        print("  scvi-tools is not importable: its rows are skipped")
+    table = pd.DataFrame(rows).T
+    mapping, scratch = table.loc["mapping"], table.loc["from_scratch"]
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"  mapping - from scratch: accuracy {mapping['accuracy'] - scratch['accuracy']:+.3f} (target >= -0.02), "
+          f"mixing {mapping['mixing'] - scratch['mixing']:+.3f} (target >= -0.05), "
+          f"time {mapping['train_seconds'] / scratch['train_seconds']:.2f} of from scratch\n", flush=True)  # fmt: skip
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=3000, help="Simulated cells (all batches).")
+    parser.add_argument("--genes", type=int, default=500)
+    parser.add_argument("--cell-types", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=4, help="Simulated batches; the last one is the query.")
+    parser.add_argument("--batch-effect", type=float, default=0.5, help="Simulated batch effect scale (simulator default 0.3).")
+    parser.add_argument("--hard-batch-effect", type=float, default=1.0,
+                        help="Batch effect scale of the hard simulated split (weak markers: 5 per type at log FC 1).")
+    parser.add_argument("--pbmc-batch-effect", type=float, default=0.5, help="sd of the log factor per gene on the PBMC query.")
+    parser.add_argument("--pbmc-library-shift", type=float, default=0.7, help="Library-size factor of the PBMC query.")
+    parser.add_argument("--epochs", type=int, default=100, help="Epochs of the reference and from-scratch models.")
+    parser.add_argument("--latent-dim", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (fewer avoids thrashing on a busy shared machine).")
+    parser.add_argument("--json", type=Path, help="Also write the tables to this JSON file.")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    hard = dict(batch_effect_scale=args.hard_batch_effect, marker_log_fc=1.0, n_markers=5)
+    tables = {
+        "simulated": benchmark("simulated", *simulated_split(args, batch_effect_scale=args.batch_effect), args),
+        "simulated_hard": benchmark(f"simulated, hard (batch effect {args.hard_batch_effect}, 5 markers at log FC 1)",
+                                    *simulated_split(args, **hard), args),
+        "pbmc": benchmark("pbmc68k", *pbmc_split(args), args),
+    }
+    print(f"Total {time.perf_counter() - started:.0f} s")
+    if args.json is not None:
+        args.json.write_text(json.dumps({k: json.loads(t.to_json(orient="index")) for k, t in tables.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
