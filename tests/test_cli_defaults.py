@@ -42,29 +42,29 @@ def test_train_builds_the_apis_default_model(data, tmp_path):
     adata, path = data
     _run("train", path, "--out", tmp_path / "run", "--layer", "counts", "--condition-key", "batch", "--epochs", 1)
     saved = _saved(tmp_path / "run")
-    api = VAE(adata, layer="counts", condition_keys=["batch"])
+    api = VAE(adata, layer="counts", condition_keys=["batch"]).fit(TrainConfig(epochs=1))
     assert saved["model_config"] == api.config.to_dict()
-    assert saved["train_config"] == TrainConfig(epochs=1).to_dict()
+    assert saved["train_config"] == api.train_config.to_dict()  # as trained (data-dependent defaults resolved)
 
 
 def test_integrate_builds_the_apis_default_model(data, tmp_path):
     adata, path = data
     _run("integrate", path, "--batch-key", "batch", "--layer", "counts", "--epochs", 1, "--out", tmp_path / "int")
     saved = _saved(tmp_path / "int")
-    model = integrate(adata.copy(), batch_key="batch", layer="counts", train=TrainConfig(epochs=1, progress=False))
+    model = integrate(adata.copy(), batch_key="batch", layer="counts", train=TrainConfig(epochs=1))
     assert saved["model_config"] == model.config.to_dict()
     assert saved["adversary_config"] == BATCH_CORRECTION.to_dict() == model.adversary_config.to_dict()
-    assert saved["train_config"] == TrainConfig(epochs=1).to_dict()
+    assert saved["train_config"] == model.train_config.to_dict()
 
 
 def test_perturb_train_builds_the_apis_default_model(data, tmp_path):
     adata, path = data
     _run("perturb", "train", path, "--layer", "counts", "--epochs", 1, "--out", tmp_path / "pert")
     saved = _saved(tmp_path / "pert")
-    api = PerturbationModel(adata, layer="counts")
+    api = PerturbationModel(adata, layer="counts").fit(TrainConfig(epochs=1))
     assert saved["model_config"] == api.config.to_dict()
     assert saved["adversary_config"] == BASAL_LATENT.to_dict() == api.adversary_config.to_dict()
-    assert saved["train_config"] == TrainConfig(epochs=1).to_dict()
+    assert saved["train_config"] == api.train_config.to_dict()
 
 
 def test_old_option_spellings_still_work(data, tmp_path):
