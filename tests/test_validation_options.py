@@ -220,6 +220,7 @@ def test_option_table_comes_from_the_command_itself():
     assert in_option_terms("grad_clip=0 is not an option here", command, argument="grad_clip") == (
         "grad_clip=0 is not an option here"
     )
+    assert in_option_terms("lr=None has no command-line spelling", command) == "lr=None has no command-line spelling"
 
 
 def test_fail_cleanly_exit_codes_follow_the_error_type():

@@ -50,6 +50,8 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
 
     def assignment(match: re.Match) -> str:
         name, value = match.group(1), match.group(2).strip("'\"")
+        if value == "None":  # no command-line spelling: keep the Python one
+            return match.group(0)
         return spelled(name) if options[name].is_flag else f"{spelled(name)} {value}"
 
     names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
