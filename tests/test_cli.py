@@ -72,3 +72,17 @@ def test_console_script_and_module_entry_point():
     for command in (["genailab", "--help"], [sys.executable, "-m", "genailab", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_resume_from_the_run_folders_own_checkpoint_continues_that_run(h5ad, tmp_path):
+    """The checkpoint in --out belongs to the run saved there: resuming it replaces that run's model
+    without --overwrite (a new run over it still needs --overwrite)."""
+    run = tmp_path / "run"
+    base = ["train", str(h5ad), "--layer", "counts", "--out", str(run), "--latent-dim", "4", "--hidden", "16",
+            "--checkpoint-every", "1"]  # fmt: skip
+    assert CliRunner().invoke(main, [*base, "--epochs", "2"]).exit_code == 0
+    result = CliRunner().invoke(main, [*base, "--epochs", "4", "--resume", str(run / "checkpoint.pt")])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((run / "genailab.json").read_text())["history"]) == 4
+    again = CliRunner().invoke(main, [*base, "--epochs", "2"])
+    assert again.exit_code != 0 and "--overwrite" in again.output

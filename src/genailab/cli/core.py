@@ -62,7 +62,9 @@ def train(data, out, likelihood, layer, condition_keys, continuous_keys, model_o
     from genailab.train.distributed import distributed_context
 
     is_main = distributed_context().is_main  # under torchrun, rank 0 alone writes the run
-    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, CHECKPOINT_FILE), lock=is_main):
+    # resuming from the run folder's own checkpoint continues that run: its model is the one to replace
+    continues_own_run = resume_from is not None and Path(resume_from).resolve() == (Path(out) / CHECKPOINT_FILE).resolve()
+    with run_folder(out, overwrite=overwrite or continues_own_run, names=(*RUN_FILES, CHECKPOINT_FILE), lock=is_main):
         if is_main:
             unfinished_run(out, resume_from=resume_from, overwrite=overwrite)
         adata = read_data(data, backed=backed)
