@@ -5,7 +5,7 @@ with scanpy) both tools train at their own defaults on the same training cells (
 rest are held out): scvi-tools ``SCVI.setup_anndata(adata, layer="counts", batch_key=...)``,
 ``SCVI(adata).train()``; genailab ``VAE(adata, likelihood="zinb", layer="counts",
 condition_keys=[batch]).fit()`` (ZINB is scVI's default likelihood; genailab's is NB). Each fit runs in
-its own subprocess with ``torch.set_num_threads(2)``. Each tool holds out its own validation cells
+its own subprocess with ``torch.set_num_threads(2)`` (``--threads``). Each tool holds out its own validation cells
 from the training cells (10% for both). Reported per tool:
 
 * fit wall time (and the worker's CPU time: on a shared machine wall time also counts waiting);
@@ -64,7 +64,7 @@ def _worker(args) -> None:
     import anndata as ad
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     train, heldout = ad.read_h5ad(work / "train.h5ad"), ad.read_h5ad(work / "heldout.h5ad")
     batch_key = "batch" if "batch" in train.obs else None
@@ -124,7 +124,7 @@ def knn_purity(latent: np.ndarray, labels: np.ndarray, k: int = PURITY_NEIGHBOUR
 
 def _run_tool(tool: str, args, work: Path) -> dict | None:
     command = [sys.executable, __file__, "--worker", tool, "--workdir", str(work), "--n-samples", str(args.n_samples),
-               "--likelihood", args.likelihood, "--genailab-options", args.genailab_options]
+               "--likelihood", args.likelihood, "--genailab-options", args.genailab_options, "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  {tool} failed:\n{done.stderr[-2000:]}")
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--tools", default="genailab,scvi", help="Comma-separated; scvi is skipped when not importable.")
     parser.add_argument("--n-samples", type=int, default=100, help="Importance samples K of the held-out likelihood.")
     parser.add_argument("--likelihood", default="zinb", choices=("zinb", "nb"))
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per fit.")
     parser.add_argument("--genailab-options", default="{}", help="JSON of fit() options to try instead of the defaults.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -152,7 +153,7 @@ def main() -> None:
     if "scvi" in tools and importlib.util.find_spec("scvi") is None:
         print("scvi-tools is not importable here: genailab rows only.")
         tools = [t for t in tools if t != "scvi"]
-    print(f"{THREADS} torch threads per fit; held-out LL with K={args.n_samples}; likelihood {args.likelihood}")
+    print(f"{args.threads} torch threads per fit; held-out LL with K={args.n_samples}; likelihood {args.likelihood}")
     for name, adata, batch_key in _datasets(args.datasets.split(","), args.cells):
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
