@@ -14,7 +14,6 @@ from pathlib import Path
 # tutorials take the time they say on a 2-core machine and give the same numbers each build.
 for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(variable, "2")
-os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 HERE = Path(__file__).parent
