@@ -22,7 +22,7 @@ Rules (all of them are here, so a reader of a failure knows what ran):
 * Sizes: ``GENAILAB_README_SCALE`` (default 0.002; 1 runs the README exactly as written) scales
   epoch counts (``epochs=``, ``--epochs``, ``--sweep-epochs``), checkpoint intervals
   (``checkpoint_every=``, ``--checkpoint-every``, floor 1) and cell counts (``simulate(N, ...``,
-  ``--cells``), with floors of 2 epochs and 300 cells; a training command (``train``,
+  ``--n-cells``, ``--cells``), with floors of 2 epochs and 300 cells; a training command (``train``,
   ``integrate``, ``demo``, ``perturb train``, ``perturb evaluate``) that names no ``--epochs`` nor
   ``--resume`` gets ``--epochs`` scaled from 100. So the whole file runs in minutes on 2 cores.
   Nothing else is changed in the text that runs.
@@ -57,18 +57,7 @@ SKIPPED_COMMANDS = {
 # so that line shifts do not matter: the block (or shell command) is an expected failure with its
 # reason while that text is in the README, and runs normally once the text is rewritten. A block
 # on this list that passes is reported as XPASS: then take it off the list.
-KNOWN_BROKEN = {
-    'condition_keys=["batch", "cell_type"], continuous_keys=["dose"]':
-        "issue 15: pbmc68k has no 'batch' or 'dose' column and its B cells are 'CD19+ B', not 'B'",
-    "px = m.decode(z, c, library)":
-        "the tensor-level block uses z and library without defining them",
-    'prepare_counts(adata, n_top_genes=2000, batch_key="batch")':
-        "a 10x folder read by read() has no obs['batch'] column",
-    'model = genailab.VAE(adata, likelihood="nb", condition_keys=["batch"])\nmodel.fit(epochs=':
-        "the backed-mode block uses genailab.VAE but its section never imports genailab",
-    "--resume runs/nb/checkpoint.pt":
-        "issue 15: the resume line drops --condition batch, and --out runs/nb already holds the saved model",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 def known_broken(code: str) -> str | None:
@@ -151,7 +140,7 @@ def scaled(code: str) -> str:
     code = re.sub(r"(--(?:sweep-)?epochs )(\d+)", lambda m: f"{m.group(1)}{_epochs(int(m.group(2)))}", code)
     code = re.sub(r"\b(checkpoint_every=)(\d+)", lambda m: f"{m.group(1)}{_every(int(m.group(2)))}", code)
     code = re.sub(r"(--checkpoint-every )(\d+)", lambda m: f"{m.group(1)}{_every(int(m.group(2)))}", code)
-    code = re.sub(r"(--cells )(\d+)", lambda m: f"{m.group(1)}{_cells(int(m.group(2)))}", code)
+    code = re.sub(r"(--(?:n-)?cells )(\d+)", lambda m: f"{m.group(1)}{_cells(int(m.group(2)))}", code)
     code = re.sub(r"\b(simulate\()(\d+)", lambda m: f"{m.group(1)}{_cells(int(m.group(2)))}", code)
     return code
 
