@@ -15,8 +15,7 @@ and pooled over doses and cell types), a per-gene Hill dose response f_{dg} (mon
 construction, :class:`GeneDoseResponse`), and a rank-r interaction of a cell-type embedding u_k
 with drug factors V_d, so that a drug's effect may depend on the cell type (L2-penalised, so a
 cell type that never saw a drug gets the average effect). Combinations add their drugs' terms.
-The encoder sees the cell with its modelled drug effect divided out (x * exp(-Delta), Delta not
-differentiated through there), so z_basal needs no drug information.
+(Feeding the encoder x * exp(-Delta) instead of x was measured and changed nothing.)
 
 ``"latent"`` (CPA, Lotfollahi et al., Mol. Syst. Biol. 2023; models saved before ``response``
 existed): ``z = z_basal + sum_i f_{d_i}(s_i) e_{d_i} + sum_j e_{k_j}`` decoded as a whole, with
@@ -241,13 +240,8 @@ class PerturbationVAE(nn.Module):
         cell_type = covariates[:, 0] if covariates.shape[1] else None
         return self.gene_response(drugs, doses, cell_type)
 
-    def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z_basal | x): (mean, variance), each (B, L). The encoder never sees the drug; with ``c``
-        (``"gene"`` response) it sees x with the modelled drug effect divided out."""
-        delta = None if c is None else self.gene_shift(c)
-        if delta is not None:
-            delta = delta.detach()
-            x = x * torch.exp(-delta) if self.config.vae.is_count_model else x - delta
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_basal | x): (mean, variance), each (B, L). The encoder never sees the drug."""
         return self.vae.encode(x)
 
     def decode(self, z_basal: torch.Tensor, c: torch.Tensor, library: torch.Tensor | None = None) -> Distribution:
