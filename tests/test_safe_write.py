@@ -312,3 +312,12 @@ def test_fit_with_a_checkpoint_folder_in_use_by_another_process_is_refused(count
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_resuming_the_folders_own_checkpoint_continues_without_overwrite(h5ad, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(h5ad), "--out", str(out), *CLI_TINY[:-4], "--batch-size", "32", "--checkpoint-every", "1"]
+    assert CliRunner().invoke(main, [*args, "--epochs", "2"]).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--epochs", "4", "--resume", str(out / "checkpoint.pt")])
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in genailab.VAE.load(out).history] == [1, 2, 3, 4]
