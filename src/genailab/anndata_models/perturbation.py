@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded
 from genailab.checks import check_library_size, check_number
-from genailab.data.backed import minibatch_loader
+from genailab.data.loader import MinibatchLoader
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BASAL_LATENT, AdversaryConfig
@@ -148,7 +148,7 @@ class PerturbationModel(AnnDataModel):
         """Posterior means of the basal latent z_basal, (n_cells, latent_dim)."""
         self.module.eval()
         matrix, _ = self._validated(self._data(adata), align_genes=align_genes, with_conditions=False)
-        loader = minibatch_loader(matrix, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
+        loader = MinibatchLoader(matrix, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
         return np.concatenate([self.module.encode(b.x.to(self.device))[0].cpu().numpy() for b in loader])
 
     @torch.no_grad()
@@ -216,7 +216,7 @@ class PerturbationModel(AnnDataModel):
     def _decode_batches(self, matrix, c: np.ndarray, library_size) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         self.module.eval()
         device = self.device
-        loader = minibatch_loader(matrix, c, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
+        loader = MinibatchLoader(matrix, c, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)
         means, samples, moved = [], [], []
         for batch in loader:
             x, c_batch = batch.x.to(device), batch.c.to(device)

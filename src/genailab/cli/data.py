@@ -8,8 +8,8 @@ import click
 
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, write_h5ad
-from genailab.cli.options import argument_default, hidden_alias
-from genailab.data.simulate import simulate
+from genailab.cli.options import argument_default, config_option, hidden_alias
+from genailab.data.simulate import PerturbationSpec, simulate
 
 IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (with true means) is built in memory
 
@@ -26,10 +26,13 @@ IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (wi
 @click.option("--dropout", default=argument_default(simulate, "dropout"), show_default=True, type=float,
               help="ZINB zero-inflation probability.")
 @click.option("--perturbation", is_flag=True, help="Add a drug/dose arm: obs['drug'], obs['dose'], true drug effects.")
+@config_option("--pair-fraction", config=PerturbationSpec, field="pair_fraction")
+@config_option("--interacting-pairs", config=PerturbationSpec, field="interacting_pairs")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
 @fail_cleanly
-def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, perturbation, seed, out):
+def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, perturbation, pair_fraction,
+                     interacting_pairs, seed, out):
     """Write simulated counts with known ground truth to --out.
 
     Counts come from a low-rank model with cell types, batch effects and NB/ZINB noise; the file
@@ -38,11 +41,12 @@ def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, per
     means are stored too (layers['true_mean'], counts also in layers['counts']); larger datasets are
     written chunk by chunk with the counts in X only, ready for `genailab train --backed`.
     """
-    from genailab.data.simulate import PerturbationSpec, write_simulated_h5ad
+    from genailab.data.simulate import write_simulated_h5ad
     from genailab.safe_write import atomic_path
 
     options = dict(n_cell_types=cell_types, n_batches=batches, likelihood=likelihood, dropout=dropout, seed=seed,
-                   perturbation=PerturbationSpec() if perturbation else None)
+                   perturbation=PerturbationSpec(pair_fraction=pair_fraction, interacting_pairs=interacting_pairs)
+                   if perturbation else None)
     check_output_file(out)
     if cells * genes <= IN_MEMORY_VALUES:
         write_h5ad(simulate(cells, genes, **options), out)

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata.abc import CSCDataset, CSRDataset
 
-from genailab.data.loader import LoaderOptions, MinibatchLoader, _by_block
+from genailab.data.loader import LoaderOptions, _by_block
 from genailab.data.sparse_structure import check_indices, check_indptr
 from genailab.errors import InputDataError
 
@@ -127,9 +127,3 @@ def _read_into(dataset, start: int, stop: int, out: np.ndarray, at: int) -> None
         dataset.read_direct(out[at : at + stop - start], np.s_[start:stop])  # a view: h5py's fast path
     else:
         out[at : at + stop - start] = dataset[start:stop]
-
-
-def minibatch_loader(matrix, conditions: np.ndarray | None = None, **options) -> MinibatchLoader:
-    """The former factory name, kept while callers move to :class:`~genailab.data.loader.MinibatchLoader`,
-    which now takes every row source and the chunk options itself."""
-    return MinibatchLoader(matrix, conditions, **options)
