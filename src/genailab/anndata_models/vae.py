@@ -240,9 +240,9 @@ class VAE(AnnDataModel):
         for batch in self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size):
             batch = batch.to(device)
             mean, var = self.module.encode(batch.x, batch.c)
-            means.append(mean.cpu())
-            variances.append(var.cpu())
-        mean, var = torch.cat(means), torch.cat(variances)
+            means.append(mean)
+            variances.append(var)
+        mean, var = torch.cat(means).cpu(), torch.cat(variances).cpu()  # one copy to the host, not one per batch
         if n_samples <= 0:
             return mean.numpy()
         with seeded(seed):
