@@ -10,8 +10,9 @@ Rules (all of them are here, so a reader of a failure knows what ran):
   blocks use them). Each block is its own test; a block fails on any exception.
 * Names the README treats as the reader's own inputs, never made in its text, are bound before a
   section runs (``SECTION_INPUTS``), and the files its commands name as the reader's own
-  (``data.h5ad``, ``big.h5ad``, ``pbmc.h5ad``, a 10x folder, a featureCounts table, the saved runs
-  ``runs/zinb`` and ``runs/pbmc`` that the shell examples apply) are made small in that folder
+  (``data.h5ad``, ``big.h5ad``, ``pbmc.h5ad``, ``reference.h5ad`` and ``query.h5ad``, a 10x folder,
+  a featureCounts table, the saved runs ``runs/zinb``, ``runs/pbmc`` and ``runs/reference`` that
+  the shell examples apply) are made small in that folder
   first (``user_files``). Everything else a block uses must come from the README itself.
 * Bash blocks run command by command (continuation lines joined, comments dropped) through
   ``bash -c`` in one shared temporary folder, in README order, so ``train --out runs/nb`` is there
@@ -199,6 +200,13 @@ def user_files(tmp_path_factory) -> Path:
         zinb = genailab.VAE(data, likelihood="zinb", layer="counts", condition_keys=["batch", "cell_type"])
         zinb.fit(epochs=2, seed=0).save("runs/zinb")
         genailab.VAE(pbmc, likelihood="nb", layer="counts").fit(epochs=2, seed=0).save("runs/pbmc")
+        # a reference run and a query from a batch it never saw (Map a new dataset)
+        mapping = simulate(600, 200, n_cell_types=3, n_batches=3, seed=2)
+        reference, query = mapping[mapping.obs["batch"] != "batch_2"].copy(), mapping[mapping.obs["batch"] == "batch_2"].copy()
+        reference.write_h5ad("reference.h5ad")
+        query.write_h5ad("query.h5ad")
+        genailab.VAE(reference, likelihood="nb", layer="counts", condition_keys=["batch"]).fit(epochs=2, seed=0).save(
+            "runs/reference")
         # a 10x Cell Ranger folder (matrix.mtx.gz genes x cells, features.tsv.gz, barcodes.tsv.gz)
         os.makedirs("filtered_feature_bc_matrix")
         counts = sp.csr_matrix(pbmc.layers["counts"])
