@@ -93,7 +93,7 @@ def test_tutorial_figures_are_real_images():
     import matplotlib.image
 
     images = [src for src in _parse(SITE / TUTORIAL).images if src.endswith(".png")]
-    assert len(images) >= 4, f"{TUTORIAL} shows {len(images)} PNG figures; expected training curves, UMAPs, a table plot"
+    assert len(images) >= 3, f"{TUTORIAL} shows {len(images)} PNG figures; expected training curves, UMAPs, a table plot"
     for src in images:
         pixels = matplotlib.image.imread(SITE / "tutorials" / unquote(src))
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100, src
@@ -167,7 +167,7 @@ def test_page_renders_in_chromium(page: str, tmp_path: Path):
     assert result["text"] > 500 and result["links"] > 10, result
     assert result["loaded"] == result["images"], f"{page}: only {result['loaded']} of {result['images']} images loaded"
     if page == TUTORIAL:
-        assert result["images"] >= 4, result
+        assert result["images"] >= 3, result  # training curves, UMAPs, the label x cluster table
     if page == THEORY:
         assert result["math"] >= 10 and result["raw_tex"] == 0, f"equations not typeset: {result}"
 

@@ -26,12 +26,13 @@ IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (wi
 @click.option("--dropout", default=argument_default(simulate, "dropout"), show_default=True, type=float,
               help="ZINB zero-inflation probability.")
 @click.option("--perturbation", is_flag=True, help="Add a drug/dose arm: obs['drug'], obs['dose'], true drug effects.")
+@config_option("--drugs", config=PerturbationSpec, field="n_drugs", help="Drugs of the perturbation arm.")
 @config_option("--pair-fraction", config=PerturbationSpec, field="pair_fraction")
 @config_option("--interacting-pairs", config=PerturbationSpec, field="interacting_pairs")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
 @fail_cleanly
-def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, perturbation, pair_fraction,
+def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, perturbation, n_drugs, pair_fraction,
                      interacting_pairs, seed, out):
     """Write simulated counts with known ground truth to --out.
 
@@ -45,7 +46,7 @@ def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, per
     from genailab.safe_write import atomic_path
 
     options = dict(n_cell_types=cell_types, n_batches=batches, likelihood=likelihood, dropout=dropout, seed=seed,
-                   perturbation=PerturbationSpec(pair_fraction=pair_fraction, interacting_pairs=interacting_pairs)
+                   perturbation=PerturbationSpec(n_drugs=n_drugs, pair_fraction=pair_fraction, interacting_pairs=interacting_pairs)
                    if perturbation else None)
     check_output_file(out)
     if cells * genes <= IN_MEMORY_VALUES:
