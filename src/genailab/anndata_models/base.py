@@ -21,7 +21,13 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.anndata_models.files import check_writable, data_fingerprint, load_model_files, save_model_files
+from genailab.anndata_models.files import (
+    check_model_folder,
+    check_writable,
+    data_fingerprint,
+    load_model_files,
+    save_model_files,
+)
 from genailab.data.loader import LoaderOptions, MinibatchLoader
 from genailab.data.validation import cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
@@ -308,9 +314,7 @@ class AnnDataModel:
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model to ``directory`` (genailab.json + model.pt); returns the folder."""
-        directory = Path(directory)
-        if (directory / "genailab.json").exists() and not overwrite:
-            raise CheckpointError(f"{directory} already holds a saved model; pass overwrite=True to replace it.")
+        directory = check_model_folder(directory, overwrite=overwrite)  # refuses a saved model unless overwrite
         tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
         if self.adversary is not None:
             tensors.update({f"adversary.{k}": v for k, v in self.adversary.state_dict().items()})
