@@ -7,7 +7,15 @@ import pytest
 
 from genailab.apps import integration_scores
 from genailab.data.simulate import simulate
-from genailab.eval import clisi, graph_connectivity, ilisi, kbet, knn_batch_inverse_simpson, leiden_ari_nmi
+from genailab.eval import (
+    clisi,
+    graph_connectivity,
+    ilisi,
+    kbet,
+    kbet_per_label,
+    knn_batch_inverse_simpson,
+    leiden_ari_nmi,
+)
 from genailab.eval.latent import SCIB_RESOLUTIONS
 
 
@@ -19,10 +27,11 @@ def test_scores_are_the_eval_metrics_at_scibs_sizes():
     assert scores["ilisi"] == pytest.approx(ilisi(latent, batch, perplexity=30))
     assert scores["clisi"] == pytest.approx(clisi(latent, labels, perplexity=30))
     assert scores["kbet"] == pytest.approx(kbet(latent, batch, n_neighbors=50))
+    assert scores["kbet_per_label"] == pytest.approx(kbet_per_label(latent, batch, labels, n_neighbors=50))
     assert scores["graph_connectivity"] == pytest.approx(graph_connectivity(latent, labels, n_neighbors=15))
     assert scores["knn_batch_inverse_simpson"] == pytest.approx(knn_batch_inverse_simpson(latent, batch, k=30))
     # the true latent holds no batch effect and keeps the types apart
-    assert scores["ilisi"] > 0.8 and scores["clisi"] > 0.95 and scores["graph_connectivity"] > 0.95
+    assert scores["ilisi"] > 0.8 and scores["kbet_per_label"] > 0.8 and scores["clisi"] > 0.95 and scores["graph_connectivity"] > 0.95
     assert scores["leiden_resolution"] in SCIB_RESOLUTIONS
     at_best = leiden_ari_nmi(latent, labels, resolution=scores["leiden_resolution"])
     assert scores["nmi"] == pytest.approx(at_best["nmi"]) and scores["ari"] == pytest.approx(at_best["ari"])

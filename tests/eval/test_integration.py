@@ -168,3 +168,68 @@ def test_metrics_match_scib_metrics(reference_data, scib_neighbours):
     assert kbet(latent, batch, n_neighbors=50) == pytest.approx(float(acceptance), abs=1 / latent.shape[0])
     connectivity = scib_metrics.graph_connectivity(scib_neighbours.subset_neighbors(15), labels)
     assert graph_connectivity(latent, labels, n_neighbors=15) == pytest.approx(float(connectivity))
+
+
+def test_diffusion_embedding_matches_scanpy_diffmap(reference_data):
+    """Distances between our multiscale diffusion coordinates equal those rebuilt from scanpy's
+    ``tl.diffmap`` eigenpairs (eigenvector signs may differ; distances cannot)."""
+    import scanpy as sc
+    from anndata import AnnData
+    from scipy.spatial.distance import pdist
+
+    from genailab.eval import diffusion_embedding
+
+    graph = AnnData(obsm={"X_latent": reference_data[0][:200]})
+    sc.pp.neighbors(graph, n_neighbors=15, use_rep="X_latent", transformer="sklearn")
+    sc.tl.diffmap(graph, n_comps=20)
+    values = graph.uns["diffmap_evals"].astype(np.float64)
+    assert values[0] == pytest.approx(1.0, abs=1e-5)  # the stationary component comes first
+    weights = np.concatenate([[1.0], values[1:] / (1 - values[1:])])
+    expected = pdist(graph.obsm["X_diffmap"].astype(np.float64) * weights)
+    ours = pdist(diffusion_embedding(graph.obsp["connectivities"], n_components=20))
+    np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_kbet_per_label_by_hand():
+    """Cell type a: batches x and y in two far-apart clusters of 40 (two graph components, both at
+    least 3 * k0 = 30 cells, kept): neighbourhoods are pure and rejected but one (1 of 80, as
+    scib-metrics finds on the same input), whose diffusion neighbours reach the other component.
+    Type b: four clusters of 20 (components below 30 cells, none kept): 0. Type c: a single batch,
+    d: 9 cells: skipped."""
+    from genailab.eval import kbet_label_table, kbet_per_label
+
+    latent = _tight_clusters([40, 40, 20, 20, 20, 20, 30, 9])
+    labels = np.repeat(["a", "b", "c", "d"], [80, 80, 30, 9])
+    batch = np.concatenate(
+        [np.repeat(["x", "y"], 40), np.tile(np.repeat(["x", "y"], 10), 4), ["x"] * 30, ["x", "y"] * 4 + ["x"]]
+    )
+    table = kbet_label_table(latent, batch, labels, n_neighbors=15).set_index("label")
+    assert table["n_cells"].tolist() == [80, 80, 30, 9]
+    assert table["k0"].tolist() == [10, 10, 10, 10]  # a quarter of 40 cells per batch is 10; bounded below by 10
+    assert table.loc["a", "kbet"] < 0.05
+    assert table.loc["b", "kbet"] == 0.0
+    assert table.loc[["c", "d"], "kbet"].isna().all()
+    assert kbet_per_label(latent, batch, labels, n_neighbors=15) == pytest.approx(table.loc["a", "kbet"] / 2)
+    # 400 cells per batch: a quarter is 100, bounded above by 70
+    many = kbet_label_table(np.random.default_rng(0).normal(size=(800, 3)), np.repeat(["x", "y"], 400), ["a"] * 800)
+    assert many["k0"].tolist() == [70]
+
+
+def test_kbet_per_label_matches_scib_metrics(reference_data, scib_neighbours):
+    import scib_metrics
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    from genailab.eval import kbet_label_table, kbet_per_label
+
+    latent, batch, labels = reference_data
+    reference, per_label = scib_metrics.kbet_per_label(scib_neighbours.subset_neighbors(50), batch, labels, return_df=True)
+    ours = kbet_label_table(latent, batch, labels)
+    np.testing.assert_allclose(ours["kbet"], per_label.sort_values("cluster")["kBET"], atol=1e-9)
+    # a latent where batch 1 sits apart: per-label kBET drops well below 1, still agreeing
+    apart = latent.copy()
+    apart[:, 0] += 3.0 * (batch == "1")
+    distances, indices = NearestNeighbors(n_neighbors=50).fit(apart).kneighbors(apart)
+    reference = scib_metrics.kbet_per_label(NeighborsResults(indices=indices, distances=distances), batch, labels)
+    assert kbet_per_label(apart, batch, labels) == pytest.approx(float(reference), abs=1e-9)
+    assert float(reference) < 0.5

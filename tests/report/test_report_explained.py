@@ -71,7 +71,7 @@ def test_latent_reports_scib_metrics_and_the_resolution_sweep(report):
     latent = metrics["latent"]
     assert latent["resolution"] == 1.0 and latent["best_resolution"] in SCIB_RESOLUTIONS
     assert latent["best_nmi"] >= latent["nmi"]  # 1.0 is one of the swept resolutions, on the same graph
-    for name in ("ilisi", "clisi", "kbet", "graph_connectivity", "knn_batch_inverse_simpson"):
+    for name in ("ilisi", "clisi", "kbet", "kbet_per_label", "graph_connectivity", "knn_batch_inverse_simpson"):
         assert 0.0 <= latent[name] <= 1.0
 
 

@@ -144,7 +144,8 @@ def integration_scores(
     -------
     dict
         Mixing, 1 best: scIB's ``ilisi`` and ``kbet`` (:mod:`genailab.eval.integration`),
-        ``knn_batch_entropy``, ``knn_batch_inverse_simpson`` and with labels ``batch_silhouette``.
+        ``knn_batch_entropy``, ``knn_batch_inverse_simpson`` and with labels ``batch_silhouette`` and
+        ``kbet_per_label`` (the kBET of scIB's tables, within each cell type).
         Conservation, 1 best (with labels): ``clisi``, ``graph_connectivity``, ``ari`` and ``nmi``
         (Leiden at the resolution with the best NMI, as in scib, recorded as ``leiden_resolution``)
         and ``label_silhouette``.
@@ -155,6 +156,7 @@ def integration_scores(
         graph_connectivity,
         ilisi,
         kbet,
+        kbet_per_label,
         knn_batch_entropy,
         knn_batch_inverse_simpson,
         label_silhouette,
@@ -175,6 +177,7 @@ def integration_scores(
     if label_key is not None:
         labels = adata.obs[label_key].astype(str).to_numpy()
         scores["batch_silhouette"] = batch_silhouette(latent, batch, labels)
+        scores["kbet_per_label"] = kbet_per_label(latent, batch, labels, n_neighbors=min(50, adata.n_obs - 1))
         scores["clisi"] = clisi(latent, labels, perplexity=perplexity)
         scores["graph_connectivity"] = graph_connectivity(latent, labels, n_neighbors=min(15, adata.n_obs))
         agreement = leiden_ari_nmi_best_resolution(latent, labels, seed=seed)

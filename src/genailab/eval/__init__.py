@@ -1,7 +1,7 @@
 """Model-independent evaluation metrics on arrays, sparse matrices and AnnData.
 
 * :mod:`~genailab.eval.latent`: cell-type conservation and batch mixing of a latent space;
-* :mod:`~genailab.eval.integration`: scIB's iLISI, cLISI, kBET and graph connectivity;
+* :mod:`~genailab.eval.integration`: scIB's iLISI, cLISI, kBET (overall and per cell type) and graph connectivity;
 * :mod:`~genailab.eval.generation`: generated vs real expression (gene statistics, distances, classifier test);
 * :mod:`~genailab.eval.imputation`: scVI's masked-count imputation benchmark;
 * :mod:`~genailab.eval.de`: agreement of differential-expression results.
@@ -23,7 +23,16 @@ from genailab.eval.generation import (
     posterior_predictive_gene_stats,
 )
 from genailab.eval.imputation import imputation_median_l1, imputation_score, mask_counts
-from genailab.eval.integration import clisi, graph_connectivity, ilisi, kbet, lisi
+from genailab.eval.integration import (
+    clisi,
+    diffusion_embedding,
+    graph_connectivity,
+    ilisi,
+    kbet,
+    kbet_label_table,
+    kbet_per_label,
+    lisi,
+)
 from genailab.eval.latent import (
     batch_silhouette,
     knn_batch_entropy,
@@ -37,6 +46,7 @@ __all__ = [
     "batch_silhouette",
     "classifier_two_sample_auc",
     "clisi",
+    "diffusion_embedding",
     "energy_distance",
     "gene_moment_agreement",
     "graph_connectivity",
@@ -44,6 +54,8 @@ __all__ = [
     "imputation_median_l1",
     "imputation_score",
     "kbet",
+    "kbet_label_table",
+    "kbet_per_label",
     "knn_batch_entropy",
     "knn_batch_inverse_simpson",
     "label_silhouette",

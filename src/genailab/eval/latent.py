@@ -33,7 +33,7 @@ def _latent_and_labels(latent, labels, *, name: str) -> tuple[np.ndarray, np.nda
     return latent, as_labels(labels, n_cells=latent.shape[0], name=name)
 
 
-def _neighbour_graph(latent: np.ndarray, *, n_neighbors: int, seed: int) -> AnnData:
+def neighbour_graph(latent: np.ndarray, *, n_neighbors: int, seed: int) -> AnnData:
     """An obs-only AnnData holding scanpy's kNN graph of the latent."""
     if not 2 <= n_neighbors < latent.shape[0]:
         raise ConfigError(
@@ -97,7 +97,7 @@ def leiden_ari_nmi(
     >>> scores = leiden_ari_nmi(adata.obsm["X_latent"], adata.obs["cell_type"])  # doctest: +SKIP
     """
     latent, labels = _latent_and_labels(latent, labels, name="labels")
-    graph = _neighbour_graph(latent, n_neighbors=n_neighbors, seed=seed)
+    graph = neighbour_graph(latent, n_neighbors=n_neighbors, seed=seed)
     return _cluster_agreement(graph, labels, resolution=resolution, seed=seed)
 
 
@@ -130,7 +130,7 @@ def leiden_ari_nmi_best_resolution(
     if len(resolutions) == 0:
         raise ConfigError("resolutions is empty; pass at least one Leiden resolution, e.g. (0.5, 1.0).")
     latent, labels = _latent_and_labels(latent, labels, name="labels")
-    graph = _neighbour_graph(latent, n_neighbors=n_neighbors, seed=seed)
+    graph = neighbour_graph(latent, n_neighbors=n_neighbors, seed=seed)
     sweep = [_cluster_agreement(graph, labels, resolution=r, seed=seed) for r in resolutions]
     return max(sweep, key=lambda scores: scores["nmi"])
 

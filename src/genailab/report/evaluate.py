@@ -278,6 +278,9 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
         )
         if label_key is not None:
             scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, labels)
+            scores["kbet_per_label"] = metrics_lib.kbet_per_label(
+                latent, batch, labels, n_neighbors=min(50, rows.size - 1)
+            )
     columns = [key for key in dict.fromkeys((label_key, batch_key)) if key is not None]
     colours = pd.DataFrame({key: obs[key].astype(str).astype("category").to_numpy() for key in columns},
                            index=obs.index.astype(str))  # fmt: skip

@@ -50,6 +50,8 @@ NOTES: dict[str, dict[str, str]] = {
         "evenly mixed in every neighbourhood.",
         "kbet": "0..1, higher is better: kBET acceptance rate, share of 50-cell neighbourhoods whose batch mix "
         "passes a chi-square test (alpha 0.05).",
+        "kbet_per_label": "0..1, higher is better: scIB's kBET, the acceptance rate within each cell type "
+        "(diffusion-map neighbourhoods), averaged over cell types.",
         "batch_entropy": "0..1, higher is better: entropy of the batch mix among 50 nearest neighbours / "
         "log(n_batches).",
         "knn_batch_inverse_simpson": "0..1, higher is better: inverse Simpson index of batch among 90 equally "
