@@ -217,7 +217,7 @@ class VAE(AnnDataModel):
         return self.schema.encode_obs(frame)
 
     # -- inference -------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def get_latent(
         self,
         adata: AnnData | None = None,
@@ -303,7 +303,7 @@ class VAE(AnnDataModel):
                 out[rows] = values.cpu().numpy()
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def get_normalized_expression(
         self,
         adata: AnnData | None = None,
@@ -333,32 +333,47 @@ class VAE(AnnDataModel):
         check_library_size(library_size, observed=True)
         check_number("n_samples", n_samples, integer=True, ge=1, hint="1 decodes the posterior mean.")
         columns = self._gene_positions(gene_list)
-        self.module.eval()
+        module = self.module.eval()
         device = self.device
         adata = self._data(adata)
         decode_conditions = None if conditions is None else self.encode_conditions(adata.obs, conditions)
         loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size)
         n_rows = adata.n_obs if indices is None else len(indices)
         out = np.empty((n_rows, len(columns) if columns is not None else self.schema.n_genes), dtype=np.float32)
+        result = torch.from_numpy(out)  # the batches' rows are written into views of it
+        gene_index = None if columns is None else torch.as_tensor(columns, device=device)
+        # Where a batch's decoded means go: straight into the result (CPU, all genes, one draw) or a
+        # device buffer, reused across batches, that is then summed, subset or copied over.
+        direct = device.type == "cpu" and columns is None and n_samples == 1
+        buffer = None
         done = 0
         with seeded(seed if n_samples > 1 else None):
             for batch in loader:
                 rows = batch.index.numpy()
+                target = result[done : done + len(rows)]  # the loader keeps the cells' order
+                done += len(rows)
                 batch = batch.to(device)
-                mean, var = self.module.encode(batch.x, batch.c)
+                mean, var = module.encode(batch.x, batch.c)
                 c = batch.c if decode_conditions is None else torch.as_tensor(decode_conditions[rows], device=device)
                 if library_size == "observed":
                     library = batch.x.sum(1, keepdim=True)
                 else:
-                    library = torch.full((batch.x.shape[0], 1), float(library_size), device=device)
-                draws = [mean] if n_samples <= 1 else [self.module.reparameterize(mean, var) for _ in range(n_samples)]
-                expression = sum(
-                    self.module.expected_expression(z, c, library, include_dropout=include_dropout) for z in draws
-                ) / len(draws)
-                if columns is not None:
-                    expression = expression[:, torch.as_tensor(columns, device=device)]
-                out[done : done + len(rows)] = expression.cpu().numpy()  # the loader keeps the cells' order
-                done += len(rows)
+                    library = torch.full((len(rows), 1), float(library_size), device=device)
+                if direct:
+                    module.expected_expression(mean, c, library, include_dropout=include_dropout, out=target)
+                    continue
+                if buffer is None or buffer.shape[0] != len(rows):
+                    buffer = torch.empty((len(rows), self.schema.n_genes), device=device)
+                    total = torch.empty_like(buffer) if n_samples > 1 else buffer
+                if n_samples == 1:
+                    module.expected_expression(mean, c, library, include_dropout=include_dropout, out=buffer)
+                else:
+                    total.zero_()
+                    for _ in range(n_samples):
+                        z = module.reparameterize(mean, var)
+                        total.add_(module.expected_expression(z, c, library, include_dropout=include_dropout, out=buffer))
+                    total.div_(n_samples)
+                target.copy_(total if gene_index is None else total.index_select(1, gene_index))
         if not return_pandas:
             return out
         names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]

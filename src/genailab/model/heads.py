@@ -56,10 +56,13 @@ class GaussianHead(nn.Module):
         self.log_variance = Dispersion(hidden_dim, config)
 
     def expected_value(
-        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None, *, include_dropout: bool
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None, *, include_dropout: bool,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """E[x | z, c] (B, G) without building the distribution."""
-        return self.mean(h)
+        """E[x | z, c] (B, G) without building the distribution; written into ``out`` (B, G) when given."""
+        if out is None:
+            return self.mean(h)
+        return torch.addmm(self.mean.bias, h, self.mean.weight.t(), out=out)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
         mean = self.mean(h)  # (B, G)
@@ -92,10 +95,14 @@ class NegativeBinomialHead(nn.Module):
         return px_rate, px_r
 
     def expected_value(
-        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, *, include_dropout: bool
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, *, include_dropout: bool,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """E[x | z, c] = library * softmax(W h), (B, G); only the proportions head runs."""
-        return library * torch.softmax(self.scale(h), dim=-1)
+        """E[x | z, c] = library * softmax(W h), (B, G); only the proportions head runs. With ``out``
+        (B, G) the proportions are written there and scaled in place (no (B, G) temporaries)."""
+        if out is None:
+            return library * torch.softmax(self.scale(h), dim=-1)
+        return torch.softmax(self.scale(h), dim=-1, out=out).mul_(library)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)
@@ -120,11 +127,12 @@ class ZeroInflatedNegativeBinomialHead(NegativeBinomialHead):
         self.dropout_logits = nn.Linear(hidden_dim, config.input_dim)
 
     def expected_value(
-        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, *, include_dropout: bool
+        self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor, *, include_dropout: bool,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The NB mean, times the probability of no dropout when ``include_dropout``, (B, G)."""
-        mean = super().expected_value(h, c, library, include_dropout=False)
-        return mean * torch.sigmoid(-self.dropout_logits(h)) if include_dropout else mean
+        mean = super().expected_value(h, c, library, include_dropout=False, out=out)
+        return mean.mul_(torch.sigmoid(-self.dropout_logits(h))) if include_dropout else mean
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         px_rate, px_r = self.parameters_for(h, c, library)

@@ -182,12 +182,14 @@ class ConditionalVAE(nn.Module):
         library: torch.Tensor | None = None,
         *,
         include_dropout: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """E[x | z, c], (B, G): the decoded mean, cheaper than ``decode(...).mean`` (no dispersion,
-        and for ZINB no dropout head unless ``include_dropout``)."""
+        and for ZINB no dropout head unless ``include_dropout``); written into ``out`` (B, G), e.g. a
+        view of the caller's result array, when given."""
         c = self._condition(c, z.shape[0])
         hidden, library = self._decoder_hidden(z, c, library)
-        return self.head.expected_value(hidden, c, library, include_dropout=include_dropout)
+        return self.head.expected_value(hidden, c, library, include_dropout=include_dropout, out=out)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor | None = None, library: torch.Tensor | None = None
