@@ -19,7 +19,11 @@ Run (scvi-tools must be importable for its rows; without it only genailab's rows
 
     python benchmarks/time_to_quality.py                            # 20,000 simulated + PBMC
     python benchmarks/time_to_quality.py --cells 5000 --datasets sim
-    /tmp/scvi-venv/bin/python benchmarks/time_to_quality.py --cells 5000
+    .venv-scvi/bin/python benchmarks/time_to_quality.py --cells 5000   # with scvi-tools (see README, Speed)
+    .venv-scvi/bin/python benchmarks/time_to_quality.py --cells 20000 --datasets sim --tools scvi --threads 1 \
+        --json scvi_rows.jsonl                                     # scvi-tools alone, its rows kept
+    python benchmarks/time_to_quality.py --cells 20000 --datasets sim --tools genailab --threads 1 \
+        --compare scvi_rows.jsonl                                  # genailab, with the ratio to the kept rows
     python benchmarks/time_to_quality.py --datasets pbmc --tools genailab --genailab-options '{"lr": 1e-3}'
 """
 
@@ -132,6 +136,14 @@ def _run_tool(tool: str, args, work: Path) -> dict | None:
     return json.loads((work / f"result_{tool}.json").read_text())
 
 
+def _earlier_rows(path: str | None, dataset: str, threads: int, skip: list[str]) -> dict:
+    """Rows of an earlier ``--json`` run for ``dataset`` at the same thread count (the newest per tool), tools in ``skip`` left out."""
+    if path is None:
+        return {}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {row["tool"]: row for row in rows if row["dataset"] == dataset and row["threads"] == threads and row["tool"] not in skip}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=20_000, help="Simulated cells (2,000 genes).")
@@ -141,6 +153,9 @@ def main() -> None:
     parser.add_argument("--likelihood", default="zinb", choices=("zinb", "nb"))
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per fit.")
     parser.add_argument("--genailab-options", default="{}", help="JSON of fit() options to try instead of the defaults.")
+    parser.add_argument("--json", default=None, help="Append each row (dataset, tool, figures) to this JSON-lines file.")
+    parser.add_argument("--compare", default=None, help="JSON-lines file of rows from an earlier run (e.g. scvi-tools alone): "
+                        "its rows for the same dataset join the ratio.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,7 +175,10 @@ def main() -> None:
             labels = _prepare(adata, batch_key, work)
             print(f"\n{name}: {adata.n_obs - adata.n_obs // 10:,} training cells, {adata.n_obs // 10:,} held out")
             print(f"  {'tool':9s} {'fit s':>8s} {'CPU s':>8s} {'epochs':>6s} {'held-out LL':>12s} {'kNN purity':>10s} {'ARI':>6s}")
-            results = {}
+            results = _earlier_rows(args.compare, name, args.threads, tools)
+            for tool, row in results.items():
+                print(f"  {tool:9s} {row['fit_s']:8.1f} {row['cpu_s']:8.1f} {row['epochs']:6d} {row['marginal_ll']:12.1f} "
+                      f"{row['purity']:10.3f} {row['ari']:6.3f}  (from {args.compare})")
             for tool in tools:
                 result = _run_tool(tool, args, work)
                 if result is None:
@@ -169,6 +187,9 @@ def main() -> None:
                 result["purity"] = knn_purity(latent, labels)
                 result["ari"] = leiden_ari_nmi(latent, labels)["ari"]
                 results[tool] = result
+                if args.json:
+                    with open(args.json, "a") as rows:
+                        rows.write(json.dumps({"dataset": name, "tool": tool, "threads": args.threads, **result}) + "\n")
                 print(f"  {tool:9s} {result['fit_s']:8.1f} {result['cpu_s']:8.1f} {result['epochs']:6d} "
                       f"{result['marginal_ll']:12.1f} {result['purity']:10.3f} {result['ari']:6.3f}", flush=True)
             if {"genailab", "scvi"} <= set(results):
