@@ -117,7 +117,9 @@ class PerturbationSchema:
     keys: ObsKeys
     drugs: tuple[str, ...]  # drug vocabulary in code order, without the control label
     max_drugs: int = 2  # drug slots per cell: the largest combination the model can represent
-    dose_scale: float = 1.0  # median positive training dose; doses are divided by it in the dose response
+    # geometric centre of the positive training doses, sqrt(min * max): the dose response starts with its
+    # half-maximal dose there (the median was the lowest dose once a middle dose was held out)
+    dose_scale: float = 1.0
 
     @classmethod
     def from_anndata(
@@ -150,7 +152,7 @@ class PerturbationSchema:
             keys=keys,
             drugs=drugs,
             max_drugs=max(2, max(len(p) for p in parts)),
-            dose_scale=float(np.median(positive)) if positive.size else 1.0,
+            dose_scale=float(np.sqrt(positive.min() * positive.max())) if positive.size else 1.0,
         )
 
     @property
