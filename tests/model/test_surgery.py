@@ -10,7 +10,13 @@ import torch
 from genailab.data.loader import MinibatchLoader
 from genailab.errors import ConfigError
 from genailab.model.config import ModelConfig
-from genailab.model.surgery import ConditionExtension, extend_conditions, freeze_reference, trainable_entries
+from genailab.model.surgery import (
+    ConditionExtension,
+    extend_conditions,
+    freeze_reference,
+    trainable_entries,
+    training_stages,
+)
 from genailab.model.vae import ConditionalVAE
 from genailab.train.config import TrainConfig
 from genailab.train.trainer import Trainer
@@ -178,3 +184,25 @@ def test_unfreeze_all_trains_everything_with_batch_norm_statistics():
     after, before = model.state_dict(), reference.state_dict()
     for name in ("z_mean.weight", "head.scale.weight", "encoder.layers.1.running_mean"):
         assert not torch.equal(after[name], before[name]), name
+
+
+def test_training_stages_put_the_decoder_side_first_and_split_the_entries():
+    extension = ConditionExtension(OLD, ADDED, n_continuous=1)
+    model, extended = extend_conditions(_onehot_reference(dispersion="gene-condition"), extension)
+    for unfreeze in ("new_categories", "first_layer"):
+        stages = training_stages(model, extended, unfreeze=unfreeze)
+        assert [name for name, _ in stages] == ["decoder", "encoder"]
+        decoder, encoder = stages[0][1], stages[1][1]
+        assert all(name.startswith("encoder.") for name in encoder)
+        assert "decoder.layers.0.weight" in decoder and any(name.startswith("head.") for name in decoder)
+        merged = {**decoder, **encoder}
+        expected = trainable_entries(model, extended, unfreeze=unfreeze)
+        assert merged.keys() == expected.keys() and not decoder.keys() & encoder.keys()
+        for name, mask in expected.items():
+            assert (mask is None and merged[name] is None) or torch.equal(merged[name], mask), name
+    assert [name for name, _ in training_stages(model, extended, unfreeze="all")] == ["all"]
+    # one embedding row feeds both networks: nothing to split
+    embedded, rows = extend_conditions(_embedding_reference(), extension)
+    assert [name for name, _ in training_stages(embedded, rows)] == ["new_categories"]
+    decoder_only, columns = extend_conditions(_onehot_reference(inject_condition="decoder"), extension)
+    assert [name for name, _ in training_stages(decoder_only, columns)] == ["new_categories"]

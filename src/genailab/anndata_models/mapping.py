@@ -4,8 +4,10 @@
 categories (new batches, donors, labs) to the reference network by architecture surgery
 (:mod:`genailab.model.surgery`) and returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
 training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
-categories learn (optionally also the encoder's first layer, or everything); every reference weight
-and batch-norm statistic stays bitwise as it was (see :class:`QueryVAE`). The query model is then a :class:`~genailab.VAE`
+categories learn (optionally also the encoder's first layer, or everything), in two stages: the
+decoder's first, then the encoder's at a tenth of the learning rate
+(:func:`~genailab.model.surgery.training_stages` says why); every reference weight and batch-norm
+statistic stays bitwise as it was (see :class:`QueryVAE`). The query model is then a :class:`~genailab.VAE`
 like any other: it embeds, denoises, saves and loads as one, and its ``genailab.json`` records the
 reference it came from (folder and SHA-256 of its files). The reference is never modified.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,15 +30,18 @@ from anndata import AnnData
 from genailab.anndata_models.base import build_config
 from genailab.anndata_models.files import CONFIG_FILE, WEIGHTS_FILE, _sha256
 from genailab.anndata_models.vae import VAE
+from genailab.data.loader import LoaderOptions
 from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
-from genailab.model.surgery import UNFREEZE, ConditionExtension, extend_conditions, freeze_reference, trainable_entries
+from genailab.model.surgery import UNFREEZE, ConditionExtension, extend_conditions, freeze_reference, training_stages
 from genailab.model.vae import ConditionalVAE
 from genailab.train.config import TrainConfig
+from genailab.train.trainer import load_checkpoint
 
 QUERY_EPOCH_CELLS = 400_000  # default query epochs = this / query cells, clipped to QUERY_EPOCHS
 QUERY_EPOCHS = (20, 200)  # a small query needs more passes over it, a large one fewer
 QUERY_LR = 1e-2  # few parameters learn, each far from its start (1e-3 needs ~3x the epochs for the same fit)
+ENCODER_STAGE_LR_FACTOR = 0.1  # the encoder stage corrects what the decoder stage left; at the full lr it drifts the latent
 
 
 def default_query_epochs(n_cells: int) -> int:
@@ -66,10 +72,11 @@ def map_query(
     unfreeze
         What learns: ``"new_categories"`` (the one-hot columns or embedding rows of the query's new
         categories: scArches' default), ``"first_layer"`` (also the encoder's first layer) or
-        ``"all"`` (fine-tune everything, starting from the reference weights).
+        ``"all"`` (fine-tune everything, starting from the reference weights). Except for
+        ``"all"``, the decoder's part learns first and the encoder's part after it.
     epochs
-        Default epochs of the query model's ``fit()``; None chooses them from the query size
-        (:func:`default_query_epochs`).
+        Default epochs of each stage of the query model's ``fit()``; None chooses them from the
+        query size (:func:`default_query_epochs`).
     max_missing_fraction
         Largest share of reference genes the query may lack.
 
@@ -161,13 +168,19 @@ class QueryVAE(VAE):
     """A :class:`~genailab.VAE` for a query mapped onto a reference (made by :func:`map_query`).
 
     ``fit()`` restarts from the extended reference weights and trains only what ``unfreeze``
-    allows. Its defaults differ from a new model's: ``epochs`` from the query size, a learning rate
-    of 1e-2, no weight decay (it would shrink the frozen weights) and a constant KL weight (the
-    reference is trained with the full KL already). As for any model, ``fit()`` sets the default
-    library size (used only when decoding without one) to the median of its own (query) cells. It
-    saves as a plain VAE (``genailab.VAE.load`` reads it) whose description also holds ``reference``
-    (folder and hashes of the reference files) and ``mapping`` (unfreeze mode, new categories,
-    zero-filled genes); a loaded query model is a plain VAE whose ``fit()`` would train from scratch.
+    allows, in the stages of :func:`~genailab.model.surgery.training_stages`: first the new
+    parameters outside the encoder (the decoder's one-hot columns), then the encoder's (its new
+    columns, or its whole first layer) at ``ENCODER_STAGE_LR_FACTOR`` (0.1) times the learning rate;
+    each stage runs up to ``epochs`` with early stopping (one stage for ``unfreeze="all"`` and for
+    embedded conditions). Its defaults differ from a new model's: ``epochs`` from the query size, a
+    learning rate of 1e-2, no weight decay (it would shrink the frozen weights) and a constant KL
+    weight (the reference is trained with the full KL already). As for any model, ``fit()`` sets
+    the default library size (used only when decoding without one) to the median of its own (query)
+    cells. ``history`` holds the epochs of every stage, each record naming its ``stage``;
+    ``train_config`` is the first stage's. It saves as a plain VAE (``genailab.VAE.load`` reads it)
+    whose description also holds ``reference`` (folder and hashes of the reference files) and
+    ``mapping`` (unfreeze mode, stages, new categories, zero-filled genes); a loaded query model is a
+    plain VAE whose ``fit()`` would train from scratch.
     """
 
     def __init__(
@@ -183,17 +196,21 @@ class QueryVAE(VAE):
         self._reference_module = copy.deepcopy(reference.module).cpu().eval()
         self._extension = extension
         self.unfreeze = mapping["unfreeze"]
-        self.mapping = mapping
+        module, extended = extend_conditions(self._reference_module, extension)
+        self._stages = training_stages(module, extended, unfreeze=self.unfreeze)
+        self.mapping = {**mapping, "stages": [name for name, _ in self._stages]}
         self.reference = reference_record(reference)
         self.default_epochs = int(epochs)
-        config = extend_conditions(self._reference_module, extension)[0].config
-        self._assemble(schema=schema, config=config, adata=aligned, empty_cells=reference.empty_cells,
+        self._stage: int | None = None  # the stage being trained (recorded in its checkpoints)
+        self._carried: dict | None = None  # the previous stage's weights, where the next one starts
+        self._assemble(schema=schema, config=module.config, adata=aligned, empty_cells=reference.empty_cells,
                        adversarial_key=None, adversary_config=None)  # fmt: skip
 
     def _new_module(self) -> ConditionalVAE:
-        module, extended = extend_conditions(self._reference_module, self._extension)
-        trainable = trainable_entries(module, extended, unfreeze=self.unfreeze)
-        freeze_reference(module, trainable, freeze_norm_statistics=self.unfreeze != "all")
+        module, _ = extend_conditions(self._reference_module, self._extension)
+        if self._carried is not None:
+            module.load_state_dict(self._carried)
+        freeze_reference(module, self._stages[self._stage or 0][1], freeze_norm_statistics=self.unfreeze != "all")
         return module
 
     @property
@@ -206,21 +223,58 @@ class QueryVAE(VAE):
         updated by ``options``."""
         return build_config(TrainConfig, **{**self.fit_defaults, **options})
 
-    def fit(self, config: TrainConfig | None = None, **options) -> QueryVAE:
-        """Train the query parameters: :meth:`genailab.VAE.fit` with :attr:`fit_defaults` for the
-        training options not given (and without them when ``config`` is given)."""
+    def fit(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
+        loader: LoaderOptions | None = None,
+        **options,
+    ) -> QueryVAE:
+        """Train the query parameters stage by stage: :meth:`genailab.VAE.fit` with :attr:`fit_defaults`
+        for the training options not given (and without them when ``config`` is given).
+
+        ``config`` (or the options) is the first stage's; the encoder stage uses its learning rate
+        times ``ENCODER_STAGE_LR_FACTOR``. ``resume_from`` continues the stage its checkpoint was
+        written in, then runs the later stages (``history`` then starts at that stage).
+        """
+        if loader is None:
+            loader, options = LoaderOptions.split(options)
         if config is None:
-            options = {**self.fit_defaults, **options}
-        weight_decay = options.get("weight_decay", 0.0) if config is None else config.weight_decay
-        if self.unfreeze != "all" and weight_decay != 0:
+            config = self.fit_config(**options)
+        elif options:
+            raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
+        if self.unfreeze != "all" and config.weight_decay != 0:
             raise ConfigError(
-                f"weight_decay={weight_decay} would shrink the frozen reference weights; use weight_decay=0 "
+                f"weight_decay={config.weight_decay} would shrink the frozen reference weights; use weight_decay=0 "
                 "(the default for a query model), or unfreeze='all' to fine-tune everything."
             )
-        return super().fit(config, **options)
+        first = 0 if resume_from is None else int(load_checkpoint(resume_from)["extra"].get("stage", 0))
+        records, first_config, self._carried = [], None, None
+        for stage in range(first, len(self._stages)):
+            self._stage = stage
+            resume = resume_from if stage == first else None
+            if resume is not None:
+                self.module = self._new_module()  # frozen as that stage was; the checkpoint restores the weights
+            super().fit(self._stage_config(config, stage), checkpoint_dir=checkpoint_dir, resume_from=resume, loader=loader)
+            records += [{**record, "stage": self._stages[stage][0]} for record in self.history]
+            first_config = first_config or self.train_config
+            self._carried = {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
+        self.history, self.train_config = records, first_config
+        self._stage, self._carried = None, None
+        return self
+
+    def _stage_config(self, config: TrainConfig, stage: int) -> TrainConfig:
+        """The first stage trains at ``config.lr``; the encoder stage at ENCODER_STAGE_LR_FACTOR times it."""
+        if self._stages[stage][0] != "encoder":
+            return config
+        lr = config.lr * ENCODER_STAGE_LR_FACTOR
+        return dataclasses.replace(config, lr=lr, min_lr=min(config.min_lr, lr))
 
     def _description(self) -> dict:
-        return {**super()._description(), "reference": self.reference, "mapping": self.mapping}
+        stage = {} if self._stage is None else {"stage": self._stage}
+        return {**super()._description(), "reference": self.reference, "mapping": self.mapping, **stage}
 
 
 def reference_record(reference: VAE) -> dict:

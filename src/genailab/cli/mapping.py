@@ -29,7 +29,7 @@ LATENT_KEY = "X_genailab"
 @click.option("--label-key", default=None, help="obs column of --reference-data with the labels (cell types) to transfer.")
 @click.option("--unfreeze", type=click.Choice(UNFREEZE), default=argument_default(map_query, "unfreeze"), show_default=True,
               help="What learns: the new categories' parameters, also the encoder's first layer, or everything.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs (default: from the query size).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-missing-fraction", type=click.FloatRange(0, 1), show_default=True,
@@ -45,6 +45,8 @@ LATENT_KEY = "X_genailab"
 def map_command(ref_run, query, out, reference_data, label_key, unfreeze, epochs, lr, seed, max_missing_fraction,
                 n_neighbors, unknown_threshold, device, overwrite):
     """Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.
+
+    The new batches' decoder parameters learn first, then their encoder parameters (--epochs each).
 
     Writes the query model to --out (it records REF_RUN and the hashes of its files; REF_RUN is never
     modified), --out/query.h5ad with obsm['X_genailab'] (and the transferred labels), and with
@@ -67,7 +69,8 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, epochs
         write_run(model, out)
         mapped = model.adata
         mapped.obsm[LATENT_KEY] = model.get_latent()
-        click.echo(f"Trained the query model {len(model.history)} epochs ({unfreeze}); saved in {out}")
+        stages = ", ".join(f"{name} {sum(r['stage'] == name for r in model.history)}" for name in model.mapping["stages"])
+        click.echo(f"Trained the query model ({unfreeze}), epochs per stage: {stages}; saved in {out}")
         if reference_data is not None:
             cells = read_data(reference_data)
             cells.obsm[LATENT_KEY] = reference.get_latent(cells, align_genes=True)

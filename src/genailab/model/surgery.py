@@ -12,6 +12,15 @@ category. :func:`freeze_reference` then lets only chosen entries learn:
 * ``"first_layer"``: those plus the whole first encoder layer (weights and bias);
 * ``"all"``: everything (fine-tuning from the reference weights).
 
+:func:`training_stages` orders them: the entries outside the encoder (the decoder's and the
+dispersion head's new columns) learn first, the encoder's afterwards. Trained together, the
+encoder's new column is a free shift of every query cell's latent, and the ELBO uses it to explain
+the query's batch effect as a change of cell state through the frozen decoder before the decoder's
+own new column has absorbed it: on a reference trained 10 epochs (400 simulated cells, 3 batches)
+label transfer fell from 0.855 before query training to 0.324 after it, while the decoder's new
+columns alone reached the same reconstruction without moving the query (0.855 kept). Once the
+decoder side has absorbed the batch effect, the encoder's column only corrects what remains.
+
 Partly trainable tensors (a first layer whose old columns stay fixed) get a gradient hook that zeroes
 the gradient of the frozen entries; wholly frozen tensors get ``requires_grad=False``, so optimisers
 skip them. With Adam/AdamW and no weight decay, an entry whose gradient is always zero is updated by
@@ -212,6 +221,26 @@ def trainable_entries(
         for suffix in ("weight", "bias"):
             trainable[f"{ENCODER_FIRST_LAYER}.{suffix}"] = None
     return trainable
+
+
+def training_stages(
+    model: ConditionalVAE, extended: dict[str, ExtendedTensor], *, unfreeze: str = "new_categories"
+) -> list[tuple[str, dict[str, torch.Tensor | None]]]:
+    """The entries of :func:`trainable_entries` split into the stages that learn one after the other.
+
+    Returns
+    -------
+    list
+        ``[("decoder", entries outside the encoder), ("encoder", the encoder's entries)]`` when both
+        are non-empty, else one stage ``[(unfreeze, all entries)]`` (``"all"``; embedded conditions,
+        whose one new embedding row feeds both networks; conditions that enter one network only).
+    """
+    trainable = trainable_entries(model, extended, unfreeze=unfreeze)
+    encoder = {name: mask for name, mask in trainable.items() if name.startswith("encoder.")}
+    decoder = {name: mask for name, mask in trainable.items() if not name.startswith("encoder.")}
+    if unfreeze == "all" or not encoder or not decoder:
+        return [(unfreeze, trainable)]
+    return [("decoder", decoder), ("encoder", encoder)]
 
 
 def freeze_reference(
