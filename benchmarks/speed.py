@@ -8,7 +8,12 @@ importable. Run:
     python benchmarks/speed.py                      # 20,000 cells x 2,000 genes
     python benchmarks/speed.py --scaling 10000,100000
     python benchmarks/speed.py --profile            # where the milliseconds of a training step go
-    /opt/scvi-venv/bin/python benchmarks/speed.py   # an environment with scvi-tools adds its row
+    python benchmarks/speed.py --profile-inference  # where the time of denoised expression goes
+    .venv-scvi/bin/python benchmarks/speed.py       # an environment with scvi-tools adds its row (see README)
+
+Training epochs, inference calls and scvi-tools' epochs alternate round by round, and the ratios
+(inference / training, genailab / scvi-tools) are taken within each round before the median, so
+that a shared machine's drifting load hits every side alike.
 """
 
 from __future__ import annotations
@@ -70,19 +75,42 @@ def genailab_training_throughput(adata, *, epochs: int, batch_size: int) -> floa
     return float(np.median([training.epoch() for _ in range(epochs)]))
 
 
-def inference_throughput(adata, repeats: int = 3) -> dict[str, float]:
-    """Cells/s of the whole-AnnData inference calls (data checks included), median of ``repeats``."""
-    model = VAE(adata, likelihood="zinb", layer="counts", latent_dim=10, hidden_dims=(128, 128))
-    model.fit(epochs=1, progress=False, validation_fraction=0.0)
-    result = {}
-    for name, call in (("latent", model.get_latent), ("denoised", model.get_normalized_expression)):
-        speeds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            call()
-            speeds.append(adata.n_obs / (time.perf_counter() - started))
-        result[name] = float(np.median(speeds))
-    return result
+class InferenceCalls:
+    """Whole-AnnData inference (data checks included) of a VAE with the benchmark's architecture,
+    trained one epoch: cells/s of one call of ``get_latent`` or ``get_normalized_expression``."""
+
+    def __init__(self, adata):
+        self.model = VAE(adata, likelihood="zinb", layer="counts", latent_dim=10, hidden_dims=(128, 128))
+        self.model.fit(epochs=1, progress=False, validation_fraction=0.0)
+        self.n_cells = adata.n_obs
+
+    def speed(self, name: str) -> float:
+        call = {"latent": self.model.get_latent, "denoised": self.model.get_normalized_expression}[name]
+        started = time.perf_counter()
+        call()
+        return self.n_cells / (time.perf_counter() - started)
+
+
+def profile_inference(adata, *, calls: int = 3) -> None:
+    """Print where the time of ``get_normalized_expression`` goes: torch.profiler's operators by
+    self CPU time, then the Python functions (cProfile) by their own time."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    inference = InferenceCalls(adata)
+    inference.speed("denoised")
+    speeds = [inference.speed("denoised") for _ in range(calls)]
+    print(f"denoised expression, {adata.n_obs} cells: {np.median(speeds):.0f} cells/s (median of {calls} calls)")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            inference.speed("denoised")
+    print(f"operators by self CPU time (per call = total / {calls}):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    profiler = cProfile.Profile()
+    profiler.runcall(inference.speed, "denoised")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 def profile_steps(adata, *, batch_size: int, steps: int = 40, warmup: int = 10) -> None:
@@ -161,37 +189,44 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scaling", default="", help="comma-separated cell counts for the per-epoch cost")
     parser.add_argument("--profile", action="store_true", help="only profile a training step")
+    parser.add_argument("--profile-inference", action="store_true", help="only profile denoised expression")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.profile:
+    if args.profile or args.profile_inference:
         adata = simulate(min(args.cells, 20_000), args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=0)
-        profile_steps(adata, batch_size=args.batch_size)
+        profile_steps(adata, batch_size=args.batch_size) if args.profile else profile_inference(adata)
         return
 
     adata = simulate(args.cells, args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=0)
     density = adata.layers["counts"].nnz / (adata.n_obs * adata.n_vars)
     print(f"data: {args.cells} cells x {args.genes} genes, {density:.1%} non-zero; torch threads {args.threads}")
     ours = GenailabTraining(adata, args.batch_size)
+    inference = InferenceCalls(adata)
     try:
         reference = ScviTraining(adata.copy(), args.batch_size)
     except ImportError:
         reference = None
-    # Alternate one epoch of each tool, so that a shared machine's drifting load hits both alike.
-    ours.epoch()
-    if reference is not None:
-        reference.epoch()
-    rounds = [(ours.epoch(), reference.epoch() if reference is not None else np.nan) for _ in range(args.epochs)]
-    our_speed, reference_speed = np.median(rounds, axis=0)
+
+    def one_round() -> dict[str, float]:
+        speeds = {"training": ours.epoch(), "latent": inference.speed("latent"), "denoised": inference.speed("denoised")}
+        speeds["scvi-tools"] = reference.epoch() if reference is not None else np.nan
+        return speeds
+
+    one_round()  # warm-up
+    rounds = [one_round() for _ in range(args.epochs)]
+    median = {name: float(np.median([r[name] for r in rounds])) for name in rounds[0]}
+    ratio = {name: float(np.median([r[name] / r["training"] for r in rounds])) for name in rounds[0]}
     bare = bare_network_throughput(args.genes, 128, 10, args.batch_size)
-    print(f"genailab training      {our_speed:10.0f} cells/s   (median of {args.epochs} epochs)")
-    print(f"bare network fwd+bwd   {bare:10.0f} cells/s   (genailab reaches {our_speed / bare:.0%} of it)")
-    for name, speed in inference_throughput(adata).items():
-        print(f"inference: {name:<11} {speed:10.0f} cells/s   ({speed / our_speed:.1f}x training; median of 3 calls)")
+    print(f"genailab training      {median['training']:10.0f} cells/s   (median of {args.epochs} epochs)")
+    print(f"bare network fwd+bwd   {bare:10.0f} cells/s   (genailab reaches {median['training'] / bare:.0%} of it)")
+    for name in ("latent", "denoised"):
+        per_round = ", ".join(f"{r[name] / r['training']:.1f}" for r in rounds)
+        print(f"inference: {name:<11} {median[name]:10.0f} cells/s   ({ratio[name]:.1f}x training; per round {per_round})")
     if reference is None:
         print("scvi-tools not importable: run with an environment that has it for the side-by-side rows")
     else:
-        print(f"scvi-tools training    {reference_speed:10.0f} cells/s   (genailab is {our_speed / reference_speed:.2f}x)")
-        ratios = ", ".join(f"{a / b:.2f}" for a, b in rounds)
+        print(f"scvi-tools training    {median['scvi-tools']:10.0f} cells/s   (genailab is {1 / ratio['scvi-tools']:.2f}x)")
+        ratios = ", ".join(f"{r['training'] / r['scvi-tools']:.2f}" for r in rounds)
         print(f"per-epoch ratios genailab / scvi-tools, in alternation: {ratios}")
     for n in [int(v) for v in args.scaling.split(",") if v]:
         big = simulate(n, args.genes, n_cell_types=8, n_batches=2, likelihood="zinb", seed=1)

@@ -86,3 +86,15 @@ def test_denoised_options_equal_the_reference(fitted):
         expected = _reference(model, adata, library_size=1e4, include_dropout=True, **kwargs)
         np.testing.assert_allclose(with_dropout, expected, rtol=2e-5, atol=1e-6 * expected.max())
         assert (with_dropout <= model.get_normalized_expression(adata, **kwargs)).all()
+
+
+def test_denoised_under_bfloat16_autocast_stays_close(fitted):
+    """A caller's ``torch.autocast`` (bf16 matrix products on the CPU) still fills the float32 result."""
+    model, adata = fitted
+    exact = model.get_normalized_expression(adata)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approximate = model.get_normalized_expression(adata)
+    assert approximate.dtype == np.float32
+    error = np.abs(approximate - exact)
+    assert error.mean() < 1e-2 * np.abs(exact).mean() and error.max() < 3e-2 * np.abs(exact).max()
+    assert error.max() > 0  # the products did run in bf16

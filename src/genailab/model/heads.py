@@ -62,7 +62,7 @@ class GaussianHead(nn.Module):
         """E[x | z, c] (B, G) without building the distribution; written into ``out`` (B, G) when given."""
         if out is None:
             return self.mean(h)
-        return torch.addmm(self.mean.bias, h, self.mean.weight.t(), out=out)
+        return out.copy_(self.mean(h))
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor | None) -> Distribution:
         mean = self.mean(h)  # (B, G)
@@ -99,10 +99,11 @@ class NegativeBinomialHead(nn.Module):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """E[x | z, c] = library * softmax(W h), (B, G); only the proportions head runs. With ``out``
-        (B, G) the proportions are written there and scaled in place (no (B, G) temporaries)."""
+        (B, G), for inference without gradients, the proportions are written there and scaled in
+        place (no (B, G) temporaries)."""
         if out is None:
             return library * torch.softmax(self.scale(h), dim=-1)
-        return torch.softmax(self.scale(h), dim=-1, out=out).mul_(library)
+        return torch.softmax(self.scale(h), dim=-1, dtype=out.dtype, out=out).mul_(library)  # also under autocast
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)
