@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 class PerturbationModel(AnnDataModel):
     """Predict perturbed expression for control cells: unseen cell type x drug x dose combinations.
 
-    A basal latent is inferred from each cell's expression; drugs enter as learned embeddings
-    scaled by a learned monotone dose response, covariates (cell type...) as embeddings, and a
-    count or Gaussian decoder maps the sum back to expression (:mod:`genailab.model.perturbation`).
+    A basal latent is inferred from each cell's expression and decoded with the covariates
+    (cell type...); each drug adds a per-gene change to the decoder's log expression, scaled by a
+    monotone Hill dose response whose half-maximal dose starts at the geometric centre of the
+    training doses, plus a low-rank cell type x drug term (:mod:`genailab.model.perturbation`).
 
     Parameters
     ----------

@@ -60,7 +60,7 @@ class PerturbationConfig:
     n_drugs: int  # size of the drug vocabulary, control excluded
     max_drugs: int = 2  # drug slots per cell: combinations of up to this many drugs
     covariate_sizes: tuple[int, ...] = ()  # categories of each covariate (cell type first)
-    dose_scale: float = 1.0  # s_0 of the dose response: b_d = 0 puts a drug's half-maximal dose at s_0
+    dose_scale: float = 1.0  # s_0: b_d = 0 puts a drug's half-maximal dose here (the centre of the training doses)
     response: str = "gene"  # "gene": per-gene change from the basal state; "latent": CPA's latent shift
     interaction_rank: int = 2  # rank of the cell type x drug interaction of the gene response (0: none)
     interaction_l2: float = 1e-3  # L2 weight on its factors: unseen cell types fall back to the average
