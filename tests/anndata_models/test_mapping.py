@@ -115,7 +115,7 @@ def test_gaussian_embedding_and_adversarial_references_map_frozen(split, likelih
     assert np.isfinite(model.get_latent()).all()
 
 
-def test_first_layer_and_all_unfreeze_more(split, reference_run):
+def test_first_layer_encoder_and_all_unfreeze_more(split, reference_run):
     _, query = split
     reference, _ = reference_run
     first = map_query(query, reference, unfreeze="first_layer").fit(epochs=2, **FAST)
@@ -124,6 +124,11 @@ def test_first_layer_and_all_unfreeze_more(split, reference_run):
     assert not torch.equal(new["encoder.layers.0.weight"][:, : query.n_vars], old["encoder.layers.0.weight"][:, : query.n_vars])
     for name in ("decoder.layers.0.bias", "z_mean.weight", "encoder.layers.1.running_var", "head.scale.weight"):
         assert torch.equal(new[name], old[name]), name
+    encoder = map_query(query, reference, unfreeze="encoder").fit(epochs=2, **FAST).module.state_dict()
+    for name in ("encoder.layers.0.bias", "z_mean.weight", "z_logvar.bias"):
+        assert not torch.equal(encoder[name], old[name]), name
+    for name in ("decoder.layers.0.bias", "head.scale.weight", "encoder.layers.1.running_var"):  # the generative model stays
+        assert torch.equal(encoder[name], old[name]), name
     everything = map_query(query, reference, unfreeze="all").fit(epochs=2, **FAST)
     for name in ("z_mean.weight", "head.scale.weight", "encoder.layers.1.running_var"):
         assert not torch.equal(everything.module.state_dict()[name], old[name]), name

@@ -113,8 +113,8 @@ def test_extension_must_describe_the_model():
         extend_conditions(_onehot_reference(), ConditionExtension((3, 3), (1, 0), n_continuous=1))
     with pytest.raises(ConfigError, match="embeds conditions with"):
         extend_conditions(_embedding_reference(), ConditionExtension((3, 3), (1, 0), n_continuous=1))
-    with pytest.raises(ConfigError, match="unfreeze='encoder'"):
-        trainable_entries(_onehot_reference(), {}, unfreeze="encoder")
+    with pytest.raises(ConfigError, match="unfreeze='decoder'"):
+        trainable_entries(_onehot_reference(), {}, unfreeze="decoder")
 
 
 def _train_extended(model, extension, codes, *, seed=0, epochs=3):
@@ -189,17 +189,20 @@ def test_unfreeze_all_trains_everything_with_batch_norm_statistics():
 def test_training_stages_put_the_decoder_side_first_and_split_the_entries():
     extension = ConditionExtension(OLD, ADDED, n_continuous=1)
     model, extended = extend_conditions(_onehot_reference(dispersion="gene-condition"), extension)
-    for unfreeze in ("new_categories", "first_layer"):
+    for unfreeze in ("new_categories", "first_layer", "encoder"):
         stages = training_stages(model, extended, unfreeze=unfreeze)
         assert [name for name, _ in stages] == ["decoder", "encoder"]
         decoder, encoder = stages[0][1], stages[1][1]
-        assert all(name.startswith("encoder.") for name in encoder)
+        assert all(name.startswith(("encoder.", "z_mean.", "z_logvar.")) for name in encoder)
         assert "decoder.layers.0.weight" in decoder and any(name.startswith("head.") for name in decoder)
         merged = {**decoder, **encoder}
         expected = trainable_entries(model, extended, unfreeze=unfreeze)
         assert merged.keys() == expected.keys() and not decoder.keys() & encoder.keys()
         for name, mask in expected.items():
             assert (mask is None and merged[name] is None) or torch.equal(merged[name], mask), name
+    encoder_stage = dict(training_stages(model, extended, unfreeze="encoder"))["encoder"]
+    assert {"z_mean.weight", "z_logvar.bias", "encoder.layers.0.weight", "encoder.layers.1.weight"} <= set(encoder_stage)
+    assert all(encoder_stage[name] is None for name in encoder_stage)  # whole tensors, the new columns with them
     assert [name for name, _ in training_stages(model, extended, unfreeze="all")] == ["all"]
     # one embedding row feeds both networks: nothing to split
     embedded, rows = extend_conditions(_embedding_reference(), extension)

@@ -71,9 +71,11 @@ def map_query(
         not modified.
     unfreeze
         What learns: ``"new_categories"`` (the one-hot columns or embedding rows of the query's new
-        categories: scArches' default), ``"first_layer"`` (also the encoder's first layer) or
-        ``"all"`` (fine-tune everything, starting from the reference weights). Except for
-        ``"all"``, the decoder's part learns first and the encoder's part after it.
+        categories: scArches' default), ``"first_layer"`` (also the encoder's first layer),
+        ``"encoder"`` (also the whole encoder: the query's own inference network for the
+        reference's generative model) or ``"all"`` (fine-tune everything, starting from the
+        reference weights). Except for ``"all"``, the decoder's part learns first and the encoder's
+        part after it.
     epochs
         Default epochs of each stage of the query model's ``fit()``; None chooses them from the
         query size (:func:`default_query_epochs`).
@@ -109,7 +111,7 @@ def map_query(
         raise ConfigError(
             f"Every query category of {list(schema.categorical_keys)} is already in the reference, so "
             "unfreeze='new_categories' has nothing to train; embed the query with reference.get_latent(query), "
-            "or fine-tune with unfreeze='first_layer' or 'all'."
+            "or fine-tune with unfreeze='first_layer', 'encoder' or 'all'."
         )
     aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)
     query_schema = dataclasses.replace(schema, categories=tuple(old + added for old, added in zip(schema.categories, new)))

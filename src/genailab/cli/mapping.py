@@ -28,7 +28,7 @@ LATENT_KEY = "X_genailab"
               help="The reference's cells: drawn beside the query and, with --label-key, the labels to transfer.")
 @click.option("--label-key", default=None, help="obs column of --reference-data with the labels (cell types) to transfer.")
 @click.option("--unfreeze", type=click.Choice(UNFREEZE), default=argument_default(map_query, "unfreeze"), show_default=True,
-              help="What learns: the new categories' parameters, also the encoder's first layer, or everything.")
+              help="What learns: the new categories' parameters, also the encoder's first layer, also the whole encoder, or everything.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)

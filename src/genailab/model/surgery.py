@@ -10,6 +10,8 @@ category. :func:`freeze_reference` then lets only chosen entries learn:
 
 * ``"new_categories"``: the new columns / rows only;
 * ``"first_layer"``: those plus the whole first encoder layer (weights and bias);
+* ``"encoder"``: those plus the whole encoder (its layers and the posterior heads), the generative
+  model (decoder, likelihood head) staying the reference's;
 * ``"all"``: everything (fine-tuning from the reference weights).
 
 :func:`training_stages` orders them: the entries outside the encoder (the decoder's and the
@@ -43,8 +45,9 @@ from genailab.errors import ConfigError
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
 
-UNFREEZE = ("new_categories", "first_layer", "all")
+UNFREEZE = ("new_categories", "first_layer", "encoder", "all")
 ENCODER_FIRST_LAYER = "encoder.layers.0"
+ENCODER_PARTS = ("encoder.", "z_mean.", "z_logvar.")  # parameter-name prefixes of q(z|x,c)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ def trainable_entries(
     if unfreeze == "first_layer":
         for suffix in ("weight", "bias"):
             trainable[f"{ENCODER_FIRST_LAYER}.{suffix}"] = None
+    if unfreeze == "encoder":
+        trainable.update({name: None for name in parameters if name.startswith(ENCODER_PARTS)})
     return trainable
 
 
@@ -236,8 +241,8 @@ def training_stages(
         whose one new embedding row feeds both networks; conditions that enter one network only).
     """
     trainable = trainable_entries(model, extended, unfreeze=unfreeze)
-    encoder = {name: mask for name, mask in trainable.items() if name.startswith("encoder.")}
-    decoder = {name: mask for name, mask in trainable.items() if not name.startswith("encoder.")}
+    encoder = {name: mask for name, mask in trainable.items() if name.startswith(ENCODER_PARTS)}
+    decoder = {name: mask for name, mask in trainable.items() if not name.startswith(ENCODER_PARTS)}
     if unfreeze == "all" or not encoder or not decoder:
         return [(unfreeze, trainable)]
     return [("decoder", decoder), ("encoder", encoder)]
