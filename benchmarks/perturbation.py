@@ -3,6 +3,7 @@
     python benchmarks/perturbation.py             # default run: 341 s on a shared, loaded 2-core machine
     python benchmarks/perturbation.py --quick     # 1,500 cells, 20 epochs: a smoke run (pair groups get small)
     python benchmarks/perturbation.py --out scores.csv
+    python benchmarks/perturbation.py --ceilings  # what counterfactuals that know the truth reach (27 s)
 
 Generators: ``simulator`` (genailab.data.simulate with its drug arm: 200 genes, 3 cell types,
 3 drugs at doses 0.1, 1 and 10, a fifth of treated cells on pairs, one pair interacting) and
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -38,6 +40,7 @@ from genailab.data.simulate import PerturbationSpec, simulate, true_counterfactu
 from genailab.perturb import compare_methods, default_methods, format_table, holdout_split
 from genailab.perturb import semisynthetic as pbmc
 from genailab.perturb.baselines import Oracle
+from genailab.perturb.evaluate import log_normalize, r2_score, top_de_genes
 
 PROTOCOLS = ("combination", "dose", "dose_extrapolation", "pair", "cell_type")
 DOSES = (0.1, 1.0, 10.0)
@@ -60,15 +63,66 @@ def split_for(adata, protocol: str, seed: int):
     return holdout_split(adata.obs, "pair", pairs=[additive[0], *interacting], seed=seed)
 
 
+def ceilings(adata, truth, split, *, draws: int = 5, min_cells: int = 10) -> pd.DataFrame:
+    """Top-50 delta R2 of what a counterfactual of the control cells could reach, per held-out group.
+
+    ``true fc``: the control cells' log-normalised counts plus the true change of their expected
+    log-normalised expression (the truth function's draws under the drug minus those under no
+    drug, averaged over ``draws``); ``true fc, seen doses``: the same with the true changes at
+    the two seen doses around the held-out one interpolated in log dose (``dose`` protocol only);
+    ``true mean``: the expected log-normalised expression of those control cells under the drug
+    (no sampling error of the control sample left); ``true fc, average sensitivity`` (PBMC,
+    ``combination``): the true effects with the held-out cell type's sensitivity replaced by the
+    other types' average, the most a method can know there. Scored like the benchmark (the top-50
+    genes of the true change from the control mean).
+    """
+    obs, counts = adata.obs, adata.layers["counts"]
+    rows = []
+    for cell_type, drug, dose in split.groups:
+        same_type = (obs["cell_type"] == cell_type).to_numpy()
+        held = same_type & (obs["drug"] == drug).to_numpy() & (obs["dose"] == dose).to_numpy()
+        if held.sum() < min_cells:
+            continue
+        control = adata[same_type & (obs["drug"] == "control").to_numpy()]
+        control_values = log_normalize(control.layers["counts"])
+        control_mean, true_mean = control_values.mean(0), log_normalize(counts[np.flatnonzero(held)]).mean(0)
+        top = top_de_genes(control_mean, true_mean, 50)
+
+        def expected(d: str, x: float) -> np.ndarray:
+            return np.mean([log_normalize(truth(control, drug=d, dose=x, seed=k)).mean(0) for k in range(draws)], 0)
+
+        basal, treated = expected(drug, 0.0), expected(drug, dose)
+        predictions = {"true fc": treated - basal, "true mean": treated - control_mean}
+        if split.protocol == "dose":
+            low, high = max(x for x in DOSES if x < dose), min(x for x in DOSES if x > dose)
+            weight = (np.log(dose) - np.log(low)) / (np.log(high) - np.log(low))
+            interpolated = (1 - weight) * expected(drug, low) + weight * expected(drug, high)
+            predictions["true fc, seen doses"] = interpolated - basal
+        if split.protocol == "combination" and "semisynthetic" in adata.uns:
+            log_fc = pbmc.true_log_fc(adata, drug, dose)
+            others = [t for t in log_fc.columns if t != cell_type]
+            mean = np.asarray(control.layers["true_mean"], dtype=np.float64) * np.exp(log_fc[others].mean(1).to_numpy())
+            rng = np.random.default_rng(0)
+            average = np.mean([log_normalize(rng.poisson(mean).astype(np.float32)).mean(0) for _ in range(draws)], 0)
+            predictions["true fc, average sensitivity"] = average - basal
+        true_delta = true_mean - control_mean
+        for name, delta in predictions.items():
+            rows.append(dict(protocol=split.protocol, group=(cell_type, drug, dose), ceiling=name,
+                             r2_delta_top_de=r2_score(true_delta[top], delta[top])))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,500 cells and 20 epochs.")
     parser.add_argument("--cells", type=int, default=None, help="Cells per generator (default 3,000; quick 1,500).")
-    parser.add_argument("--epochs", type=int, default=None, help="Epochs of both neural methods (default 40; quick 20).")
+    parser.add_argument("--epochs", type=int, default=None, help="Epochs of the neural methods (default 40; quick 20).")
     parser.add_argument("--seeds", type=int, default=1, help="Seed ensemble size of the genailab model.")
     parser.add_argument("--generator", choices=["simulator", "pbmc"], action="append", help="Default both.")
     parser.add_argument("--protocol", choices=PROTOCOLS, action="append", help="Default all five.")
     parser.add_argument("--baselines-only", action="store_true", help="Skip both neural methods.")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="Only what counterfactuals that know the truth reach (no training; see ceilings()).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; these small models are fastest on one.")
     parser.add_argument("--out", default=None, help="CSV for the per-group scores.")
@@ -84,6 +138,9 @@ def main() -> None:
         results = []
         for protocol in args.protocol or PROTOCOLS:
             split = split_for(adata, protocol, args.seed)
+            if args.ceilings:
+                results.append(ceilings(adata, truth, split))
+                continue
             train_options = dict(epochs=epochs, seed=args.seed, progress=False)
             methods = default_methods(train_options=train_options, pairs=protocol == "pair")
             if args.baselines_only:
@@ -95,8 +152,16 @@ def main() -> None:
             print(f"{generator} {protocol}: {len(split.groups)} groups held out, "
                   f"done at {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
         table = pd.concat(results, ignore_index=True)
+        if args.ceilings:
+            means = table.pivot_table(index="protocol", columns="ceiling", values="r2_delta_top_de", sort=False)
+            print(f"\n######## {generator}: top-50 delta R2 of counterfactuals that know the truth\n")
+            print(means.to_string(float_format=lambda v: f"{v:.3f}"))
+            continue
         parts.append((generator, table))
         tables.append(table.assign(generator=generator))
+    if args.ceilings:
+        print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        return
     print(f"\n{n_cells} cells per generator, {epochs} epochs, {args.seeds} seed(s), seed {args.seed}, "
           f"{torch.get_num_threads()} torch thread(s); means over held-out groups "
           "(d: change from control, 50: top-50 DE genes; higher is better except energy):")  # fmt: skip
