@@ -55,10 +55,10 @@ def test_data_dependent_defaults_follow_the_training_cells():
     from genailab.train import TrainConfig
 
     auto = TrainConfig()
-    assert [auto.resolved(n).epochs for n in (630, 4_500, 18_000, 1_000_000, 10**9, 1)] == [80, 30, 15, 2, 2, 400]
+    assert [auto.resolved(n).epochs for n in (630, 4_500, 18_000, 1_000_000, 10**9, 1)] == [40, 15, 7, 2, 2, 400]
     plan = auto.resolved(4_500)
-    assert plan.lr_schedule == "one_cycle" and plan.kl_warmup_epochs == pytest.approx(0.3 * 30)
-    assert plan.resolved(10).epochs == 30  # resolving twice changes nothing
+    assert plan.lr_schedule == "one_cycle" and plan.kl_warmup_epochs == pytest.approx(0.3 * 15)
+    assert plan.resolved(10).epochs == 15  # resolving twice changes nothing
     given = TrainConfig(epochs=7).resolved(4_500)  # given epochs keep the earlier defaults
     assert (given.epochs, given.lr_schedule, given.kl_warmup_epochs) == (7, "plateau", 10.0)
     assert TrainConfig(lr_schedule="plateau").resolved(4_500).lr_schedule == "plateau"
