@@ -4,11 +4,11 @@
 categories (new batches, donors, labs) to the reference network by architecture surgery
 (:mod:`genailab.model.surgery`) and returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
 training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
-categories learn (optionally also the encoder's first layer, or everything), in two stages: the
-decoder's first, then the encoder's at a tenth of the learning rate
-(:func:`~genailab.model.surgery.training_stages` says why); every reference weight and batch-norm
-statistic stays bitwise as it was (see :class:`QueryVAE`). The query model is then a :class:`~genailab.VAE`
-like any other: it embeds, denoises, saves and loads as one, and its ``genailab.json`` records the
+categories learn (optionally also the encoder's first layer, the whole encoder, or everything), in
+two stages: the decoder's first, then the encoder's at a tenth of the learning rate
+(:func:`~genailab.model.surgery.training_stages` says why); by default every reference weight and
+batch-norm statistic stays bitwise as it was (see :class:`QueryVAE`). The query model is then a
+:class:`~genailab.VAE` like any other: it embeds, denoises, saves and loads as one, and its ``genailab.json`` records the
 reference it came from (folder and SHA-256 of its files). The reference is never modified.
 
 A reference trained with the batch adversary is mapped without it: the adversary shaped the
@@ -175,7 +175,7 @@ class QueryVAE(VAE):
     ``fit()`` restarts from the extended reference weights and trains only what ``unfreeze``
     allows, in the stages of :func:`~genailab.model.surgery.training_stages`: first the new
     parameters outside the encoder (the decoder's one-hot columns), then the encoder's (its new
-    columns, or its whole first layer) at ``ENCODER_STAGE_LR_FACTOR`` (0.1) times the learning rate;
+    columns, its whole first layer or the whole encoder) at ``ENCODER_STAGE_LR_FACTOR`` (0.1) times the learning rate;
     each stage runs up to ``epochs`` with early stopping (one stage for ``unfreeze="all"`` and for
     embedded conditions). Its defaults differ from a new model's: ``epochs`` from the query size, a
     learning rate of 1e-2, no weight decay (it would shrink the frozen weights) and a constant KL
