@@ -3,6 +3,11 @@
 :func:`compare_methods` trains every method on the cells outside a :class:`HoldoutSplit`, predicts
 each held-out group (cell type, drug, dose) from that cell type's control cells, and scores the
 prediction against the held-out cells with :func:`~genailab.perturb.evaluate.perturbation_metrics`.
+The true change is measured from the mean of reference controls
+(:func:`~genailab.perturb.evaluate.reference_controls`, a third of each type's controls) that no
+method trains on or predicts from, and each predicted change from the mean of the controls it was
+predicted from, so that the truth shares no sampling error with any prediction (the module
+docstring of :mod:`~genailab.perturb.evaluate` says why).
 :func:`contrast` gives, per protocol and metric, the paired bootstrap 95% interval of
 (ours - best baseline) over held-out groups: groups are drawn with replacement and each draw
 averages the per-group differences of the two methods on the same groups. The best baseline is
@@ -28,7 +33,7 @@ from genailab.perturb.baselines import (
     AdditiveShift, LatentArithmetic, MatchingMean, NoChange, Oracle, PerturbedMean, RidgeCovariates,
 )  # fmt: skip
 from genailab.perturb.evaluate import (
-    HoldoutSplit, cell_groups, cell_types, centroid_accuracy, log_normalize, perturbation_metrics,
+    HoldoutSplit, cell_groups, cell_types, centroid_accuracy, log_normalize, perturbation_metrics, reference_controls,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -118,6 +123,11 @@ def compare_methods(
 ) -> pd.DataFrame:
     """Train every method without the held-out groups and score its predictions of them.
 
+    The reference controls (:func:`~genailab.perturb.evaluate.reference_controls` with ``seed``)
+    are neither trained on nor given to any method: each method trains on the other cells and
+    predicts from the other controls of the group's cell type; the true change is measured from
+    the reference controls' mean, a predicted change from the mean of the controls it was made from.
+
     Parameters
     ----------
     adata
@@ -137,7 +147,7 @@ def compare_methods(
     Returns
     -------
     One row per held-out group and method: protocol, group, cell_type, drug, dose, method,
-    n_true, n_control and the metrics (:data:`METRICS`).
+    n_true, n_control (the prediction inputs), n_reference and the metrics (:data:`METRICS`).
     """
     counts = adata.X if layer is None else adata.layers[layer]
     check_expression(counts, counts=True, source="The benchmark's expression matrix")
@@ -146,12 +156,14 @@ def compare_methods(
         raise ConfigError(f"The split holds out {int(test.sum())} of {test.size} cells; it must leave some on each side.")
     if interacting_pairs is None:
         interacting_pairs = [str(p) for p in adata.uns.get("interacting_pairs", [])]
-    train = adata[~test].copy()
+    reference = reference_controls(adata.obs, keys=keys, seed=seed)
+    used = ~test & ~reference
+    train = adata[used].copy()
     methods = default_methods() if methods is None else list(methods)
     for method in methods:
         logger.info("fitting %s on %d training cells", method.name, train.n_obs)
         method.fit(train, keys=keys, layer=layer)
-    train_values = log_normalize(counts[np.flatnonzero(~test)])
+    train_values = log_normalize(counts[np.flatnonzero(used)])
     pca = _fitted_pca(train_values, n_comps, seed)
     perturbed_mean = train_values[~keys.is_control(train.obs)].mean(0)
 
@@ -166,24 +178,28 @@ def compare_methods(
         if true_rows.size < min_cells:
             logger.info("skipping %s: %d held-out cells (< %d)", group, true_rows.size, min_cells)
             continue
-        control_rows = np.flatnonzero(control & (types == cell_type))
-        if control_rows.size < 2:
+        control_rows = np.flatnonzero(control & used & (types == cell_type))
+        reference_rows = np.flatnonzero(control & reference & (types == cell_type))
+        if min(control_rows.size, reference_rows.size) < 2:
             raise InputDataError(
-                f"Cell type {cell_type!r} has {control_rows.size} control cells; predictions need its control cells."
+                f"Cell type {cell_type!r} has {control_rows.size + reference_rows.size} control cells; the benchmark "
+                "needs 2+ to predict from and 2+ as the reference of changes (a third): simulate or keep more controls."
             )
         protocol = split.protocol
         if protocol == "pair":
             protocol = "pair (interacting)" if drug in interacting_pairs else "pair (additive)"
-        control_values, true_values = log_normalize(counts[control_rows]), log_normalize(counts[true_rows])
+        reference_values, true_values = log_normalize(counts[reference_rows]), log_normalize(counts[true_rows])
+        input_values = log_normalize(counts[control_rows])
         predicted_means = {}
         for method in methods:
             predicted = method.predict(adata[control_rows], drug=drug, dose=dose)
             scores = perturbation_metrics(
-                control_values, true_values, predicted, perturbed_mean=perturbed_mean, n_top_genes=n_top_genes,
-                embed=pca.transform, seed=seed,
+                reference_values, true_values, predicted, predicted_from=input_values, perturbed_mean=perturbed_mean,
+                n_top_genes=n_top_genes, embed=pca.transform, seed=seed,
             )  # fmt: skip
             rows.append(dict(protocol=protocol, group=number, cell_type=cell_type, drug=drug, dose=dose,
-                             method=method.name, n_true=true_rows.size, n_control=control_rows.size, **scores))  # fmt: skip
+                             method=method.name, n_true=true_rows.size, n_control=control_rows.size,
+                             n_reference=reference_rows.size, **scores))  # fmt: skip
             predicted_means[method.name] = predicted.mean(0)
         centroids.append((protocol, true_values.mean(0), predicted_means))
     if not rows:
