@@ -4,7 +4,7 @@ One prepared script of at most about 10 minutes for a machine with a CUDA GPU:
 
     python benchmarks/gpu.py                        # both sizes, float32 and bfloat16 autocast
     python benchmarks/gpu.py --sizes 20000          # the small case only
-    /tmp/scvi-venv/bin/python benchmarks/gpu.py     # adds scvi-tools' rows on the same GPU
+    .venv-scvi/bin/python benchmarks/gpu.py         # adds scvi-tools' rows on the same GPU (see README, Speed)
 
 The protocol is the speed benchmark's (ZINB, 2 x 128 hidden, latent 10). The 20k cells are
 simulated; the 1M-cell matrix repeats them 50 times (throughput depends on the shape and the
