@@ -9,7 +9,7 @@ import pytest
 from anndata import AnnData
 from sklearn.metrics import r2_score as sklearn_r2
 
-from genailab.errors import SchemaMismatchError
+from genailab.errors import InputDataError, SchemaMismatchError
 from genailab.perturb import (
     AdditiveShift, MatchingMean, NoChange, ObsKeys, Oracle, PerturbedMean, RidgeCovariates, log_normalize,
     perturbation_metrics, r2_score,
@@ -92,11 +92,23 @@ def test_perturbed_mean_matching_mean_and_ridge_pair_terms_by_hand():
     assert features[-1] == 1.0 and ridge._features("A", "x", 1.0)[-1] == 0.0
 
 
-def test_oracle_scores_the_generator_truth():
-    adata = _hand_adata()
-    truth = lambda control, *, drug, dose, seed: np.asarray(control.X) * 2.0  # noqa: E731
-    oracle = Oracle(truth).fit(adata, keys=KEYS)
-    np.testing.assert_allclose(oracle.predict(adata[[0]], drug="x", dose=1.0), log_normalize(np.asarray(adata.X[[0]])))
+def test_oracle_moves_the_control_counts_by_the_true_fold_change():
+    """Fold change 1 keeps each cell's counts; 1/2 thins them (binomial, mean halved); 3 adds
+    Poisson counts of mean (3 - 1) x the true mean, so a gene at zero can rise."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(50.0, size=(400, 3)).astype(np.float32)
+    counts[:, 2] = 0.0
+    obs = pd.DataFrame({"cell_type": "A", "drug": "control", "dose": 0.0}, index=[f"c{i}" for i in range(400)])
+    control = AnnData(X=counts, obs=obs)
+    control.layers["true_mean"] = np.tile(np.float32([50.0, 50.0, 1.0]), (400, 1))
+    log_fc = lambda adata, drug, dose: pd.DataFrame({"A": np.log([1.0, 0.5, 3.0])})  # noqa: E731
+    normalised = np.expm1(Oracle(log_fc, seed=0).fit(control, keys=KEYS).predict(control, drug="x", dose=1.0))
+    moved = normalised * (counts[:, :1] / normalised[:, :1])  # gene 0 keeps its counts: undo the normalisation
+    np.testing.assert_allclose(moved[:, 0], counts[:, 0])
+    assert (moved[:, 1] <= counts[:, 1] + 1e-3).all() and moved[:, 1].mean() == pytest.approx(25.0, rel=0.05)
+    assert moved[:, 2].mean() == pytest.approx(2.0, rel=0.1)
+    with pytest.raises(InputDataError, match="true_mean"):
+        Oracle(log_fc).fit(control, keys=KEYS).predict(AnnData(X=counts, obs=control.obs), drug="x", dose=1.0)
 
 
 def test_no_change_predicts_the_control_cells():

@@ -11,7 +11,7 @@ cell of ``control`` (an AnnData of control cells of one cell type):
 * :class:`RidgeCovariates`: control cells plus the change a ridge regression of group means on
   drug, drug x log-dose, cell type, drug x cell type and seen pairs predicts;
 * :class:`LatentArithmetic`: scGen's latent vector arithmetic with the genailab :class:`~genailab.VAE`;
-* :class:`Oracle`: the data generator's true effect on the control cells (the noise ceiling).
+* :class:`Oracle`: the control cells moved by the data generator's true fold change (the ceiling).
 
 A drug's shift at a dose it was never seen at is interpolated linearly in log dose between the
 seen doses around it, and held at the nearest seen dose outside their range.
@@ -23,10 +23,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+import torch
 from anndata import AnnData
 from sklearn.linear_model import Ridge
 
 from genailab.anndata_models.vae import VAE
+from genailab.model.perturbation import shift_counts
 from genailab.errors import InputDataError, SchemaMismatchError
 from genailab.perturb.evaluate import cell_groups, cell_types, log_normalize
 from genailab.data.perturbation_schema import ObsKeys, cell_doses
@@ -270,21 +273,39 @@ class LatentArithmetic:
 
 
 class Oracle:
-    """The noise ceiling: the generator's true effect applied to the given control cells.
+    """The ceiling of a counterfactual of the given control cells: their counts moved by the
+    generator's *true* fold change, the way genailab's counterfactual moves them by its predicted
+    one (:func:`~genailab.model.perturbation.shift_counts`: thinning where the fold change is
+    below 1, Poisson counts of mean ``(fold change - 1) * true mean`` added where it is above).
 
-    ``truth(control, drug=, dose=, seed=)`` returns counts drawn from the data generator's own
-    counterfactual of those control cells (e.g. :func:`genailab.data.simulate.true_counterfactual`);
-    they are log-normalised and scored like any method. It differs from the held-out cells only
-    by sampling noise and by being other cells.
+    ``log_fc(control, drug, dose)`` returns the true log fold change, genes x cell types (e.g.
+    :func:`genailab.data.simulate.true_drug_log_fc`); the control cells need their expected counts
+    in ``layers['true_mean']``, as both generators write them (a ZINB simulation writes its NB mean
+    there, and the added counts then run ``1 / (1 - dropout)`` high). Each cell keeps its own noise, so the
+    predicted change is the true change up to the noise of the thinning and added counts.
     """
 
     name = "oracle"
 
-    def __init__(self, truth: Callable[..., np.ndarray], *, seed: int = 0):
-        self.truth, self.seed = truth, seed
+    def __init__(self, log_fc: Callable[..., pd.DataFrame], *, seed: int = 0):
+        self.log_fc, self.seed = log_fc, seed
 
     def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> Oracle:
+        self.keys, self.layer = keys, layer
         return self
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        return log_normalize(self.truth(control, drug=drug, dose=dose, seed=self.seed))
+        if "true_mean" not in control.layers:
+            raise InputDataError(
+                "The oracle needs the control cells' expected counts in layers['true_mean'] (written by "
+                "genailab.data.simulate and genailab.perturb.semisynthetic); other data have no known truth."
+            )
+        counts = _layer(control, self.layer)
+        counts = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float32)
+        log_fc = self.log_fc(control, drug, dose)[cell_types(control.obs, self.keys)].to_numpy().T  # (n, G)
+        mean = np.asarray(control.layers["true_mean"], dtype=np.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            moved = shift_counts(torch.from_numpy(counts), torch.from_numpy(np.exp(log_fc).astype(np.float32)),
+                                 torch.from_numpy(mean))  # fmt: skip
+        return log_normalize(moved.numpy())

@@ -88,9 +88,9 @@ def default_methods(
     hidden_dims: Sequence[int] | None = None,
     train_options: dict | None = None,
     pairs: bool = False,
-    truth: Callable[..., np.ndarray] | None = None,
+    true_log_fc: Callable[..., pd.DataFrame] | None = None,
 ) -> list:
-    """The baselines, the model and (with ``truth``) the oracle.
+    """The baselines, the model and (with ``true_log_fc``, see :class:`Oracle`) the oracle.
 
     Both neural methods share latent size, hidden layers (None: each class's default) and training
     options. ``pairs`` adds Systema's matching mean, which differs from the additive baseline
@@ -103,8 +103,8 @@ def default_methods(
     if pairs:
         methods.append(MatchingMean())
     methods += [RidgeCovariates(), LatentArithmetic(**shared), CounterfactualVAE(**shared)]
-    if truth is not None:
-        methods.append(Oracle(truth))
+    if true_log_fc is not None:
+        methods.append(Oracle(true_log_fc))
     return methods
 
 
