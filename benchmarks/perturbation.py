@@ -1,9 +1,10 @@
 """Perturbation benchmark: the genailab model against the baselines, two data generators, five protocols.
 
-    python benchmarks/perturbation.py             # default run: 341 s on a shared, loaded 2-core machine
+    python benchmarks/perturbation.py             # default run: 236-343 s on a shared, loaded 2-core machine
     python benchmarks/perturbation.py --quick     # 1,500 cells, 20 epochs: a smoke run (pair groups get small)
     python benchmarks/perturbation.py --out scores.csv
-    python benchmarks/perturbation.py --ceilings  # what counterfactuals that know the truth reach (27 s)
+    python benchmarks/perturbation.py --ceilings  # what counterfactuals that know the truth reach (20 s)
+    python benchmarks/perturbation.py --baselines-only  # no neural methods (35 s)
 
 Generators: ``simulator`` (genailab.data.simulate with its drug arm: 200 genes, 3 cell types,
 3 drugs at doses 0.1, 1 and 10, a fifth of treated cells on pairs, one pair interacting) and
@@ -14,9 +15,9 @@ design). Protocols (genailab.perturb.holdout_split):
 unseen (reported apart); ``cell_type`` every treated cell of one type unseen. Every method is
 trained without the held-out cells and predicts them from control cells; the oracle moves those
 control cells' counts by the generator's true fold change. A third of each cell type's controls
-is the reference of the true change and is never trained on or predicted from
-(genailab.perturb.evaluate's module docstring says why). Each table gives means over held-out groups, and
-(ours - best baseline) with a paired bootstrap 95% interval (2,000 draws over groups).
+(about 250 of 750) is the reference of the true change and is never trained on or predicted from
+(genailab.perturb.evaluate's module docstring says why). Each table gives means over held-out
+groups, and (ours - best baseline) with a paired bootstrap 95% interval (2,000 draws over groups).
 
 Sizes of the default run: 3,000 cells per generator (about 750 controls; a (cell type, drug,
 dose) group has 51-95 cells on the simulator and 20-102 on PBMC, a pair group 9-24 and 3-36
@@ -25,8 +26,9 @@ both neural methods (genailab and scGen, latent 10, their default hidden layers)
 one torch thread. Each of the ten (generator, protocol) runs trains both neural methods once
 on its own training cells (nothing held out is ever seen), so 20 fits make up nearly all of the
 time. 40 epochs instead of the earlier 80 halved the run and moved genailab's top-50 delta R2
-by less than the bootstrap intervals (PBMC unseen (cell type, drug), genailab - perturbed mean:
--0.153 at 40 epochs, -0.159 at 80; PBMC middle dose at 1,500 cells: 0.232 at 40, 0.220 at 100).
+by less than the bootstrap intervals (measured before the reference controls: PBMC unseen (cell
+type, drug), genailab - perturbed mean: -0.153 at 40 epochs, -0.159 at 80; PBMC middle dose at
+1,500 cells: 0.232 at 40, 0.220 at 100).
 """
 
 from __future__ import annotations
