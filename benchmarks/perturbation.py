@@ -15,7 +15,7 @@ design). Protocols (genailab.perturb.holdout_split):
 unseen (reported apart); ``cell_type`` every treated cell of one type unseen. Every method is
 trained without the held-out cells and predicts them from control cells; the oracle moves those
 control cells' counts by the generator's true fold change. A third of each cell type's controls
-(about 250 of 750) is the reference of the true change and is never trained on or predicted from
+(about 250 of the 750) is the reference of the true change and is never trained on or predicted from
 (genailab.perturb.evaluate's module docstring says why). Each table gives means over held-out
 groups, and (ours - best baseline) with a paired bootstrap 95% interval (2,000 draws over groups).
 

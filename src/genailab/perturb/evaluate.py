@@ -35,7 +35,7 @@ that error is large. On 3,000 semi-synthetic PBMCs the true fold change applied 
 cells then scored a top-50 delta R2 of 0.363 on an unseen middle dose, below the additive
 baseline's 0.425. Measuring the predictions from the reference as well (every change shares its
 error) removes the bias but rewards it in every method: no change then scores a top-50 delta R2
-of 0.375 and a delta Pearson of 0.69 on PBMC unseen (cell type, drug). With two references no
+of 0.375 and a top-50 delta Pearson of 0.69 on PBMC unseen (cell type, drug). With two references no
 change scores R2 <= 0 by construction, as before, and its Pearson is undefined.
 """
 
