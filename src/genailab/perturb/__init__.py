@@ -6,7 +6,8 @@ unseen cell type x drug x dose combinations, with honest baselines and held-out 
 * :mod:`~genailab.model.perturbation`: the tensor model (basal latent, per-gene drug response, dose curves);
 * :mod:`~genailab.perturb.baselines`: no change, perturbed mean, additive shift, matching mean, ridge,
   scGen latent arithmetic, and the generator's oracle;
-* :mod:`~genailab.perturb.evaluate`: metrics and the five held-out split protocols;
+* :mod:`~genailab.perturb.evaluate`: metrics, the reference controls changes are measured from, and
+  the five held-out split protocols;
 * :mod:`~genailab.perturb.benchmark`: all methods on one split, the table and (ours - best baseline)
   with paired bootstrap intervals;
 * :mod:`~genailab.perturb.datasets`: sciplex / Norman layouts mapped to genailab's columns;
@@ -21,7 +22,9 @@ from genailab.perturb.benchmark import (
     CounterfactualVAE, compare_methods, contrast, default_methods, format_table, summarize,
 )  # fmt: skip
 from genailab.perturb.datasets import standardize_obs
-from genailab.perturb.evaluate import HoldoutSplit, holdout_split, log_normalize, perturbation_metrics, r2_score
+from genailab.perturb.evaluate import (
+    HoldoutSplit, holdout_split, log_normalize, perturbation_metrics, r2_score, reference_controls,
+)  # fmt: skip
 from genailab.model.perturbation import DoseResponse, PerturbationConfig, PerturbationVAE
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
 
@@ -49,6 +52,7 @@ __all__ = [
     "log_normalize",
     "perturbation_metrics",
     "r2_score",
+    "reference_controls",
     "standardize_obs",
     "summarize",
 ]
