@@ -143,7 +143,10 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
     Protocols: combination (unseen cell type x drug, every dose), dose (unseen middle dose),
     dose_extrapolation (unseen highest dose), pair (unseen drug pairs), cell_type (unseen cell
     type). Baselines: no change, perturbed mean, additive shift, matching mean (pairs), ridge on
-    covariates, scGen latent arithmetic. Every split is checked before any training.
+    covariates, scGen latent arithmetic. A seeded third of each cell type's control cells is kept
+    as the reference: no method trains on it or perturbs it, and the true change of a held-out
+    group is measured from its mean (a prediction's change from the controls it was made from), so
+    that no method shares the truth's control-sample error. Every split is checked before any training.
     """
     from genailab.errors import ConfigError
     from genailab.perturb import compare_methods, default_methods, format_table, holdout_split, summarize
