@@ -74,7 +74,7 @@ def test_config_round_trip_and_checks():
     config = _model(max_drugs=3, dose_scale=2.5, interaction_rank=3, per_gene_dose=True).config
     assert PerturbationConfig.from_dict(config.to_dict()) == config
     saved_before = {k: v for k, v in config.to_dict().items()
-                    if k not in ("response", "interaction_rank", "interaction_l2", "per_gene_dose")}  # fmt: skip
+                    if k not in ("response", "interaction_rank", "interaction_l2", "per_gene_dose", "unseen_interaction")}  # fmt: skip
     assert PerturbationConfig.from_dict(saved_before).response == "latent"  # older files hold CPA models
     with pytest.raises(ConfigError, match="response"):
         _model(response="genes")
@@ -156,3 +156,53 @@ def test_counterfactual_counts_of_a_control_under_no_drug_are_its_own_counts():
     torch.testing.assert_close(model.counterfactual_counts(x, control), x)
     moved = model.counterfactual_counts(x, CONDITIONS)
     assert torch.equal(moved[0], x[0]) and not torch.equal(moved[1], x[1])
+
+
+def _three_type_model(unseen_interaction: float) -> PerturbationVAE:
+    vae = ModelConfig(input_dim=30, latent_dim=4, hidden_dims=(16,), likelihood="nb", inject_condition="none")
+    config = PerturbationConfig(vae=vae, n_drugs=2, covariate_sizes=(3,), unseen_interaction=unseen_interaction)
+    torch.manual_seed(0)
+    model = PerturbationVAE(config)
+    with torch.no_grad():
+        for p in model.gene_response.parameters():
+            p.normal_()
+    # training cells: drug 0 in types 0, 1, 2; drug 1 in types 1 and 2 (and in a pair in type 1)
+    drugs = torch.tensor([[0, -1], [0, -1], [0, -1], [1, -1], [1, 0], [-1, -1]])
+    types = torch.tensor([0, 1, 2, 2, 1, 0])
+    model.gene_response.set_seen(types, drugs)
+    return model
+
+
+def _effect(model: PerturbationVAE, drug: int, cell_type: int) -> torch.Tensor:
+    c = torch.tensor([[drug, -1, 1.0, 0.0, cell_type]], dtype=torch.float32)
+    return model.gene_shift(c)[0]
+
+
+@pytest.mark.parametrize("unseen_interaction", [0.0, 0.3, 1.0])
+def test_an_unseen_pair_shrinks_its_interaction_toward_the_drugs_seen_cell_types(unseen_interaction):
+    model = _three_type_model(unseen_interaction)
+    response = model.gene_response
+    assert response.seen.tolist() == [[True, False], [True, True], [True, True]]
+    u, v = response.type_factor.detach(), _RESPONSE_SCALE * response.drug_factor[1].detach()  # (3, r), (r, G)
+    level = response.dose_response(torch.tensor([[1]]), torch.tensor([[1.0]]))[0, 0].detach()  # (G,)
+    base = _RESPONSE_SCALE * response.effect[1].detach()
+    ubar = (u[1] + u[2]) / 2  # the types that saw drug 1
+    expected = level * (base + (ubar + unseen_interaction * (u[0] - ubar)) @ v)
+    torch.testing.assert_close(_effect(model, 1, 0), expected)
+    if unseen_interaction == 0.0:  # the average of the seen types' effects
+        torch.testing.assert_close(_effect(model, 1, 0), (_effect(model, 1, 1) + _effect(model, 1, 2)) / 2)
+    torch.testing.assert_close(_effect(model, 1, 2), level * (base + u[2] @ v))  # seen pairs keep their own term
+
+
+def test_the_seen_mask_is_saved_and_older_weights_load_as_all_seen():
+    model = _three_type_model(0.0)
+    state = model.state_dict()
+    fresh = _three_type_model(1.0)
+    fresh.gene_response.seen.fill_(True)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.gene_response.seen, model.gene_response.seen)
+    older = {k: v for k, v in state.items() if not k.endswith(".seen")}
+    fresh.load_state_dict(older)
+    assert bool(fresh.gene_response.seen.all())
+    with pytest.raises(ConfigError, match="unseen_interaction"):
+        _three_type_model(1.5)

@@ -52,6 +52,10 @@ class PerturbationModel(AnnDataModel):
     adversary
         Weight, warm-up and mode of the discriminator that must not recover the drug label from
         the basal latent; None trains without it.
+    unseen_interaction
+        For a (cell type, drug) pair absent from the training data, the share (0-1) of the cell
+        type's own interaction kept; the rest is the drug's average over the cell types that saw
+        it (0, the default: that average effect).
     **model_options
         :class:`~genailab.model.config.ModelConfig` fields: ``latent_dim``, ``hidden_dims``,
         ``dispersion`` (``gene`` or ``gene-cell``), ``dropout``, ``norm``, ``activation``, ``beta``.
@@ -79,6 +83,7 @@ class PerturbationModel(AnnDataModel):
         layer: str | None = None,
         likelihood: str = "nb",
         adversary: AdversaryConfig | None = BASAL_LATENT,
+        unseen_interaction: float = 0.0,
         **model_options,
     ):
         if isinstance(covariate_keys, str):
@@ -90,7 +95,7 @@ class PerturbationModel(AnnDataModel):
         )
         config = PerturbationConfig(
             vae=vae, n_drugs=len(schema.drugs), max_drugs=schema.max_drugs, covariate_sizes=schema.covariate_sizes,
-            dose_scale=schema.dose_scale,
+            dose_scale=schema.dose_scale, unseen_interaction=unseen_interaction,
         )  # fmt: skip
         self._assemble(schema=schema, config=config, adata=adata, adversary_config=adversary)
 
@@ -111,7 +116,14 @@ class PerturbationModel(AnnDataModel):
 
     # -- the parts AnnDataModel asks for ---------------------------------------------------------
     def _new_module(self) -> PerturbationVAE:
-        return PerturbationVAE(self.config)
+        """A fresh network whose response knows which (cell type, drug) pairs the training data hold."""
+        module = PerturbationVAE(self.config)
+        response = getattr(module, "gene_response", None)
+        if self.adata is not None and response is not None and response.type_factor is not None:
+            c = torch.as_tensor(self.schema.encode_obs(self.adata.obs), dtype=torch.float32)
+            drugs, _, covariates = module.split_conditions(c)
+            response.set_seen(covariates[:, 0], drugs)
+        return module
 
     @property
     def _network_config(self) -> ModelConfig:

@@ -13,8 +13,11 @@ where ``logits`` are the decoder's log expression proportions (log mean for the 
 drug has a sparse-able per-gene effect a_d (the additive baseline's shift, learned in count space
 and pooled over doses and cell types), a per-gene Hill dose response f_{dg} (monotone in dose by
 construction, :class:`GeneDoseResponse`), and a rank-r interaction of a cell-type embedding u_k
-with drug factors V_d, so that a drug's effect may depend on the cell type (L2-penalised, so a
-cell type that never saw a drug gets the average effect). Combinations add their drugs' terms.
+with drug factors V_d, so that a drug's effect may depend on the cell type (L2-penalised).
+Combinations add their drugs' terms. For a (cell type, drug) pair never seen in training the
+data say nothing about that pair's interaction: u_k is then replaced by
+ubar_d + lambda (u_k - ubar_d), with ubar_d the mean of u over the cell types that saw drug d and
+lambda = ``unseen_interaction`` (0: the drug's average effect over those cell types).
 (Feeding the encoder x * exp(-Delta) instead of x left the fitted fold changes unchanged in one
 30-epoch check on simulated data, so the encoder reads x.)
 
@@ -65,6 +68,7 @@ class PerturbationConfig:
     interaction_rank: int = 2  # rank of the cell type x drug interaction of the gene response (0: none)
     interaction_l2: float = 1e-3  # L2 weight on its factors: unseen cell types fall back to the average
     per_gene_dose: bool = False  # each gene its own half-maximal dose (else one curve per drug)
+    unseen_interaction: float = 0.0  # share of u_k's deviation from the drug's seen types kept for unseen pairs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "covariate_sizes", tuple(int(k) for k in self.covariate_sizes))
@@ -80,6 +84,8 @@ class PerturbationConfig:
             raise ConfigError(f"response={self.response!r} is not one of {RESPONSES}.")
         if self.interaction_rank < 0 or self.interaction_l2 < 0:
             raise ConfigError("interaction_rank and interaction_l2 must be >= 0.")
+        if not 0.0 <= self.unseen_interaction <= 1.0:
+            raise ConfigError(f"unseen_interaction must be in [0, 1], got {self.unseen_interaction}.")
 
     @property
     def condition_dim(self) -> int:
@@ -97,6 +103,7 @@ class PerturbationConfig:
             "interaction_rank": self.interaction_rank,
             "interaction_l2": self.interaction_l2,
             "per_gene_dose": self.per_gene_dose,
+            "unseen_interaction": self.unseen_interaction,
         }
 
     @classmethod
@@ -160,6 +167,8 @@ class GeneResponse(nn.Module):
     a (n_drugs, G) starts at zero (the model starts as "no change"); u (cell types, r) and V
     (n_drugs, r, G) are the low-rank cell type x drug interaction, absent when the rank is 0 or
     there is no cell-type covariate. a and V are stored divided by :data:`_RESPONSE_SCALE`.
+    ``seen`` (cell types, n_drugs) bool buffer: which pairs the training data held (all True until
+    :meth:`set_seen`); an unseen pair's u_k is shrunk toward the drug's seen types (module docstring).
     """
 
     def __init__(self, config: PerturbationConfig):
@@ -170,14 +179,36 @@ class GeneResponse(nn.Module):
         has_types = rank > 0 and len(config.covariate_sizes) > 0
         self.type_factor = nn.Parameter(0.1 * torch.randn(config.covariate_sizes[0], rank)) if has_types else None
         self.drug_factor = nn.Parameter(torch.zeros(config.n_drugs, rank, n_genes)) if has_types else None
+        n_types = config.covariate_sizes[0] if has_types else 0
+        self.register_buffer("seen", torch.ones(n_types, config.n_drugs, dtype=torch.bool))
+        self.unseen_interaction = config.unseen_interaction
+
+    def set_seen(self, cell_type: torch.Tensor, drugs: torch.Tensor) -> None:
+        """Mark the (cell type, drug) pairs of training cells as seen: codes (N,) and (N, K), -1 empty."""
+        self.seen.zero_()
+        present = drugs >= 0
+        self.seen[cell_type.unsqueeze(1).expand_as(drugs)[present], drugs[present]] = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "seen", torch.ones_like(self.seen))  # saved before the mask: all seen
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def type_factors(self, drugs: torch.Tensor, cell_type: torch.Tensor) -> torch.Tensor:
+        """u used for each slot, (B, K, r): u_k for seen pairs, shrunk toward ubar_d for unseen ones."""
+        u = self.type_factor[cell_type].unsqueeze(1)  # (B, 1, r)
+        seen = self.seen.float()  # (T, D)
+        population = (seen.T @ self.type_factor) / seen.sum(0).clamp_min(1.0).unsqueeze(-1)  # (D, r)
+        ubar = population[drugs]  # (B, K, r)
+        shrunk = ubar + self.unseen_interaction * (u - ubar)
+        return torch.where(self.seen[cell_type.unsqueeze(1), drugs].unsqueeze(-1), u, shrunk)
 
     def forward(self, drugs: torch.Tensor, doses: torch.Tensor, cell_type: torch.Tensor | None) -> torch.Tensor:
         present = (drugs >= 0).unsqueeze(-1)  # (B, K, 1)
         safe = drugs.clamp_min(0)  # empty slots read drug 0, then get weight 0
         effect = _RESPONSE_SCALE * self.effect[safe]  # (B, K, G)
         if self.type_factor is not None and cell_type is not None:
-            u = self.type_factor[cell_type]  # (B, r)
-            effect = effect + _RESPONSE_SCALE * torch.einsum("br,bkrg->bkg", u, self.drug_factor[safe])
+            u = self.type_factors(safe, cell_type)  # (B, K, r)
+            effect = effect + _RESPONSE_SCALE * torch.einsum("bkr,bkrg->bkg", u, self.drug_factor[safe])
         level = self.dose_response(safe, doses) * present  # (B, K, G)
         return (level * effect).sum(1)  # (B, G)
 
