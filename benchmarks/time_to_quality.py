@@ -46,15 +46,16 @@ PURITY_NEIGHBOURS = 15
 
 
 # -- worker: one tool on one dataset, in its own process ------------------------------------------
-def _genailab_fit(adata, batch_key: str | None, likelihood: str, options: dict):
+def _genailab_fit(adata, batch_key: str | None, likelihood: str, options: dict, model_options: dict):
     from genailab import VAE
 
-    model = VAE(adata, likelihood=likelihood, layer="counts", condition_keys=[batch_key] if batch_key else [])
+    model = VAE(adata, likelihood=likelihood, layer="counts", condition_keys=[batch_key] if batch_key else [],
+                **model_options)  # fmt: skip
     model.fit(progress=False, **options)
     return model, len(model.history)
 
 
-def _scvi_fit(adata, batch_key: str | None, likelihood: str, options: dict):
+def _scvi_fit(adata, batch_key: str | None, likelihood: str, options: dict, model_options: dict):
     import scvi
 
     scvi.settings.seed = 0
@@ -75,7 +76,7 @@ def _worker(args) -> None:
     fit = _scvi_fit if args.worker == "scvi" else _genailab_fit
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    model, epochs = fit(train, batch_key, args.likelihood, json.loads(args.genailab_options))
+    model, epochs = fit(train, batch_key, args.likelihood, json.loads(args.genailab_options), json.loads(args.model_options))
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
@@ -128,7 +129,8 @@ def knn_purity(latent: np.ndarray, labels: np.ndarray, k: int = PURITY_NEIGHBOUR
 
 def _run_tool(tool: str, args, work: Path) -> dict | None:
     command = [sys.executable, __file__, "--worker", tool, "--workdir", str(work), "--n-samples", str(args.n_samples),
-               "--likelihood", args.likelihood, "--genailab-options", args.genailab_options, "--threads", str(args.threads)]
+               "--likelihood", args.likelihood, "--genailab-options", args.genailab_options, "--threads", str(args.threads),
+               "--model-options", args.model_options]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  {tool} failed:\n{done.stderr[-2000:]}")
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--likelihood", default="zinb", choices=("zinb", "nb"))
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per fit.")
     parser.add_argument("--genailab-options", default="{}", help="JSON of fit() options to try instead of the defaults.")
+    parser.add_argument("--model-options", default="{}", help="JSON of genailab VAE(...) architecture options to try.")
     parser.add_argument("--json", default=None, help="Append each row (dataset, tool, figures) to this JSON-lines file.")
     parser.add_argument("--compare", default=None, help="JSON-lines file of rows from an earlier run (e.g. scvi-tools alone): "
                         "its rows for the same dataset join the ratio.")
