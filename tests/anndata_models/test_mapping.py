@@ -134,6 +134,19 @@ def test_first_layer_encoder_and_all_unfreeze_more(split, reference_run):
         assert not torch.equal(everything.module.state_dict()[name], old[name]), name
 
 
+@pytest.mark.parametrize(("unfreeze", "plateau"), [("new_categories", None), ("first_layer", 8), ("encoder", 8)])
+def test_encoder_stage_rate_is_constant_only_for_the_new_columns(split, reference_run, unfreeze, plateau):
+    """The plateau schedule froze the encoder's new column before it converged (simulated seed 1: 0.759
+    -> 0.806 at a constant rate); with whole encoder tensors learning it stays (constant was worse)."""
+    _, query = split
+    reference, _ = reference_run
+    model = map_query(query, reference, unfreeze=unfreeze)
+    config = model.fit_config()
+    decoder_stage, encoder_stage = (model._stage_config(config, stage) for stage in (0, 1))
+    assert decoder_stage == config and config.lr_plateau_patience == 8
+    assert encoder_stage.lr == pytest.approx(1e-3) and encoder_stage.lr_plateau_patience == plateau
+
+
 def test_saved_query_model_records_its_reference_and_loads(split, reference_run, tmp_path):
     _, query = split
     reference, folder = reference_run
