@@ -17,6 +17,8 @@ For each split, with the same architecture everywhere:
   fit alone;
 * ``mapping_encoder``: the same with ``unfreeze="encoder"`` (the encoder stage trains the whole
   encoder, the decoder staying the reference's);
+* ``mapping_centred``: the default with ``centre_encoder=True`` (the new encoder column starts where
+  it centres the query's first-layer activations on the reference's batch-norm mean);
 * ``untrained_query``: the query model before ``fit()`` (the new batch at the mean of the
   reference's), i.e. what the query training adds;
 * ``from_scratch``: one genailab model trained on reference + query together;
@@ -109,12 +111,13 @@ def genailab_rows(reference, query, args) -> dict[str, dict]:
     query.obsm[LATENT] = model.map_query(query).get_latent()
     rows = {"untrained_query": {**scores(reference, query, 0.0), "epochs": 0}}
     print(f"  reference model: {len(model.history)} epochs in {reference_seconds:.0f} s", flush=True)
-    for unfreeze in args.unfreeze:
+    variants = [(unfreeze, False) for unfreeze in args.unfreeze] + [("new_categories", True)]
+    for unfreeze, centre in variants:
         started = time.perf_counter()
-        mapped = model.map_query(query, unfreeze=unfreeze).fit(seed=args.seed, progress=False)
+        mapped = model.map_query(query, unfreeze=unfreeze, centre_encoder=centre).fit(seed=args.seed, progress=False)
         map_seconds = time.perf_counter() - started  # building the query model and its fit
         query.obsm[LATENT] = mapped.get_latent()
-        name = "mapping" if unfreeze == "new_categories" else f"mapping_{unfreeze}"
+        name = "mapping_centred" if centre else "mapping" if unfreeze == "new_categories" else f"mapping_{unfreeze}"
         rows[name] = {**scores(reference, query, map_seconds), "epochs": len(mapped.history)}
         stages = {stage: int(n) for stage, n in pd.Series([r["stage"] for r in mapped.history]).value_counts(sort=False).items()}
         print(f"  {name}: query fit {stages} epochs in {map_seconds:.0f} s", flush=True)

@@ -159,7 +159,7 @@ def test_saved_query_model_records_its_reference_and_loads(split, reference_run,
         "genailab_json_sha256": hashes["genailab.json"],
         "model_pt_sha256": hashes["model.pt"],
     }
-    assert saved["mapping"] == {"unfreeze": "new_categories", "new_categories": {"batch": ["batch_2"]},
+    assert saved["mapping"] == {"unfreeze": "new_categories", "centre_encoder": False, "new_categories": {"batch": ["batch_2"]},
                                 "genes_filled_with_zeros": [], "stages": ["decoder", "encoder"]}  # fmt: skip
     assert "stage" not in saved  # only checkpoints written during fit() say which stage they belong to
     loaded = genailab.VAE.load(tmp_path / "query", device="cpu")
@@ -323,3 +323,37 @@ def test_label_transfer_on_a_held_out_batch_beats_what_ignores_the_batch(hard_sp
     reference_cells.obsm["X_genailab"] = reference.get_latent(reference_cells)
     accuracy, _ = _transfer_scores(reference_cells, query, reference.map_query(query).fit(**FAST).get_latent())
     assert accuracy > bound  # measured 0.953 (the query's mixing with the reference stays low at this size: 0.14)
+
+
+def _first_norm_input_mean(model, query):
+    """Mean over the query cells of the encoder's first batch-norm input, (hidden,)."""
+    seen = []
+    handle = model.module.encoder.layers[1].register_forward_pre_hook(lambda layer, inputs: seen.append(inputs[0]))
+    counts = torch.as_tensor(query.layers["counts"].toarray(), dtype=torch.float32)
+    with torch.no_grad():
+        model.module.encode(counts, torch.as_tensor(model.encode_conditions(query.obs)))
+    handle.remove()
+    return seen[0].mean(0)
+
+
+def test_centre_encoder_starts_the_query_at_the_reference_batch_norm_mean(split, reference_run):
+    """centre_encoder=True moves only the new encoder column, so that the query cells' mean input to
+    the encoder's first batch norm is its running mean (the reference's)."""
+    _, query = split
+    reference, _ = reference_run
+    centred, plain = map_query(query, reference, centre_encoder=True), map_query(query, reference)
+    running_mean = reference.module.encoder.layers[1].running_mean
+    np.testing.assert_allclose(_first_norm_input_mean(centred, query).numpy(), running_mean.numpy(), atol=1e-4)
+    assert float((_first_norm_input_mean(plain, query) - running_mean).abs().max()) > 0.05  # the mean start is off
+    _assert_reference_kept(reference.module, centred.module, changed_new=False)
+    new_column = centred.module.encoder.layers[0].weight[:, -1]
+    assert not torch.allclose(new_column, plain.module.encoder.layers[0].weight[:, -1])
+    assert centred.mapping["centre_encoder"] is True and plain.mapping["centre_encoder"] is False
+
+
+def test_centre_encoder_needs_batch_norm(split):
+    reference_cells, query = split
+    reference = genailab.VAE(reference_cells, likelihood="nb", layer="counts", condition_keys=["batch"], norm="layer", **ARCH)
+    reference.fit(epochs=2, **FAST)
+    with pytest.raises(ConfigError, match="batch norm"):
+        map_query(query, reference, centre_encoder=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+import torch
 from anndata import AnnData
 
 from genailab.anndata_models.base import build_config
@@ -33,7 +35,14 @@ from genailab.anndata_models.vae import VAE
 from genailab.data.loader import LoaderOptions
 from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
-from genailab.model.surgery import UNFREEZE, ConditionExtension, extend_conditions, freeze_reference, training_stages
+from genailab.model.surgery import (
+    UNFREEZE,
+    ConditionExtension,
+    centre_new_encoder_columns,
+    extend_conditions,
+    freeze_reference,
+    training_stages,
+)
 from genailab.model.vae import ConditionalVAE
 from genailab.train.config import TrainConfig
 from genailab.train.trainer import load_checkpoint
@@ -55,6 +64,7 @@ def map_query(
     *,
     unfreeze: str = "new_categories",
     epochs: int | None = None,
+    centre_encoder: bool = False,
     max_missing_fraction: float = MAX_MISSING_FRACTION,
 ) -> QueryVAE:
     """A model for ``query`` built on the trained ``reference``, ready to ``fit()``.
@@ -82,6 +92,14 @@ def map_query(
     epochs
         Default epochs of each stage of the query model's ``fit()``; None chooses them from the
         query size (:func:`default_query_epochs`).
+    centre_encoder
+        Start the new batch's encoder column where it centres the query's first-layer activations
+        on the reference's batch-norm mean (:func:`~genailab.model.surgery.centre_new_encoder_columns`)
+        instead of at the mean of the reference columns. On the simulated benchmark it mapped
+        closer to the model trained from scratch (seed 1 label transfer 0.862 vs 0.806, seed 4
+        0.941 vs 0.907), but on a reference trained only 10 epochs, whose running statistics lag
+        its weights, it lost the labels before any training (0.669 -> 0.277): use it with a
+        well-trained reference. Needs one-hot conditions and ``norm="batch"``.
     max_missing_fraction
         Largest share of reference genes the query may lack.
 
@@ -121,6 +139,7 @@ def map_query(
     extension = ConditionExtension(schema.categorical_sizes, [len(a) for a in new], len(schema.continuous_keys))
     mapping = {
         "unfreeze": unfreeze,
+        "centre_encoder": bool(centre_encoder),
         "new_categories": {key: list(added) for key, added in zip(schema.categorical_keys, new)},
         "genes_filled_with_zeros": filled,
     }
@@ -202,8 +221,8 @@ class QueryVAE(VAE):
         self._reference_module = copy.deepcopy(reference.module).cpu().eval()
         self._extension = extension
         self.unfreeze = mapping["unfreeze"]
-        module, extended = extend_conditions(self._reference_module, extension)
-        self._stages = training_stages(module, extended, unfreeze=self.unfreeze)
+        module, self._extended = extend_conditions(self._reference_module, extension)
+        self._stages = training_stages(module, self._extended, unfreeze=self.unfreeze)
         self.mapping = {**mapping, "stages": [name for name, _ in self._stages]}
         self.reference = reference_record(reference)
         self.default_epochs = int(epochs)
@@ -216,6 +235,11 @@ class QueryVAE(VAE):
         module, _ = extend_conditions(self._reference_module, self._extension)
         if self._carried is not None:
             module.load_state_dict(self._carried)
+        elif self.mapping["centre_encoder"]:
+            x = self.schema.expression(self.adata)
+            x = torch.as_tensor(x.toarray() if sp.issparse(x) else np.asarray(x), dtype=torch.float32)
+            c = torch.as_tensor(self.encode_conditions(self.adata.obs), dtype=torch.float32)
+            centre_new_encoder_columns(module, self._extended, x, c)
         freeze_reference(module, self._stages[self._stage or 0][1], freeze_norm_statistics=self.unfreeze != "all")
         return module
 

@@ -197,6 +197,63 @@ def _place(target: torch.Tensor, old: torch.Tensor, spec: ExtendedTensor) -> Non
         target.index_copy_(spec.axis, torch.as_tensor(new), mean.expand(shape).contiguous())
 
 
+def centre_new_encoder_columns(
+    model: ConditionalVAE, extended: dict[str, ExtendedTensor], x: torch.Tensor, c: torch.Tensor, *, chunk: int = 4096
+) -> None:
+    """Set each new one-hot column of the encoder's first layer so that the query cells of its category
+    reach the first batch-norm layer with the reference's running mean as their mean (in place).
+
+    A data-driven start for the new column instead of the mean of the reference columns: the query's
+    first-layer activations are centred where the reference's were, as if the batch norm had been
+    re-estimated on the query (its mean only), while every reference tensor stays as it was. It
+    assumes the running mean describes the reference cells under the final weights, which a briefly
+    trained reference does not satisfy.
+
+    Parameters
+    ----------
+    model
+        The extended model of :func:`extend_conditions` (one-hot conditions, ``norm="batch"``).
+    extended
+        Its extended tensors.
+    x, c
+        The query's counts (or values) (n_cells, n_genes) and conditions (n_cells, condition_dim);
+        each cell may belong to at most one new category.
+    """
+    spec = extended.get(f"{ENCODER_FIRST_LAYER}.weight")
+    linear, norm = model.encoder.layers[0], model.encoder.layers[1]
+    if spec is None or spec.axis != 1 or not spec.new_positions.size:
+        raise ConfigError("Centring needs new one-hot condition columns in the encoder (not embedded conditions).")
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise ConfigError(f"Centring the query needs an encoder with batch norm (norm='batch'); this one has {type(norm).__name__}.")
+    columns = torch.as_tensor(spec.new_positions)
+    totals = torch.zeros(columns.numel(), linear.out_features, dtype=torch.float64)
+    counts = torch.zeros(columns.numel(), dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                seen.clear()
+                model.encode(x[rows], c[rows])
+                active = torch.cat([model._encoder_input(x[rows]), model._condition(c[rows], x[rows].shape[0])], dim=1)
+                active = (active[:, columns] != 0).to(torch.float64)  # (B, new columns)
+                if (active.sum(dim=1) > 1).any():
+                    raise ConfigError("Centring needs each query cell in at most one new category; map one new condition at a time.")
+                totals += active.T @ seen[0].to(torch.float64)
+                counts += active.sum(dim=0)
+    finally:
+        handle.remove()
+        model.train(training)
+    with torch.no_grad():
+        for j, column in enumerate(columns.tolist()):
+            if counts[j] > 0:
+                shift = norm.running_mean.to(torch.float64) - totals[j] / counts[j]
+                linear.weight[:, column] += shift.to(linear.weight.dtype)
+
+
 def trainable_entries(
     model: ConditionalVAE, extended: dict[str, ExtendedTensor], *, unfreeze: str = "new_categories"
 ) -> dict[str, torch.Tensor | None]:
