@@ -64,6 +64,12 @@ def test_map_writes_query_model_latent_labels_and_umap(files, tmp_path):
         assert image.size[0] > 2 * image.size[1] * 0.9  # two panels side by side: dataset and label
 
 
+def test_map_centre_encoder_is_recorded(files, tmp_path):
+    out = tmp_path / "centred"
+    _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--centre-encoder", "--epochs", "2", "--device", "cpu")
+    assert json.loads((out / "genailab.json").read_text())["mapping"]["centre_encoder"] is True
+
+
 def test_map_refuses_what_it_cannot_do(files, tmp_path):
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "a", "--label-key",
                      "cell_type", code=2)  # fmt: skip

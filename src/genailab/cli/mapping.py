@@ -29,6 +29,9 @@ LATENT_KEY = "X_genailab"
 @click.option("--label-key", default=None, help="obs column of --reference-data with the labels (cell types) to transfer.")
 @click.option("--unfreeze", type=click.Choice(UNFREEZE), default=argument_default(map_query, "unfreeze"), show_default=True,
               help="What learns: the new categories' parameters, also the encoder's first layer, also the whole encoder, or everything.")
+@click.option("--centre-encoder", is_flag=True, default=argument_default(map_query, "centre_encoder"),
+              help="Start the new batch's encoder column where it centres the query on the reference's batch-norm mean "
+                   "(for a well-trained reference).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -42,7 +45,7 @@ LATENT_KEY = "X_genailab"
               help="Cells whose label uncertainty is above this are called 'unknown'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace the query model already saved in --out.")
-def map_command(ref_run, query, out, reference_data, label_key, unfreeze, epochs, lr, seed, max_missing_fraction,
+def map_command(ref_run, query, out, reference_data, label_key, unfreeze, centre_encoder, epochs, lr, seed, max_missing_fraction,
                 n_neighbors, unknown_threshold, device, overwrite):
     """Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.
 
@@ -62,7 +65,7 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, epochs
         for name in (MAPPED_FILE, UMAP_FILE):
             check_output_file(out / name)
         reference = VAE.load(ref_run, device=device)
-        model = map_query(read_data(query), reference, unfreeze=unfreeze, epochs=epochs,
+        model = map_query(read_data(query), reference, unfreeze=unfreeze, centre_encoder=centre_encoder, epochs=epochs,
                           max_missing_fraction=max_missing_fraction)  # fmt: skip
         options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
         fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
