@@ -26,6 +26,7 @@ import anndata
 import torch
 
 import genailab
+from genailab.data import write_simulated_h5ad
 
 
 def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
@@ -33,7 +34,7 @@ def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
 
 
 def write(path: Path, cells: int, genes: int, seed: int) -> None:
-    genailab.data.write_simulated_h5ad(path, cells, genes, chunk_size=16_384, n_cell_types=5, n_batches=2, seed=seed)
+    write_simulated_h5ad(path, cells, genes, chunk_size=16_384, n_cell_types=5, n_batches=2, seed=seed)
 
 
 def train(path: Path, batch_size: int, chunk_rows: int, chunks_in_memory: int, seed: int) -> None:
