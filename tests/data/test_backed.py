@@ -207,3 +207,19 @@ def test_unshuffled_reads_of_a_subset_give_the_in_memory_batches(pair):
         for mine, theirs in zip(a.x_sparse, b.x_sparse, strict=True):
             np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
     np.testing.assert_array_equal(on_disk.order(), rows)
+
+
+def test_unshuffled_sorted_rows_read_at_most_the_chunks_held(pair):
+    """Sparse rows in file order (a 5% validation split): each read holds at most ``chunks_in_memory``
+    chunks of the file, however few of their rows are wanted, and the batches equal the in-memory ones."""
+    memory, backed = pair
+    rows = np.sort(np.random.default_rng(1).choice(memory.n_obs, 15, replace=False))
+    matrix = OnDiskMatrix(backed.X)
+    reads = _recorded_reads(matrix)
+    on_disk = MinibatchLoader(matrix, indices=rows, batch_size=1024, shuffle=False, chunk_rows=16, chunks_in_memory=2)
+    in_memory = MinibatchLoader(memory.X, indices=rows, batch_size=1024, shuffle=False)
+    held = [np.unique(part // 16).size for part in on_disk._reads()]
+    assert max(held) <= 2 and sum(part.size for part in on_disk._reads()) == rows.size
+    for a, b in zip(on_disk, in_memory, strict=True):
+        np.testing.assert_array_equal(a.x.numpy(), b.x.numpy())
+    assert sum(stop - start for start, stop in reads) <= 16 * np.unique(rows // 16).size

@@ -261,6 +261,14 @@ class MinibatchLoader:
         if not self.indices.size:
             return []
         if not self.shuffle:
+            if self.source.in_memory:
+                return [self.indices]
+            chunk = self.indices // self.options.chunk_rows
+            if np.all(np.diff(chunk) >= 0):
+                # rows in file order (a validation split, all cells): ``chunks_in_memory`` chunks of the
+                # file per read, as in training, however sparsely the rows sit in them
+                read = np.cumsum(np.concatenate([[0], np.diff(chunk) != 0])) // self.options.chunks_in_memory
+                return np.split(self.indices, np.flatnonzero(np.diff(read)) + 1)
             return [self.indices[i : i + rows_per_read] for i in range(0, self.indices.size, rows_per_read)]
         rng = np.random.default_rng([self.seed, self.epoch])
         ordered = np.sort(self.indices)
