@@ -282,8 +282,9 @@ def diffusion_embedding(connectivities: sp.spmatrix, *, n_components: int = 100)
         values, vectors = eigsh(symmetric, k=n_components, which="LM", v0=np.ones(n_cells))
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
-    stationary = np.isclose(values, 1.0)
-    weights = np.where(stationary, 1.0, values / np.where(stationary, 2.0, 1.0 - values))
+    weights = np.ones_like(values)  # the stationary components (eigenvalue 1) keep weight 1
+    moving = ~np.isclose(values, 1.0)
+    weights[moving] = values[moving] / (1.0 - values[moving])
     return vectors * weights
 
 
