@@ -24,7 +24,7 @@ class ModelConfig:
     input_dim: int  # genes G
     latent_dim: int = 10  # size of z; small values give smoother, more interpretable latents
     condition_dim: int = 0  # width of the condition vector c the networks see (one-hot + continuous)
-    hidden_dims: tuple[int, ...] = (128, 128)  # encoder layers; the decoder mirrors them
+    hidden_dims: tuple[int, ...] = (128,)  # encoder layers; the decoder mirrors them (one layer of 128, as scVI)
     likelihood: str = "gaussian"  # "gaussian" for log-normalised data, "nb"/"zinb" for raw counts
     dispersion: str = "gene"  # NB theta / Gaussian variance: per gene, per gene and condition, per cell
     dropout: float = 0.1  # dropout after each hidden layer (regularisation)

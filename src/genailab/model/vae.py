@@ -21,6 +21,10 @@ from genailab.model.layers import MLP, ConditionEmbedding
 from genailab.likelihood.sparse_counts import SparseCounts
 
 _VARIANCE_FLOOR = 1e-4  # added to the posterior variance, as in scVI, so log-variance cannot run away
+# Densest input whose encoder first layer runs on the stored entries: above half, the dense product
+# is faster (1,024 cells x 2,000 genes, one thread: 1.9 / 5.2 / 9.5 ms sparse at 10% / 37% / 60%
+# stored, 7.6 dense).
+_SPARSE_ENCODER_DENSITY = 0.5
 
 
 @dataclass
@@ -115,15 +119,31 @@ class ConditionalVAE(nn.Module):
         return torch.log1p(x) if self.config.is_count_model else x
 
     # -- the three steps: encode, sample, decode --------------------------------------------
-    def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior q(z|x,c): returns (mean, variance), each (B, L)."""
-        return self._encode(x, self._condition(c, x.shape[0]))
+    def encode(
+        self, x: torch.Tensor, c: torch.Tensor | None = None, *, x_sparse: SparseCounts | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior q(z|x,c): returns (mean, variance), each (B, L).
+
+        ``x_sparse``, optional: the stored entries of x (the loaders provide them from a sparse
+        matrix); when at most half of x is stored, the encoder's first layer runs over them only
+        (a sparse-dense product, for inference: equal to the dense encoder to float32 rounding)
+        and x is not read.
+        """
+        c = self._condition(c, x.shape[0])
+        if x_sparse is None or x_sparse.genes.numel() > _SPARSE_ENCODER_DENSITY * x.numel():
+            return self._encode(x, c)
+        values = SparseCounts(x_sparse.row_starts, x_sparse.genes, self._encoder_input(x_sparse.counts))  # maps 0 to 0
+        h = self.encoder.forward_sparse(values, c if self._encoder_sees_c else None)
+        return self._posterior(h)
 
     def _encode(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self._encoder_input(x)
         if self._encoder_sees_c:
             h = torch.cat([h, c], dim=1)
-        h = self.encoder(h)
+        return self._posterior(self.encoder(h))
+
+    def _posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) of q(z|x,c), each (B, L), from the encoder's last hidden layer (B, H)."""
         return self.z_mean(h), torch.exp(self.z_logvar(h)) + _VARIANCE_FLOOR
 
     @staticmethod
@@ -289,9 +309,9 @@ class CVAE(ConditionalVAE):
     def __init__(
         self,
         input_dim: int,
-        latent_dim: int = 10,
-        condition_dim: int = 0,
-        hidden_dims: tuple[int, ...] | list[int] = (128, 128),
+        latent_dim: int = ModelConfig.latent_dim,
+        condition_dim: int = ModelConfig.condition_dim,
+        hidden_dims: tuple[int, ...] | list[int] = ModelConfig.hidden_dims,
         **options,
     ):
         if "likelihood" in options:
