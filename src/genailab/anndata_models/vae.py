@@ -237,9 +237,10 @@ class VAE(AnnDataModel):
         self.module.eval()
         device = self.device
         means, variances = [], []
-        for batch in self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size):
-            batch = batch.to(device)
-            mean, var = self.module.encode(batch.x, batch.c)
+        loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size, sparse_counts=True)
+        for batch in loader:
+            batch = batch.to(device)  # off the CPU without its sparse entries: the dense encoder
+            mean, var = self.module.encode(batch.x, batch.c, x_sparse=batch.x_sparse)
             means.append(mean)
             variances.append(var)
         mean, var = torch.cat(means).cpu(), torch.cat(variances).cpu()  # one copy to the host, not one per batch
@@ -337,7 +338,7 @@ class VAE(AnnDataModel):
         device = self.device
         adata = self._data(adata)
         decode_conditions = None if conditions is None else self.encode_conditions(adata.obs, conditions)
-        loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size)
+        loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size, sparse_counts=True)
         n_rows = adata.n_obs if indices is None else len(indices)
         out = np.empty((n_rows, len(columns) if columns is not None else self.schema.n_genes), dtype=np.float32)
         result = torch.from_numpy(out)  # the batches' rows are written into views of it
@@ -353,7 +354,7 @@ class VAE(AnnDataModel):
                 target = result[done : done + len(rows)]  # the loader keeps the cells' order
                 done += len(rows)
                 batch = batch.to(device)
-                mean, var = module.encode(batch.x, batch.c)
+                mean, var = module.encode(batch.x, batch.c, x_sparse=batch.x_sparse)  # first layer on the stored entries
                 c = batch.c if decode_conditions is None else torch.as_tensor(decode_conditions[rows], device=device)
                 if library_size == "observed":
                     library = batch.x.sum(1, keepdim=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from genailab.likelihood.sparse_counts import SparseCounts
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -45,6 +48,27 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def forward_sparse(self, x: SparseCounts, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(cat([x dense, extra], 1))`` with the first linear map taken over x's stored
+        entries only: a sparse-dense product (``embedding_bag`` summing the weight rows of each
+        cell's entries, scaled by their values), for count matrices whose zeros are most of the
+        work of a dense product. Equal to the dense forward to float32 rounding (the sums run in
+        another order).
+
+        x holds a (B, G) matrix's entries, G the first layer's input width less extra's; ``extra``
+        (B, E) dense columns after x's (e.g. conditions), or None. Returns (B, hidden_dims[-1]).
+        """
+        first = self.layers[0]
+        n_sparse = first.in_features - (0 if extra is None else extra.shape[1])
+        weight = first.weight  # (H, G + E)
+        rows = weight[:, :n_sparse].t().contiguous()  # (G, H): the row of each gene
+        offsets = x.row_starts.to(x.genes.dtype)  # the same index type as the genes (int32 is faster)
+        pre = F.embedding_bag(x.genes, rows, offsets, mode="sum", per_sample_weights=x.counts.to(rows.dtype),
+                              include_last_offset=True)  # (B, H) fmt: skip
+        if extra is not None:
+            pre = torch.addmm(pre, extra.to(weight.dtype), weight[:, n_sparse:].t())
+        return self.layers[1:](pre.add_(first.bias))
 
 
 class ConditionEmbedding(nn.Module):
