@@ -80,22 +80,33 @@ def test_a_plain_vae_folder_is_not_loaded_as_a_perturbation_model(sim_adata, tmp
         PerturbationModel.load(tmp_path / "vae")
 
 
-def test_an_unseen_cell_type_drug_pair_gets_the_drugs_effect_in_the_types_that_saw_it(perturb_adata, tmp_path):
+def test_an_unseen_cell_type_drug_pair_gets_the_drugs_scaled_effect_in_the_types_that_saw_it(perturb_adata, tmp_path):
     obs = perturb_adata.obs
     unseen = ((obs["cell_type"] == "type_0") & (obs["drug"].str.contains("drug_1"))).to_numpy()  # every dose, pairs
-    model = PerturbationModel(perturb_adata[~unseen].copy(), layer="counts", latent_dim=4, hidden_dims=(16,))
-    model.fit(epochs=3, seed=0, progress=False)
-    model.save(tmp_path / "run")
-    model = PerturbationModel.load(tmp_path / "run")  # the seen pairs travel with the weights
+    models = {}
+    for scale in (None, 1.0):  # estimated (the default) and the drug's unscaled effect; the same training
+        model = PerturbationModel(perturb_adata[~unseen].copy(), layer="counts", latent_dim=4, hidden_dims=(16,),
+                                  unseen_scale=scale)  # fmt: skip
+        model.fit(epochs=3, seed=0, progress=False)
+        model.save(tmp_path / f"run_{scale}")
+        models[scale] = PerturbationModel.load(tmp_path / f"run_{scale}")  # the seen pairs travel with the weights
 
-    def log_fold_change(cell_type: str, drug: str) -> np.ndarray:
+    def log_fold_change(model, cell_type: str, drug: str) -> np.ndarray:
         """Per gene, centred per cell (the softmax adds a per-cell constant), of the first 5 controls."""
         cells = perturb_adata[((obs["drug"] == "control") & (obs["cell_type"] == cell_type)).to_numpy()][:5]
         ratio = np.log(model.predict(cells, drug=drug, dose=10.0).X / model.predict(cells, drug=drug, dose=0.0).X)
         return ratio - ratio.mean(1, keepdims=True)
 
-    # drug_1 was seen in type_1 only, so type_0 gets type_1's change exactly (the same for every cell)
-    np.testing.assert_allclose(log_fold_change("type_0", "drug_1")[0], log_fold_change("type_1", "drug_1")[0], atol=1e-4)
-    # drug_0 was seen in both types: its own interaction term makes the changes differ
-    gap = np.abs(log_fold_change("type_0", "drug_0")[0] - log_fold_change("type_1", "drug_0")[0]).max()
+    # drug_1 was seen in type_1 only, so with scale 1 type_0 gets type_1's change exactly (the same for every cell)
+    seen_change = log_fold_change(models[1.0], "type_1", "drug_1")[0]
+    np.testing.assert_allclose(log_fold_change(models[1.0], "type_0", "drug_1")[0], seen_change, atol=1e-4)
+    np.testing.assert_allclose(log_fold_change(models[None], "type_1", "drug_1")[0], seen_change, atol=1e-5)
+    # the estimated scale (drug_0, seen in both types, is predicted from the other type) multiplies it
+    estimated = log_fold_change(models[None], "type_0", "drug_1")[0]
+    rho = float(estimated @ seen_change / (seen_change @ seen_change))
+    assert 0.0 < rho < 1.0
+    np.testing.assert_allclose(estimated, rho * seen_change, atol=1e-4)
+    # drug_0 was seen in both types: its own sensitivity and interaction make the changes differ
+    model = models[None]
+    gap = np.abs(log_fold_change(model, "type_0", "drug_0")[0] - log_fold_change(model, "type_1", "drug_0")[0]).max()
     assert gap > 1e-2

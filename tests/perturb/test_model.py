@@ -18,6 +18,14 @@ def _model(**options) -> PerturbationVAE:
     return PerturbationVAE(PerturbationConfig(vae=vae, n_drugs=3, covariate_sizes=(2,), **options))
 
 
+def _randomise(response) -> None:
+    """Standard normal parameters, with sensitivities exp(N(0, 0.5^2)) (stored divided by the scale)."""
+    with torch.no_grad():
+        for p in response.parameters():
+            p.normal_()
+        response.log_sensitivity.normal_(0.0, 0.5 / _RESPONSE_SCALE)
+
+
 #                 drug codes    doses       cell type
 CONDITIONS = torch.tensor([
     [-1, -1, 0.0, 0.0, 1],   # control
@@ -73,9 +81,11 @@ def test_wrong_condition_width_is_refused():
 def test_config_round_trip_and_checks():
     config = _model(max_drugs=3, dose_scale=2.5, interaction_rank=3, per_gene_dose=True).config
     assert PerturbationConfig.from_dict(config.to_dict()) == config
-    saved_before = {k: v for k, v in config.to_dict().items()
-                    if k not in ("response", "interaction_rank", "interaction_l2", "per_gene_dose", "unseen_interaction")}  # fmt: skip
+    later = ("response", "interaction_rank", "interaction_l2", "per_gene_dose", "unseen_interaction", "unseen_scale")
+    saved_before = {k: v for k, v in config.to_dict().items() if k not in later}
     assert PerturbationConfig.from_dict(saved_before).response == "latent"  # older files hold CPA models
+    assert PerturbationConfig.from_dict(saved_before).unseen_scale == 1.0  # and the unscaled average effect
+    assert config.unseen_scale is None  # the default: estimated
     with pytest.raises(ConfigError, match="response"):
         _model(response="genes")
     vae = ModelConfig(input_dim=30, condition_dim=2)
@@ -103,9 +113,7 @@ def test_gene_dose_response_is_monotone_in_dose_for_every_gene(seed):
 def test_gene_response_adds_drug_terms_and_is_zero_for_controls():
     torch.manual_seed(0)
     model = _model(interaction_rank=2)
-    with torch.no_grad():
-        for p in model.gene_response.parameters():
-            p.normal_()
+    _randomise(model.gene_response)
     control, a, b, both = model.gene_shift(CONDITIONS)
     assert torch.all(control == 0)
     torch.testing.assert_close(both, a + b)
@@ -158,14 +166,14 @@ def test_counterfactual_counts_of_a_control_under_no_drug_are_its_own_counts():
     assert torch.equal(moved[0], x[0]) and not torch.equal(moved[1], x[1])
 
 
-def _three_type_model(unseen_interaction: float) -> PerturbationVAE:
+def _three_type_model(unseen_interaction: float, unseen_scale: float | None = 1.0) -> PerturbationVAE:
     vae = ModelConfig(input_dim=30, latent_dim=4, hidden_dims=(16,), likelihood="nb", inject_condition="none")
-    config = PerturbationConfig(vae=vae, n_drugs=2, covariate_sizes=(3,), unseen_interaction=unseen_interaction)
+    config = PerturbationConfig(
+        vae=vae, n_drugs=2, covariate_sizes=(3,), unseen_interaction=unseen_interaction, unseen_scale=unseen_scale
+    )
     torch.manual_seed(0)
     model = PerturbationVAE(config)
-    with torch.no_grad():
-        for p in model.gene_response.parameters():
-            p.normal_()
+    _randomise(model.gene_response)
     # training cells: drug 0 in types 0, 1, 2; drug 1 in types 1 and 2 (and in a pair in type 1)
     drugs = torch.tensor([[0, -1], [0, -1], [0, -1], [1, -1], [1, 0], [-1, -1]])
     types = torch.tensor([0, 1, 2, 2, 1, 0])
@@ -178,20 +186,46 @@ def _effect(model: PerturbationVAE, drug: int, cell_type: int) -> torch.Tensor:
     return model.gene_shift(c)[0]
 
 
-@pytest.mark.parametrize("unseen_interaction", [0.0, 0.3, 1.0])
-def test_an_unseen_pair_shrinks_its_interaction_toward_the_drugs_seen_cell_types(unseen_interaction):
-    model = _three_type_model(unseen_interaction)
+@pytest.mark.parametrize(("unseen_interaction", "unseen_scale"), [(0.0, 1.0), (0.3, 1.0), (1.0, 1.0), (0.0, 0.4)])
+def test_an_unseen_pair_shrinks_its_interaction_and_sensitivity_toward_the_drugs_seen_cell_types(
+    unseen_interaction, unseen_scale
+):
+    model = _three_type_model(unseen_interaction, unseen_scale)
     response = model.gene_response
     assert response.seen.tolist() == [[True, False], [True, True], [True, True]]
     u, v = response.type_factor.detach(), _RESPONSE_SCALE * response.drug_factor[1].detach()  # (3, r), (r, G)
+    sensitivity = torch.exp(_RESPONSE_SCALE * response.log_sensitivity.detach()[:, 1])  # (3,)
     level = response.dose_response(torch.tensor([[1]]), torch.tensor([[1.0]]))[0, 0].detach()  # (G,)
     base = _RESPONSE_SCALE * response.effect[1].detach()
-    ubar = (u[1] + u[2]) / 2  # the types that saw drug 1
-    expected = level * (base + (ubar + unseen_interaction * (u[0] - ubar)) @ v)
+    ubar, sbar = (u[1] + u[2]) / 2, (sensitivity[1] + sensitivity[2]) / 2  # the types that saw drug 1
+    expected = level * unseen_scale * sbar * (base + (ubar + unseen_interaction * (u[0] - ubar)) @ v)
     torch.testing.assert_close(_effect(model, 1, 0), expected)
-    if unseen_interaction == 0.0:  # the average of the seen types' effects
-        torch.testing.assert_close(_effect(model, 1, 0), (_effect(model, 1, 1) + _effect(model, 1, 2)) / 2)
-    torch.testing.assert_close(_effect(model, 1, 2), level * (base + u[2] @ v))  # seen pairs keep their own term
+    torch.testing.assert_close(_effect(model, 1, 2), level * sensitivity[2] * (base + u[2] @ v))  # seen: its own
+
+
+def _scaled_profiles(sensitivity: list[list[float]]) -> PerturbationVAE:
+    """The three-type model with E_kd = s_kd * a_d exactly (no interaction) for the given s (3, 2)."""
+    model = _three_type_model(0.0, None)
+    with torch.no_grad():
+        model.gene_response.drug_factor.zero_()
+        model.gene_response.log_sensitivity.copy_(torch.log(torch.tensor(sensitivity)) / _RESPONSE_SCALE)
+    return model
+
+
+def test_the_unseen_scale_is_the_leave_one_type_out_fit_in_relative_error():
+    # drug 0 seen in types 0, 1, 2 with sensitivities 1, 2, 4; drug 1 in types 1, 2 with 1, 3 (type 0: unseen)
+    model = _scaled_profiles([[1.0, 5.0], [2.0, 1.0], [4.0, 3.0]])
+    # each seen s_k against the mean m_k of its drug's other seen types: sum (m/s) / sum (m/s)^2
+    ratios = np.array([3.0 / 1.0, 2.5 / 2.0, 1.5 / 4.0, 3.0 / 1.0, 1.0 / 3.0])
+    expected = ratios.sum() / np.square(ratios).sum()
+    rho = model.gene_response.unseen_scale()
+    assert np.isclose(float(rho), expected, rtol=1e-5) and 0.4 < expected < 0.5
+    level = model.gene_response.dose_response(torch.tensor([[1]]), torch.tensor([[1.0]]))[0, 0].detach()
+    a = _RESPONSE_SCALE * model.gene_response.effect[1].detach()
+    torch.testing.assert_close(_effect(model, 1, 0), level * rho * 2.0 * a)  # rho x the seen types' mean, 2
+    torch.testing.assert_close(_effect(model, 1, 1), level * 1.0 * a)  # a seen pair is not scaled
+    # types that respond alike leave the drug's average effect as it is
+    assert np.isclose(float(_scaled_profiles([[2.0, 5.0], [2.0, 3.0], [2.0, 3.0]]).gene_response.unseen_scale()), 1.0)
 
 
 def test_the_seen_mask_is_saved_and_older_weights_load_as_all_seen():
@@ -201,8 +235,11 @@ def test_the_seen_mask_is_saved_and_older_weights_load_as_all_seen():
     fresh.gene_response.seen.fill_(True)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.gene_response.seen, model.gene_response.seen)
-    older = {k: v for k, v in state.items() if not k.endswith(".seen")}
+    older = {k: v for k, v in state.items() if not k.endswith((".seen", ".log_sensitivity"))}
     fresh.load_state_dict(older)
     assert bool(fresh.gene_response.seen.all())
+    assert torch.equal(fresh.gene_response.sensitivities(), torch.ones(3, 2))  # saved before sensitivities: 1
     with pytest.raises(ConfigError, match="unseen_interaction"):
         _three_type_model(1.5)
+    with pytest.raises(ConfigError, match="unseen_scale"):
+        _three_type_model(0.0, 1.5)

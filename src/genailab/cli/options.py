@@ -179,13 +179,14 @@ def train_options(command):
     )(command)
 
 
-def architecture_options(*fields: str):
+def architecture_options(*fields: str, defaults: dict | None = None):
     """Architecture options (ModelConfig fields among latent_dim, hidden_dims, dispersion, beta),
-    as ``model_options``."""
+    as ``model_options``; ``defaults`` replaces ModelConfig's where a model's constructor has its own."""
     flags = {"latent_dim": "--latent-dim", "hidden_dims": "--hidden", "dispersion": "--dispersion", "beta": "--beta"}
     helps = {"hidden_dims": "Encoder layer sizes, comma-separated; the decoder mirrors them."}
+    own = {f: {"default": v} for f, v in (defaults or {}).items()}
     return _stack(
-        *(config_option(flags[f], config=ModelConfig, field=f, help=helps.get(f)) for f in fields),
+        *(config_option(flags[f], config=ModelConfig, field=f, help=helps.get(f), **own.get(f, {})) for f in fields),
         _collected(fields, "model_options"),
     )
 

@@ -56,7 +56,8 @@ def perturb() -> None:
 @hidden_alias("--covariate", "covariates", multiple=True)
 @click.option("--layer", default=None, help="adata.layers key with the values to model (default: X).")
 @likelihood_option(PerturbationModel.__init__)
-@architecture_options("latent_dim", "hidden_dims")
+@architecture_options("latent_dim", "hidden_dims",
+                      defaults={"hidden_dims": argument_default(PerturbationModel.__init__, "hidden_dims")})
 @adversary_options(argument_default(PerturbationModel.__init__, "adversary"))
 @train_options
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
