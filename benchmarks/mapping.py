@@ -13,14 +13,18 @@ Two splits, each with a reference (labelled) and a query (a batch the reference 
 For each split, with the same architecture everywhere:
 
 * ``mapping``: genailab's reference model, then ``VAE.map_query(query).fit()`` with its defaults
-  (only the new batch's parameters learn: the decoder's, then the encoder's); the time is the query
-  fit alone;
-* ``mapping_encoder``: the same with ``unfreeze="encoder"`` (the encoder stage trains the whole
+  (only the new batch's parameters learn: the decoder's, then the encoder's; the reference model
+  holds its cells, so the new encoder column starts from its mutual nearest reference cells); the
+  time is building the query model and its fit;
+* ``mapping_mean_start``: the same with ``encoder_start="mean"`` (the new encoder column starts at
+  the mean of the reference's, as without the reference's cells);
+* ``mapping_encoder``: the default with ``unfreeze="encoder"`` (the encoder stage trains the whole
   encoder, the decoder staying the reference's);
-* ``mapping_centred``: the default with ``centre_encoder=True`` (the new encoder column starts where
-  it centres the query's first-layer activations on the reference's batch-norm mean);
-* ``untrained_query``: the query model before ``fit()`` (the new batch at the mean of the
-  reference's), i.e. what the query training adds;
+* ``mapping_batch_norm_start``: the default with ``encoder_start="batch_norm"`` (the new encoder
+  column starts where it centres the query's first-layer activations on the reference's
+  batch-norm mean);
+* ``untrained_query``: the default query model before ``fit()`` (its new columns at their start),
+  i.e. what the query training adds;
 * ``from_scratch``: one genailab model trained on reference + query together;
 * ``pca_knn``: no model: 10 principal components of the log-normalised counts of both datasets
   (what a method that ignores the batch effect gets);
@@ -67,7 +71,10 @@ def simulated_split(args) -> tuple[anndata.AnnData, anndata.AnnData]:
     sim = simulate(args.cells, args.genes, n_cell_types=args.cell_types, n_batches=args.batches, seed=args.seed,
                    batch_effect_scale=args.batch_effect, n_markers=args.markers, marker_log_fc=args.marker_log_fc)  # fmt: skip
     held_out = f"batch_{args.batches - 1}"
-    return sim[sim.obs["batch"] != held_out].copy(), sim[sim.obs["batch"] == held_out].copy()
+    query = sim[sim.obs["batch"] == held_out]
+    if args.query_cell_types:
+        query = query[query.obs["cell_type"].astype(str).isin(args.query_cell_types).to_numpy()]
+    return sim[sim.obs["batch"] != held_out].copy(), query.copy()
 
 
 def pbmc_split(args) -> tuple[anndata.AnnData, anndata.AnnData]:
@@ -111,13 +118,14 @@ def genailab_rows(reference, query, args) -> dict[str, dict]:
     query.obsm[LATENT] = model.map_query(query).get_latent()
     rows = {"untrained_query": {**scores(reference, query, 0.0), "epochs": 0}}
     print(f"  reference model: {len(model.history)} epochs in {reference_seconds:.0f} s", flush=True)
-    variants = [(unfreeze, False) for unfreeze in args.unfreeze] + [("new_categories", True)]
-    for unfreeze, centre in variants:
+    variants = [("new_categories", "auto", "mapping"), ("new_categories", "mean", "mapping_mean_start")]
+    variants += [(unfreeze, "auto", f"mapping_{unfreeze}") for unfreeze in args.unfreeze if unfreeze != "new_categories"]
+    variants += [("new_categories", "batch_norm", "mapping_batch_norm_start")]
+    for unfreeze, start, name in variants:
         started = time.perf_counter()
-        mapped = model.map_query(query, unfreeze=unfreeze, centre_encoder=centre).fit(seed=args.seed, progress=False)
+        mapped = model.map_query(query, unfreeze=unfreeze, encoder_start=start).fit(seed=args.seed, progress=False)
         map_seconds = time.perf_counter() - started  # building the query model and its fit
         query.obsm[LATENT] = mapped.get_latent()
-        name = "mapping_centred" if centre else "mapping" if unfreeze == "new_categories" else f"mapping_{unfreeze}"
         rows[name] = {**scores(reference, query, map_seconds), "epochs": len(mapped.history)}
         stages = {stage: int(n) for stage, n in pd.Series([r["stage"] for r in mapped.history]).value_counts(sort=False).items()}
         print(f"  {name}: query fit {stages} epochs in {map_seconds:.0f} s", flush=True)
@@ -212,8 +220,11 @@ def main() -> None:
     parser.add_argument("--latent-dim", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--unfreeze", type=lambda text: text.split(","), default=["new_categories", "encoder"],
-                        help="Comma-separated unfreeze options of map_query, one mapping row each.")
+    parser.add_argument("--unfreeze", type=lambda text: text.split(","), default=["encoder"],
+                        help="Comma-separated unfreeze options of map_query beside the default, one mapping row each.")
+    parser.add_argument("--query-cell-types", type=lambda text: text.split(","), default=None,
+                        help="Keep only these cell types in the simulated query (e.g. type_0,type_1,type_2), to see "
+                             "a query whose composition differs from the reference's.")
     parser.add_argument("--threads", type=int, help="torch threads (fewer avoids thrashing on a busy shared machine).")
     parser.add_argument("--splits", type=lambda text: text.split(","), default=["simulated", "pbmc"],
                         help="Comma-separated splits to run (simulated, pbmc).")

@@ -64,10 +64,13 @@ def test_map_writes_query_model_latent_labels_and_umap(files, tmp_path):
         assert image.size[0] > 2 * image.size[1] * 0.9  # two panels side by side: dataset and label
 
 
-def test_map_centre_encoder_is_recorded(files, tmp_path):
-    out = tmp_path / "centred"
-    _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--centre-encoder", "--epochs", "2", "--device", "cpu")
-    assert json.loads((out / "genailab.json").read_text())["mapping"]["centre_encoder"] is True
+@pytest.mark.parametrize(("options", "start"), [((), "mean"), (("--reference-data", "reference.h5ad"), "neighbours"),
+                                               (("--encoder-start", "batch_norm"), "batch_norm")])  # fmt: skip
+def test_map_encoder_start_is_recorded(files, tmp_path, options, start):
+    out = tmp_path / "mapped"
+    options = [files / o if o.endswith(".h5ad") else o for o in options]
+    _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, *options, "--epochs", "2", "--device", "cpu")
+    assert json.loads((out / "genailab.json").read_text())["mapping"]["encoder_start"] == start
 
 
 def test_map_refuses_what_it_cannot_do(files, tmp_path):

@@ -12,8 +12,10 @@ from genailab.errors import ConfigError
 from genailab.model.config import ModelConfig
 from genailab.model.surgery import (
     ConditionExtension,
+    align_new_encoder_columns,
     extend_conditions,
     freeze_reference,
+    mutual_neighbours,
     trainable_entries,
     training_stages,
 )
@@ -209,3 +211,35 @@ def test_training_stages_put_the_decoder_side_first_and_split_the_entries():
     assert [name for name, _ in training_stages(embedded, rows)] == ["new_categories"]
     decoder_only, columns = extend_conditions(_onehot_reference(inject_condition="decoder"), extension)
     assert [name for name, _ in training_stages(decoder_only, columns)] == ["new_categories"]
+
+
+def test_mutual_neighbours_match_a_brute_force_search():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 5)), rng.normal(size=(60, 5))
+    k = 5
+    distances = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)  # (50, 60)
+    a_to_b, b_to_a = np.argsort(distances, axis=1)[:, :k], np.argsort(distances.T, axis=1)[:, :k]
+    expected = {(i, j) for i in range(50) for j in a_to_b[i] if i in b_to_a[j]}
+    rows, columns = mutual_neighbours(torch.as_tensor(a), torch.as_tensor(b), k, chunk=16)
+    assert set(zip(rows.tolist(), columns.tolist())) == expected and len(expected) > 50
+    empty = mutual_neighbours(torch.as_tensor(a[:0]), torch.as_tensor(b), k)
+    assert empty[0].numel() == 0 and empty[1].numel() == 0
+
+
+def test_neighbours_start_gives_back_the_offset_of_a_shifted_copy():
+    """Query cells that are reference cells of batch 0 under the new batch's label sit at the first
+    batch norm exactly (new column - batch 0's column) from their reference copies; with one
+    neighbour each way, every cell pairs with its copy and the new column becomes batch 0's."""
+    torch.manual_seed(0)
+    config = ModelConfig(input_dim=G, latent_dim=L, condition_dim=2, hidden_dims=(16,), likelihood="nb")
+    reference = ConditionalVAE.from_config(config).eval()
+    model, extended = extend_conditions(reference, ConditionExtension((2,), (1,)))
+    x = torch.from_numpy(_counts(40, 5))
+    as_batch_0, as_new = torch.zeros(40, 3), torch.zeros(40, 3)
+    as_batch_0[:, 0], as_new[:, 2] = 1.0, 1.0
+    weight = model.encoder.layers[0].weight
+    assert not torch.allclose(weight[:, G + 2], weight[:, G])  # it starts at the mean of batches 0 and 1
+    pairs = align_new_encoder_columns(model, extended, x, as_new, x, as_batch_0, n_neighbors=1)
+    assert pairs == [40]
+    torch.testing.assert_close(weight[:, G + 2], weight[:, G], rtol=0, atol=1e-5)
+    assert torch.equal(weight[:, : G + 2], reference.encoder.layers[0].weight)  # the reference columns stay

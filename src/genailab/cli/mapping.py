@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from genailab.anndata_models.mapping import map_query
+from genailab.anndata_models.mapping import ENCODER_STARTS, map_query
 from genailab.apps.transfer import transfer_labels
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, fit_in_run_folder, read_data, run_folder, write_h5ad
@@ -29,9 +29,11 @@ LATENT_KEY = "X_genailab"
 @click.option("--label-key", default=None, help="obs column of --reference-data with the labels (cell types) to transfer.")
 @click.option("--unfreeze", type=click.Choice(UNFREEZE), default=argument_default(map_query, "unfreeze"), show_default=True,
               help="What learns: the new categories' parameters, also the encoder's first layer, also the whole encoder, or everything.")
-@click.option("--centre-encoder", is_flag=True, default=argument_default(map_query, "centre_encoder"),
-              help="Start the new batch's encoder column where it centres the query on the reference's batch-norm mean "
-                   "(for a well-trained reference).")
+@click.option("--encoder-start", type=click.Choice(ENCODER_STARTS), default=argument_default(map_query, "encoder_start"),
+              show_default=True,
+              help="Where the new batch's encoder column starts: shifted onto mutual nearest reference cells (neighbours, "
+                   "needs --reference-data), the mean of the reference's, or the reference's batch-norm mean; auto: "
+                   "neighbours with --reference-data, else mean.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -45,7 +47,7 @@ LATENT_KEY = "X_genailab"
               help="Cells whose label uncertainty is above this are called 'unknown'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace the query model already saved in --out.")
-def map_command(ref_run, query, out, reference_data, label_key, unfreeze, centre_encoder, epochs, lr, seed, max_missing_fraction,
+def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encoder_start, epochs, lr, seed, max_missing_fraction,
                 n_neighbors, unknown_threshold, device, overwrite):
     """Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.
 
@@ -65,8 +67,9 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, centre
         for name in (MAPPED_FILE, UMAP_FILE):
             check_output_file(out / name)
         reference = VAE.load(ref_run, device=device)
-        model = map_query(read_data(query), reference, unfreeze=unfreeze, centre_encoder=centre_encoder, epochs=epochs,
-                          max_missing_fraction=max_missing_fraction)  # fmt: skip
+        cells = read_data(reference_data) if reference_data is not None else None
+        model = map_query(read_data(query), reference, unfreeze=unfreeze, encoder_start=encoder_start, epochs=epochs,
+                          reference_data=cells, max_missing_fraction=max_missing_fraction)  # fmt: skip
         options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
         fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
         write_run(model, out)
@@ -74,8 +77,7 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, centre
         mapped.obsm[LATENT_KEY] = model.get_latent()
         stages = ", ".join(f"{name} {sum(r['stage'] == name for r in model.history)}" for name in model.mapping["stages"])
         click.echo(f"Trained the query model ({unfreeze}), epochs per stage: {stages}; saved in {out}")
-        if reference_data is not None:
-            cells = read_data(reference_data)
+        if cells is not None:
             cells.obsm[LATENT_KEY] = reference.get_latent(cells, align_genes=True)
             if label_key is not None:
                 transfer_labels(mapped, cells, label_key=label_key, latent_key=LATENT_KEY, n_neighbors=n_neighbors,

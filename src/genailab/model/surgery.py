@@ -197,6 +197,59 @@ def _place(target: torch.Tensor, old: torch.Tensor, spec: ExtendedTensor) -> Non
         target.index_copy_(spec.axis, torch.as_tensor(new), mean.expand(shape).contiguous())
 
 
+def takes_data_start(config: ModelConfig) -> bool:
+    """Whether new encoder columns can start from data: one-hot conditions seen by the encoder, whose
+    first layer is followed by batch norm (the starts shift the column at that norm's input)."""
+    return config.norm == "batch" and not config.categorical_sizes and config.inject_condition in ("both", "encoder")
+
+
+def _first_layer(model: ConditionalVAE, extended: dict[str, ExtendedTensor]) -> tuple[nn.Linear, nn.Module, ExtendedTensor]:
+    """The encoder's first linear layer, the normalisation after it, and where its new one-hot columns are."""
+    spec = extended.get(f"{ENCODER_FIRST_LAYER}.weight")
+    linear, norm = model.encoder.layers[0], model.encoder.layers[1]
+    if spec is None or spec.axis != 1 or not spec.new_positions.size:
+        raise ConfigError("Starting the query's encoder column from data needs new one-hot condition columns in the encoder (not embedded conditions).")
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise ConfigError(f"Starting the query's encoder column from data needs an encoder with batch norm (norm='batch'); this one has {type(norm).__name__}.")
+    return linear, norm, spec
+
+
+@torch.no_grad()
+def first_norm_inputs(model: ConditionalVAE, x: torch.Tensor, c: torch.Tensor, *, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the encoder's first batch norm receives for each cell (evaluation mode), and its condition vector.
+
+    Returns
+    -------
+    inputs
+        (n_cells, hidden) first-layer activations before normalisation.
+    conditions
+        (n_cells, condition_dim) the condition vector the first layer saw (one-hot columns).
+    """
+    norm = model.encoder.layers[1]
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    training = model.training
+    model.eval()
+    conditions = []
+    try:
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            model.encode(x[rows], c[rows])
+            conditions.append(model._condition(c[rows], x[rows].shape[0]))
+    finally:
+        handle.remove()
+        model.train(training)
+    return torch.cat(seen), torch.cat(conditions)
+
+
+def _query_cells_per_new_column(conditions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(n_cells, new columns) bool: which new category each query cell belongs to (at most one)."""
+    active = conditions[:, columns] != 0
+    if (active.sum(dim=1) > 1).any():
+        raise ConfigError("Starting the encoder columns from data needs each query cell in at most one new category; map one new condition at a time.")
+    return active
+
+
 def centre_new_encoder_columns(
     model: ConditionalVAE, extended: dict[str, ExtendedTensor], x: torch.Tensor, c: torch.Tensor, *, chunk: int = 4096
 ) -> None:
@@ -207,7 +260,8 @@ def centre_new_encoder_columns(
     first-layer activations are centred where the reference's were, as if the batch norm had been
     re-estimated on the query (its mean only), while every reference tensor stays as it was. It
     assumes the running mean describes the reference cells under the final weights, which a briefly
-    trained reference does not satisfy.
+    trained reference does not satisfy, and that the query has the reference's cell-type
+    composition (a query of some of the types is moved onto the others).
 
     Parameters
     ----------
@@ -216,42 +270,104 @@ def centre_new_encoder_columns(
     extended
         Its extended tensors.
     x, c
-        The query's counts (or values) (n_cells, n_genes) and conditions (n_cells, condition_dim);
+        The query's counts (or values) (n_cells, n_genes) and conditions (n_cells, raw_condition_dim);
         each cell may belong to at most one new category.
     """
-    spec = extended.get(f"{ENCODER_FIRST_LAYER}.weight")
-    linear, norm = model.encoder.layers[0], model.encoder.layers[1]
-    if spec is None or spec.axis != 1 or not spec.new_positions.size:
-        raise ConfigError("Centring needs new one-hot condition columns in the encoder (not embedded conditions).")
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        raise ConfigError(f"Centring the query needs an encoder with batch norm (norm='batch'); this one has {type(norm).__name__}.")
+    linear, norm, spec = _first_layer(model, extended)
+    inputs, conditions = first_norm_inputs(model, x, c, chunk=chunk)
     columns = torch.as_tensor(spec.new_positions)
-    totals = torch.zeros(columns.numel(), linear.out_features, dtype=torch.float64)
-    counts = torch.zeros(columns.numel(), dtype=torch.float64)
-    seen: list[torch.Tensor] = []
-    handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, x.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                seen.clear()
-                model.encode(x[rows], c[rows])
-                active = torch.cat([model._encoder_input(x[rows]), model._condition(c[rows], x[rows].shape[0])], dim=1)
-                active = (active[:, columns] != 0).to(torch.float64)  # (B, new columns)
-                if (active.sum(dim=1) > 1).any():
-                    raise ConfigError("Centring needs each query cell in at most one new category; map one new condition at a time.")
-                totals += active.T @ seen[0].to(torch.float64)
-                counts += active.sum(dim=0)
-    finally:
-        handle.remove()
-        model.train(training)
+    active = _query_cells_per_new_column(conditions, columns - linear.in_features + conditions.shape[1])
     with torch.no_grad():
         for j, column in enumerate(columns.tolist()):
-            if counts[j] > 0:
-                shift = norm.running_mean.to(torch.float64) - totals[j] / counts[j]
+            if active[:, j].any():
+                shift = norm.running_mean.double() - inputs[active[:, j]].double().mean(dim=0)
                 linear.weight[:, column] += shift.to(linear.weight.dtype)
+
+
+def align_new_encoder_columns(
+    model: ConditionalVAE,
+    extended: dict[str, ExtendedTensor],
+    x: torch.Tensor,
+    c: torch.Tensor,
+    x_reference: torch.Tensor,
+    c_reference: torch.Tensor,
+    *,
+    n_neighbors: int = 20,
+) -> list[int]:
+    """Shift each new one-hot column of the encoder's first layer by the mean offset, at the first
+    batch norm, between the query cells of its category and their mutual nearest reference cells (in place).
+
+    Mutual nearest neighbours (as in MNN batch correction) pair query and reference cells of the same
+    state, so the offset is the batch's own shift even when the query holds only some of the
+    reference's cell types (matching means would move those onto the others), and it is measured
+    with the reference's final weights rather than its running statistics. Distances are taken after
+    dividing by the batch norm's running standard deviation, as the next layer sees them.
+
+    Parameters
+    ----------
+    model
+        The extended model of :func:`extend_conditions` (one-hot conditions, ``norm="batch"``).
+    extended
+        Its extended tensors.
+    x, c
+        The query's counts (or values) (n_cells, n_genes) and conditions (n_cells, raw_condition_dim),
+        each cell in at most one new category.
+    x_reference, c_reference
+        Reference cells, (n_reference, n_genes) and (n_reference, raw_condition_dim), in the extended
+        model's encoding (their categories are the reference's).
+    n_neighbors
+        Neighbours searched each way; a pair is mutual when each is among the other's. The search
+        compares every query cell with every reference cell: pass subsets of large datasets.
+
+    Returns
+    -------
+    The number of mutual pairs behind each new column's shift (0 leaves the column as it was).
+    """
+    linear, norm, spec = _first_layer(model, extended)
+    reference, _ = first_norm_inputs(model, x_reference, c_reference)
+    inputs, conditions = first_norm_inputs(model, x, c)
+    columns = torch.as_tensor(spec.new_positions)
+    active = _query_cells_per_new_column(conditions, columns - linear.in_features + conditions.shape[1])
+    scale = (norm.running_var + norm.eps).sqrt()
+    n_pairs = []
+    with torch.no_grad():
+        for j, column in enumerate(columns.tolist()):
+            query = inputs[active[:, j]]
+            i, r = mutual_neighbours(query / scale, reference / scale, n_neighbors)
+            n_pairs.append(int(i.numel()))
+            if i.numel():
+                shift = (reference[r].double() - query[i].double()).mean(dim=0)
+                linear.weight[:, column] += shift.to(linear.weight.dtype)
+    return n_pairs
+
+
+def mutual_neighbours(a: torch.Tensor, b: torch.Tensor, k: int, *, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (i, j) where b[j] is among the k nearest rows of b to a[i] and a[i] among the k nearest of a to b[j].
+
+    Parameters
+    ----------
+    a, b
+        (n, d) and (m, d) points (Euclidean distance).
+    k
+        Neighbours on each side (clipped to the other side's size).
+
+    Returns
+    -------
+    (P,) row indices into a and (P,) the matching row indices into b.
+    """
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    a_to_b = _nearest(a, b, min(k, b.shape[0]), chunk)  # (n, k) rows of b
+    b_to_a = _nearest(b, a, min(k, a.shape[0]), chunk)  # (m, k) rows of a
+    rows = torch.arange(a.shape[0]).unsqueeze(1).expand_as(a_to_b)
+    mutual = (b_to_a[a_to_b] == rows.unsqueeze(-1)).any(dim=-1)  # (n, k): a[i] among b[j]'s neighbours
+    return rows[mutual], a_to_b[mutual]
+
+
+def _nearest(points: torch.Tensor, among: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """(n, k) indices of the k rows of ``among`` nearest to each row of ``points``."""
+    return torch.cat([torch.cdist(points[start : start + chunk], among).topk(k, dim=1, largest=False).indices
+                      for start in range(0, points.shape[0], chunk)])  # fmt: skip
 
 
 def trainable_entries(
