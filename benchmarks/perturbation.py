@@ -1,6 +1,6 @@
 """Perturbation benchmark: the genailab model against the baselines, two data generators, five protocols.
 
-    python benchmarks/perturbation.py             # default run: 236-343 s on a shared, loaded 2-core machine
+    python benchmarks/perturbation.py             # default run: 236-394 s on a shared, loaded 2-core machine
     python benchmarks/perturbation.py --quick     # 1,500 cells, 20 epochs: a smoke run (pair groups get small)
     python benchmarks/perturbation.py --out scores.csv
     python benchmarks/perturbation.py --ceilings  # what counterfactuals that know the truth reach (20 s)
@@ -22,7 +22,8 @@ groups, and (ours - best baseline) with a paired bootstrap 95% interval (2,000 d
 Sizes of the default run: 3,000 cells per generator (about 750 controls; a (cell type, drug,
 dose) group has 51-95 cells on the simulator and 20-102 on PBMC, a pair group 9-24 and 3-36
 (median 17 and 11); groups under 10 cells are not scored), 40 epochs for
-both neural methods (genailab and scGen, latent 10, their default hidden layers), one seed,
+both neural methods (genailab and scGen, latent 10, each class's default hidden layers: two of 128
+for genailab's PerturbationModel, one of 128 for scGen's VAE), one seed,
 one torch thread. Each of the ten (generator, protocol) runs trains both neural methods once
 on its own training cells (nothing held out is ever seen), so 20 fits make up nearly all of the
 time. 40 epochs instead of the earlier 80 halved the run and moved genailab's top-50 delta R2
