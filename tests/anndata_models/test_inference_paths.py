@@ -62,6 +62,7 @@ def _reference(model, adata, *, library_size, conditions=None, n_samples=1, incl
 def test_denoised_equals_the_decoded_distribution_mean(fitted, batch_size):
     model, adata = fitted
     result = model.get_normalized_expression(adata, batch_size=batch_size)
+    assert result.dtype == np.float32 and result.flags.c_contiguous and result.flags.writeable
     expected = _reference(model, adata, library_size=1e4, batch_size=batch_size)
     np.testing.assert_allclose(result, expected, rtol=2e-5, atol=1e-6 * np.abs(expected).max())
     if model.config.is_count_model:
