@@ -2,7 +2,9 @@
 
 :func:`map_query` aligns the query's genes to the reference, adds the query's new condition
 categories (new batches, donors, labs) to the reference network by architecture surgery
-(:mod:`genailab.model.surgery`) and returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
+(:mod:`genailab.model.surgery`), starts the new batch's encoder column from the query cells'
+offset to their mutual nearest reference cells when the reference's cells are at hand, and
+returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
 training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
 categories learn (optionally also the encoder's first layer, the whole encoder, or everything), in
 two stages: the decoder's first, then the encoder's at a tenth of the learning rate
