@@ -44,6 +44,7 @@ BAD_TRAIN = [
     ("lr_factor", 0.0, "lr_factor must be a number in (0, 1), got 0"),
     ("min_lr", -1e-6, "min_lr must be a non-negative number"),
     ("min_lr", 0.1, "min_lr=0.1 is above lr=0.001"),
+    ("lr", 1e-9, "lr=1e-09 is below the learning-rate floor min_lr=1e-06; give lr >= 1e-06"),
     ("epochs", 2.0, "epochs must be a whole number >= 1, got 2.0"),
     ("epochs", "3", "epochs must be a whole number >= 1, got '3' (str)"),
     ("batch_size", True, "batch_size must be a whole number >= 1, got True (bool)"),
@@ -167,6 +168,7 @@ def test_negative_grad_clip_no_longer_trains_uphill():
     (["--latent-dim", "100"], "ConfigError: --latent-dim 100 is larger than the number of genes (30)"),
     (["--epochs", "0"], "ConfigError: --epochs must be a whole number >= 1, got 0."),
     (["--seed", "-3"], "ConfigError: --seed must be a whole number in [0, 4294967295], got -3."),
+    (["--lr", "1e-9"], "ConfigError: --lr 1e-09 is below the learning-rate floor min_lr=1e-06; give --lr >= 1e-06"),
 ])
 def test_cli_option_errors_name_the_option_and_exit_2(counts_file, tmp_path, options, message):
     result = CliRunner().invoke(main, ["train", str(counts_file), "--out", str(tmp_path / "run"), *options])

@@ -61,6 +61,11 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES} (or None).", argument="lr_schedule")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}.", argument="precision")
+        if self.min_lr > self.lr and self.min_lr == TrainConfig.min_lr:  # the default floor: lr is what is off
+            raise ConfigError(
+                f"lr={self.lr:g} is below the learning-rate floor min_lr={self.min_lr:g}; give lr >= {self.min_lr:g}.",
+                argument="lr",
+            )
         if self.min_lr > self.lr:
             raise ConfigError(
                 f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the plateau schedule only lowers the learning "
