@@ -26,6 +26,12 @@ For each split, with the same architecture everywhere:
 * ``untrained_query``: the default query model before ``fit()`` (its new columns at their start),
   i.e. what the query training adds;
 * ``from_scratch``: one genailab model trained on reference + query together;
+* ``corrected_query`` / ``corrected_query_scratch``: no mapping: the query's own cells without
+  their batch effect, encoded by the reference (and the from-scratch) model as a reference batch;
+  the simulated query is drawn again with the states, types and libraries of its cells in each
+  reference batch in turn (from the simulator's true means; rows average the reference batches),
+  the PBMC query is its counts before the simulated effect. What perfect batch correction through
+  that model's encoder would label: the ceiling of any mapping that keeps the reference encoder;
 * ``pca_knn``: no model: 10 principal components of the log-normalised counts of both datasets
   (what a method that ignores the batch effect gets);
 * ``scvi_query`` / ``scvi_scratch``: scvi-tools' ``SCVI.load_query_data`` + ``train`` and an SCVI
@@ -67,17 +73,45 @@ LATENT = "X_genailab"
 LABEL = "cell_type"
 
 
-def simulated_split(args) -> tuple[anndata.AnnData, anndata.AnnData]:
-    sim = simulate(args.cells, args.genes, n_cell_types=args.cell_types, n_batches=args.batches, seed=args.seed,
-                   batch_effect_scale=args.batch_effect, n_markers=args.markers, marker_log_fc=args.marker_log_fc)  # fmt: skip
+def simulated_split(args) -> tuple[anndata.AnnData, anndata.AnnData, list[anndata.AnnData]]:
+    """Reference (all batches but the last), query (the last) and the query re-drawn in each reference batch."""
+    options = dict(n_cell_types=args.cell_types, n_batches=args.batches, seed=args.seed, n_markers=args.markers,
+                   marker_log_fc=args.marker_log_fc)  # fmt: skip
+    sim = simulate(args.cells, args.genes, batch_effect_scale=args.batch_effect, **options)
     held_out = f"batch_{args.batches - 1}"
     query = sim[sim.obs["batch"] == held_out]
     if args.query_cell_types:
         query = query[query.obs["cell_type"].astype(str).isin(args.query_cell_types).to_numpy()]
-    return sim[sim.obs["batch"] != held_out].copy(), query.copy()
+    reference = sim[sim.obs["batch"] != held_out].copy()
+    # The same seed without batch effects draws the same states, types and libraries (each draw
+    # consumes the random streams alike), so its means are the cells' means without their batch.
+    plain = simulate(args.cells, args.genes, batch_effect_scale=0.0, **options)
+    corrected = [redrawn_in_batch(query.copy(), plain, sim, str(batch), seed=args.seed) for batch in reference.obs["batch"].cat.categories
+                 if (reference.obs["batch"] == batch).any()]  # fmt: skip
+    return reference, query.copy(), corrected
 
 
-def pbmc_split(args) -> tuple[anndata.AnnData, anndata.AnnData]:
+def redrawn_in_batch(query: anndata.AnnData, plain: anndata.AnnData, sim: anndata.AnnData, batch: str, *, seed: int) -> anndata.AnnData:
+    """``query`` with new NB counts drawn from its cells' true means moved into ``batch``: the per-gene
+    log effect and library factor of ``batch`` (read from one of its cells in ``sim`` against the
+    batch-free ``plain`` simulation of the same seed) replace those of the query's own batch."""
+    cell = sim.obs_names[np.flatnonzero(sim.obs["batch"].astype(str) == batch)[0]]
+    log_ratio = np.log(sim[cell].layers["true_mean"].astype(np.float64)) - np.log(plain[cell].layers["true_mean"].astype(np.float64))
+    effect = np.exp(log_ratio - log_ratio.mean())  # (1, G) the batch's per-gene factor, up to a constant
+    library = float(sim.obs.loc[cell, "library_size"] / plain.obs.loc[cell, "library_size"])  # the batch's library factor
+    mean = plain[query.obs_names].layers["true_mean"].astype(np.float64)  # (n, G) the query cells without a batch
+    moved = mean * effect
+    moved *= library * mean.sum(1, keepdims=True) / moved.sum(1, keepdims=True)
+    theta = sim.var["theta"].to_numpy(np.float64)
+    rng = np.random.default_rng([seed, 1])
+    counts = sp.csr_matrix(rng.poisson(rng.gamma(theta, moved / theta)).astype(np.float32))
+    query.layers["counts"], query.X = counts, counts.copy()
+    query.obs["batch"] = pd.Categorical([batch] * query.n_obs, categories=sim.obs["batch"].cat.categories)
+    return query
+
+
+def pbmc_split(args) -> tuple[anndata.AnnData, anndata.AnnData, list[anndata.AnnData]]:
+    """Reference (pseudo-batch a), query (pseudo-batch b with a simulated effect) and the query before the effect."""
     pbmc = pbmc68k_counts()
     rng = np.random.default_rng(args.seed)
     in_query = rng.random(pbmc.n_obs) < 0.5
@@ -89,7 +123,9 @@ def pbmc_split(args) -> tuple[anndata.AnnData, anndata.AnnData]:
     query.X = query.layers["counts"].copy()
     reference.obs["batch"], query.obs["batch"] = "pbmc_a", "pbmc_b"
     keep = np.asarray(query.layers["counts"].sum(1)).ravel() > 0
-    return reference, query[keep].copy()
+    corrected = pbmc[in_query][keep].copy()
+    corrected.obs["batch"] = "pbmc_a"
+    return reference, query[keep].copy(), [corrected]
 
 
 def scores(reference: anndata.AnnData, query: anndata.AnnData, seconds: float) -> dict[str, float]:
@@ -106,7 +142,7 @@ def scores(reference: anndata.AnnData, query: anndata.AnnData, seconds: float) -
     }
 
 
-def genailab_rows(reference, query, args) -> dict[str, dict]:
+def genailab_rows(reference, query, corrected, args) -> dict[str, dict]:
     options = dict(likelihood="nb", layer="counts", condition_keys=["batch"], latent_dim=args.latent_dim,
                    hidden_dims=(args.hidden,))  # fmt: skip
     fit = dict(epochs=args.epochs, seed=args.seed, progress=False)
@@ -138,8 +174,19 @@ def genailab_rows(reference, query, args) -> dict[str, dict]:
     reference_again, query_again = reference.copy(), query.copy()
     reference_again.obsm[LATENT], query_again.obsm[LATENT] = latent[: reference.n_obs], latent[reference.n_obs :]
     rows["from_scratch"] = {**scores(reference_again, query_again, scratch_seconds), "epochs": len(scratch.history)}
+    rows["corrected_query"] = corrected_row(model, reference, query, corrected)
+    rows["corrected_query_scratch"] = corrected_row(scratch, reference_again, query_again, corrected)
     rows["pca_knn"] = pca_row(reference_again, query_again, args)
     return rows
+
+
+def corrected_row(model, reference, query, corrected) -> dict[str, float]:
+    """Scores of ``model`` on each batch-corrected copy of the query (its latent in reference batches), averaged."""
+    rows = []
+    for copy in corrected:
+        query.obsm[LATENT] = model.get_latent(copy)
+        rows.append(scores(reference, query, 0.0))
+    return {**pd.DataFrame(rows).mean().to_dict(), "epochs": 0}
 
 
 def pca_row(reference, query, args) -> dict[str, float]:
@@ -182,12 +229,12 @@ def scvi_rows(reference, query, args) -> dict[str, dict]:
     return rows
 
 
-def benchmark(name: str, reference, query, args) -> pd.DataFrame:
+def benchmark(name: str, reference, query, corrected, args) -> pd.DataFrame:
     library = np.median(np.asarray(query.layers["counts"].sum(1))) / np.median(np.asarray(reference.layers["counts"].sum(1)))
     print(f"{name}: reference {reference.n_obs} cells ({', '.join(sorted(set(reference.obs['batch'])))}), "
           f"query {query.n_obs} cells ({', '.join(sorted(set(query.obs['batch'])))}), {reference.n_vars} genes; "
           f"query / reference median count {library:.2f}", flush=True)  # fmt: skip
-    rows = genailab_rows(reference, query, args)
+    rows = genailab_rows(reference, query, corrected, args)
     if importlib.util.find_spec("scvi") is not None:
         rows.update(scvi_rows(reference, query, args))
     else:
