@@ -21,14 +21,17 @@ def test_gather_rows_matches_dense_rows(fmt):
     out = gather_rows(matrix, rows)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, dense[rows])
-    again, x_sparse = gather_rows(matrix, rows, with_sparse=True)
-    np.testing.assert_array_equal(again, out)
+    batch = MinibatchLoader(matrix, batch_size=4).batch(rows)
+    x_sparse = batch.x_sparse
     if fmt == "dense":
         assert x_sparse is None
-    else:  # exactly the non-zero entries, row by row
+    else:  # exactly the non-zero entries, row by row; the dense rows are built only when read
+        assert batch._x is None
         rebuilt = sp.csr_matrix((x_sparse.counts.numpy(), x_sparse.genes.numpy(), x_sparse.row_starts.numpy()), shape=out.shape)
         np.testing.assert_array_equal(rebuilt.toarray(), out)
+        np.testing.assert_array_equal(x_sparse.to_dense(out.shape[1]).numpy(), out)
         assert x_sparse.counts.dtype == torch.float32 and (x_sparse.counts != 0).all()
+    np.testing.assert_array_equal(batch.x.numpy(), out)
 
 
 def test_the_stored_entries_come_with_the_batch_unless_declined():

@@ -73,6 +73,8 @@ def test_encode_with_stored_entries_equals_the_dense_encoder(model_class, densit
     with torch.inference_mode():
         mean, var = model.encode(x_dense, c)
         sparse_mean, sparse_var = model.encode(x_dense, c, x_sparse=_entries(x))
+        entries_only = model.encode(None, c, x_sparse=_entries(x))  # x built from the entries if needed
+    assert torch.equal(entries_only[0], sparse_mean) and torch.equal(entries_only[1], sparse_var)
     if density > 0.5:
         assert torch.equal(sparse_mean, mean) and torch.equal(sparse_var, var)
     else:

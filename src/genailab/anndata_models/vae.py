@@ -240,7 +240,7 @@ class VAE(AnnDataModel):
         loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size, sparse_counts=True)
         for batch in loader:
             batch = batch.to(device)  # off the CPU without its sparse entries: the dense encoder
-            mean, var = self.module.encode(batch.x, batch.c, x_sparse=batch.x_sparse)
+            mean, var = _encode(self.module, batch)
             means.append(mean)
             variances.append(var)
         mean, var = torch.cat(means).cpu(), torch.cat(variances).cpu()  # one copy to the host, not one per batch
@@ -354,7 +354,7 @@ class VAE(AnnDataModel):
                 target = result[done : done + len(rows)]  # the loader keeps the cells' order
                 done += len(rows)
                 batch = batch.to(device)
-                mean, var = module.encode(batch.x, batch.c, x_sparse=batch.x_sparse)  # first layer on the stored entries
+                mean, var = _encode(module, batch)
                 c = batch.c if decode_conditions is None else torch.as_tensor(decode_conditions[rows], device=device)
                 if library_size == "observed":
                     library = batch.x.sum(1, keepdim=True)
@@ -509,3 +509,11 @@ def generated_anndata(model: VAE, values: np.ndarray, obs: pd.DataFrame, *, para
         generated.layers[model.schema.layer] = matrix.copy()
     generated.uns[GENERATED_KEY] = {"params": storable_params(params)}
     return generated
+
+
+def _encode(module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(z|x,c) of a loader batch: from its stored entries when it has them (the batch's dense x
+    is then never built), else from x."""
+    if batch.x_sparse is not None:
+        return module.encode(None, batch.c, x_sparse=batch.x_sparse)
+    return module.encode(batch.x, batch.c)

@@ -22,15 +22,38 @@ from genailab.errors import ConfigError
 from genailab.likelihood.sparse_counts import SparseCounts
 
 
-@dataclass
 class Batch:
-    """One minibatch of B cells."""
+    """One minibatch of B cells.
 
-    x: torch.Tensor  # (B, G) float32 expression
-    c: torch.Tensor | None  # (B, raw_condition_dim) float32 conditions, or None
-    index: torch.Tensor  # (B,) int64 row numbers in the source matrix
-    y: torch.Tensor | None = None  # (B,) int64 labels for an auxiliary head (batch codes for the adversary)
-    x_sparse: SparseCounts | None = None  # the stored entries of x, when the source matrix is sparse
+    ``x`` (B, G) float32 expression; ``c`` (B, raw_condition_dim) float32 conditions or None;
+    ``index`` (B,) int64 row numbers in the source matrix; ``y`` (B,) int64 labels for an auxiliary
+    head (batch codes for the adversary) or None; ``x_sparse`` the stored entries of x
+    (:class:`SparseCounts`) when the source matrix is sparse. A batch cut from a sparse matrix
+    holds its rows (``rows``, CSR) and builds the dense ``x`` on first use only, so inference that
+    reads the stored entries alone (the encoder's sparse first layer) never densifies.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor | None,
+        c: torch.Tensor | None,
+        index: torch.Tensor,
+        y: torch.Tensor | None = None,
+        x_sparse: SparseCounts | None = None,
+        *,
+        rows: sp.csr_matrix | None = None,
+    ):
+        if x is None and rows is None:
+            raise ValueError("Batch needs x or its rows as a CSR matrix.")
+        self._x, self._rows = x, rows
+        self.c, self.index, self.y, self.x_sparse = c, index, y, x_sparse
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            self._x = torch.from_numpy(self._rows.toarray())
+            self._rows = None
+        return self._x
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu" or self.x.device == device:
@@ -149,25 +172,21 @@ def row_source(matrix):
     return matrix if hasattr(matrix, "hold") else InMemoryRows(matrix)
 
 
-def gather_rows(matrix, rows: np.ndarray | slice, *, with_sparse: bool = False):
+def gather_rows(matrix, rows: np.ndarray | slice):
     """Rows of a CSR or dense matrix as a dense float32 array (len(rows), n_cols); ``rows`` are
-    row numbers or a slice.
-
-    For CSR, scipy's compiled row indexing and densification do the work (no Python loop per
-    row). With ``with_sparse``, also return the rows' stored entries as :class:`SparseCounts`
-    (None for a dense matrix): the count likelihood then need not search the dense batch for
-    its non-zeros.
-    """
+    row numbers or a slice. For CSR, scipy's compiled row indexing and densification do the
+    work (no Python loop per row)."""
     if not sp.issparse(matrix):
-        out = np.asarray(matrix[rows], dtype=np.float32)
-        return (out, None) if with_sparse else out
+        return np.asarray(matrix[rows], dtype=np.float32)
+    return _csr_rows(matrix, rows).toarray()
+
+
+def _csr_rows(matrix, rows: np.ndarray | slice) -> sp.csr_matrix:
+    """Rows of a sparse matrix as float32 CSR."""
     selected = matrix[rows]
     if selected.format != "csr":  # e.g. CSC or COO input
         selected = selected.tocsr()
-    if selected.dtype != np.float32:
-        selected = selected.astype(np.float32)
-    out = selected.toarray()
-    return (out, SparseCounts.from_scipy(selected)) if with_sparse else out
+    return selected.astype(np.float32, copy=False)
 
 
 class MinibatchLoader:
@@ -320,13 +339,13 @@ class MinibatchLoader:
             blocks = [held[position] for held, position in parts]
             held = stack_csr(blocks) if sp.issparse(blocks[0]) else np.concatenate(blocks)
             position = slice(None)
-        if self.sparse_counts:
-            x, x_sparse = gather_rows(held, position, with_sparse=True)
-        else:
-            x, x_sparse = gather_rows(held, position), None
         c = None if self.conditions is None else torch.from_numpy(self.conditions[rows])
         y = None if self.labels is None else torch.from_numpy(self.labels[rows])
-        return Batch(x=torch.from_numpy(x), c=c, index=torch.from_numpy(rows), y=y, x_sparse=x_sparse)
+        if not sp.issparse(held):
+            return Batch(torch.from_numpy(gather_rows(held, position)), c, torch.from_numpy(rows), y)
+        selected = _csr_rows(held, position)  # densified when x is first read
+        x_sparse = SparseCounts.from_scipy(selected) if self.sparse_counts else None
+        return Batch(None, c, torch.from_numpy(rows), y, x_sparse, rows=selected)
 
 
 def stack_csr(parts: list[sp.csr_matrix]) -> sp.csr_matrix:

@@ -43,6 +43,11 @@ class SparseCounts(NamedTuple):
         row_starts[1:] = torch.bincount(rows, minlength=x.shape[0]).cumsum(0)
         return cls(row_starts, genes.int(), x[rows, genes])
 
+    def to_dense(self, n_cols: int) -> torch.Tensor:
+        """The (B, n_cols) dense matrix, on the entries' device."""
+        dense = torch.zeros(self.n_rows, n_cols, dtype=self.counts.dtype, device=self.counts.device)
+        return dense.index_put_((self.rows(), self.genes.long()), self.counts, accumulate=True)  # duplicates add up, as in scipy
+
     @property
     def n_rows(self) -> int:
         return self.row_starts.numel() - 1

@@ -103,7 +103,9 @@ class NegativeBinomialHead(nn.Module):
         place (no (B, G) temporaries)."""
         if out is None:
             return library * torch.softmax(self.scale(h), dim=-1)
-        return torch.softmax(self.scale(h), dim=-1, dtype=out.dtype, out=out).mul_(library)  # also under autocast
+        logits = self.scale(h)
+        dtype = None if logits.dtype == out.dtype else out.dtype  # bfloat16 logits under autocast; else no extra copy
+        return torch.softmax(logits, dim=-1, dtype=dtype, out=out).mul_(library)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None, library: torch.Tensor) -> Distribution:
         return NegativeBinomial(*self.parameters_for(h, c, library), validate_args=False)

@@ -120,18 +120,22 @@ class ConditionalVAE(nn.Module):
 
     # -- the three steps: encode, sample, decode --------------------------------------------
     def encode(
-        self, x: torch.Tensor, c: torch.Tensor | None = None, *, x_sparse: SparseCounts | None = None
+        self, x: torch.Tensor | None, c: torch.Tensor | None = None, *, x_sparse: SparseCounts | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior q(z|x,c): returns (mean, variance), each (B, L).
 
         ``x_sparse``, optional: the stored entries of x (the loaders provide them from a sparse
         matrix); when at most half of x is stored, the encoder's first layer runs over them only
         (a sparse-dense product, for inference: equal to the dense encoder to float32 rounding)
-        and x is not read.
+        and x is not read. With ``x_sparse``, x may be None (it is then built from the entries
+        only if the dense encoder is the faster one).
         """
-        c = self._condition(c, x.shape[0])
-        if x_sparse is None or x_sparse.genes.numel() > _SPARSE_ENCODER_DENSITY * x.numel():
-            return self._encode(x, c)
+        if x is None and x_sparse is None:
+            raise InputDataError("encode needs x (B, G) or its stored entries x_sparse.")
+        n_cells = x.shape[0] if x is not None else x_sparse.n_rows
+        c = self._condition(c, n_cells)
+        if x_sparse is None or x_sparse.genes.numel() > _SPARSE_ENCODER_DENSITY * n_cells * self.config.input_dim:
+            return self._encode(x if x is not None else x_sparse.to_dense(self.config.input_dim), c)
         values = SparseCounts(x_sparse.row_starts, x_sparse.genes, self._encoder_input(x_sparse.counts))  # maps 0 to 0
         h = self.encoder.forward_sparse(values, c if self._encoder_sees_c else None)
         return self._posterior(h)
