@@ -128,6 +128,23 @@ def test_check_expression_finds_damage_in_the_same_pass_as_the_counts(counts):
         check_expression(matrix, counts=True, source="The expression matrix")
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(np.nan, "1 NaN or infinite"), (np.inf, "1 NaN or infinite"), (-np.inf, "1 NaN or infinite"),
+     (-2.0, "negative values"), (2.5, "1 non-integer values")],
+)
+def test_each_kind_of_bad_count_gets_its_own_message(counts, value, message):
+    """Valid counts pass in one combined pass; a bad value is then named by its own check."""
+    matrix = counts.X.copy()
+    check_expression(matrix, counts=True)
+    matrix.data[7] = value
+    with pytest.raises(InputDataError, match=message):
+        check_expression(matrix, counts=True)
+    dense = matrix.toarray()
+    with pytest.raises(InputDataError, match=message):
+        check_expression(dense, counts=True)
+
+
 SCRIPT = """
 import sys
 from click.testing import CliRunner

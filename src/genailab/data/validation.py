@@ -35,10 +35,11 @@ def is_integer_counts(matrix) -> bool:
         return True
     if np.issubdtype(values.dtype, np.integer):
         return bool(values.min() >= 0)
-    for start in range(0, values.size, _CHUNK):  # chunks that stay in cache: several times faster
-        chunk = values[start : start + _CHUNK]
-        if not (chunk.min() >= 0 and np.abs(chunk - np.round(chunk)).max() < 1e-6):
-            return False
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN: not whole, as it should be
+        for start in range(0, values.size, _CHUNK):  # chunks that stay in cache: several times faster
+            chunk = values[start : start + _CHUNK]
+            if not (chunk.min() >= 0 and np.abs(chunk - np.round(chunk)).max() < 1e-6):  # False for NaN and inf too
+                return False
     return True
 
 
@@ -53,6 +54,8 @@ def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
     values = _values(matrix)
     if values.size and not np.issubdtype(values.dtype, np.number):
         raise InputDataError(f"{source} has non-numeric values (dtype {values.dtype}); convert it to numbers.")
+    if counts and values.size and np.issubdtype(values.dtype, np.floating) and is_integer_counts(values):
+        return  # non-negative whole numbers, so finite too: the one pass that valid counts take
     if values.size and not np.issubdtype(values.dtype, np.integer):
         bad = ~np.isfinite(values)
         if bad.any():
