@@ -3,7 +3,8 @@
 :func:`map_query` aligns the query's genes to the reference, adds the query's new condition
 categories (new batches, donors, labs) to the reference network by architecture surgery
 (:mod:`genailab.model.surgery`), starts the new batch's encoder column from the query cells'
-offset to their mutual nearest reference cells when the reference's cells are at hand, and
+offset to the reference clusters of their mutual nearest reference cells when the reference's
+cells are at hand, and
 returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
 training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
 categories learn (optionally also the encoder's first layer, the whole encoder, or everything), in
@@ -57,6 +58,7 @@ QUERY_LR = 1e-2  # few parameters learn, each far from its start (1e-3 needs ~3x
 ENCODER_STAGE_LR_FACTOR = 0.1  # the encoder stage corrects what the decoder stage left; at the full lr it drifts the latent
 ENCODER_STARTS = ("auto", "neighbours", "mean", "batch_norm")  # where the new encoder columns start (map_query)
 START_NEIGHBOURS = 20  # neighbours searched each way for the mutual pairs of the "neighbours" start
+START_CLUSTER_CELLS = 50  # reference cells per k-means cluster of that start (small enough to hold one cell state)
 START_MAX_CELLS = 10_000  # cells of each side compared by that search (a seeded subset of larger data)
 
 
@@ -102,8 +104,9 @@ def map_query(
         query size (:func:`default_query_epochs`).
     encoder_start
         Where the new batch's encoder column starts (its decoder column starts at the mean of the
-        reference's): ``"neighbours"`` shifts it by the mean offset, at the encoder's first batch
-        norm, between query cells and their mutual nearest reference cells
+        reference's): ``"neighbours"`` shifts it so that, at the encoder's first batch norm, the
+        query cells reach the means of the reference clusters (about 50 cells each) their mutual
+        nearest reference cells belong to
         (:func:`~genailab.model.surgery.align_new_encoder_columns`; needs the reference's cells);
         ``"mean"`` at the mean of the reference columns; ``"batch_norm"`` where it centres the
         query's first-layer activations on the reference's running mean
@@ -277,8 +280,9 @@ class QueryVAE(VAE):
             centre_new_encoder_columns(module, self._extended, x, c)
             return {}
         x_reference, c_reference = _cells(reference_cells, reference_schema, schema)
-        return {"start_pairs": align_new_encoder_columns(module, self._extended, x, c, x_reference, c_reference,
-                                                          n_neighbors=START_NEIGHBOURS)}  # fmt: skip
+        pairs = align_new_encoder_columns(module, self._extended, x, c, x_reference, c_reference,
+                                          n_neighbors=START_NEIGHBOURS, cells_per_cluster=START_CLUSTER_CELLS)  # fmt: skip
+        return {"start_pairs": pairs}
 
     def _new_module(self) -> ConditionalVAE:
         module, _ = extend_conditions(self._reference_module, self._extension)
