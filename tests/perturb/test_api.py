@@ -128,3 +128,34 @@ def test_the_predicted_change_has_each_cell_types_sensitivity_to_the_drug(pertur
         change = np.log(treated / basal)
         projections.append((change - np.median(change))[targets] @ reference)  # the softmax shifts every gene alike
     assert 0.85 * true_ratio < projections[1] / projections[0] < 1.15 * true_ratio
+
+
+def test_the_effect_penalty_keeps_the_genes_no_drug_moves_near_no_change():
+    """Semi-synthetic PBMC counts (765 genes, 30 targets per drug): without the penalty the fitted change of
+    many barely measured genes is noise (measured RMS 0.22-0.74 off the targets at 30 epochs); with the
+    default it is 0.39-0.47 of that (0.10-0.29) while the changes on the targets keep following the truth
+    (correlation 0.974-0.981, 0.970-0.976 without)."""
+    from genailab.perturb import semisynthetic
+
+    adata = semisynthetic.semisynthetic(n_cells=1500, n_drugs=2, doses=(0.5, 5.0), seed=1)
+    obs = adata.obs
+    errors = {}
+    for effect_l2 in (0.0, None):  # None: the default
+        options = {} if effect_l2 is None else {"effect_l2": effect_l2}
+        model = PerturbationModel(adata, layer="counts", latent_dim=8, hidden_dims=(64,), **options)
+        model.fit(epochs=30, seed=0, progress=False)
+        for drug in ("drug_0", "drug_1"):
+            true = adata.varm[f"true_drug_effect_{drug}"]
+            off_target = np.abs(true.to_numpy()).sum(1) == 0
+            for cell_type in true.columns[:2]:
+                cells = adata[((obs["drug"] == "control") & (obs["cell_type"] == cell_type)).to_numpy()]
+                treated, basal = (model.predict(cells, drug=drug, dose=x).X.mean(0) for x in (5.0, 0.0))
+                change = np.log(treated / basal)
+                change -= np.median(change)  # the softmax shifts every gene alike
+                target = true[cell_type].to_numpy() != 0
+                errors[effect_l2, drug, cell_type] = np.sqrt(np.mean(change[off_target] ** 2))
+                if effect_l2 is None:
+                    assert np.corrcoef(change[target], true[cell_type].to_numpy()[target])[0, 1] > 0.95
+    for (effect_l2, drug, cell_type), rms in errors.items():
+        if effect_l2 is None:
+            assert rms < 0.6 * errors[0.0, drug, cell_type], (drug, cell_type, rms, errors[0.0, drug, cell_type])

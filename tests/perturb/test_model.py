@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -81,10 +84,12 @@ def test_wrong_condition_width_is_refused():
 def test_config_round_trip_and_checks():
     config = _model(max_drugs=3, dose_scale=2.5, interaction_rank=3, per_gene_dose=True).config
     assert PerturbationConfig.from_dict(config.to_dict()) == config
-    later = ("response", "interaction_rank", "interaction_l2", "per_gene_dose", "unseen_interaction", "unseen_scale")
+    later = ("response", "interaction_rank", "interaction_l2", "per_gene_dose", "unseen_interaction", "unseen_scale",
+             "effect_l2")  # fmt: skip
     saved_before = {k: v for k, v in config.to_dict().items() if k not in later}
     assert PerturbationConfig.from_dict(saved_before).response == "latent"  # older files hold CPA models
     assert PerturbationConfig.from_dict(saved_before).unseen_scale == 1.0  # and the unscaled average effect
+    assert PerturbationConfig.from_dict(saved_before).effect_l2 == 0.0  # and were trained without the penalty
     assert config.unseen_scale is None  # the default: estimated
     with pytest.raises(ConfigError, match="response"):
         _model(response="genes")
@@ -226,6 +231,34 @@ def test_the_unseen_scale_is_the_leave_one_type_out_fit_in_relative_error():
     torch.testing.assert_close(_effect(model, 1, 1), level * 1.0 * a)  # a seen pair is not scaled
     # types that respond alike leave the drug's average effect as it is
     assert np.isclose(float(_scaled_profiles([[2.0, 5.0], [2.0, 3.0], [2.0, 3.0]]).gene_response.unseen_scale()), 1.0)
+
+
+def test_the_effect_penalty_is_the_mean_over_seen_types_of_each_drugs_squared_full_dose_change():
+    model = _three_type_model(0.0, None)
+    response = model.gene_response
+    a = _RESPONSE_SCALE * response.effect.detach().double()  # (2, G)
+    u, v = response.type_factor.detach().double(), _RESPONSE_SCALE * response.drug_factor.detach().double()
+    s = torch.exp(_RESPONSE_SCALE * response.log_sensitivity.detach().double())  # (3, 2)
+    squared = [[float(((s[k, d] * (a[d] + u[k] @ v[d])) ** 2).sum()) for d in range(2)] for k in range(3)]
+    expected = np.mean([squared[k][0] for k in range(3)]) + np.mean([squared[1][1], squared[2][1]])  # type 0: unseen
+    assert np.isclose(response.effect_penalty().item(), expected, rtol=1e-5)
+    # sensitivities that grow while the profiles shrink leave the applied changes, and so the penalty, unchanged
+    with torch.no_grad():
+        response.effect /= 3.0
+        response.drug_factor /= 3.0
+        response.log_sensitivity += math.log(3.0) / _RESPONSE_SCALE
+    assert np.isclose(response.effect_penalty().item(), expected, rtol=1e-5)
+    # in the loss it is weighted by effect_l2 (the same reparameterisation draw for both)
+    x, c = torch.poisson(torch.full((2, 30), 3.0)), torch.tensor([[0, -1, 1.0, 0.0, 1], [-1, -1, 0.0, 0.0, 0]])
+    losses = []
+    for weight in (0.0, 0.25):
+        weighted = PerturbationVAE(replace(model.config, effect_l2=weight))
+        weighted.load_state_dict(model.state_dict())
+        torch.manual_seed(1)
+        losses.append(weighted.loss(x, c).loss.item())
+    assert np.isclose(losses[1] - losses[0], 0.25 * expected, rtol=1e-4)
+    with pytest.raises(ConfigError, match="effect_l2"):
+        _model(effect_l2=-1.0)
 
 
 def test_the_seen_mask_is_saved_and_older_weights_load_as_all_seen():

@@ -61,6 +61,10 @@ class PerturbationModel(AnnDataModel):
         by predicting each seen pair from its drug's other cell types (leave one type out), which
         shrinks the effect where cell types differ in how strongly they respond; 1 keeps the
         drug's average effect.
+    effect_l2
+        Weight of an L2 penalty on each (cell type, drug) pair's full-dose log fold changes, so
+        that genes the counts barely measure stay near no change instead of fitting noise; 0
+        turns it off (:mod:`genailab.model.perturbation` says what it does to the dose curve).
     hidden_dims
         Encoder layer sizes (the decoder mirrors them). Two layers of 128, not ``ModelConfig``'s one:
         in one run of ``benchmarks/perturbation.py`` one layer gave a worse all-gene delta R2 and a
@@ -95,6 +99,7 @@ class PerturbationModel(AnnDataModel):
         adversary: AdversaryConfig | None = BASAL_LATENT,
         unseen_interaction: float = 0.0,
         unseen_scale: float | None = None,
+        effect_l2: float = PerturbationConfig.effect_l2,
         hidden_dims: Sequence[int] = (128, 128),
         **model_options,
     ):
@@ -109,7 +114,7 @@ class PerturbationModel(AnnDataModel):
         config = PerturbationConfig(
             vae=vae, n_drugs=len(schema.drugs), max_drugs=schema.max_drugs, covariate_sizes=schema.covariate_sizes,
             dose_scale=schema.dose_scale, unseen_interaction=unseen_interaction,
-            unseen_scale=unseen_scale,
+            unseen_scale=unseen_scale, effect_l2=effect_l2,
         )  # fmt: skip
         self._assemble(schema=schema, config=config, adata=adata, adversary_config=adversary)
 
