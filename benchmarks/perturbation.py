@@ -3,7 +3,8 @@
     python benchmarks/perturbation.py             # default run: 236-394 s on a shared, loaded 2-core machine
     python benchmarks/perturbation.py --quick     # 1,500 cells, 20 epochs: a smoke run (pair groups get small)
     python benchmarks/perturbation.py --out scores.csv
-    python benchmarks/perturbation.py --ceilings  # what counterfactuals that know the truth reach (20 s)
+    python benchmarks/perturbation.py --ceilings  # what counterfactuals that know the truth reach (20 s),
+                                                  # and the unseen-pair scale from the true effects
     python benchmarks/perturbation.py --baselines-only  # no neural methods (35 s)
 
 Generators: ``simulator`` (genailab.data.simulate with its drug arm: 200 genes, 3 cell types,
@@ -125,6 +126,32 @@ def ceilings(adata, truth, split, *, draws: int = 5, min_cells: int = 10, seed: 
     return pd.DataFrame(rows)
 
 
+def true_unseen_scale(adata, split) -> tuple[float, dict]:
+    """The unseen-pair scale rho of :mod:`genailab.model.perturbation` computed from the generator's
+    true full-dose effects (``varm['true_drug_effect_*']``) of the (cell type, drug) pairs the split
+    leaves seen, and each held-out pair's |true effect| / |mean true effect of its drug's seen types|.
+
+    What the model's leave-one-type-out estimate would give if it had fitted every seen pair exactly.
+    """
+    held = {(t, d) for t, label, _ in split.groups for d in label.split("+")}
+    if split.protocol == "combination":  # there a pair is held out by its singles; pairs with it follow
+        held = {(t, label) for t, label, _ in split.groups if "+" not in label}
+    types = list(adata.obs["cell_type"].cat.categories)
+    fit = spread = 0.0
+    ratios = {}
+    for key in sorted(k for k in adata.varm if k.startswith("true_drug_effect_")):
+        drug, effects = key[len("true_drug_effect_") :], adata.varm[key]
+        seen = [t for t in types if (t, drug) not in held]
+        for t in seen if len(seen) > 1 else []:
+            own, others = effects[t].to_numpy(), np.mean([effects[o].to_numpy() for o in seen if o != t], 0)
+            fit, spread = fit + own @ others / (own @ own), spread + others @ others / (own @ own)
+        mean = np.mean([effects[o].to_numpy() for o in seen], 0)
+        for t in types:
+            if (t, drug) in held:
+                ratios[(t, drug)] = float(np.linalg.norm(effects[t].to_numpy()) / np.linalg.norm(mean))
+    return (fit / spread if spread > 0 else 1.0), ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,500 cells and 20 epochs.")
@@ -153,6 +180,11 @@ def main() -> None:
             split = split_for(adata, protocol, args.seed)
             if args.ceilings:
                 results.append(ceilings(adata, truth, split, seed=args.seed))
+                if protocol in ("combination", "cell_type"):
+                    rho, ratios = true_unseen_scale(adata, split)
+                    shown = ", ".join(f"{d} in {t} {r:.2f}" for (t, d), r in ratios.items())
+                    print(f"{generator} {protocol}: unseen-pair scale from the true effects of the seen pairs "
+                          f"{rho:.3f}; held-out |effect| / seen types' mean: {shown}")  # fmt: skip
                 continue
             train_options = dict(epochs=epochs, seed=args.seed, progress=False)
             methods = default_methods(train_options=train_options, pairs=protocol == "pair")
