@@ -23,6 +23,8 @@ For each split, with the same architecture everywhere:
 * ``mapping_batch_norm_start``: the default with ``encoder_start="batch_norm"`` (the new encoder
   column starts where it centres the query's first-layer activations on the reference's
   batch-norm mean);
+* ``mapping_latent_start``: the default with ``encoder_start="latent"`` (the neighbours start, then
+  the shift refined until each reference cluster's query cells have its mean in the latent);
 * ``untrained_query``: the default query model before ``fit()`` (its new columns at their start),
   i.e. what the query training adds;
 * ``from_scratch``: one genailab model trained on reference + query together;
@@ -156,7 +158,7 @@ def genailab_rows(reference, query, corrected, args) -> dict[str, dict]:
     print(f"  reference model: {len(model.history)} epochs in {reference_seconds:.0f} s", flush=True)
     variants = [("new_categories", "auto", "mapping"), ("new_categories", "mean", "mapping_mean_start")]
     variants += [(unfreeze, "auto", f"mapping_{unfreeze}") for unfreeze in args.unfreeze if unfreeze != "new_categories"]
-    variants += [("new_categories", "batch_norm", "mapping_batch_norm_start")]
+    variants += [("new_categories", "batch_norm", "mapping_batch_norm_start"), ("new_categories", "latent", "mapping_latent_start")]
     for unfreeze, start, name in variants:
         started = time.perf_counter()
         mapped = model.map_query(query, unfreeze=unfreeze, encoder_start=start).fit(seed=args.seed, progress=False)

@@ -407,3 +407,41 @@ def test_neighbours_start_mixes_the_held_out_batch_better_than_the_mean_start(sp
               for start in ("mean", "neighbours")}  # fmt: skip
     assert scores["neighbours"][0] > 0.99 and scores["mean"][0] > 0.99
     assert scores["neighbours"][1] > scores["mean"][1] + 0.05, scores
+
+
+def test_latent_start_places_a_shallow_query_in_the_latent_where_its_types_are(split, reference_run):
+    """The held-out batch thinned to 0.15 of its counts spreads less at the encoder's first layer than
+    the reference, so the neighbours start (the clusters' first-layer offset) leaves it apart in the
+    latent (measured before fit(): kNN mixing 0.759, each true type's query centroid 0.47-1.34
+    within-type standard deviations from its reference centroid); the latent start, which also
+    matches the clusters' means in the latent, brings it in (0.884; 0.27-0.71). Ground truth: the
+    simulated cell types; no label enters either start. Every reference tensor stays bitwise."""
+    reference_cells, query = split
+    reference, _ = reference_run
+    reference_cells = reference_cells.copy()
+    reference_cells.obsm["X_genailab"] = reference.get_latent(reference_cells)
+    shallow = query.copy()
+    counts = sp.csr_matrix(shallow.layers["counts"])
+    counts.data = np.random.default_rng(0).binomial(counts.data.astype(np.int64), 0.15).astype(np.float32)
+    shallow.layers["counts"] = shallow.X = counts
+    models = {start: map_query(shallow, reference, encoder_start=start) for start in ("neighbours", "latent")}
+    latents = {start: model.get_latent() for start, model in models.items()}
+    mixing = {start: _transfer_scores(reference_cells, shallow, z)[1] for start, z in latents.items()}
+    assert mixing["latent"] > 0.85 and mixing["latent"] > mixing["neighbours"] + 0.08, mixing
+    gaps = {start: _type_centroid_gaps(reference_cells, shallow, z) for start, z in latents.items()}
+    assert gaps["latent"].max() < 0.8 and gaps["latent"].mean() < 0.6 * gaps["neighbours"].mean(), gaps
+    assert models["latent"].mapping["encoder_start"] == "latent"
+    _assert_reference_kept(reference.module, models["latent"].module, changed_new=False)
+
+
+def _type_centroid_gaps(reference_cells, query, latent):
+    """Per true cell type: distance of its query centroid from its reference centroid over the
+    reference's within-type standard deviation (root mean squared distance to the centroid)."""
+    reference_latent = reference_cells.obsm["X_genailab"]
+    gaps = []
+    for cell_type in sorted(set(query.obs["cell_type"].astype(str))):
+        ours = reference_latent[(reference_cells.obs["cell_type"].astype(str) == cell_type).to_numpy()]
+        theirs = latent[(query.obs["cell_type"].astype(str) == cell_type).to_numpy()]
+        spread = np.sqrt(((ours - ours.mean(0)) ** 2).sum(1).mean())
+        gaps.append(np.linalg.norm(theirs.mean(0) - ours.mean(0)) / spread)
+    return np.array(gaps)

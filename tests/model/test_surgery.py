@@ -15,7 +15,10 @@ from genailab.model.surgery import (
     align_new_encoder_columns,
     extend_conditions,
     freeze_reference,
+    cluster_means,
+    joined_clusters,
     kmeans_labels,
+    match_cluster_latents,
     mutual_neighbours,
     paired_cluster_offset,
     trainable_entries,
@@ -282,3 +285,37 @@ def test_neighbours_start_gives_back_the_offset_of_a_shifted_copy():
     assert pairs == [40]
     torch.testing.assert_close(weight[:, G + 2], weight[:, G], rtol=0, atol=1e-5)
     assert torch.equal(weight[:, : G + 2], reference.encoder.layers[0].weight)  # the reference columns stay
+
+
+def test_latent_cluster_matching_reaches_the_least_squares_optimum_of_a_linear_encoder():
+    """With latent = A h + b after the first layer, the best common shift u leaves A u equal to the
+    cluster-weighted mean of d_k = goal_k - A(mean_k + shift) - b (A has full row rank), and the loss
+    left is the weighted spread of the d_k around it: both from numpy, not from the optimiser."""
+    rng = np.random.default_rng(2)
+    hidden, latent, n = 12, 3, 90
+    a, b = rng.normal(size=(latent, hidden)), rng.normal(size=latent)
+    query = rng.normal(size=(n, hidden))
+    joined = rng.choice([0, 3, 7], size=n)  # cluster numbers with gaps, as when some clusters get no query cell
+    goals = 3 * rng.normal(size=(8, latent))
+    shift, scale = rng.normal(size=hidden), rng.uniform(0.5, 2.0, size=hidden)
+    as_tensor = torch.as_tensor
+    refined = match_cluster_latents(lambda h: h @ as_tensor(a).T + as_tensor(b), as_tensor(query), as_tensor(goals[joined]),
+                                    as_tensor(joined), as_tensor(shift), scale=as_tensor(scale)).numpy()  # fmt: skip
+    clusters, weights = np.unique(joined, return_counts=True)
+    residuals = np.stack([goals[k] - a @ (query[joined == k].mean(0) + shift) - b for k in clusters])  # (3, L)
+    best = (weights[:, None] * residuals).sum(0) / n
+    np.testing.assert_allclose(a @ (refined - shift), best, atol=1e-6)
+    left = [np.sum((query[joined == k] + refined) @ a.T + b, axis=0) / w - goals[k] for k, w in zip(clusters, weights)]
+    loss = sum(w * np.sum(r**2) for w, r in zip(weights, left)) / n
+    assert abs(loss - sum(w * np.sum((r - best) ** 2) for w, r in zip(weights, residuals)) / n) < 1e-9
+
+
+def test_joined_clusters_and_cluster_means_match_a_loop():
+    rng = np.random.default_rng(3)
+    reference, clusters = rng.normal(size=(40, 4)), rng.integers(0, 5, size=40)
+    i, r = rng.integers(0, 25, size=120), rng.integers(0, 40, size=120)
+    cells, joined = joined_clusters(30, torch.as_tensor(clusters), torch.as_tensor(i), torch.as_tensor(r))
+    expected = [(row, np.argmax(np.bincount(clusters[r[i == row]], minlength=5))) for row in range(30) if (i == row).any()]
+    assert list(zip(cells.tolist(), joined.tolist())) == expected
+    means = cluster_means(torch.as_tensor(reference), torch.as_tensor(clusters)).numpy()
+    np.testing.assert_allclose(means, [reference[clusters == k].mean(0) for k in range(5)], rtol=1e-12)

@@ -32,7 +32,8 @@ LATENT_KEY = "X_genailab"
 @click.option("--encoder-start", type=click.Choice(ENCODER_STARTS), default=argument_default(map_query, "encoder_start"),
               show_default=True,
               help="Where the new batch's encoder column starts: shifted onto the reference clusters of its mutual nearest reference cells (neighbours, "
-                   "needs --reference-data), the mean of the reference's, or the reference's batch-norm mean; auto: "
+                   "needs --reference-data), the same then matched per cluster in the latent (latent, for a query that spreads less, "
+                   "e.g. shallower), the mean of the reference's, or the reference's batch-norm mean; auto: "
                    "neighbours with --reference-data, else mean.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
