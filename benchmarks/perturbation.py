@@ -45,6 +45,7 @@ import torch
 from genailab.data.simulate import PerturbationSpec, simulate, true_counterfactual, true_drug_log_fc
 from genailab.perturb import compare_methods, default_methods, format_table, holdout_split
 from genailab.perturb import semisynthetic as pbmc
+from genailab.data.perturbation_schema import ObsKeys
 from genailab.perturb.baselines import Oracle
 from genailab.perturb.evaluate import log_normalize, r2_score, reference_controls, top_de_genes
 
@@ -70,7 +71,7 @@ def split_for(adata, protocol: str, seed: int):
     return holdout_split(adata.obs, "pair", pairs=[additive[0], *interacting], seed=seed)
 
 
-def ceilings(adata, truth, split, *, draws: int = 5, min_cells: int = 10, seed: int = 0) -> pd.DataFrame:
+def ceilings(adata, truth, split, *, log_fc=None, draws: int = 5, min_cells: int = 10, seed: int = 0) -> pd.DataFrame:
     """Top-50 delta R2 of what a counterfactual of the control cells could reach, per held-out group.
 
     Scored as :func:`~genailab.perturb.compare_methods` scores: the control cells are the type's
@@ -85,7 +86,11 @@ def ceilings(adata, truth, split, *, draws: int = 5, min_cells: int = 10, seed: 
     (no sampling error of the control sample left); ``true fc, average sensitivity`` (PBMC,
     ``combination``): the true effects with the held-out cell type's sensitivity replaced by the
     other types' average, the most a method can know there. Scored like the benchmark (the top-50
-    genes of the true change from the reference mean).
+    genes of the true change from the reference mean). ``oracle, no interaction`` (``pair``, with
+    ``log_fc`` the generator's true log fold change): the oracle row of the benchmark with the sum
+    of the pair's single-drug effects, without the pair's interaction: the most a method that
+    never saw the pair can know, since both generators draw the interaction's genes and signs at
+    random. ``pair`` groups are reported as ``pair (additive)`` and ``pair (interacting)``.
     """
     obs, counts = adata.obs, adata.layers["counts"]
     reference, is_control = reference_controls(obs, seed=seed), (obs["drug"] == "control").to_numpy()
@@ -118,10 +123,20 @@ def ceilings(adata, truth, split, *, draws: int = 5, min_cells: int = 10, seed: 
             rng = np.random.default_rng(0)
             average = np.mean([log_normalize(rng.poisson(mean).astype(np.float32)).mean(0) for _ in range(draws)], 0)
             predictions["true fc, average sensitivity"] = control_mean + average - basal
+        protocol = split.protocol
+        if protocol == "pair":
+            interacting = drug in [str(p) for p in adata.uns.get("interacting_pairs", [])]
+            protocol = "pair (interacting)" if interacting else "pair (additive)"
+            if log_fc is not None:
+                def additive(cells, label, x):
+                    return sum(log_fc(cells, d, x) for d in label.split("+"))
+
+                oracle = Oracle(additive, seed=seed).fit(control, keys=ObsKeys(), layer="counts")
+                predictions["oracle, no interaction"] = oracle.predict(control, drug=drug, dose=dose).mean(0)
         true_delta = true_mean - reference_mean
         for name, predicted_mean in predictions.items():
             delta = predicted_mean - control_mean
-            rows.append(dict(protocol=split.protocol, group=(cell_type, drug, dose), ceiling=name,
+            rows.append(dict(protocol=protocol, group=(cell_type, drug, dose), ceiling=name,
                              r2_delta_top_de=r2_score(true_delta[top], delta[top])))  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -179,7 +194,7 @@ def main() -> None:
         for protocol in args.protocol or PROTOCOLS:
             split = split_for(adata, protocol, args.seed)
             if args.ceilings:
-                results.append(ceilings(adata, truth, split, seed=args.seed))
+                results.append(ceilings(adata, truth, split, log_fc=log_fc, seed=args.seed))
                 if protocol in ("combination", "cell_type"):
                     rho, ratios = true_unseen_scale(adata, split)
                     shown = ", ".join(f"{d} in {t} {r:.2f}" for (t, d), r in ratios.items())
