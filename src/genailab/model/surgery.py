@@ -435,15 +435,14 @@ def match_cluster_latents(
     (H,) the refined shift, ``query.dtype``.
     """
     _, group = torch.unique(joined, return_inverse=True)
-    n_groups = int(group.max()) + 1
-    counts = torch.bincount(group, minlength=n_groups).to(query.dtype).unsqueeze(1)  # (K', 1) query cells per cluster
-    goal = torch.zeros(n_groups, targets.shape[1], dtype=query.dtype).index_add_(0, group, targets.to(query.dtype)) / counts
+    counts = torch.bincount(group).to(query.dtype).unsqueeze(1)  # (K', 1) query cells per cluster
+    goal = cluster_means(targets.to(query.dtype), group)  # (K', L)
     units = torch.zeros_like(shift, requires_grad=True)  # (H,) the refinement in units of scale
     optimiser = torch.optim.LBFGS([units], max_iter=steps, line_search_fn="strong_wolfe")
 
     def loss() -> torch.Tensor:
         latent = encode(query + shift + units * scale)  # (n, L)
-        means = torch.zeros_like(goal).index_add(0, group, latent) / counts  # (K', L)
+        means = cluster_means(latent, group)  # (K', L)
         value = (counts * (means - goal) ** 2).sum() / query.shape[0]
         (units.grad,) = torch.autograd.grad(value, units)  # the model's own parameters get no gradient
         return value.detach()
