@@ -73,6 +73,13 @@ def test_map_encoder_start_is_recorded(files, tmp_path, options, start):
     assert json.loads((out / "genailab.json").read_text())["mapping"]["encoder_start"] == start
 
 
+def test_map_no_encoder_stage_trains_the_decoder_columns_only(files, tmp_path):
+    out = tmp_path / "held"
+    _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data", files / "reference.h5ad",
+            "--no-encoder-stage", "--epochs", "2", "--device", "cpu")  # fmt: skip
+    assert json.loads((out / "genailab.json").read_text())["mapping"]["stages"] == ["decoder"]
+
+
 def test_map_refuses_what_it_cannot_do(files, tmp_path):
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "a", "--label-key",
                      "cell_type", code=2)  # fmt: skip

@@ -18,11 +18,13 @@ from genailab.model.surgery import (
     cluster_means,
     joined_clusters,
     kmeans_labels,
+    latent_spread_ratio,
     match_cluster_latents,
     mutual_neighbours,
     paired_cluster_offset,
     trainable_entries,
     training_stages,
+    within_cluster_spread,
 )
 from genailab.model.vae import ConditionalVAE
 from genailab.train.config import TrainConfig
@@ -271,7 +273,9 @@ def test_cluster_offset_recovers_a_shift_that_the_pairs_fall_short_of():
 def test_neighbours_start_gives_back_the_offset_of_a_shifted_copy():
     """Query cells that are reference cells of batch 0 under the new batch's label sit at the first
     batch norm exactly (new column - batch 0's column) from their reference copies; with one
-    neighbour each way, every cell pairs with its copy and the new column becomes batch 0's."""
+    neighbour each way, every cell pairs with its copy and the new column becomes batch 0's. The
+    shifted query is then its reference copy in the latent too, so it spreads there exactly as much
+    (ratio 1) and ``refine_below`` below 1 does not refine it."""
     torch.manual_seed(0)
     config = ModelConfig(input_dim=G, latent_dim=L, condition_dim=2, hidden_dims=(16,), likelihood="nb")
     reference = ConditionalVAE.from_config(config).eval()
@@ -281,8 +285,8 @@ def test_neighbours_start_gives_back_the_offset_of_a_shifted_copy():
     as_batch_0[:, 0], as_new[:, 2] = 1.0, 1.0
     weight = model.encoder.layers[0].weight
     assert not torch.allclose(weight[:, G + 2], weight[:, G])  # it starts at the mean of batches 0 and 1
-    pairs = align_new_encoder_columns(model, extended, x, as_new, x, as_batch_0, n_neighbors=1)
-    assert pairs == [40]
+    (start,) = align_new_encoder_columns(model, extended, x, as_new, x, as_batch_0, n_neighbors=1, latent_steps=5, refine_below=0.99)
+    assert start.pairs == 40 and start.latent_spread == pytest.approx(1.0, abs=1e-5) and not start.refined
     torch.testing.assert_close(weight[:, G + 2], weight[:, G], rtol=0, atol=1e-5)
     assert torch.equal(weight[:, : G + 2], reference.encoder.layers[0].weight)  # the reference columns stay
 
@@ -319,3 +323,19 @@ def test_joined_clusters_and_cluster_means_match_a_loop():
     assert list(zip(cells.tolist(), joined.tolist())) == expected
     means = cluster_means(torch.as_tensor(reference), torch.as_tensor(clusters)).numpy()
     np.testing.assert_allclose(means, [reference[clusters == k].mean(0) for k in range(5)], rtol=1e-12)
+
+
+def test_within_cluster_spread_and_the_latent_spread_ratio_match_a_loop():
+    """The root mean squared distance to the cluster mean, against numpy; the ratio takes the reference
+    rows of the joined clusters only, and a query that is the reference scaled by 0.5 about each
+    cluster mean spreads exactly half as much."""
+    rng = np.random.default_rng(4)
+    reference, clusters = rng.normal(size=(60, 3)), rng.integers(0, 6, size=60)
+    squared = [np.sum((reference[clusters == k] - reference[clusters == k].mean(0)) ** 2, axis=1) for k in range(6)]
+    expected = np.sqrt(np.concatenate(squared).mean())
+    assert within_cluster_spread(torch.as_tensor(reference), torch.as_tensor(clusters)) == pytest.approx(expected, rel=1e-12)
+    kept = clusters < 4  # the query joins clusters 0-3 only
+    means = np.stack([reference[clusters == k].mean(0) for k in range(6)])
+    query = means[clusters[kept]] + 0.5 * (reference[kept] - means[clusters[kept]])
+    ratio = latent_spread_ratio(torch.as_tensor(query), torch.as_tensor(reference), torch.as_tensor(clusters), torch.as_tensor(clusters[kept]))
+    assert ratio == pytest.approx(0.5, rel=1e-12)

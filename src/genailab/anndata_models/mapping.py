@@ -4,12 +4,13 @@
 categories (new batches, donors, labs) to the reference network by architecture surgery
 (:mod:`genailab.model.surgery`), starts the new batch's encoder column from the query cells'
 offset to the reference clusters of their mutual nearest reference cells when the reference's
-cells are at hand, and
+cells are at hand (refined in the latent for a query that spreads less there), and
 returns a :class:`QueryVAE`. Its ``fit()`` is the ordinary
 training loop (same trainer, seeds, checkpoints, progress) but only the parameters of the new
 categories learn (optionally also the encoder's first layer, the whole encoder, or everything), in
 two stages: the decoder's first, then the encoder's at a tenth of the learning rate
-(:func:`~genailab.model.surgery.training_stages` says why); by default every reference weight and
+(:func:`~genailab.model.surgery.training_stages` says why; after a latent start, the decoder's
+only); by default every reference weight and
 batch-norm statistic stays bitwise as it was (see :class:`QueryVAE`). The query model is then a
 :class:`~genailab.VAE` like any other: it embeds, denoises, saves and loads as one, and its ``genailab.json`` records the
 reference it came from (folder and SHA-256 of its files). The reference is never modified.
@@ -61,6 +62,7 @@ START_NEIGHBOURS = 20  # neighbours searched each way for the mutual pairs of th
 START_CLUSTER_CELLS = 50  # reference cells per k-means cluster of that start (small enough to hold one cell state)
 START_MAX_CELLS = 10_000  # cells of each side compared by that search (a seeded subset of larger data)
 START_LATENT_STEPS = 200  # most L-BFGS iterations of the "latent" start (it stops once the loss settles; PBMC split: 2.6 s)
+START_LATENT_SPREAD = 2 / 3  # "auto" refines in the latent when the query spreads less than this share of the reference there
 
 
 def default_query_epochs(n_cells: int) -> int:
@@ -75,6 +77,7 @@ def map_query(
     unfreeze: str = "new_categories",
     epochs: int | None = None,
     encoder_start: str = "auto",
+    encoder_stage: bool | None = None,
     reference_data: AnnData | None = None,
     max_missing_fraction: float = MAX_MISSING_FRACTION,
 ) -> QueryVAE:
@@ -110,19 +113,26 @@ def map_query(
         nearest reference cells belong to
         (:func:`~genailab.model.surgery.align_new_encoder_columns`; needs the reference's cells);
         ``"latent"`` starts there and refines the shift until, in the latent, each cluster's query
-        cells have its reference cells' mean (:func:`~genailab.model.surgery.match_cluster_latents`:
-        for a query that spreads less than the reference at the first layer, e.g. at lower depth;
-        on the PBMC split of ``benchmarks/mapping.py`` it mixes 0.904 after ``fit()`` against 0.833,
-        on simulated seed 4 it labels 0.922 against 0.927);
+        cells have its reference cells' mean (:func:`~genailab.model.surgery.match_cluster_latents`),
+        for a query that spreads less than the reference, e.g. at lower depth, whose equal
+        first-layer means are not equal latent means;
         ``"mean"`` at the mean of the reference columns; ``"batch_norm"`` where it centres the
         query's first-layer activations on the reference's running mean
         (:func:`~genailab.model.surgery.centre_new_encoder_columns`), which lost the labels of a
-        briefly trained reference and of a query holding half of the cell types; ``"auto"``:
-        ``"neighbours"`` when the reference's cells are at hand, the query has new categories and the
-        model takes a data start, else ``"mean"``. On the simulated
-        benchmark (``benchmarks/mapping.py``, seeds 0-4) the neighbours start met the targets on
-        seeds 0, 2 and 3 where the mean start met them on 0 and 2. The data-driven starts need
+        briefly trained reference and of a query holding half of the cell types; ``"auto"``, when
+        the reference's cells are at hand, the query has new categories and the model takes a data
+        start: ``"neighbours"``, refined as ``"latent"`` when the query, so placed, spreads in the
+        latent less than ``START_LATENT_SPREAD`` (2/3) of its clusters' reference cells (PBMC splits
+        of ``benchmarks/mapping.py``: 0.43-0.63; simulated: 0.76-1.13); else ``"mean"``.
+        ``model.mapping`` records the start taken and that spread. The data-driven starts need
         one-hot conditions and ``norm="batch"``.
+    encoder_stage
+        Whether ``fit()`` trains the new encoder columns after the decoder's. None (default): yes,
+        except after a latent start with ``unfreeze="new_categories"``, which already fitted them to
+        the reference's latent (the encoder stage pulled the PBMC query back: kNN mixing 0.945 ->
+        0.904, in 200 epochs). False holds them at their start for ``unfreeze="new_categories"``
+        (simulated seed 4: label transfer 0.934 held, 0.927 trained; seed 6: 0.957 held, 0.981
+        trained); True always trains them.
     reference_data
         The reference's cells (its layer and condition columns; genes matched by name) for the
         ``"neighbours"`` start; None uses the data the reference model holds (the cells it was
@@ -165,9 +175,8 @@ def map_query(
         )
     aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)
     reference_cells = reference_data if reference_data is not None else reference.adata
-    if encoder_start == "auto":
-        data_start = any(new) and reference_cells is not None and takes_data_start(reference.config)
-        encoder_start = "neighbours" if data_start else "mean"
+    if encoder_start == "auto" and not (any(new) and reference_cells is not None and takes_data_start(reference.config)):
+        encoder_start = "mean"
     if encoder_start in ("neighbours", "latent") and reference_cells is None:
         raise ConfigError(
             f"encoder_start={encoder_start!r} needs the reference's cells: pass reference_data=REFERENCE_ADATA "
@@ -177,12 +186,12 @@ def map_query(
     extension = ConditionExtension(schema.categorical_sizes, [len(a) for a in new], len(schema.continuous_keys))
     mapping = {
         "unfreeze": unfreeze,
-        "encoder_start": encoder_start,
+        "encoder_start": encoder_start,  # "auto" becomes the start taken
         "new_categories": {key: list(added) for key, added in zip(schema.categorical_keys, new)},
         "genes_filled_with_zeros": filled,
     }
-    start_cells = reference_cells if encoder_start in ("neighbours", "latent") else None
-    return QueryVAE(aligned, reference, schema=query_schema, extension=extension, mapping=mapping,
+    start_cells = reference_cells if encoder_start in ("auto", "neighbours", "latent") else None
+    return QueryVAE(aligned, reference, schema=query_schema, extension=extension, mapping=mapping, encoder_stage=encoder_stage,
                     epochs=epochs or default_query_epochs(query.n_obs), reference_cells=start_cells)  # fmt: skip
 
 
@@ -234,7 +243,8 @@ class QueryVAE(VAE):
     allows, in the stages of :func:`~genailab.model.surgery.training_stages`: first the new
     parameters outside the encoder (the decoder's one-hot columns), then the encoder's (its new
     columns, its whole first layer or the whole encoder) at ``ENCODER_STAGE_LR_FACTOR`` (0.1) times the
-    learning rate (held constant for the default ``unfreeze``, see :meth:`_stage_config`);
+    learning rate (held constant for the default ``unfreeze``, see :meth:`_stage_config`), unless
+    ``encoder_stage`` of :func:`map_query` holds the new encoder columns at their start;
     each stage runs up to ``epochs`` with early stopping (one stage for ``unfreeze="all"`` and for
     embedded conditions). Its defaults differ from a new model's: ``epochs`` from the query size, a
     learning rate of 1e-2, no weight decay (it would shrink the frozen weights) and a constant KL
@@ -256,16 +266,17 @@ class QueryVAE(VAE):
         extension: ConditionExtension,
         mapping: dict,
         epochs: int,
+        encoder_stage: bool | None = None,
         reference_cells: AnnData | None = None,
     ):
         self._reference_module = copy.deepcopy(reference.module).cpu().eval()
         self._extension = extension
         self.unfreeze = mapping["unfreeze"]
         module, self._extended = extend_conditions(self._reference_module, extension)
-        self._stages = training_stages(module, self._extended, unfreeze=self.unfreeze)
-        pairs = self._set_encoder_start(module, aligned, schema, mapping["encoder_start"], reference_cells, reference.schema)
+        start = self._set_encoder_start(module, aligned, schema, mapping["encoder_start"], reference_cells, reference.schema)
+        self._stages = self._training_stages(module, encoder_stage, refined=start.get("encoder_start") == "latent")
         self._start = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-        self.mapping = {**mapping, "stages": [name for name, _ in self._stages], **pairs}
+        self.mapping = {**mapping, **start, "stages": [name for name, _ in self._stages]}
         self.reference = reference_record(reference)
         self.default_epochs = int(epochs)
         self._stage: int | None = None  # the stage being trained (recorded in its checkpoints)
@@ -278,7 +289,10 @@ class QueryVAE(VAE):
         reference_cells: AnnData | None, reference_schema: DataSchema,
     ) -> dict:  # fmt: skip
         """Move the new encoder columns of ``module`` to the data-driven ``start`` (in place); returns
-        what to record of it (the mutual pairs behind each column's shift, for ``"neighbours"`` and ``"latent"``)."""
+        what to record of it: for ``"auto"``, ``"neighbours"`` and ``"latent"``, the start taken
+        (``"latent"`` when every new column was refined in the latent, else ``"neighbours"``), the
+        mutual pairs behind each column's shift and the query's latent spread after the first-layer
+        offset (:class:`~genailab.model.surgery.ColumnStart`)."""
         if start == "mean":
             return {}
         x, c = _cells(aligned, schema, schema)
@@ -286,10 +300,33 @@ class QueryVAE(VAE):
             centre_new_encoder_columns(module, self._extended, x, c)
             return {}
         x_reference, c_reference = _cells(reference_cells, reference_schema, schema)
-        steps = START_LATENT_STEPS if start == "latent" else 0
-        pairs = align_new_encoder_columns(module, self._extended, x, c, x_reference, c_reference, n_neighbors=START_NEIGHBOURS,
-                                          cells_per_cluster=START_CLUSTER_CELLS, latent_steps=steps)  # fmt: skip
-        return {"start_pairs": pairs}
+        steps = 0 if start == "neighbours" else START_LATENT_STEPS
+        columns = align_new_encoder_columns(module, self._extended, x, c, x_reference, c_reference, n_neighbors=START_NEIGHBOURS,
+                                            cells_per_cluster=START_CLUSTER_CELLS, latent_steps=steps,
+                                            refine_below=START_LATENT_SPREAD if start == "auto" else None)  # fmt: skip
+        return {
+            "encoder_start": "latent" if all(column.refined for column in columns) else "neighbours",
+            "start_pairs": [column.pairs for column in columns],
+            "start_latent_spread": [round(column.latent_spread, 4) for column in columns],
+        }
+
+    def _training_stages(self, module: ConditionalVAE, encoder_stage: bool | None, *, refined: bool) -> list:
+        """:func:`~genailab.model.surgery.training_stages`, less the encoder stage when ``encoder_stage``
+        is False, or None after a latent start (``refined``) with ``unfreeze="new_categories"``: that
+        start already fits the encoder column, on the whole query, to the reference's latent; the
+        ELBO's encoder stage pulled it back toward a tighter, less mixed placement and ran all its
+        epochs (PBMC split of ``benchmarks/mapping.py``: kNN mixing 0.945 held, 0.904 after 200
+        encoder epochs, 1.14 of from scratch's time)."""
+        stages = training_stages(module, self._extended, unfreeze=self.unfreeze)
+        separate = [name for name, _ in stages] == ["decoder", "encoder"]
+        if encoder_stage is False and not (separate and self.unfreeze == "new_categories"):
+            raise ConfigError(
+                f"encoder_stage=False holds the new encoder columns at their start, but with unfreeze={self.unfreeze!r} and "
+                f"these conditions the stages are {[name for name, _ in stages]}; use unfreeze='new_categories' with "
+                "one-hot conditions seen by both networks, or leave encoder_stage=None."
+            )
+        hold = encoder_stage is False or (encoder_stage is None and refined and separate and self.unfreeze == "new_categories")
+        return stages[:1] if hold else stages
 
     def _new_module(self) -> ConditionalVAE:
         module, _ = extend_conditions(self._reference_module, self._extension)

@@ -34,7 +34,11 @@ LATENT_KEY = "X_genailab"
               help="Where the new batch's encoder column starts: shifted onto the reference clusters of its mutual nearest reference cells (neighbours, "
                    "needs --reference-data), the same then matched per cluster in the latent (latent, for a query that spreads less, "
                    "e.g. shallower), the mean of the reference's, or the reference's batch-norm mean; auto: "
-                   "neighbours with --reference-data, else mean.")
+                   "neighbours with --reference-data, refined as latent when the query spreads in the latent under 2/3 as much as "
+                   "the reference; else mean.")
+@click.option("--encoder-stage/--no-encoder-stage", default=None,
+              help="Train the new encoder columns after the decoder's, or hold them at their start (default: train them, "
+                   "except after a latent start).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -48,11 +52,12 @@ LATENT_KEY = "X_genailab"
               help="Cells whose label uncertainty is above this are called 'unknown'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace the query model already saved in --out.")
-def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encoder_start, epochs, lr, seed, max_missing_fraction,
+def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encoder_start, encoder_stage, epochs, lr, seed, max_missing_fraction,
                 n_neighbors, unknown_threshold, device, overwrite):
     """Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.
 
-    The new batches' decoder parameters learn first, then their encoder parameters (--epochs each).
+    The new batches' decoder parameters learn first, then (unless held at their start) their encoder
+    parameters (--epochs each).
 
     Writes the query model to --out (it records REF_RUN and the hashes of its files; REF_RUN is never
     modified), --out/query.h5ad with obsm['X_genailab'] (and the transferred labels), and with
@@ -69,8 +74,8 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
             check_output_file(out / name)
         reference = VAE.load(ref_run, device=device)
         cells = read_data(reference_data) if reference_data is not None else None
-        model = map_query(read_data(query), reference, unfreeze=unfreeze, encoder_start=encoder_start, epochs=epochs,
-                          reference_data=cells, max_missing_fraction=max_missing_fraction)  # fmt: skip
+        model = map_query(read_data(query), reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
+                          epochs=epochs, reference_data=cells, max_missing_fraction=max_missing_fraction)  # fmt: skip
         options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
         fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
         write_run(model, out)

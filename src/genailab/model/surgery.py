@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -285,6 +286,15 @@ def centre_new_encoder_columns(
                 linear.weight[:, column] += shift.to(linear.weight.dtype)
 
 
+@dataclass(frozen=True)
+class ColumnStart:
+    """What :func:`align_new_encoder_columns` did to one new encoder column."""
+
+    pairs: int  # mutual query-reference pairs behind its shift (0: the column stayed where it was)
+    latent_spread: float  # the query's latent spread after the first-layer offset over the reference's (latent_spread_ratio)
+    refined: bool  # whether the shift was then refined in the latent (match_cluster_latents)
+
+
 def align_new_encoder_columns(
     model: ConditionalVAE,
     extended: dict[str, ExtendedTensor],
@@ -296,7 +306,8 @@ def align_new_encoder_columns(
     n_neighbors: int = 20,
     cells_per_cluster: int = 50,
     latent_steps: int = 0,
-) -> list[int]:
+    refine_below: float | None = None,
+) -> list[ColumnStart]:
     """Shift each new one-hot column of the encoder's first layer so that, at the first batch norm,
     the query cells of its category reach the means of the reference clusters their mutual nearest
     reference cells belong to (in place).
@@ -318,8 +329,10 @@ def align_new_encoder_columns(
     latent: a query that spreads less there (fewer counts) stays apart after the nonlinearity. With
     ``latent_steps`` the shift is then refined until each cluster's query cells have its reference
     cells' mean in the latent (:func:`match_cluster_latents`; PBMC split of ``benchmarks/mapping.py``:
-    kNN mixing before ``fit()`` 0.757 -> 0.945, after it 0.833 -> 0.904; but simulated seed 4 labels
-    0.934 -> 0.918 before ``fit()``, so it is not the default).
+    kNN mixing before ``fit()`` 0.757 -> 0.945; but simulated seed 4 labels 0.934 -> 0.918), with
+    ``refine_below`` only where the query, after the first-layer offset, spreads in the latent less
+    than that share of its clusters' reference cells (:func:`latent_spread_ratio`; the PBMC splits
+    0.43-0.63, the simulated ones 0.76-1.13).
 
     Parameters
     ----------
@@ -341,10 +354,15 @@ def align_new_encoder_columns(
         least one; seeded, so the start is reproducible).
     latent_steps
         Most L-BFGS iterations of the latent refinement; 0 (default) keeps the first-layer offset.
+    refine_below
+        With ``latent_steps``, refine only the columns whose query cells, after the first-layer
+        offset, spread in the latent less than this share of their clusters' reference cells
+        (:func:`within_cluster_spread`); None refines every column.
 
     Returns
     -------
-    The number of mutual pairs behind each new column's shift (0 leaves the column as it was).
+    Per new column, a :class:`ColumnStart`: the mutual pairs behind its shift (0 leaves the column
+    as it was), the query's latent spread after the first-layer offset, and whether it was refined.
     """
     linear, norm, spec = _first_layer(model, extended)
     reference, _ = first_norm_inputs(model, x_reference, c_reference)
@@ -355,21 +373,39 @@ def align_new_encoder_columns(
     clusters = kmeans_labels(reference / scale, max(1, round(reference.shape[0] / cells_per_cluster)))
     with torch.no_grad():
         targets = _encoder_after_first_layer(model, reference)  # (n_reference, L) their latent means
-    n_pairs = []
+    encode = partial(_encoder_after_first_layer, model)  # (n, H) first-layer outputs -> (n, L) latent means
+    starts = []
     for j, column in enumerate(columns.tolist()):
         query = inputs[active[:, j]]
         i, r = mutual_neighbours(query / scale, reference / scale, n_neighbors)
-        n_pairs.append(int(i.numel()))
         if not i.numel():
+            starts.append(ColumnStart(0, float("nan"), False))
             continue
         shift = paired_cluster_offset(query, reference, clusters, i, r).to(query.dtype)
-        if latent_steps:
-            cells, joined = joined_clusters(query.shape[0], clusters, i, r)
-            shift = match_cluster_latents(lambda pre: _encoder_after_first_layer(model, pre), query[cells],
-                                          cluster_means(targets, clusters)[joined], joined, shift, scale=scale, steps=latent_steps)  # fmt: skip
+        cells, joined = joined_clusters(query.shape[0], clusters, i, r)
+        with torch.no_grad():
+            spread = latent_spread_ratio(encode(query[cells] + shift), targets, clusters, joined)
+        refine = bool(latent_steps) and (refine_below is None or spread < refine_below)
+        if refine:
+            shift = match_cluster_latents(encode, query[cells], cluster_means(targets, clusters)[joined], joined, shift,
+                                          scale=scale, steps=latent_steps)  # fmt: skip
+        starts.append(ColumnStart(int(i.numel()), spread, refine))
         with torch.no_grad():
             linear.weight[:, column] += shift.to(linear.weight.dtype)
-    return n_pairs
+    return starts
+
+
+def within_cluster_spread(points: torch.Tensor, clusters: torch.Tensor) -> float:
+    """Root mean squared distance of the rows of ``points`` (n, d) to the mean of their cluster (``clusters``, (n,))."""
+    return float(((points - cluster_means(points, clusters)[clusters]) ** 2).sum(dim=1).mean().sqrt())
+
+
+def latent_spread_ratio(query: torch.Tensor, reference: torch.Tensor, clusters: torch.Tensor, joined: torch.Tensor) -> float:
+    """How widely the query spreads in the latent within the reference clusters it joined, as a share
+    of the reference cells of those clusters: :func:`within_cluster_spread` of ``query`` (n, L) by
+    ``joined`` (n,) over that of the ``reference`` rows (m, L) whose ``clusters`` (m,) are among ``joined``."""
+    kept = torch.isin(clusters, joined)
+    return within_cluster_spread(query, joined) / within_cluster_spread(reference[kept], clusters[kept])
 
 
 def _encoder_after_first_layer(model: ConditionalVAE, pre_norm: torch.Tensor) -> torch.Tensor:
