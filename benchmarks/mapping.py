@@ -14,8 +14,13 @@ For each split, with the same architecture everywhere:
 
 * ``mapping``: genailab's reference model, then ``VAE.map_query(query).fit()`` with its defaults
   (only the new batch's parameters learn: the decoder's, then the encoder's; the reference model
-  holds its cells, so the new encoder column starts from its mutual nearest reference cells); the
-  time is building the query model and its fit;
+  holds its cells, so the new encoder column starts from its mutual nearest reference cells,
+  refined in the latent, and then held there, when the query spreads less than the reference in
+  the latent); the time is building the query model and its fit;
+* ``mapping_neighbours_start``: the same with ``encoder_start="neighbours"`` (never refined in the
+  latent, both stages trained: the default before);
+* ``mapping_held``: the default with ``encoder_stage=False`` (the new encoder column held at its
+  start; only the decoder's new column learns);
 * ``mapping_mean_start``: the same with ``encoder_start="mean"`` (the new encoder column starts at
   the mean of the reference's, as without the reference's cells);
 * ``mapping_encoder``: the default with ``unfreeze="encoder"`` (the encoder stage trains the whole
@@ -24,7 +29,8 @@ For each split, with the same architecture everywhere:
   column starts where it centres the query's first-layer activations on the reference's
   batch-norm mean);
 * ``mapping_latent_start``: the default with ``encoder_start="latent"`` (the neighbours start, then
-  the shift refined until each reference cluster's query cells have its mean in the latent);
+  the shift refined until each reference cluster's query cells have its mean in the latent, and
+  the encoder column held there);
 * ``untrained_query``: the default query model before ``fit()`` (its new columns at their start),
   i.e. what the query training adds;
 * ``from_scratch``: one genailab model trained on reference + query together;
@@ -156,17 +162,20 @@ def genailab_rows(reference, query, corrected, args) -> dict[str, dict]:
     query.obsm[LATENT] = model.map_query(query).get_latent()
     rows = {"untrained_query": {**scores(reference, query, 0.0), "epochs": 0}}
     print(f"  reference model: {len(model.history)} epochs in {reference_seconds:.0f} s", flush=True)
-    variants = [("new_categories", "auto", "mapping"), ("new_categories", "mean", "mapping_mean_start")]
-    variants += [(unfreeze, "auto", f"mapping_{unfreeze}") for unfreeze in args.unfreeze if unfreeze != "new_categories"]
-    variants += [("new_categories", "batch_norm", "mapping_batch_norm_start"), ("new_categories", "latent", "mapping_latent_start")]
-    for unfreeze, start, name in variants:
+    variants = [("new_categories", "auto", None, "mapping"), ("new_categories", "neighbours", None, "mapping_neighbours_start"),
+                ("new_categories", "auto", False, "mapping_held"), ("new_categories", "mean", None, "mapping_mean_start")]  # fmt: skip
+    variants += [(unfreeze, "auto", None, f"mapping_{unfreeze}") for unfreeze in args.unfreeze if unfreeze != "new_categories"]
+    variants += [("new_categories", "batch_norm", None, "mapping_batch_norm_start"), ("new_categories", "latent", None, "mapping_latent_start")]
+    for unfreeze, start, stage, name in variants:
         started = time.perf_counter()
-        mapped = model.map_query(query, unfreeze=unfreeze, encoder_start=start).fit(seed=args.seed, progress=False)
+        mapped = model.map_query(query, unfreeze=unfreeze, encoder_start=start, encoder_stage=stage).fit(seed=args.seed, progress=False)
         map_seconds = time.perf_counter() - started  # building the query model and its fit
         query.obsm[LATENT] = mapped.get_latent()
         rows[name] = {**scores(reference, query, map_seconds), "epochs": len(mapped.history)}
         stages = {stage: int(n) for stage, n in pd.Series([r["stage"] for r in mapped.history]).value_counts(sort=False).items()}
-        print(f"  {name}: query fit {stages} epochs in {map_seconds:.0f} s", flush=True)
+        spreads = mapped.mapping.get("start_latent_spread", [])  # the query's latent spread after the first-layer offset
+        spread = ", latent spread " + "/".join(f"{v:.2f}" for v in spreads) if spreads else ""
+        print(f"  {name}: {mapped.mapping['encoder_start']} start{spread}, query fit {stages} epochs in {map_seconds:.0f} s", flush=True)
 
     both = anndata.concat([reference, query], label="dataset", keys=["reference", "query"], index_unique="-")
     started = time.perf_counter()
