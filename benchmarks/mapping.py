@@ -174,7 +174,7 @@ def genailab_rows(reference, query, corrected, args) -> dict[str, dict]:
         rows[name] = {**scores(reference, query, map_seconds), "epochs": len(mapped.history)}
         stages = {stage: int(n) for stage, n in pd.Series([r["stage"] for r in mapped.history]).value_counts(sort=False).items()}
         spreads = mapped.mapping.get("start_latent_spread", [])  # the query's latent spread after the first-layer offset
-        spread = ", latent spread " + "/".join(f"{v:.2f}" for v in spreads) if spreads else ""
+        spread = ", latent spread " + "/".join("-" if v is None else f"{v:.2f}" for v in spreads) if spreads else ""
         print(f"  {name}: {mapped.mapping['encoder_start']} start{spread}, query fit {stages} epochs in {map_seconds:.0f} s", flush=True)
 
     both = anndata.concat([reference, query], label="dataset", keys=["reference", "query"], index_unique="-")

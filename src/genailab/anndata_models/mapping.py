@@ -307,10 +307,12 @@ class QueryVAE(VAE):
         return {
             "encoder_start": "latent" if all(column.refined for column in columns) else "neighbours",
             "start_pairs": [column.pairs for column in columns],
-            "start_latent_spread": [round(column.latent_spread, 4) for column in columns],
+            "start_latent_spread": [None if c.latent_spread is None else round(c.latent_spread, 4) for c in columns],
         }
 
-    def _training_stages(self, module: ConditionalVAE, encoder_stage: bool | None, *, refined: bool) -> list:
+    def _training_stages(
+        self, module: ConditionalVAE, encoder_stage: bool | None, *, refined: bool
+    ) -> list[tuple[str, dict[str, torch.Tensor | None]]]:
         """:func:`~genailab.model.surgery.training_stages`, less the encoder stage when ``encoder_stage``
         is False, or None after a latent start (``refined``) with ``unfreeze="new_categories"``: that
         start already fits the encoder column, on the whole query, to the reference's latent; the

@@ -291,7 +291,7 @@ class ColumnStart:
     """What :func:`align_new_encoder_columns` did to one new encoder column."""
 
     pairs: int  # mutual query-reference pairs behind its shift (0: the column stayed where it was)
-    latent_spread: float  # the query's latent spread after the first-layer offset over the reference's (latent_spread_ratio)
+    latent_spread: float | None  # the query's latent spread after the first-layer offset over the reference's (None: no pairs)
     refined: bool  # whether the shift was then refined in the latent (match_cluster_latents)
 
 
@@ -357,7 +357,7 @@ def align_new_encoder_columns(
     refine_below
         With ``latent_steps``, refine only the columns whose query cells, after the first-layer
         offset, spread in the latent less than this share of their clusters' reference cells
-        (:func:`within_cluster_spread`); None refines every column.
+        (:func:`latent_spread_ratio`); None refines every column.
 
     Returns
     -------
@@ -379,7 +379,7 @@ def align_new_encoder_columns(
         query = inputs[active[:, j]]
         i, r = mutual_neighbours(query / scale, reference / scale, n_neighbors)
         if not i.numel():
-            starts.append(ColumnStart(0, float("nan"), False))
+            starts.append(ColumnStart(0, None, False))
             continue
         shift = paired_cluster_offset(query, reference, clusters, i, r).to(query.dtype)
         cells, joined = joined_clusters(query.shape[0], clusters, i, r)
