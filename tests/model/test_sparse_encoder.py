@@ -59,6 +59,41 @@ def test_mlp_forward_sparse_equals_forward_with_batch_norm_in_eval_mode():
     np.testing.assert_allclose(sparse.numpy(), dense.numpy(), rtol=1e-5, atol=1e-5 * float(dense.abs().max()))
 
 
+def test_the_kept_gene_rows_follow_every_change_of_the_weight():
+    """The transposed first-layer weight that inference keeps between batches is rebuilt after an
+    optimiser step, a state-dict load and a change of dtype: the sparse forward then equals the
+    dense one of the changed network each time, under inference mode and no_grad alike."""
+    torch.manual_seed(3)
+    x = _counts(30, 40, density=0.25, seed=3)
+    x_dense = torch.from_numpy(x.toarray())
+    mlp = MLP(40, (16,), norm="none", activation="relu", dropout=0.0)
+
+    def check(mode):
+        with mode():
+            sparse, dense = mlp.forward_sparse(_entries(x)), mlp(x_dense)
+        np.testing.assert_allclose(sparse.double().numpy(), dense.double().numpy(), rtol=1e-4, atol=1e-4)
+        return sparse
+
+    before = check(torch.inference_mode)
+    assert torch.equal(check(torch.no_grad), before)  # kept rows, same result
+    kept = mlp._gene_rows[2]
+    optimiser = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    mlp(x_dense).square().sum().backward()
+    optimiser.step()  # in place: a new version of the same tensor
+    after_step = check(torch.no_grad)
+    assert not torch.allclose(after_step, before) and mlp._gene_rows[2] is not kept
+    state = {k: v + 0.1 for k, v in mlp.state_dict().items()}
+    mlp.load_state_dict(state)
+    assert not torch.allclose(check(torch.inference_mode), after_step)
+    mlp.double()  # another storage and dtype
+    x = sp.csr_matrix(x, dtype=np.float64)
+    x_dense = x_dense.double()
+    assert check(torch.no_grad).dtype == torch.float64
+    with torch.enable_grad():  # with gradients nothing is kept: the product stays differentiable
+        mlp.forward_sparse(_entries(x)).sum().backward()
+    assert mlp.layers[0].weight.grad is not None
+
+
 @pytest.mark.parametrize("density", [0.2, 0.8])
 @pytest.mark.parametrize("model_class", [CVAE_ZINB, CVAE])
 def test_encode_with_stored_entries_equals_the_dense_encoder(model_class, density):
