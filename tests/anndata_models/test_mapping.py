@@ -164,7 +164,7 @@ def test_saved_query_model_records_its_reference_and_loads(split, reference_run,
     assert len(pairs) == 1 and pairs[0] > query.n_obs  # the reference was loaded with its cells: the neighbours start
     assert spread > 2 / 3  # so "auto" kept the neighbours start (its latent refinement is for a query that spreads less)
     assert saved["mapping"] == {"unfreeze": "new_categories", "encoder_start": "neighbours", "new_categories": {"batch": ["batch_2"]},
-                                "genes_filled_with_zeros": [], "stages": ["decoder", "encoder"]}  # fmt: skip
+                                "genes_filled_with_zeros": [], "stages": ["decoder", "encoder"], "encoder_anchor": 1.0}  # fmt: skip
     assert "stage" not in saved  # only checkpoints written during fit() say which stage they belong to
     loaded = genailab.VAE.load(tmp_path / "query", device="cpu")
     assert type(loaded) is genailab.VAE
@@ -508,3 +508,30 @@ def test_encoder_stage_false_holds_the_new_encoder_column_at_its_start(split, re
     for unfreeze in ("first_layer", "encoder", "all"):
         with pytest.raises(ConfigError, match="encoder_stage=False holds"):
             map_query(query, reference, unfreeze=unfreeze, encoder_stage=False)
+
+
+def test_encoder_anchor_ends_the_column_between_its_start_and_the_unpenalised_fit(split, reference_run):
+    """The default pull toward the neighbours start (a Gaussian prior with the start's standard error)
+    keeps the encoder column nearer its start than the ELBO alone takes it, in the same direction,
+    and every reference tensor bitwise; the pull applies only to a data start with an encoder stage."""
+    _, query = split
+    reference, _ = reference_run
+    column = reference.module.encoder.layers[0].weight.shape[1]  # the new batch's column comes after the reference's
+    moves = {}
+    for anchor in (None, 0.0):
+        model = map_query(query, reference, encoder_anchor=anchor)
+        start = model.module.encoder.layers[0].weight.detach()[:, column].clone()
+        model.fit(epochs=15, **FAST)
+        _assert_reference_kept(reference.module, model.module)
+        moves[anchor] = model.module.encoder.layers[0].weight.detach()[:, column] - start
+        assert model.mapping["encoder_anchor"] == (1.0 if anchor is None else 0.0)
+    held, free = moves[None].norm(), moves[0.0].norm()
+    assert 0 < held < 0.8 * free, (held, free)
+    assert torch.dot(moves[None], moves[0.0]) > 0.5 * held * free  # toward the unpenalised fit, not elsewhere
+    assert map_query(query, reference, encoder_start="mean").mapping["encoder_anchor"] == 0.0
+    assert map_query(query, reference, encoder_stage=False).mapping["encoder_anchor"] == 0.0
+    for options in (dict(encoder_start="mean"), dict(unfreeze="encoder"), dict(encoder_stage=False)):
+        with pytest.raises(ConfigError, match="encoder_anchor=1.0 pulls"):
+            map_query(query, reference, encoder_anchor=1.0, **options)
+    with pytest.raises(ConfigError, match="must be 0 or more"):
+        map_query(query, reference, encoder_anchor=-1.0)

@@ -13,6 +13,7 @@ from genailab.model.config import ModelConfig
 from genailab.model.surgery import (
     ConditionExtension,
     align_new_encoder_columns,
+    anchor_to_start,
     extend_conditions,
     freeze_reference,
     cluster_means,
@@ -22,6 +23,7 @@ from genailab.model.surgery import (
     match_cluster_latents,
     mutual_neighbours,
     paired_cluster_offset,
+    start_precision,
     trainable_entries,
     training_stages,
     within_cluster_spread,
@@ -339,3 +341,54 @@ def test_within_cluster_spread_and_the_latent_spread_ratio_match_a_loop():
     query = means[clusters[kept]] + 0.5 * (reference[kept] - means[clusters[kept]])
     ratio = latent_spread_ratio(torch.as_tensor(query), torch.as_tensor(reference), torch.as_tensor(clusters), torch.as_tensor(clusters[kept]))
     assert ratio == pytest.approx(0.5, rel=1e-12)
+
+
+def test_start_precision_is_the_paired_share_over_the_variance_of_the_per_cell_offsets():
+    """P / (n_query var_j), var_j the variance of (joined cluster's reference mean - cell) over the P
+    paired cells, against numpy: the per-cell weight of a Gaussian prior with the start's standard error."""
+    rng = np.random.default_rng(5)
+    query, reference = rng.normal(size=(30, 4)), rng.normal(size=(40, 4)) * [1.0, 2.0, 0.5, 3.0]
+    clusters = rng.integers(0, 5, size=40)
+    cells, joined = np.sort(rng.choice(30, size=24, replace=False)), rng.integers(0, 5, size=24)
+    offsets = np.stack([reference[clusters == k].mean(0) for k in joined]) - query[cells]
+    expected = 24 / 30 / offsets.var(axis=0, ddof=1)
+    got = start_precision(*(torch.as_tensor(a) for a in (query, reference, clusters, cells, joined)), n_query=30)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+
+
+def test_anchor_adds_the_gradient_of_a_gaussian_prior_on_the_new_columns_only():
+    """After freeze_reference's mask, the gradient is the ELBO's plus precision * (w - start) on the
+    trainable entries (autograd of the loss plus ½ Σ precision (w - start)², masked) and exactly zero on
+    the frozen ones; one Adam step then leaves every frozen entry bitwise."""
+    extension = ConditionExtension(OLD, ADDED, n_continuous=1)
+    model, extended = extend_conditions(_onehot_reference(), extension)
+    encoder = dict(training_stages(model, extended))["encoder"]
+    name = "encoder.layers.0.weight"
+    mask = encoder[name]
+    weight = dict(model.named_parameters())[name]
+    start = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * mask)  # moved off the start
+    precision = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) * 5 * mask
+    rng = np.random.default_rng(2)
+    x = torch.as_tensor(_counts(64, 3))
+    codes = np.stack([rng.integers(0, 5, 64), rng.integers(0, 3, 64)], axis=1)
+    c = torch.as_tensor(_onehot_conditions(codes, tuple(o + a for o, a in zip(OLD, ADDED)), rng.normal(size=64)))
+
+    def elbo_loss():
+        torch.manual_seed(3)  # the same reparameterisation noise in both passes
+        return model.loss(x, c).loss
+
+    expected_loss = elbo_loss() + 0.5 * (precision * (weight - start) ** 2).sum()
+    expected = torch.autograd.grad(expected_loss, weight)[0] * mask
+    freeze_reference(model, encoder)
+    anchor_to_start(weight, start, precision)
+    model.zero_grad()
+    elbo_loss().backward()
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(weight.grad[~mask], torch.zeros_like(weight.grad[~mask]))
+    pull = precision * (weight.detach() - start)
+    assert pull[mask].abs().max() > 0.1 * weight.grad[mask].abs().max()  # the pull is a real part of that gradient
+    frozen = weight.detach()[~mask].clone()
+    torch.optim.Adam([weight], lr=1e-2).step()
+    assert torch.equal(_bits(weight.detach()[~mask]), _bits(frozen))

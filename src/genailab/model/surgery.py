@@ -293,6 +293,7 @@ class ColumnStart:
     pairs: int  # mutual query-reference pairs behind its shift (0: the column stayed where it was)
     latent_spread: float | None  # the query's latent spread after the first-layer offset over the reference's (None: no pairs)
     refined: bool  # whether the shift was then refined in the latent (match_cluster_latents)
+    precision: torch.Tensor | None = None  # (H,) the shift's precision per query cell and unit (start_precision; None: no pairs)
 
 
 def align_new_encoder_columns(
@@ -362,7 +363,8 @@ def align_new_encoder_columns(
     Returns
     -------
     Per new column, a :class:`ColumnStart`: the mutual pairs behind its shift (0 leaves the column
-    as it was), the query's latent spread after the first-layer offset, and whether it was refined.
+    as it was), the query's latent spread after the first-layer offset, whether it was refined, and
+    the first-layer shift's precision (:func:`start_precision`).
     """
     linear, norm, spec = _first_layer(model, extended)
     reference, _ = first_norm_inputs(model, x_reference, c_reference)
@@ -383,16 +385,63 @@ def align_new_encoder_columns(
             continue
         shift = paired_cluster_offset(query, reference, clusters, i, r).to(query.dtype)
         cells, joined = joined_clusters(query.shape[0], clusters, i, r)
+        precision = start_precision(query, reference, clusters, cells, joined, n_query=inputs.shape[0])
         with torch.no_grad():
             spread = latent_spread_ratio(encode(query[cells] + shift), targets, clusters, joined)
         refine = bool(latent_steps) and (refine_below is None or spread < refine_below)
         if refine:
             shift = match_cluster_latents(encode, query[cells], cluster_means(targets, clusters)[joined], joined, shift,
                                           scale=scale, steps=latent_steps)  # fmt: skip
-        starts.append(ColumnStart(int(i.numel()), spread, refine))
+        starts.append(ColumnStart(int(i.numel()), spread, refine, precision))
         with torch.no_grad():
             linear.weight[:, column] += shift.to(linear.weight.dtype)
     return starts
+
+
+def start_precision(
+    query: torch.Tensor, reference: torch.Tensor, clusters: torch.Tensor, cells: torch.Tensor, joined: torch.Tensor, *, n_query: int
+) -> torch.Tensor:
+    """How well the first-layer shift of :func:`align_new_encoder_columns` is known, per unit and per query cell: (d,).
+
+    The shift is the mean over the P paired query cells of (their cluster's reference mean - the
+    cell), so its sampling variance in unit j is var_j / P, var_j the variance of those per-cell
+    offsets. Taken as a Gaussian prior on the column centred at the shift, added to the query's
+    summed negative ELBO and divided by the ``n_query`` query cells as the per-cell training loss
+    is, it weighs ½ Σ_j precision_j (column_j - start_j)² with precision_j = P / (n_query var_j).
+
+    Parameters
+    ----------
+    query, reference
+        (n, d) and (m, d) first-layer inputs to the batch norm (before the shift).
+    clusters
+        (m,) k-means cluster of each reference row.
+    cells, joined
+        (P,) the paired query rows and the cluster each joined (:func:`joined_clusters`).
+    n_query
+        Query cells of the whole query the loss averages over (those compared, when a subset was).
+    """
+    offsets = cluster_means(reference.double(), clusters)[joined] - query[cells].double()  # (P, d)
+    variance = offsets.var(dim=0, unbiased=offsets.shape[0] > 1).clamp_min(torch.finfo(torch.float32).eps)
+    return (offsets.shape[0] / n_query / variance).float()
+
+
+def anchor_to_start(parameter: nn.Parameter, start: torch.Tensor, precision: torch.Tensor) -> RemovableHandle:
+    """Pull ``parameter`` toward ``start``: a gradient hook adding precision * (parameter - start), the
+    gradient of ½ Σ precision (parameter - start)² (a Gaussian prior centred at ``start``), to the
+    gradient of the training loss.
+
+    The penalty enters the gradient only (the recorded losses stay the ELBO's). Where ``precision``
+    is 0 the gradient is unchanged, so a frozen entry (masked by :func:`freeze_reference`, whose hook
+    runs first when registered first) still gets exactly zero. ``start`` and ``precision`` have the
+    parameter's shape. Returns the hook handle (``handle.remove()`` undoes it).
+    """
+    start, precision = start.detach().clone(), precision.detach().clone()
+
+    def hook(gradient: torch.Tensor) -> torch.Tensor:
+        pull = precision.to(gradient.device, gradient.dtype) * (parameter.detach() - start.to(gradient.device, gradient.dtype))
+        return gradient + pull
+
+    return parameter.register_hook(hook)
 
 
 def within_cluster_spread(points: torch.Tensor, clusters: torch.Tensor) -> float:
