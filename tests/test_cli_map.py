@@ -80,6 +80,17 @@ def test_map_no_encoder_stage_trains_the_decoder_columns_only(files, tmp_path):
     assert json.loads((out / "genailab.json").read_text())["mapping"]["stages"] == ["decoder"]
 
 
+@pytest.mark.parametrize("options, anchor", [([], 1.0), (["--encoder-anchor", "0"], 0.0), (["--encoder-anchor", "2.5"], 2.5)])
+def test_map_encoder_anchor_reaches_the_query_model(files, tmp_path, options, anchor):
+    out = tmp_path / "anchored"
+    _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data", files / "reference.h5ad",
+            *options, "--epochs", "2", "--device", "cpu")  # fmt: skip
+    assert json.loads((out / "genailab.json").read_text())["mapping"]["encoder_anchor"] == anchor
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "refused", "--reference-data",
+                     files / "reference.h5ad", "--encoder-anchor", "1", "--no-encoder-stage", code=2)  # fmt: skip
+    assert "--encoder-anchor 1.0 pulls" in output
+
+
 def test_map_refuses_what_it_cannot_do(files, tmp_path):
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "a", "--label-key",
                      "cell_type", code=2)  # fmt: skip

@@ -39,6 +39,9 @@ LATENT_KEY = "X_genailab"
 @click.option("--encoder-stage/--no-encoder-stage", default=None,
               help="Train the new encoder columns after the decoder's, or hold them at their start (default: train them, "
                    "except after a latent start).")
+@click.option("--encoder-anchor", type=click.FloatRange(min=0), default=argument_default(map_query, "encoder_anchor"),
+              help="How strongly the encoder stage pulls a column started from the reference's cells back toward its start, "
+                   "in units of a Gaussian prior with the start's standard error; 0: the ELBO alone (default: 1 where it applies).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -52,8 +55,8 @@ LATENT_KEY = "X_genailab"
               help="Cells whose label uncertainty is above this are called 'unknown'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace the query model already saved in --out.")
-def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encoder_start, encoder_stage, epochs, lr, seed, max_missing_fraction,
-                n_neighbors, unknown_threshold, device, overwrite):
+def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encoder_start, encoder_stage, encoder_anchor, epochs, lr, seed,
+                max_missing_fraction, n_neighbors, unknown_threshold, device, overwrite):
     """Map QUERY onto the model in REF_RUN: train only the query's new batches, embed, transfer labels.
 
     The new batches' decoder parameters learn first, then (unless held at their start) their encoder
@@ -75,7 +78,8 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
         reference = VAE.load(ref_run, device=device)
         cells = read_data(reference_data) if reference_data is not None else None
         model = map_query(read_data(query), reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
-                          epochs=epochs, reference_data=cells, max_missing_fraction=max_missing_fraction)  # fmt: skip
+                          encoder_anchor=encoder_anchor, epochs=epochs, reference_data=cells,
+                          max_missing_fraction=max_missing_fraction)  # fmt: skip
         options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
         fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
         write_run(model, out)

@@ -21,7 +21,8 @@ the query's batch effect as a change of cell state through the frozen decoder be
 own new column has absorbed it: on a reference trained 10 epochs (400 simulated cells, 3 batches)
 label transfer fell from 0.855 before query training to 0.324 after it, while the decoder's new
 columns alone reached the same reconstruction without moving the query (0.855 kept). Once the
-decoder side has absorbed the batch effect, the encoder's column only corrects what remains.
+decoder side has absorbed the batch effect, the encoder's column only corrects what remains;
+:func:`anchor_to_start` can hold it near a data-driven start (:func:`start_precision`) meanwhile.
 
 Partly trainable tensors (a first layer whose old columns stay fixed) get a gradient hook that zeroes
 the gradient of the frozen entries; wholly frozen tensors get ``requires_grad=False``, so optimisers
