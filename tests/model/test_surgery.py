@@ -17,12 +17,12 @@ from genailab.model.surgery import (
     extend_conditions,
     freeze_reference,
     cluster_means,
+    cluster_offsets,
     joined_clusters,
     kmeans_labels,
     latent_spread_ratio,
     match_cluster_latents,
     mutual_neighbours,
-    paired_cluster_offset,
     start_precision,
     trainable_entries,
     training_stages,
@@ -235,7 +235,7 @@ def test_mutual_neighbours_match_a_brute_force_search():
     assert empty[0].numel() == 0 and empty[1].numel() == 0
 
 
-def test_paired_cluster_offset_matches_a_loop_over_the_query_cells():
+def test_mean_cluster_offset_matches_a_loop_over_the_query_cells():
     rng = np.random.default_rng(1)
     query, reference = rng.normal(size=(30, 4)), rng.normal(size=(40, 4))
     clusters = rng.integers(0, 5, size=40)
@@ -246,8 +246,9 @@ def test_paired_cluster_offset_matches_a_loop_over_the_query_cells():
         if partners.size:
             joined = np.argmax(np.bincount(partners, minlength=5))  # the lowest cluster on a tie, as argmax
             offsets.append(reference[clusters == joined].mean(0) - query[row])
-    as_tensors = [torch.as_tensor(a) for a in (query, reference, clusters, i, r)]
-    np.testing.assert_allclose(paired_cluster_offset(*as_tensors).numpy(), np.mean(offsets, axis=0), rtol=1e-12)
+    query, reference, clusters, i, r = (torch.as_tensor(a) for a in (query, reference, clusters, i, r))
+    shift = cluster_offsets(query, reference, clusters, *joined_clusters(30, clusters, i, r)).mean(dim=0)
+    np.testing.assert_allclose(shift.numpy(), np.mean(offsets, axis=0), rtol=1e-12)
 
 
 def test_cluster_offset_recovers_a_shift_that_the_pairs_fall_short_of():
@@ -266,7 +267,8 @@ def test_cluster_offset_recovers_a_shift_that_the_pairs_fall_short_of():
         query = torch.as_tensor(np.concatenate([centres[k] + rng.normal(size=(200, 8)) for k in states]) - shift)
         i, r = mutual_neighbours(query, reference, 20)
         pairs = np.linalg.norm((reference[r] - query[i]).mean(0).numpy() - shift)
-        matched = np.linalg.norm(paired_cluster_offset(query, reference, clusters, i, r).numpy() - shift)
+        cells, joined = joined_clusters(query.shape[0], clusters, i, r)
+        matched = np.linalg.norm(cluster_offsets(query, reference, clusters, cells, joined).mean(dim=0).numpy() - shift)
         means = np.linalg.norm((reference.mean(0) - query.mean(0)).numpy() - shift)
         assert pairs > 1.5 and matched < 1.0 and matched < pairs / 1.8, (states, pairs, matched)
         assert (means < 0.2) if len(states) == 3 else (means > 10 * matched), (states, means, matched)
@@ -352,7 +354,7 @@ def test_start_precision_is_the_paired_share_over_the_variance_of_the_per_cell_o
     cells, joined = np.sort(rng.choice(30, size=24, replace=False)), rng.integers(0, 5, size=24)
     offsets = np.stack([reference[clusters == k].mean(0) for k in joined]) - query[cells]
     expected = 24 / 30 / offsets.var(axis=0, ddof=1)
-    got = start_precision(*(torch.as_tensor(a) for a in (query, reference, clusters, cells, joined)), n_query=30)
+    got = start_precision(cluster_offsets(*(torch.as_tensor(a) for a in (query, reference, clusters, cells, joined))), n_query=30)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
 
 

@@ -384,9 +384,10 @@ def align_new_encoder_columns(
         if not i.numel():
             starts.append(ColumnStart(0, None, False))
             continue
-        shift = paired_cluster_offset(query, reference, clusters, i, r).to(query.dtype)
         cells, joined = joined_clusters(query.shape[0], clusters, i, r)
-        precision = start_precision(query, reference, clusters, cells, joined, n_query=inputs.shape[0])
+        offsets = cluster_offsets(query, reference, clusters, cells, joined)  # (P, H)
+        shift = offsets.mean(dim=0).to(query.dtype)
+        precision = start_precision(offsets, n_query=inputs.shape[0])
         with torch.no_grad():
             spread = latent_spread_ratio(encode(query[cells] + shift), targets, clusters, joined)
         refine = bool(latent_steps) and (refine_below is None or spread < refine_below)
@@ -399,29 +400,15 @@ def align_new_encoder_columns(
     return starts
 
 
-def start_precision(
-    query: torch.Tensor, reference: torch.Tensor, clusters: torch.Tensor, cells: torch.Tensor, joined: torch.Tensor, *, n_query: int
-) -> torch.Tensor:
+def start_precision(offsets: torch.Tensor, *, n_query: int) -> torch.Tensor:
     """How well the first-layer shift of :func:`align_new_encoder_columns` is known, per unit and per query cell: (d,).
 
-    The shift is the mean over the P paired query cells of (their cluster's reference mean - the
-    cell), so its sampling variance in unit j is var_j / P, var_j the variance of those per-cell
-    offsets. Taken as a Gaussian prior on the column centred at the shift, added to the query's
-    summed negative ELBO and divided by the ``n_query`` query cells as the per-cell training loss
-    is, it weighs ½ Σ_j precision_j (column_j - start_j)² with precision_j = P / (n_query var_j).
-
-    Parameters
-    ----------
-    query, reference
-        (n, d) and (m, d) first-layer inputs to the batch norm (before the shift).
-    clusters
-        (m,) k-means cluster of each reference row.
-    cells, joined
-        (P,) the paired query rows and the cluster each joined (:func:`joined_clusters`).
-    n_query
-        Query cells of the whole query the loss averages over (those compared, when a subset was).
+    The shift is the mean of the P paired query cells' ``offsets`` (P, d) (:func:`cluster_offsets`),
+    so its sampling variance in unit j is var_j / P, var_j the variance of those offsets. Taken as a
+    Gaussian prior on the column centred at the shift, added to the query's summed negative ELBO and
+    divided by the ``n_query`` query cells as the per-cell training loss is (those compared, when a
+    subset was), it weighs ½ Σ_j precision_j (column_j - start_j)² with precision_j = P / (n_query var_j).
     """
-    offsets = cluster_means(reference.double(), clusters)[joined] - query[cells].double()  # (P, d)
     variance = offsets.var(dim=0, unbiased=offsets.shape[0] > 1).clamp_min(torch.finfo(torch.float32).eps)
     return (offsets.shape[0] / n_query / variance).float()
 
@@ -544,10 +531,11 @@ def kmeans_labels(points: torch.Tensor, n_clusters: int) -> torch.Tensor:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
-def paired_cluster_offset(
-    query: torch.Tensor, reference: torch.Tensor, clusters: torch.Tensor, i: torch.Tensor, r: torch.Tensor
+def cluster_offsets(
+    query: torch.Tensor, reference: torch.Tensor, clusters: torch.Tensor, cells: torch.Tensor, joined: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over the paired query cells of (their cluster's reference mean - the cell), float64 (d,).
+    """Each paired query cell's offset to the reference cluster it joined: (its cluster's reference
+    mean - the cell), float64 (P, d); their mean is the neighbours start's shift.
 
     Parameters
     ----------
@@ -555,19 +543,16 @@ def paired_cluster_offset(
         (n, d) and (m, d) points.
     clusters
         (m,) cluster of each reference point.
-    i, r
-        (P,) mutual pairs: rows of ``query`` and the matching rows of ``reference``. A query row
-        joins the cluster most of its partners are in (the lowest-numbered on a tie).
+    cells, joined
+        (P,) the paired query rows and the cluster each joined (:func:`joined_clusters`).
     """
-    cells, joined = joined_clusters(query.shape[0], clusters, i, r)
-    means = cluster_means(reference.double(), clusters)  # (K, d)
-    return (means[joined] - query[cells].double()).mean(dim=0)
+    return cluster_means(reference.double(), clusters)[joined] - query[cells].double()
 
 
 def joined_clusters(n_query: int, clusters: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The paired query rows (ascending) and, for each, the cluster most of its partners are in (the
     lowest-numbered on a tie): two (P',) long tensors, from the pairs ``i``, ``r`` (P,) and the
-    reference clusters ``clusters`` (m,) of :func:`paired_cluster_offset`."""
+    reference clusters ``clusters`` (m,); a query row joins the cluster most of its partners are in."""
     votes = torch.zeros(n_query, int(clusters.max()) + 1, dtype=torch.long)  # (n, K) partners per cluster
     votes.index_put_((i, clusters[r]), torch.ones_like(i), accumulate=True)
     paired = votes.sum(dim=1) > 0
