@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from genailab.anndata_models.mapping import ENCODER_STARTS, map_query
+from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, START_LATENT_SPREAD, map_query
 from genailab.apps.transfer import transfer_labels
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, fit_in_run_folder, read_data, run_folder, write_h5ad
@@ -34,14 +34,15 @@ LATENT_KEY = "X_genailab"
               help="Where the new batch's encoder column starts: shifted onto the reference clusters of its mutual nearest reference cells (neighbours, "
                    "needs --reference-data), the same then matched per cluster in the latent (latent, for a query that spreads less, "
                    "e.g. shallower), the mean of the reference's, or the reference's batch-norm mean; auto: "
-                   "neighbours with --reference-data, refined as latent when the query spreads in the latent under 2/3 as much as "
-                   "the reference; else mean.")
+                   f"neighbours with --reference-data, refined as latent when the query spreads in the latent under "
+                   f"{START_LATENT_SPREAD:.2g} times as much as the reference; else mean.")
 @click.option("--encoder-stage/--no-encoder-stage", default=None,
               help="Train the new encoder columns after the decoder's, or hold them at their start (default: train them, "
                    "except after a latent start).")
 @click.option("--encoder-anchor", type=click.FloatRange(min=0), default=argument_default(map_query, "encoder_anchor"),
               help="How strongly the encoder stage pulls a column started from the reference's cells back toward its start, "
-                   "in units of a Gaussian prior with the start's standard error; 0: the ELBO alone (default: 1 where it applies).")
+                   f"in units of a Gaussian prior with the start's standard error; 0: the ELBO alone (default: {ENCODER_ANCHOR:g} "
+                   "where it applies).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of each stage (default: from the query size).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the query model's).")
 @click.option("--seed", default=0, show_default=True, type=int)
