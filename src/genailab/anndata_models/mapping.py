@@ -103,10 +103,9 @@ def map_query(
         ``"encoder"`` (also the whole encoder: the query's own inference network for the
         reference's generative model) or ``"all"`` (fine-tune everything, starting from the
         reference weights). Except for ``"all"``, the decoder's part learns first and the encoder's
-        part after it. ``"encoder"`` mapped closer to a model trained from scratch on the
-        simulated benchmark (``benchmarks/mapping.py``), but on a reference trained only 10 epochs
-        it lost what the reference knew (label transfer 0.855 -> 0.338; ``"first_layer"`` 0.345)
-        where the default kept it (0.814): use them with a well-trained reference.
+        part after it. ``"first_layer"`` and ``"encoder"`` can map closer to a model trained from
+        scratch, but they lost the labels of a briefly trained reference that the default kept
+        (README, "Map a new dataset"): use them with a well-trained reference.
     epochs
         Default epochs of each stage of the query model's ``fit()``; None chooses them from the
         query size (:func:`default_query_epochs`).
@@ -126,33 +125,29 @@ def map_query(
         briefly trained reference and of a query holding half of the cell types; ``"auto"``, when
         the reference's cells are at hand, the query has new categories and the model takes a data
         start: ``"neighbours"``, refined as ``"latent"`` when the query, so placed, spreads in the
-        latent less than ``START_LATENT_SPREAD`` (2/3) of its clusters' reference cells (PBMC splits
-        of ``benchmarks/mapping.py``: 0.43-0.63; simulated: 0.76-1.13); else ``"mean"``.
+        latent less than ``START_LATENT_SPREAD`` of its clusters' reference cells; else ``"mean"``.
         ``model.mapping`` records the start taken and that spread. The data-driven starts need
         one-hot conditions and ``norm="batch"``.
     encoder_stage
         Whether ``fit()`` trains the new encoder columns after the decoder's. None (default): yes,
         except after a latent start with ``unfreeze="new_categories"``, which already fitted them to
-        the reference's latent (the encoder stage pulled the PBMC query back: kNN mixing 0.945 ->
-        0.904, in 200 epochs). False holds them at their start for ``unfreeze="new_categories"``
-        (simulated seed 4: label transfer 0.934 held, 0.927 trained without ``encoder_anchor``;
-        seed 6: 0.957 held, 0.981 trained so); True always trains them.
+        the reference's latent (an encoder stage there pulled the query back toward a tighter,
+        less mixed placement). False holds them at their start for ``unfreeze="new_categories"``;
+        True always trains them.
     encoder_anchor
         During the encoder stage, how strongly a column started from the reference's cells
         (``"neighbours"``, ``"latent"``) is pulled back toward its start: the gradient of
         ``encoder_anchor`` times ½ Σ_j precision_j (column_j - start_j)² joins the ELBO's, where
         precision_j is how well the first-layer shift is known per query cell (its sampling
         variance from the per-cell offsets, :func:`~genailab.model.surgery.start_precision`), so 1
-        is a Gaussian prior centred at the start with the start's own standard error: the ELBO
-        alone explains part of the batch as a change of cell state and drifts the column (simulated
-        seed 4: label transfer 0.934 at the start, 0.927 unpenalised, 0.934 with 1; seed 6: 0.957 at
-        the start, 0.981 unpenalised, 0.973 with 1). None (default): ``ENCODER_ANCHOR`` (1) where
-        it applies (``unfreeze="new_categories"``, a data start with mutual pairs, an encoder
-        stage), else no pull; 0 trains the column by the ELBO alone (the default before). After a
-        latent start with ``encoder_stage=True`` the pull is centred on the refined column with the
-        neighbours start's precision, which the refinement moved 52-100 standard errors: at 1 it
-        holds the column (the seven PBMC splits of ``benchmarks/mapping.py``: within 1.2 label points
-        and 0.004 mixing of ``encoder_stage=None``, and no split that holding misses meets the targets).
+        is a Gaussian prior centred at the start with the start's own standard error (the ELBO
+        alone explains part of the batch as a change of cell state and drifts the column). None
+        (default): ``ENCODER_ANCHOR`` where it applies (``unfreeze="new_categories"``, a data start
+        with mutual pairs, an encoder stage), else no pull; 0 trains the column by the ELBO alone.
+        After a latent start with ``encoder_stage=True`` the pull is centred on the refined column
+        with the neighbours start's precision, whose standard error is far smaller than the
+        refinement's move, so at 1 it all but holds the column. The README's "Map a new dataset" has the measurements
+        behind each default.
     reference_data
         The reference's cells (its layer and condition columns; genes matched by name) for the
         ``"neighbours"`` start; None uses the data the reference model holds (the cells it was
