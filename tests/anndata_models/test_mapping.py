@@ -237,6 +237,29 @@ def test_query_conditions_are_checked(split, reference_run):
         map_query(query, untrained)
 
 
+def test_query_and_reference_values_are_checked_before_any_start(split, reference_run):
+    """Values that training refuses are refused by map_query itself, naming the argument and its layer,
+    before a start is computed from them (reference_data is read for the neighbours start only)."""
+    reference_cells, query = split
+    reference, _ = reference_run
+    halved = query.copy()
+    halved.layers["counts"] = halved.layers["counts"] * 0.5
+    n_fractional = int((np.abs(halved.layers["counts"].data % 1) > 0).sum())
+    with pytest.raises(InputDataError, match=rf"query.layers\['counts'\] has {n_fractional} non-integer values .* "
+                                             r"Put the raw counts of `query` in layers\['counts'\]"):
+        map_query(halved, reference)
+    missing = query.copy()
+    missing.layers["counts"] = missing.layers["counts"].toarray()
+    missing.layers["counts"][3, 7] = np.nan
+    with pytest.raises(InputDataError, match=r"query.layers\['counts'\] contains 1 NaN or infinite values"):
+        map_query(missing, reference)
+    shifted = reference_cells.copy()
+    shifted.layers["counts"] = shifted.layers["counts"].toarray() - 1.0
+    with pytest.raises(InputDataError, match=r"reference_data.layers\['counts'\] has negative values \(min -1\)"):
+        map_query(query, reference, reference_data=shifted)
+    assert map_query(query, reference, reference_data=reference_cells).mapping["encoder_start"] in ("neighbours", "latent")
+
+
 def test_default_epochs_follow_the_query_size(split, reference_run):
     _, query = split
     reference, _ = reference_run

@@ -38,6 +38,7 @@ from genailab.anndata_models.files import CONFIG_FILE, WEIGHTS_FILE, _sha256
 from genailab.anndata_models.vae import VAE
 from genailab.data.loader import LoaderOptions
 from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema
+from genailab.data.validation import check_expression
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 from genailab.model.surgery import (
     UNFREEZE,
@@ -191,6 +192,9 @@ def map_query(
             "or fine-tune with unfreeze='first_layer', 'encoder' or 'all'."
         )
     aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)
+    _check_values(aligned, schema, reference, name="query")
+    if reference_data is not None:  # the model's own data passed these checks when it trained
+        _check_values(reference_data, schema, reference, name="reference_data")
     reference_cells = reference_data if reference_data is not None else reference.adata
     if encoder_start == "auto" and not (any(new) and reference_cells is not None and takes_data_start(reference.config)):
         encoder_start = "mean"
@@ -455,6 +459,15 @@ class QueryVAE(VAE):
     def _description(self) -> dict:
         stage = {} if self._stage is None else {"stage": self._stage}
         return {**super()._description(), "reference": self.reference, "mapping": self.mapping, **stage}
+
+
+def _check_values(adata: AnnData, schema: DataSchema, reference: VAE, *, name: str) -> None:
+    """The data checks of training (:func:`~genailab.data.validation.check_expression`) on ``adata``'s
+    values in the reference's layer, before any start is computed from them."""
+    where = "X" if schema.layer is None else f"layers[{schema.layer!r}]"
+    remedy = f"Put the raw counts of `{name}` in {where}, the layer the reference was trained on."
+    check_expression(schema.expression(adata, align_genes=True, max_missing_fraction=1.0),
+                     counts=reference.config.is_count_model, source=f"{name}.{where}", remedy=remedy)  # fmt: skip
 
 
 def _cells(adata: AnnData, schema: DataSchema, encoding: DataSchema) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,12 +43,14 @@ def is_integer_counts(matrix) -> bool:
     return True
 
 
-def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
+def check_expression(matrix, *, counts: bool, source: str = "the data", remedy: str | None = None) -> None:
     """Raise :class:`InputDataError` for a damaged sparse structure (indptr, indices), NaN/Inf, and
-    for negative or non-integer values when ``counts`` is True (count models need raw UMI/read counts)."""
+    for negative or non-integer values when ``counts`` is True (count models need raw UMI/read counts).
+    ``remedy`` replaces the fix these last two messages suggest (choosing the raw-count ``layer``
+    or the Gaussian model) where the caller cannot choose either."""
     if isinstance(matrix, OnDiskMatrix):
         for block in row_blocks(matrix):
-            check_expression(block, counts=counts, source=source)
+            check_expression(block, counts=counts, source=source, remedy=remedy)
         return
     check_sparse_structure(matrix, source=source)
     values = _values(matrix)
@@ -68,14 +70,15 @@ def check_expression(matrix, *, counts: bool, source: str = "the data") -> None:
     if values.min() < 0:
         raise InputDataError(
             f"{source} has negative values (min {values.min():.4g}), but count models (nb, zinb) need raw "
-            "counts. Point `layer` at the raw-count layer, or use the Gaussian model for normalised data."
+            "counts. " + (remedy or "Point `layer` at the raw-count layer, or use the Gaussian model for normalised data.")
         )
     if not is_integer_counts(matrix):
         fractional = values[np.abs(values - np.round(values)) >= 1e-6]
         raise InputDataError(
             f"{source} has {fractional.size} non-integer values (e.g. {fractional[0]:.4g}); count models "
-            "(nb, zinb) need raw integer counts. Point `layer` at the raw-count layer (often "
-            "layers['counts']), or use the Gaussian model (likelihood='gaussian') for log-normalised data."
+            "(nb, zinb) need raw integer counts. "
+            + (remedy or "Point `layer` at the raw-count layer (often layers['counts']), or use the Gaussian model "
+               "(likelihood='gaussian') for log-normalised data.")
         )
 
 
