@@ -38,6 +38,25 @@ def test_dose_zero_is_the_control_state_for_any_drug(trained, controls):
     assert not np.allclose(trained.predict(controls, drug="drug_1", dose=10.0).X, x1)
 
 
+def test_a_dose_outside_a_drugs_training_doses_is_predicted_with_a_warning(trained, controls, tmp_path, caplog):
+    """The schema keeps each drug's lowest and highest training dose (alone or in a pair) through a save;
+    predicting outside them warns, inside them (between seen doses too) does not."""
+    assert dict(zip(trained.schema.drugs, trained.schema.dose_ranges)) == {"drug_0": (0.1, 10.0), "drug_1": (0.1, 10.0)}
+    trained.save(tmp_path / "run")
+    loaded = PerturbationModel.load(tmp_path / "run")
+    assert loaded.schema.dose_ranges == trained.schema.dose_ranges
+    earlier = {k: v for k, v in trained.schema.to_dict().items() if k != "dose_ranges"}  # saved before the ranges
+    assert type(trained.schema).from_dict(earlier).doses_outside_training("drug_0", 1e3) == []
+    with caplog.at_level("WARNING", logger="genailab"):
+        loaded.predict(controls, drug="drug_1", dose=3.0)
+        loaded.predict(controls, drug="drug_0+drug_1", dose=0.0)
+        assert not caplog.records
+        loaded.predict(controls, drug="drug_0+drug_1", dose=30.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dose 30 of {d} lies outside the doses it was trained on (0.1 to 10): the prediction extrapolates its "
+        "fitted dose response, which the data did not check there." for d in ("drug_0", "drug_1")]
+
+
 def test_held_out_combination_beats_no_change(trained, perturb_adata, held_out, held_out_mask, controls):
     cell_type, drug, dose = held_out
     control = log_normalize(controls.layers["counts"])

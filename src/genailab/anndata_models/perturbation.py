@@ -211,7 +211,9 @@ class PerturbationModel(AnnDataModel):
         drug
             One drug, a combination ``"A+B"``, or a list of drugs; all must be known to the model.
         dose
-            Dose (>= 0) given to every drug of the combination; 0 gives the control prediction.
+            Dose (>= 0) given to every drug of the combination; 0 gives the control prediction. A dose
+            outside the range a drug was trained on is predicted along its fitted dose response,
+            with a logged warning.
         library_size
             Total count of each predicted cell (count models): ``"observed"`` keeps each control
             cell's own total; a number gives every cell that total.
@@ -236,6 +238,11 @@ class PerturbationModel(AnnDataModel):
         label = _label(drug, self.keys)
         self.schema.drug_codes(label)  # unknown drugs fail before any work
         dose = _checked_dose(dose)
+        for name, lowest, highest in self.schema.doses_outside_training(label, dose):
+            logger.warning(
+                "dose %g of %s lies outside the doses it was trained on (%g to %g): the prediction extrapolates "
+                "its fitted dose response, which the data did not check there.", dose, name, lowest, highest,
+            )
         check_library_size(library_size, observed=True)
         obs = _control_obs(control_adata, self.keys)
         matrix, _ = self._validated(control_adata, align_genes=align_genes, with_conditions=False)

@@ -120,6 +120,9 @@ class PerturbationSchema:
     # geometric centre of the positive training doses, sqrt(min * max): the dose response starts with its
     # half-maximal dose there (the median was the lowest dose once a middle dose was held out)
     dose_scale: float = 1.0
+    # per drug (in code order), the lowest and highest positive dose it received in training, alone
+    # or in a combination; empty for models saved before it was recorded
+    dose_ranges: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def from_anndata(
@@ -153,6 +156,7 @@ class PerturbationSchema:
             drugs=drugs,
             max_drugs=max(2, max(len(p) for p in parts)),
             dose_scale=float(np.sqrt(positive.min() * positive.max())) if positive.size else 1.0,
+            dose_ranges=_dose_ranges(labels, doses, drugs, keys),
         )
 
     @property
@@ -162,6 +166,14 @@ class PerturbationSchema:
     @property
     def covariate_sizes(self) -> tuple[int, ...]:
         return self.data.categorical_sizes
+
+    def doses_outside_training(self, label: str, dose: float) -> list[tuple[str, float, float]]:
+        """The drugs of ``label`` for which a positive ``dose`` lies outside the doses they were
+        trained on, each with that (lowest, highest) range; empty when the ranges were not recorded."""
+        if dose <= 0 or not self.dose_ranges:
+            return []
+        ranges = dict(zip(self.drugs, self.dose_ranges))
+        return [(d, *ranges[d]) for d in self.keys.drugs_of(label) if not ranges[d][0] <= dose <= ranges[d][1]]
 
     def drug_codes(self, label: str) -> list[int]:
         """Codes of the drugs in one label; unknown drugs raise :class:`SchemaMismatchError`."""
@@ -204,6 +216,7 @@ class PerturbationSchema:
             "drugs": list(self.drugs),
             "max_drugs": self.max_drugs,
             "dose_scale": self.dose_scale,
+            "dose_ranges": [list(r) for r in self.dose_ranges],
         }
 
     @classmethod
@@ -214,4 +227,16 @@ class PerturbationSchema:
             drugs=tuple(data["drugs"]),
             max_drugs=int(data["max_drugs"]),
             dose_scale=float(data["dose_scale"]),
+            dose_ranges=tuple((float(lo), float(hi)) for lo, hi in data.get("dose_ranges", ())),
         )
+
+
+def _dose_ranges(labels: np.ndarray, doses: np.ndarray, drugs: Sequence[str], keys: ObsKeys) -> tuple[tuple[float, float], ...]:
+    """Per drug of ``drugs``, (lowest, highest) positive dose among the cells whose label names it."""
+    lowest, highest = dict.fromkeys(drugs, np.inf), dict.fromkeys(drugs, -np.inf)
+    labels = np.asarray(labels, dtype=object)
+    for label in pd.unique(labels):
+        given = doses[(labels == label) & (doses > 0)]
+        for drug in keys.drugs_of(label) if given.size else ():
+            lowest[drug], highest[drug] = min(lowest[drug], given.min()), max(highest[drug], given.max())
+    return tuple((float(lowest[d]), float(highest[d])) if np.isfinite(lowest[d]) else (0.0, 0.0) for d in drugs)
