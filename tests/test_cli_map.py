@@ -100,3 +100,12 @@ def test_map_refuses_what_it_cannot_do(files, tmp_path):
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "c", "--unfreeze", "decoder",
                      code=2)  # fmt: skip
     assert "Invalid value for '--unfreeze'" in output
+    halved = ad.read_h5ad(files / "query.h5ad")
+    halved.layers["counts"] = halved.layers["counts"] * 0.5
+    halved.write_h5ad(tmp_path / "halved.h5ad")
+    output = _invoke("map", files / "ref_run", tmp_path / "halved.h5ad", "--out", tmp_path / "d" / "run", code=1)
+    assert "query.layers['counts'] has" in output and "Put the raw counts of `query` in layers['counts']" in output
+    assert not (tmp_path / "d").exists()  # the folders it made for the run are gone with the refused query
+    (tmp_path / "e").mkdir()
+    _invoke("map", files / "ref_run", tmp_path / "halved.h5ad", "--out", tmp_path / "e", code=1)
+    assert (tmp_path / "e").is_dir() and not any((tmp_path / "e").iterdir())  # a folder it did not make stays

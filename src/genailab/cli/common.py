@@ -100,14 +100,23 @@ def write_csv(table, path: Path, **options) -> Path:
 @contextlib.contextmanager
 def run_folder(out: Path, *, overwrite: bool, names: tuple[str, ...] = (), lock: bool = True):
     """Check a run folder before the work (writable, no links at ``names``, no saved model unless
-    ``overwrite``) and hold its lock while the command runs (``lock=False``: other torchrun ranks)."""
+    ``overwrite``) and hold its lock while the command runs (``lock=False``: other torchrun ranks).
+    A command that fails before writing anything leaves no folder it created behind (folders that
+    hold a file, e.g. a checkpoint, stay)."""
     from genailab.anndata_models.files import MODEL_FILES, check_model_folder
     from genailab.safe_write import FolderLock, check_output_folder
 
-    check_output_folder(out, names=MODEL_FILES + names)
-    check_model_folder(out, overwrite=overwrite, option="--overwrite")
-    with FolderLock(out) if lock else contextlib.nullcontext():
-        yield out
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    try:
+        check_output_folder(out, names=MODEL_FILES + names)
+        check_model_folder(out, overwrite=overwrite, option="--overwrite")
+        with FolderLock(out) if lock else contextlib.nullcontext():
+            yield out
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty (or gone): kept as it is
+                folder.rmdir()
+        raise
 
 
 class KeepsArguments(click.Command):
