@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from genailab.data.perturbation_schema import PerturbationSchema
 from genailab.errors import CheckpointError, ConfigError, InputDataError, SchemaMismatchError
 from genailab.perturb import PerturbationModel, log_normalize, perturbation_metrics
 
@@ -46,7 +47,7 @@ def test_a_dose_outside_a_drugs_training_doses_is_predicted_with_a_warning(train
     loaded = PerturbationModel.load(tmp_path / "run")
     assert loaded.schema.dose_ranges == trained.schema.dose_ranges
     earlier = {k: v for k, v in trained.schema.to_dict().items() if k != "dose_ranges"}  # saved before the ranges
-    assert type(trained.schema).from_dict(earlier).doses_outside_training("drug_0", 1e3) == []
+    assert PerturbationSchema.from_dict(earlier).doses_outside_training("drug_0", 1e3) == []
     with caplog.at_level("WARNING", logger="genailab"):
         loaded.predict(controls, drug="drug_1", dose=3.0)
         loaded.predict(controls, drug="drug_0+drug_1", dose=0.0)

@@ -147,8 +147,8 @@ def map_query(
         with mutual pairs, an encoder stage), else no pull; 0 trains the column by the ELBO alone.
         After a latent start with ``encoder_stage=True`` the pull is centred on the refined column
         with the neighbours start's precision, whose standard error is far smaller than the
-        refinement's move, so at 1 it all but holds the column. The README's "Map a new dataset" has the measurements
-        behind each default.
+        refinement's move, so at 1 it all but holds the column. The README's "Map a new dataset"
+        has the measurements behind each default.
     reference_data
         The reference's cells (its layer and condition columns; genes matched by name) for the
         ``"neighbours"`` start; None uses the data the reference model holds (the cells it was
