@@ -86,7 +86,7 @@ def test_divergence_watch_keeps_the_first_non_finite_loss_on_the_device():
 
 def test_auto_epochs_train_on_a_one_cycle_schedule():
     """epochs=None: round(50 / sqrt(100 training cells)) = 5 epochs, lr up to 4 x lr, then down to ~min_lr."""
-    config = TrainConfig(auto_epoch_scale=50.0, lr=2e-3, seed=0, progress=False)
+    config = TrainConfig(auto_epoch_scale=50.0, lr=2e-3, one_cycle_peak=4.0, seed=0, progress=False)
     trainer, history = _fit(config, _data())
     lrs = [r["lr"] for r in history]
     assert len(history) == 5 and trainer.config.epochs == 5 and trainer.config.lr_schedule == "one_cycle"
