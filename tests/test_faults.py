@@ -93,8 +93,18 @@ def _wait_for_epoch(process, epoch, lines):
 INTERRUPT_ARGS = [a for a in ARGS if a not in ("--checkpoint-every", "1")]  # the defaults: no periodic checkpoint
 
 
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here and in the child processes started meanwhile, even when
+    the test run itself was started with SIGINT ignored (as a background job of a non-interactive
+    shell is): a child inherits an ignored signal, and Python then installs no handler for it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_an_interrupted_train_keeps_the_last_epoch_and_its_resume_command_finishes_the_same_run(tmp_path, signum):
+def test_an_interrupted_train_keeps_the_last_epoch_and_its_resume_command_finishes_the_same_run(tmp_path, signum, sigint_raises):
     adata = simulate(150, 30, n_cell_types=3, n_batches=2, seed=0)
     data = tmp_path / "data.h5ad"
     adata.write_h5ad(data)
@@ -138,7 +148,7 @@ class _SignalAt(logging.Handler):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_an_interrupted_fit_leaves_the_model_at_its_last_finished_epoch(tmp_path, signum):
+def test_an_interrupted_fit_leaves_the_model_at_its_last_finished_epoch(tmp_path, signum, sigint_raises):
     adata = simulate(150, 30, n_cell_types=3, n_batches=2, seed=0)
     options = dict(layer="counts", condition_keys=["batch"], latent_dim=3, hidden_dims=(16,))
     train = dict(batch_size=32, progress=False, seed=3, early_stopping_patience=None)
