@@ -4,6 +4,7 @@ by batch, for every likelihood and option of denoised expression."""
 
 from __future__ import annotations
 
+import anndata
 import numpy as np
 import pytest
 import scanpy as sc
@@ -67,6 +68,22 @@ def test_denoised_equals_the_decoded_distribution_mean(fitted, batch_size):
     np.testing.assert_allclose(result, expected, rtol=2e-5, atol=1e-6 * np.abs(expected).max())
     if model.config.is_count_model:
         np.testing.assert_allclose(result.sum(1), 1e4, rtol=1e-4)
+
+
+def test_denoised_result_is_an_ordinary_array_that_outlives_the_call(fitted, tmp_path):
+    """The result's memory comes from torch (not numpy's huge-page allocation): it must still
+    behave as a plain numpy array for the user, stored in a layer, written to h5ad and read back."""
+    model, adata = fitted
+    result = model.get_normalized_expression(adata)
+    copy = result.copy()
+    del model
+    stored = adata.copy()
+    stored.layers["denoised"] = result
+    stored.write_h5ad(tmp_path / "denoised.h5ad")
+    del stored, result
+    back = anndata.read_h5ad(tmp_path / "denoised.h5ad").layers["denoised"]
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, copy)
 
 
 def test_denoised_options_equal_the_reference(fitted):

@@ -524,7 +524,7 @@ def _cells_by_genes(n_cells: int, n_genes: int) -> np.ndarray:
 
     Allocated by torch rather than numpy: numpy asks the kernel for transparent huge pages on large
     arrays, and on a machine whose memory a training run has just fragmented, the first write
-    then waits for the kernel to compact memory (200-300 ms for 20,000 x 2,000 cells, longer than
-    decoding them); torch's plain pages cost 70-130 ms.
+    then waits for the kernel to compact memory (200-390 ms for 20,000 x 2,000 cells, about as long
+    as decoding them); torch's plain pages cost 60-130 ms.
     """
     return torch.empty((n_cells, n_genes), dtype=torch.float32).numpy()
