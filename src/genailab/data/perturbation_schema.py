@@ -234,9 +234,13 @@ class PerturbationSchema:
 def _dose_ranges(labels: np.ndarray, doses: np.ndarray, drugs: Sequence[str], keys: ObsKeys) -> tuple[tuple[float, float], ...]:
     """Per drug of ``drugs``, (lowest, highest) positive dose among the cells whose label names it."""
     lowest, highest = dict.fromkeys(drugs, np.inf), dict.fromkeys(drugs, -np.inf)
-    labels = np.asarray(labels, dtype=object)
-    for label in pd.unique(labels):
-        given = doses[(labels == label) & (doses > 0)]
-        for drug in keys.drugs_of(label) if given.size else ():
-            lowest[drug], highest[drug] = min(lowest[drug], given.min()), max(highest[drug], given.max())
+    positive = np.asarray(doses) > 0
+    codes, names = pd.factorize(np.asarray(labels, dtype=object)[positive])  # one pass, not one per label
+    given = np.asarray(doses, dtype=np.float64)[positive]
+    label_lowest, label_highest = np.full(names.size, np.inf), np.full(names.size, -np.inf)
+    np.minimum.at(label_lowest, codes, given)
+    np.maximum.at(label_highest, codes, given)
+    for label, low, high in zip(names, label_lowest, label_highest):
+        for drug in keys.drugs_of(label):
+            lowest[drug], highest[drug] = min(lowest[drug], low), max(highest[drug], high)
     return tuple((float(lowest[d]), float(highest[d])) if np.isfinite(lowest[d]) else (0.0, 0.0) for d in drugs)
