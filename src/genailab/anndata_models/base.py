@@ -133,7 +133,9 @@ class AnnDataModel:
             matrix, conditions = self._encode_data(adata, align_genes=align_genes)
         else:
             matrix, conditions = self._data_schema.expression(adata, align_genes=align_genes), None
-        check_expression(matrix, counts=self._network_config.is_count_model, source="The expression matrix")
+        # the schema checked the in-memory source's structure; a backed matrix is checked block by block here
+        check_expression(matrix, counts=self._network_config.is_count_model, source="The expression matrix",
+                         structure_checked=True)
         return matrix, conditions
 
     def _loader(

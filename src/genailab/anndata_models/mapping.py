@@ -467,7 +467,8 @@ def _check_values(adata: AnnData, schema: DataSchema, reference: VAE, *, name: s
     where = "X" if schema.layer is None else f"layers[{schema.layer!r}]"
     remedy = f"Put the raw counts of `{name}` in {where}, the layer the reference was trained on."
     check_expression(schema.expression(adata, align_genes=True, max_missing_fraction=1.0),
-                     counts=reference.config.is_count_model, source=f"{name}.{where}", remedy=remedy)  # fmt: skip
+                     counts=reference.config.is_count_model, source=f"{name}.{where}", remedy=remedy,
+                     structure_checked=True)  # fmt: skip
 
 
 def _cells(adata: AnnData, schema: DataSchema, encoding: DataSchema) -> tuple[torch.Tensor, torch.Tensor]:

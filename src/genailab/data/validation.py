@@ -43,16 +43,22 @@ def is_integer_counts(matrix) -> bool:
     return True
 
 
-def check_expression(matrix, *, counts: bool, source: str = "the data", remedy: str | None = None) -> None:
+def check_expression(
+    matrix, *, counts: bool, source: str = "the data", remedy: str | None = None, structure_checked: bool = False
+) -> None:
     """Raise :class:`InputDataError` for a damaged sparse structure (indptr, indices), NaN/Inf, and
     for negative or non-integer values when ``counts`` is True (count models need raw UMI/read counts).
     ``remedy`` replaces the fix these last two messages suggest (choosing the raw-count ``layer``
-    or the Gaussian model) where the caller cannot choose either."""
+    or the Gaussian model) where the caller cannot choose either. ``structure_checked`` skips the
+    structure pass of an in-memory matrix that came from an already checked one
+    (:meth:`~genailab.data.schema.DataSchema.expression` checks its source); the blocks of a backed
+    matrix are always checked, as nothing else checks them."""
     if isinstance(matrix, OnDiskMatrix):
         for block in row_blocks(matrix):
             check_expression(block, counts=counts, source=source, remedy=remedy)
         return
-    check_sparse_structure(matrix, source=source)
+    if not structure_checked:
+        check_sparse_structure(matrix, source=source)
     values = _values(matrix)
     if values.size and not np.issubdtype(values.dtype, np.number):
         raise InputDataError(f"{source} has non-numeric values (dtype {values.dtype}); convert it to numbers.")
