@@ -88,3 +88,24 @@ def test_verbosity_works_after_the_subcommand(data, tmp_path):
     result = CliRunner().invoke(main, ["simulate", "--n-cells", "50", "--n-genes", "80", "--out",
                                        str(tmp_path / "s.h5ad"), "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def _leaf_commands():
+    ctx = click.Context(main)
+    for name in COMMANDS:
+        command = main.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            yield from ((f"{name} {sub}", command.get_command(ctx, sub)) for sub in command.list_commands(ctx))
+        else:
+            yield name, command
+
+
+def test_one_vocabulary_across_commands():
+    """README, Command line: `--device` on every command that runs a model, `--labels-key` for labels."""
+    no_model = {"simulate"}
+    for name, command in _leaf_commands():
+        visible = {opt for param in command.params if isinstance(param, click.Option) and not param.hidden
+                   for opt in param.opts}  # fmt: skip
+        if name not in no_model:
+            assert "--device" in visible, name
+        assert not visible & {"--label-key", "--labels", "--label"}, name

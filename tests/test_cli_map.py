@@ -44,7 +44,7 @@ def test_map_writes_query_model_latent_labels_and_umap(files, tmp_path):
     before = _hashes(files / "ref_run")
     out = tmp_path / "mapped"
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data",
-                     files / "reference.h5ad", "--label-key", "cell_type", "--epochs", "40", "--device", "cpu")  # fmt: skip
+                     files / "reference.h5ad", "--labels-key", "cell_type", "--epochs", "40", "--device", "cpu")  # fmt: skip
     stages = re.search(r"Trained the query model \(new_categories\), epochs per stage: decoder (\d+), encoder (\d+)", output)
     assert stages is not None and all(1 <= int(n) <= 40 for n in stages.groups()), output[-2000:]
     assert _hashes(files / "ref_run") == before  # the reference run is never modified
@@ -92,9 +92,10 @@ def test_map_encoder_anchor_reaches_the_query_model(files, tmp_path, options, an
 
 
 def test_map_refuses_what_it_cannot_do(files, tmp_path):
-    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "a", "--label-key",
-                     "cell_type", code=2)  # fmt: skip
-    assert "--label-key needs the reference's cells: pass --reference-data" in output
+    for spelling in ("--labels-key", "--label-key"):  # the second: the hidden spelling of the previous release
+        output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "a", spelling,
+                         "cell_type", code=2)  # fmt: skip
+        assert "--labels-key needs the reference's cells: pass --reference-data" in output
     output = _invoke("map", files / "ref_run", files / "reference.h5ad", "--out", tmp_path / "b", code=2)
     assert "already in the reference" in output
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", tmp_path / "c", "--unfreeze", "decoder",

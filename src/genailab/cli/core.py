@@ -110,13 +110,14 @@ def embed(run_dir, data, out, key, align_genes, device):
 @click.option("--out", "out", default="genailab_runs/demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--epochs", default=150, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_option
 @fail_cleanly
-def demo(out, epochs, seed):
+def demo(out, epochs, seed, device):
     """Train an NB model on the embedded PBMC counts, embed, cluster, and report."""
     from genailab.cli.demo import run_demo
 
     if epochs < 1:
         raise ConfigError("--epochs must be positive.")
-    summary = run_demo(out, epochs=epochs, seed=seed)
+    summary = run_demo(out, epochs=epochs, seed=seed, device=device)
     for line in summary:
         click.echo(line)

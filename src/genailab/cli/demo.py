@@ -10,10 +10,10 @@ from genailab.data.datasets import pbmc68k_counts
 from genailab.train.config import TrainConfig
 
 
-def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
+def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0, device: str = "auto") -> list[str]:
     """Fit an NB model to the bundled PBMC counts and write model, embedding, UMAP and scores.
 
-    Returns the summary lines the CLI prints. Writes under ``out``: ``model/`` (saved model,
+    ``device`` as in :class:`~genailab.train.config.TrainConfig`. Returns the summary lines the CLI prints. Writes under ``out``: ``model/`` (saved model,
     history.csv, training_curves.png), ``pbmc68k_genailab.h5ad`` (latent in
     ``obsm['X_genailab']``, UMAP, Leiden clusters, marker genes), ``umap.png`` and ``metrics.json``.
     """
@@ -26,7 +26,7 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0) -> list[str]:
     check_output_folder(out / "model", names=RUN_FILES)
     adata = pbmc68k_counts()
     model = VAE(adata, likelihood="nb", layer="counts", latent_dim=10, hidden_dims=(128, 128))
-    model.fit(TrainConfig(epochs=epochs, seed=seed, batch_size=128, kl_warmup_epochs=20))
+    model.fit(TrainConfig(epochs=epochs, seed=seed, batch_size=128, kl_warmup_epochs=20, device=device))
     write_run(model, out / "model")
 
     cluster(adata, model, resolution=0.8, n_neighbors=15, plot=out / "umap.png", color=["cell_type"],

@@ -10,7 +10,7 @@ from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, STAR
 from genailab.apps.transfer import transfer_labels
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, fit_in_run_folder, read_data, run_folder, write_h5ad
-from genailab.cli.options import argument_default
+from genailab.cli.options import argument_default, hidden_alias
 from genailab.errors import ConfigError
 from genailab.model.surgery import UNFREEZE
 
@@ -25,8 +25,10 @@ LATENT_KEY = "X_genailab"
 @click.argument("query", type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder: query model, query.h5ad, umap.png.")
 @click.option("--reference-data", type=click.Path(exists=True, dir_okay=True, path_type=Path),
-              help="The reference's cells: drawn beside the query and, with --label-key, the labels to transfer.")
-@click.option("--label-key", default=None, help="obs column of --reference-data with the labels (cell types) to transfer.")
+              help="The reference's cells: drawn beside the query and, with --labels-key, the labels to transfer.")
+@click.option("--labels-key", "label_key", default=None,
+              help="obs column of --reference-data with the labels (cell types) to transfer.")
+@hidden_alias("--label-key", "label_key")
 @click.option("--unfreeze", type=click.Choice(UNFREEZE), default=argument_default(map_query, "unfreeze"), show_default=True,
               help="What learns: the new categories' parameters, also the encoder's first layer, also the whole encoder, or everything.")
 @click.option("--encoder-start", type=click.Choice(ENCODER_STARTS), default=argument_default(map_query, "encoder_start"),

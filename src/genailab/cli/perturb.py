@@ -137,8 +137,9 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
 @click.option("--hidden", default=None, help="Hidden layer sizes, comma-separated (default: the model's).")
 @click.option("--epochs", default=100, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_option
 @fail_cleanly
-def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hidden, epochs, seed):
+def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hidden, epochs, seed, device):
     """Hold out groups of DATA, retrain the model and the baselines without them, and score each method.
 
     Protocols: combination (unseen cell type x drug, every dose), dose (unseen middle dose),
@@ -165,7 +166,7 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
             click.echo(f"Skipping protocol {protocol!r}: {exc}")
     if not splits:
         raise ConfigError("No protocol applies to these data; see `genailab perturb evaluate --help`.")
-    train_options = dict(epochs=epochs, seed=seed, progress=False)
+    train_options = dict(epochs=epochs, seed=seed, progress=False, device=device)
     hidden_dims = sizes(hidden) if hidden else None
     tables = []
     for split in splits:

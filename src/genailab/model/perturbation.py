@@ -11,13 +11,15 @@ first), ``q(z_basal | x)`` is the encoder of an unconditional VAE and ``p(x | .)
 
 where ``logits`` are the decoder's log expression proportions (log mean for the Gaussian). Each
 drug has a sparse-able per-gene effect a_d (the additive baseline's shift, learned in count space
-and pooled over doses and cell types), a per-gene Hill dose response f_{dg} (monotone in dose by
-construction, :class:`GeneDoseResponse`), a sensitivity exp(w_kd) of cell type k to drug d (one
-scalar per pair: how strongly the type responds along the drug's profile) and a rank-r
-interaction of a cell-type embedding u_k with drug factors V_d for gene-specific differences
-(both L2-penalised). Without w the interaction alone would have to learn a type's stronger or
-weaker response gene by gene; at 3,000 cells it learned almost none (the fitted per-type scale
-of a drug's effect varied by 2-3% where the generator's varied 0.5-1.4x) or, unpenalised, noise.
+and pooled over doses and cell types), a Hill dose response f_{dg} (monotone in dose by
+construction, :class:`GeneDoseResponse`; one curve per drug shared by its genes unless
+``PerturbationConfig.per_gene_dose`` gives each gene its own half-maximal dose), a sensitivity
+exp(w_kd) of cell type k to drug d (one scalar per pair: how strongly the type responds along the
+drug's profile) and a rank-r interaction of a cell-type embedding u_k with drug factors V_d for
+gene-specific differences (both L2-penalised). Without w the interaction alone would have to learn
+a type's stronger or weaker response gene by gene; at 3,000 cells it learned almost none (the
+fitted per-type scale of a drug's effect varied by 2-3% where the generator's varied 0.5-1.4x) or,
+unpenalised, noise.
 Combinations add their drugs' terms. For a (cell type, drug) pair never seen in training the
 data say nothing about that pair's interaction or sensitivity: u_k is then replaced by
 ubar_d + lambda (u_k - ubar_d), with ubar_d the mean of u over the cell types that saw drug d and
