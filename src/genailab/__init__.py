@@ -24,10 +24,15 @@ _EXPORTS = {
     "TrainConfig": "genailab.train.config",
 }
 
+# subpackages reachable as attributes, as in scanpy (``genailab.apps.denoise``), also loaded on first use
+_SUBPACKAGES = ("anndata_models", "apps", "data", "eval", "likelihood", "model", "perturb", "report", "train")
+
 __all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"genailab.{name}")  # the import sets the attribute for later uses
     if name not in _EXPORTS:
         raise AttributeError(f"module 'genailab' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -36,4 +41,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})

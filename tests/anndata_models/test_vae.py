@@ -141,3 +141,84 @@ def test_counts_in_adata_raw_are_read_with_layer_raw(pbmc):
     assert model.get_latent(adata).shape == (adata.n_obs, 4)
     with pytest.raises(SchemaMismatchError, match="no .raw"):
         VAE(counts, layer="raw")
+
+
+def test_indices_take_positions_or_a_boolean_mask(trained, pbmc):
+    mask = (pbmc.obs["cell_type"] == pbmc.obs["cell_type"].iloc[0]).to_numpy()
+    full = trained.get_latent()
+    np.testing.assert_array_equal(trained.get_latent(indices=mask), full[mask])
+    frame = trained.get_normalized_expression(indices=mask, return_pandas=True)
+    assert list(frame.index) == list(pbmc.obs_names[mask])
+    np.testing.assert_array_equal(trained.get_marginal_ll(indices=mask, n_samples=3),
+                                  trained.get_marginal_ll(indices=np.flatnonzero(mask), n_samples=3))  # fmt: skip
+    for bad, message in ((mask[:10], "boolean mask of 10 entries"), (np.array([0.0, 1.0]), "integer row positions"),
+                         (list(pbmc.obs_names[:2]), "obs_names.get_indexer"), ([], "selects no cell"),
+                         ([pbmc.n_obs], f"0..{pbmc.n_obs - 1}")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            trained.get_latent(indices=bad)
+
+
+def test_fit_starts_fresh_unless_warm_start(trained, pbmc, tmp_path):
+    trained.save(tmp_path / "run")
+    loaded = genailab.VAE.load(tmp_path / "run", pbmc)
+    fresh = genailab.VAE.load(tmp_path / "run", pbmc).fit(**{**FAST, "epochs": 1})
+    again = genailab.VAE(pbmc, likelihood="nb", layer="counts", condition_keys=["batch"], latent_dim=4,
+                         hidden_dims=(32,)).fit(**{**FAST, "epochs": 1})  # fmt: skip
+    np.testing.assert_array_equal(fresh.get_latent(), again.get_latent())  # a fit is reproducible from its seed
+    loaded.fit(**{**FAST, "epochs": 1}, warm_start=True)
+    # continuing from three epochs beats one epoch from scratch on the validation ELBO
+    assert loaded.history[0]["val_elbo_loss"] < again.history[0]["val_elbo_loss"] - 1
+    with pytest.raises(ConfigError, match="not both"):
+        loaded.fit(warm_start=True, resume_from=tmp_path / "x.pt")
+    with pytest.raises(ConfigError, match="not AnnData"):
+        loaded.fit(pbmc)
+    with pytest.raises(ConfigError, match=r"VAE.load\(folder, adata\)"):
+        genailab.VAE.load(tmp_path / "run").fit(epochs=1)
+
+
+def test_marginal_ll_is_seeded_and_leaves_the_global_stream_alone(trained):
+    import torch
+
+    first, second = trained.get_marginal_ll(n_samples=4), trained.get_marginal_ll(n_samples=4)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, trained.get_marginal_ll(n_samples=4, seed=1))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    trained.get_marginal_ll(n_samples=2)
+    trained.get_elbo()
+    np.testing.assert_array_equal(torch.rand(3), expected)
+
+
+def test_columns_in_the_models_gene_order_are_named_in_a_warning(trained, pbmc, caplog):
+    shuffled = pbmc[:, np.random.default_rng(0).permutation(pbmc.n_vars)].copy()
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.vae"):
+        values = trained.get_normalized_expression(shuffled)
+    assert "follow the model's genes" in caplog.text
+    np.testing.assert_allclose(values, trained.get_normalized_expression(), rtol=1e-6)  # model order, as said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.vae"):
+        trained.get_normalized_expression(pbmc)
+    assert caplog.text == ""
+
+
+def test_arguments_of_the_wrong_kind_are_named(trained, pbmc):
+    gene = pbmc.var_names[3]
+    np.testing.assert_array_equal(trained.get_normalized_expression(gene_list=gene),
+                                  trained.get_normalized_expression(gene_list=[gene]))  # fmt: skip
+    cases = [
+        (dict(gene_list=[]), "gene_list is empty"),
+        (dict(conditions="b0"), "conditions must be a dict"),
+        (dict(conditions={"batch": np.array(["b0"] * pbmc.n_obs)}), "must be one value for every cell"),
+        (dict(n_samples=2, seed="a"), "seed must be a whole number"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            trained.get_normalized_expression(**options)
+    with pytest.raises(ConfigError, match="adata must be an AnnData, not ndarray"):
+        trained.get_latent(np.zeros((3, pbmc.n_vars)))
+
+
+def test_subpackages_are_attributes_of_the_package():
+    assert genailab.apps.denoise is __import__("genailab.apps", fromlist=["denoise"]).denoise
+    assert "perturb" in dir(genailab)

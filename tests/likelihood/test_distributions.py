@@ -292,3 +292,17 @@ def test_log_nb_matches_scipy_over_wide_ranges(log10_mu, log10_theta, x, zi_logi
     assert math.isfinite(ours) and abs(ours - reference) <= tolerance
     zinb = log_zinb(*(torch.tensor([v], dtype=torch.float64) for v in (float(x), mu, theta, zi_logit))).item()
     assert math.isfinite(zinb) and zinb <= 1e-12
+
+
+@pytest.mark.parametrize("count", [1e3 + 1, 1e4, 1e6, 1e7, 1e8])
+def test_nb_log_prob_of_bulk_sized_counts_matches_scipy(count):
+    """Counts this large cancel catastrophically in float32 (they are computed in float64)."""
+    from scipy import stats
+
+    from genailab.likelihood.distributions import NegativeBinomial
+
+    for theta in (5.0, 500.0):
+        mu = 1.1 * count
+        value = NegativeBinomial(torch.tensor([mu]), torch.tensor([theta])).log_prob(torch.tensor([count]))
+        assert value.dtype == torch.float32
+        assert float(value) == pytest.approx(stats.nbinom.logpmf(count, theta, theta / (theta + mu)), abs=1e-4)

@@ -28,7 +28,8 @@ from genailab.anndata_models.files import (
     load_model_files,
     save_model_files,
 )
-from genailab.data.loader import LoaderOptions, MinibatchLoader
+from genailab.checks import check_number
+from genailab.data.loader import LoaderOptions, MinibatchLoader, row_indices
 from genailab.data.validation import cell_totals, check_expression, empty_cells
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
@@ -119,6 +120,11 @@ class AnnDataModel:
     def _data(self, adata: AnnData | None) -> AnnData:
         """``adata``, or the model's own AnnData when None."""
         if adata is not None:
+            if not isinstance(adata, AnnData):
+                raise ConfigError(
+                    f"adata must be an AnnData, not {type(adata).__name__}; wrap a matrix as anndata.AnnData(X, "
+                    "var=pd.DataFrame(index=gene_names)) with the model's gene names."
+                )
             return adata
         if self.adata is None:
             raise ConfigError("This model was loaded without an AnnData; pass adata=... explicitly.")
@@ -149,7 +155,12 @@ class AnnDataModel:
         sparse_counts: bool = False,
     ):
         """Minibatches of ``adata`` in order, for inference; ``conditions`` replaces the encoded ones."""
-        matrix, encoded = self._validated(self._data(adata), align_genes=align_genes)
+        adata = self._data(adata)
+        if indices is not None:
+            indices = row_indices(indices, adata.n_obs)
+            if indices.size == 0:
+                raise ConfigError("`indices` selects no cell; pass at least one row (or None for every cell).")
+        matrix, encoded = self._validated(adata, align_genes=align_genes)
         return MinibatchLoader(
             matrix, encoded if conditions is None else conditions, indices=indices, batch_size=batch_size,
             shuffle=False, sparse_counts=sparse_counts,
@@ -194,9 +205,14 @@ class AnnDataModel:
         checkpoint_dir: str | Path | None = None,
         resume_from: str | Path | None = None,
         loader: LoaderOptions | None = None,
+        warm_start: bool = False,
         **options,
     ):
-        """Train on the AnnData the model was built with.
+        """Train on the AnnData the model was built with (or loaded with).
+
+        Each call starts from new weights drawn from ``seed``, so a call gives the same model
+        whatever was trained before; ``warm_start=True`` continues from the current weights instead
+        (e.g. to train a loaded model further), with a new optimiser and schedule.
 
         Parameters
         ----------
@@ -209,6 +225,8 @@ class AnnDataModel:
         resume_from
             A checkpoint file to continue from; training then reaches the same result as an
             uninterrupted run with the same seed.
+        warm_start
+            Start from the model's current weights (trained or loaded) rather than new ones.
         loader
             How a backed AnnData is read (:class:`~genailab.data.loader.LoaderOptions`); its fields
             ``chunk_rows`` and ``chunks_in_memory`` may also be given as keyword options.
@@ -225,12 +243,22 @@ class AnnDataModel:
         """
         if loader is None:
             loader, options = LoaderOptions.split(options)
+        if config is not None and not isinstance(config, TrainConfig):
+            raise ConfigError(
+                f"fit() takes a TrainConfig or its fields as keywords, not {type(config).__name__}; the model trains on "
+                "the AnnData it was built or loaded with."
+            )
         if config is None:
             config = build_config(TrainConfig, **options)
         elif options:
             raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
         if config.batch_size == 1 and self._network_config.norm == "batch":
             raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size >= 2 or norm='layer'.")
+        if warm_start and resume_from is not None:
+            raise ConfigError("Pass warm_start=True or resume_from=..., not both: a checkpoint restores its own weights.")
+        if self.adata is None:
+            raise ConfigError(f"This model was loaded without an AnnData; to train it, load it with the data: "
+                              f"{type(self).__name__}.load(folder, adata).")
         adata = self._data(None)
         matrix, conditions = self._validated(adata)
         rows = np.flatnonzero(empty_cells(matrix, action=self._empty_cells, source="The training data"))
@@ -240,9 +268,9 @@ class AnnDataModel:
         labels = None if targets is None else targets[0]
 
         seed_everything(config.seed, deterministic=config.deterministic)
-        if resume_from is None or self.adversary is None:
-            if resume_from is None:
-                self.module = self._new_module()  # initial weights depend on the seed
+        if resume_from is None and not warm_start:
+            self.module = self._new_module()  # initial weights depend on the seed
+        if self.adversary is None or (resume_from is None and not warm_start):
             self.adversary = (  # on resume, the checkpoint then restores its weights
                 BatchDiscriminator(self._network_config.latent_dim, targets[1], self.adversary_config)
                 if targets is not None
@@ -415,6 +443,7 @@ def seeded(seed: int | None):
     if seed is None:
         yield
         return
+    check_number("seed", seed, integer=True, ge=0, le=2**63 - 1, hint="None uses torch's global random state.")
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

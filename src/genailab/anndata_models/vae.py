@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from anndata import AnnData
 
 from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded, storable_params
 from genailab.checks import check_library_size, check_number
+from genailab.data.loader import row_indices
 from genailab.data.schema import DataSchema
 from genailab.data.validation import EMPTY_CELL_ACTIONS
 from genailab.errors import ConfigError
@@ -19,6 +21,8 @@ from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
 from genailab.train.trainer import elbo_terms
+
+logger = logging.getLogger(__name__)
 
 GENERATED_KEY = "genailab_generate"  # uns key of every generated AnnData: {"params": ...}
 
@@ -196,7 +200,16 @@ class VAE(AnnDataModel):
         every cell (e.g. ``{"batch": "batch_0"}`` decodes every cell as if from that batch). Without
         ``obs``, every condition must be in ``overrides`` and ``n_cells`` says how many rows.
         """
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(f"conditions must be a dict of condition key -> value (e.g. {{'batch': 'batch_0'}}), "
+                              f"not {type(overrides).__name__}.")
         overrides = dict(overrides or {})
+        several = [key for key, value in overrides.items() if np.ndim(value) > 0]
+        if several:
+            raise ConfigError(
+                f"conditions[{several[0]!r}] must be one value for every cell, not an array; to decode cells under "
+                f"values of their own, set them in obs[{several[0]!r}] and leave the key out of conditions."
+            )
         if obs is None:
             return self.schema.encode_values(overrides, 1 if n_cells is None else n_cells)
         keys = self.condition_keys
@@ -337,6 +350,7 @@ class VAE(AnnDataModel):
         module = self.module.eval()
         device = self.device
         adata = self._data(adata)
+        indices = None if indices is None else row_indices(indices, adata.n_obs)
         decode_conditions = None if conditions is None else self.encode_conditions(adata.obs, conditions)
         loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size, sparse_counts=True)
         n_rows = adata.n_obs if indices is None else len(indices)
@@ -376,14 +390,23 @@ class VAE(AnnDataModel):
                     total.div_(n_samples)
                 target.copy_(total if gene_index is None else total.index_select(1, gene_index))
         if not return_pandas:
+            if columns is None and not self.schema.in_model_order(adata):
+                logger.warning(
+                    "The %d columns follow the model's genes (model.schema.gene_names), not adata.var_names, "
+                    "whose genes are in another order or differ; pass return_pandas=True for named columns, or "
+                    "adata[:, list(model.schema.gene_names)] to store the result as a layer.", out.shape[1])
             return out
-        names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        names = adata.obs_names if indices is None else adata.obs_names[indices]
         genes = list(self.schema.gene_names) if columns is None else [self.schema.gene_names[i] for i in columns]
         return pd.DataFrame(out, index=names, columns=genes)
 
     def _gene_positions(self, gene_list: Sequence[str] | None) -> list[int] | None:
         if gene_list is None:
             return None
+        if isinstance(gene_list, str):
+            gene_list = [gene_list]
+        if len(gene_list) == 0:
+            raise ConfigError("gene_list is empty; name at least one gene, or pass None for every gene.")
         position = pd.Index(self.schema.gene_names).get_indexer(list(gene_list))
         if (position < 0).any():
             unknown = [g for g, p in zip(gene_list, position) if p < 0][:10]
@@ -399,25 +422,33 @@ class VAE(AnnDataModel):
         indices: np.ndarray | None = None,
         align_genes: bool = False,
         batch_size: int = 256,
+        seed: int | None = 0,
     ) -> np.ndarray:
         """Held-out log-likelihood per cell, log p(x|c) estimated by importance sampling (IWAE
         bound with ``n_samples`` samples), (n_cells,) or (len(indices),). Higher is better; compare
-        models on the same cells, e.g. ``indices=model.validation_indices``."""
+        models on the same cells, e.g. ``indices=model.validation_indices``. The samples are seeded
+        by ``seed`` (None: torch's global random state) and drawn batch by batch, so they also
+        depend on ``batch_size`` and on the cells given."""
         check_number("n_samples", n_samples, integer=True, ge=1)
         self.module.eval()
         device = self.device
         loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size)
-        out = [
-            self.module.marginal_log_likelihood(b.x, b.c, n_samples=n_samples).cpu()
-            for b in (batch.to(device) for batch in loader)
-        ]
+        with seeded(seed):
+            out = [
+                self.module.marginal_log_likelihood(b.x, b.c, n_samples=n_samples).cpu()
+                for b in (batch.to(device) for batch in loader)
+            ]
         return torch.cat(out).numpy()
 
     @torch.no_grad()
-    def get_elbo(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict[str, float]:
+    def get_elbo(
+        self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, seed: int | None = 0
+    ) -> dict[str, float]:
         """Mean per-cell reconstruction -log p(x|z,c), KL(q(z|x,c) || p(z)) and their sum (KL weight
-        1, one posterior sample from torch's global random state)."""
-        return elbo_terms(self.module, self._loader(adata, indices=indices, sparse_counts=True), self.device)
+        1, one posterior sample per cell, seeded by ``seed``; None: torch's global random state)."""
+        loader = self._loader(adata, indices=indices, sparse_counts=True)
+        with seeded(seed):
+            return elbo_terms(self.module, loader, self.device)
 
     @torch.no_grad()
     def get_reconstruction_error(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict:

@@ -67,7 +67,9 @@ def cluster(
     -------
     Nothing; sets ``adata.obsm[latent_key]``, scanpy's ``obsp['connectivities']``,
     ``obsp['distances']``, ``uns['neighbors']`` and ``obsm['X_umap']``, ``adata.obs[key_added]``,
-    ``adata.uns[markers_key]`` and ``adata.uns[key_added]['params']``; with ``labels_key``,
+    ``adata.uns[markers_key]`` and ``adata.uns[key_added]['params']``; when ``adata`` holds the
+    model's genes in its order, ``adata.layers['genailab_log1p_cp10k']``, the log-normalised values
+    the markers are ranked on; with ``labels_key``,
     ``adata.uns[key_added]['scores']``: ``ari``, ``nmi`` at ``resolution`` and ``best_ari``,
     ``best_nmi``, ``best_n_clusters`` at ``best_resolution``.
 

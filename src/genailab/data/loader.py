@@ -166,6 +166,34 @@ class DeviceRows:
         return x
 
 
+def row_indices(indices, n_rows: int, *, argument: str = "indices") -> np.ndarray:
+    """``indices`` as int64 row positions, (k,): integer positions (kept in their order), or a
+    boolean mask with one entry per row (its True rows); None is every row. Anything else, and
+    positions outside ``0..n_rows - 1``, is a :class:`ConfigError` naming ``argument``."""
+    if indices is None:
+        return np.arange(n_rows)
+    values = np.asarray(indices)
+    if values.ndim != 1:
+        raise ConfigError(f"`{argument}` must be a 1-D array of row positions or a boolean mask; got shape {values.shape}.")
+    if values.dtype == bool:
+        if values.size != n_rows:
+            raise ConfigError(
+                f"`{argument}` is a boolean mask of {values.size} entries for {n_rows} cells; give one entry per cell "
+                "(e.g. adata.obs[...] == value), or integer row positions."
+            )
+        return np.flatnonzero(values)
+    if values.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ConfigError(
+            f"`{argument}` must be integer row positions or a boolean mask, not {values.dtype} values (e.g. "
+            f"{values[0].item()!r}); for cell names use adata.obs_names.get_indexer(names)."
+        )
+    if values.min() < 0 or values.max() >= n_rows:
+        raise ConfigError(f"`{argument}` must lie in 0..{n_rows - 1} (rows of the data); got {values.min()}..{values.max()}.")
+    return values.astype(np.int64, copy=False)
+
+
 def row_source(matrix):
     """``matrix`` as a row source: an :class:`~genailab.data.backed.OnDiskMatrix` (anything with
     ``hold``) stays as it is, an in-memory CSR or dense matrix becomes :class:`InMemoryRows`."""
@@ -240,9 +268,7 @@ class MinibatchLoader:
         n_rows = self.source.shape[0]
         self.conditions = None if conditions is None else np.ascontiguousarray(conditions, dtype=np.float32)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.indices = np.arange(n_rows) if indices is None else np.asarray(indices, dtype=np.int64)
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n_rows):
-            raise ConfigError(f"Row indices must lie in [0, {n_rows}); got {self.indices.min()}..{self.indices.max()}.")
+        self.indices = row_indices(indices, n_rows)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed

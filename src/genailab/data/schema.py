@@ -160,11 +160,16 @@ class DataSchema:
         matrix = _layer(adata, self.layer)
         # before any column is picked: a damaged index would make scipy read outside its arrays
         check_sparse_structure(matrix, source="adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]")
-        names = _var_names(adata, self.layer).astype(str)
-        if names.size == self.n_genes and np.array_equal(names.to_numpy(), np.asarray(self.gene_names)):
+        if self.in_model_order(adata):
             return _in_model_order(matrix, None)
+        names = _var_names(adata, self.layer).astype(str)
         position = self.gene_positions(names, align_genes=align_genes, max_missing_fraction=max_missing_fraction)
         return _in_model_order(matrix, position)
+
+    def in_model_order(self, adata: AnnData) -> bool:
+        """True when ``adata``'s genes (of the layer the model reads) are the model's, in its order."""
+        names = _var_names(adata, self.layer)
+        return names.size == self.n_genes and np.array_equal(names.astype(str).to_numpy(), np.asarray(self.gene_names))
 
     def gene_positions(
         self, var_names: Sequence[str], *, align_genes: bool = False, max_missing_fraction: float = MAX_MISSING_FRACTION

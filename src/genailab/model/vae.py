@@ -141,6 +141,12 @@ class ConditionalVAE(nn.Module):
         return self._posterior(h)
 
     def _encode(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 2 or x.shape[1] != self.config.input_dim:
+            raise InputDataError(f"x has shape {tuple(x.shape)}; this model reads (cells, {self.config.input_dim}) "
+                                 f"(input_dim={self.config.input_dim}), one column per gene.")
+        if x.dtype != self.z_mean.weight.dtype:
+            raise InputDataError(f"x is {x.dtype} but the model's weights are {self.z_mean.weight.dtype}; pass "
+                                 "x.float() (or convert the model, e.g. model.double()).")
         h = self._encoder_input(x)
         if self._encoder_sees_c:
             h = torch.cat([h, c], dim=1)

@@ -6,6 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from genailab.data.loader import row_indices
 from genailab.errors import ConfigError, InputDataError
 
 def heldout_cells(adata: AnnData, model, *, indices=None) -> tuple[AnnData, np.ndarray]:
@@ -19,12 +20,13 @@ def heldout_cells(adata: AnnData, model, *, indices=None) -> tuple[AnnData, np.n
                 "The model was trained with validation_fraction=0, so it has no held-out cells; "
                 "pass indices=... (rows of adata) to choose the cells to score."
             )
-    indices = np.asarray(indices, dtype=np.int64)
-    if indices.ndim != 1 or indices.size == 0 or indices.min() < 0 or indices.max() >= adata.n_obs:
-        raise InputDataError(
-            f"indices must be a non-empty 1-D array of rows of adata (0..{adata.n_obs - 1}); the model's "
-            "validation indices refer to its training AnnData, so pass indices=... for other data."
-        )
+    try:
+        indices = row_indices(indices, adata.n_obs)
+    except ConfigError as exc:
+        raise InputDataError(f"{exc} The model's validation indices refer to its training AnnData, so pass "
+                             "indices=... for other data.") from exc
+    if indices.size == 0:
+        raise InputDataError("`indices` selects no cell; pass at least one row of adata.")
     return adata, indices
 
 

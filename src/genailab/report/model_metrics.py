@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from anndata import AnnData
 
-from genailab.anndata_models.base import seeded
 from genailab.report._model_inputs import heldout_cells
 
 
@@ -41,8 +40,7 @@ def validation_elbo(adata: AnnData, model, *, indices=None, seed: int = 0) -> di
         ``negative_elbo`` (their sum) and ``n_cells``.
     """
     adata, indices = heldout_cells(adata, model, indices=indices)
-    with seeded(seed):
-        terms = model.get_elbo(adata, indices=indices)
+    terms = model.get_elbo(adata, indices=indices, seed=seed)
     return {
         "reconstruction": terms["reconstruction"],
         "kl": terms["kl"],
@@ -78,8 +76,7 @@ def heldout_marginal_ll(
         ``mean`` (float, per cell), ``per_cell`` ((n_cells,) array), ``n_samples`` and ``n_cells``.
     """
     adata, indices = heldout_cells(adata, model, indices=indices)
-    with seeded(seed):
-        per_cell = model.get_marginal_ll(adata, n_samples=n_samples, indices=indices)
+    per_cell = model.get_marginal_ll(adata, n_samples=n_samples, indices=indices, seed=seed)
     return {"mean": float(per_cell.mean()), "per_cell": per_cell, "n_samples": n_samples, "n_cells": int(indices.size)}
 
 
