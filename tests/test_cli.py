@@ -86,3 +86,36 @@ def test_resume_from_the_run_folders_own_checkpoint_continues_that_run(h5ad, tmp
     assert len(json.loads((run / "genailab.json").read_text())["history"]) == 4
     again = CliRunner().invoke(main, [*base, "--epochs", "2"])
     assert again.exit_code != 0 and "--overwrite" in again.output
+
+
+def test_no_checkpoint_lags_the_finished_model(h5ad, tmp_path):
+    """An epoch count that is no multiple of --checkpoint-every, and a resume without it, both end
+    with the run's checkpoint (if any) at the model's last epoch."""
+    from genailab.train import load_checkpoint
+
+    run = tmp_path / "run"
+    base = ["train", str(h5ad), "--layer", "counts", "--out", str(run), "--latent-dim", "4", "--hidden", "16"]
+    assert CliRunner().invoke(main, [*base, "--epochs", "3", "--checkpoint-every", "2"]).exit_code == 0
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
+    result = CliRunner().invoke(main, [*base, "--epochs", "5", "--resume", str(run / "checkpoint.pt")])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((run / "genailab.json").read_text())["history"]) == 5
+    assert not (run / "checkpoint.pt").exists() and "it held an earlier epoch" in result.output
+
+
+def test_errors_speak_the_command_lines_options(h5ad, tmp_path):
+    """Each fix an error suggests is an option of the command that failed, never a Python argument."""
+    train = ["train", str(h5ad), "--out", str(tmp_path / "r"), "--latent-dim", "4", "--hidden", "16"]
+    cases = [
+        ([*train, "--layer", "nope"], "or leave --layer unset to read adata.X"),
+        ([*train, "--layer", "counts", "--epochs", "-1"], "Leave --epochs unset"),
+        ([*train, "--layer", "counts", "--condition-key", "nope"], "choose other --condition-key"),
+        (["simulate", "--n-cells", "50", "--n-genes", "20", "--out", str(tmp_path / "s.h5ad")], "raise --n-genes or lower --cell-types"),
+        (["simulate", "--n-cells", "0", "--out", str(tmp_path / "s.h5ad")], "--n-cells must be a whole number >= 1"),
+        (["simulate", "--n-cells", "50", "--n-genes", "60", "--drugs", "2", "--out", str(tmp_path / "s.h5ad")],
+         "--drugs shape the drug arm; add --perturbation"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and expected in result.output, (args, result.output)
+        assert "Traceback" not in result.output

@@ -47,3 +47,14 @@ def test_simulate_bad_options_give_one_clean_line(tmp_path):
     assert result.exit_code != 0 and "ConfigError" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path), "--backed", "--out", str(tmp_path / "r")])
     assert result.exit_code != 0 and "backed" in result.output
+
+
+def test_output_files_must_be_named_for_what_is_written(tmp_path):
+    """An h5ad written under notes.csv (or over a file of another kind) would be a lost file."""
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my notes\n")
+    result = CliRunner().invoke(main, ["simulate", "--n-cells", "50", "--n-genes", "60", "--out", str(notes)])
+    assert result.exit_code == 2 and f"--out {notes} must end in .h5ad" in result.output
+    assert notes.read_text() == "my notes\n"
+    result = CliRunner().invoke(main, ["simulate", "--n-cells", "50", "--n-genes", "60", "--out", str(tmp_path / "s.H5AD")])
+    assert result.exit_code == 0, result.output

@@ -54,6 +54,9 @@ def test_map_writes_query_model_latent_labels_and_umap(files, tmp_path):
     assert saved["mapping"]["new_categories"] == {"batch": ["batch_2"]}
     mapped = ad.read_h5ad(out / "query.h5ad")
     assert mapped.obsm["X_genailab"].shape == (mapped.n_obs, 4)
+    query = ad.read_h5ad(files / "query.h5ad")  # the query's own fields are kept beside what map adds
+    assert set(query.layers) <= set(mapped.layers) and set(query.obsm) < set(mapped.obsm) and set(query.uns) < set(mapped.uns)
+    assert mapped.var.equals(query.var) and list(mapped.obs_names) == list(query.obs_names)
     model = genailab.VAE.load(out, device="cpu")
     np.testing.assert_allclose(model.get_latent(mapped), mapped.obsm["X_genailab"], rtol=1e-5, atol=1e-6)
     accuracy = np.mean(mapped.obs["cell_type_transferred"].astype(str) == mapped.obs["cell_type"].astype(str))

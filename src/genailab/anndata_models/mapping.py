@@ -188,7 +188,8 @@ def map_query(
     if unfreeze == "new_categories" and not any(new):
         raise ConfigError(
             f"Every query category of {list(schema.categorical_keys)} is already in the reference, so "
-            "unfreeze='new_categories' has nothing to train; embed the query with reference.get_latent(query), "
+            "unfreeze='new_categories' has nothing to train; embed the query with the reference model itself "
+            "(reference.get_latent(query), or genailab embed), "
             "or fine-tune with unfreeze='first_layer', 'encoder' or 'all'."
         )
     aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)

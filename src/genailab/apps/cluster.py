@@ -83,10 +83,11 @@ def cluster(
     check_number("resolution", resolution, gt=0)
     check_number("n_neighbors", n_neighbors, integer=True, ge=2, le=max(2, adata.n_obs - 1))
     check_number("seed", seed, integer=True, ge=0)
-    missing = [c for c in (*color, *([labels_key] if labels_key else [])) if c not in adata.obs]
+    missing = [c for c in dict.fromkeys((*color, *([labels_key] if labels_key else []))) if c not in adata.obs]
     if missing:
         raise InputDataError(
-            f"color/labels_key columns {missing} are not in obs; choose from {list(adata.obs.columns)[:20]}."
+            f"Columns {missing} are not in adata.obs (asked for as labels or colours); choose from "
+            f"{list(adata.obs.columns)[:20]}."
         )
     adata.obsm[latent_key] = model.get_latent(adata)
     # exact neighbours: scanpy's approximate (PyNNDescent) path above 8192 cells fails with scipy >= 1.15

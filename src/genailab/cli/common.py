@@ -72,10 +72,13 @@ def read_data(path: Path, *, backed: bool = False):
     return read(path, backed=backed)
 
 
-def check_output_file(path: Path) -> Path:
-    """Check, before the work, that ``path`` can be written as a file (see :mod:`genailab.safe_write`)."""
+def check_output_file(path: Path, *, suffix: str | None = None, option: str = "--out") -> Path:
+    """Check, before the work, that ``path`` can be written as a file (see :mod:`genailab.safe_write`)
+    and, with ``suffix``, that its name says what the command writes there (``.h5ad``, ``.csv``, ``.png``)."""
     from genailab.safe_write import check_output_file as check
 
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ConfigError(f"{option} {path} must end in {suffix}: this command writes a {suffix[1:]} file there.")
     return check(path)
 
 
@@ -155,6 +158,11 @@ def fit_in_run_folder(model, config, *, out: Path, resume_from: Path | None) -> 
     checkpoint = out / CHECKPOINT_FILE
     try:
         model.fit(config, checkpoint_dir=out, resume_from=resume_from)
+        finished = model.history[-1]["epoch"] if model.history else 0
+        if checkpoint.is_file() and load_checkpoint(checkpoint)["epoch"] < finished:
+            # e.g. resumed without --checkpoint-every: an earlier epoch's state must not outlive the run
+            checkpoint.unlink()
+            click.echo(f"Removed {checkpoint}: it held an earlier epoch than the finished model.", err=True)
     except KeyboardInterrupt:
         ctx = click.get_current_context()
         if checkpoint.is_file():
@@ -166,6 +174,16 @@ def fit_in_run_folder(model, config, *, out: Path, resume_from: Path | None) -> 
         ctx.exit(130)
 
 
+def _epoch_of(checkpoint: Path) -> str:
+    """The last finished epoch a checkpoint holds, or "unreadable"."""
+    from genailab.train import load_checkpoint
+
+    try:
+        return str(load_checkpoint(checkpoint)["epoch"])
+    except (CheckpointError, KeyError):
+        return "unreadable"
+
+
 def unfinished_run(out: Path, *, resume_from: Path | None, overwrite: bool) -> None:
     """Refuse to start a new run over ``out``'s checkpoint of an unfinished one unless ``overwrite``
     (then the old checkpoint is removed, so it is never left beside the new model)."""
@@ -174,7 +192,8 @@ def unfinished_run(out: Path, *, resume_from: Path | None, overwrite: bool) -> N
         return
     if not overwrite:
         raise CheckpointError(
-            f"{checkpoint} holds the checkpoint of another run; resume it with --resume {checkpoint}, pass "
-            "--overwrite to start afresh (the checkpoint is then deleted), or choose another --out."
+            f"{checkpoint} holds the checkpoint of an unfinished run (epoch {_epoch_of(checkpoint)}); resume it with "
+            f"--resume {checkpoint}, pass --overwrite to start afresh (the checkpoint is then deleted), or choose "
+            "another --out."
         )
     checkpoint.unlink()

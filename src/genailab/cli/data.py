@@ -10,17 +10,20 @@ from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, write_h5ad
 from genailab.cli.options import argument_default, config_option, hidden_alias
 from genailab.data.simulate import PerturbationSpec, simulate
+from genailab.errors import ConfigError
 
 IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (with true means) is built in memory
 
 
 @main.command("simulate")
-@click.option("--n-cells", "cells", default=10_000, show_default=True, type=int, help="Number of cells.")
-@hidden_alias("--cells", "cells", type=int)
-@click.option("--n-genes", "genes", default=2_000, show_default=True, type=int, help="Number of genes.")
-@hidden_alias("--genes", "genes", type=int)
-@click.option("--cell-types", default=argument_default(simulate, "n_cell_types"), show_default=True, type=int)
-@click.option("--batches", default=argument_default(simulate, "n_batches"), show_default=True, type=int)
+@click.option("--n-cells", "n_cells", default=10_000, show_default=True, type=int, help="Number of cells.")
+@hidden_alias("--cells", "n_cells", type=int)
+@click.option("--n-genes", "n_genes", default=2_000, show_default=True, type=int, help="Number of genes.")
+@hidden_alias("--genes", "n_genes", type=int)
+@click.option("--cell-types", "n_cell_types", default=argument_default(simulate, "n_cell_types"), show_default=True, type=int,
+              help="Cell types (each with its own marker genes).")
+@click.option("--batches", "n_batches", default=argument_default(simulate, "n_batches"), show_default=True, type=int,
+              help="Batches (each with its own batch effect).")
 @click.option("--likelihood", type=click.Choice(["nb", "zinb"]), default=argument_default(simulate, "likelihood"),
               show_default=True, help="Count noise: negative binomial, or NB with dropout (--dropout).")
 @click.option("--dropout", default=argument_default(simulate, "dropout"), show_default=True, type=float,
@@ -29,10 +32,10 @@ IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (wi
 @config_option("--drugs", config=PerturbationSpec, field="n_drugs", help="Drugs of the perturbation arm.")
 @config_option("--pair-fraction", config=PerturbationSpec, field="pair_fraction")
 @config_option("--interacting-pairs", config=PerturbationSpec, field="interacting_pairs")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every random draw.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
 @fail_cleanly
-def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, perturbation, n_drugs, pair_fraction,
+def simulate_command(n_cells, n_genes, n_cell_types, n_batches, likelihood, dropout, perturbation, n_drugs, pair_fraction,
                      interacting_pairs, seed, out):
     """Write simulated counts with known ground truth to --out.
 
@@ -45,10 +48,18 @@ def simulate_command(cells, genes, cell_types, batches, likelihood, dropout, per
     from genailab.data.simulate import write_simulated_h5ad
     from genailab.safe_write import atomic_path
 
-    options = dict(n_cell_types=cell_types, n_batches=batches, likelihood=likelihood, dropout=dropout, seed=seed,
+    ctx = click.get_current_context()
+    arm_options = [f"--{name.replace('_', '-')}" for name in ("pair_fraction", "interacting_pairs")
+                   if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+    if ctx.get_parameter_source("n_drugs") == click.core.ParameterSource.COMMANDLINE:
+        arm_options.insert(0, "--drugs")
+    if arm_options and not perturbation:
+        raise ConfigError(f"{', '.join(arm_options)} shape the drug arm; add --perturbation to simulate one.")
+    cells, genes = n_cells, n_genes
+    options = dict(n_cell_types=n_cell_types, n_batches=n_batches, likelihood=likelihood, dropout=dropout, seed=seed,
                    perturbation=PerturbationSpec(n_drugs=n_drugs, pair_fraction=pair_fraction, interacting_pairs=interacting_pairs)
                    if perturbation else None)
-    check_output_file(out)
+    check_output_file(out, suffix=".h5ad")
     if cells * genes <= IN_MEMORY_VALUES:
         write_h5ad(simulate(cells, genes, **options), out)
         click.echo(f"Wrote {cells} cells x {genes} genes with true means to {out}")

@@ -80,14 +80,14 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
             check_output_file(out / name)
         reference = VAE.load(ref_run, device=device)
         cells = read_data(reference_data) if reference_data is not None else None
-        model = map_query(read_data(query), reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
+        mapped = read_data(query)  # written back with the latent and labels added, every field of its own kept
+        model = map_query(mapped, reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
                           encoder_anchor=encoder_anchor, epochs=epochs, reference_data=cells,
                           max_missing_fraction=max_missing_fraction)  # fmt: skip
         options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
         fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
         write_run(model, out)
-        mapped = model.adata
-        mapped.obsm[LATENT_KEY] = model.get_latent()
+        mapped.obsm[LATENT_KEY] = model.get_latent()  # the query model's data: the same cells, genes aligned
         stages = ", ".join(f"{name} {sum(r['stage'] == name for r in model.history)}" for name in model.mapping["stages"])
         click.echo(f"Trained the query model ({unfreeze}), epochs per stage: {stages}; saved in {out}")
         if cells is not None:

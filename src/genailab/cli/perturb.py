@@ -103,7 +103,7 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
     from genailab.data.perturbation_schema import require_control_labels
     from genailab.errors import InputDataError
 
-    check_output_file(out)  # fail before the work, not after
+    check_output_file(out, suffix=".h5ad")  # fail before the work, not after
     model = PerturbationModel.load(run_dir, device=device)
     adata = read_data(data)
     keys = model.keys
@@ -153,8 +153,8 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
     from genailab.errors import ConfigError
     from genailab.perturb import compare_methods, default_methods, format_table, holdout_split, summarize
 
-    summary_path = check_output_file(out.with_name(out.stem + "_summary.csv"))  # fail before the work, not after
-    check_output_file(out)
+    check_output_file(out, suffix=".csv")  # fail before the work, not after
+    summary_path = check_output_file(out.with_name(out.stem + "_summary.csv"))
     adata = read_data(data)
     splits = []
     for protocol in protocols or ("combination", "dose", "dose_extrapolation", "pair", "cell_type"):

@@ -243,7 +243,7 @@ def _require_columns(obs: pd.DataFrame, keys: Sequence[str], *, when: str) -> No
     if missing:
         raise SchemaMismatchError(
             f"Condition columns {missing} are not in adata.obs at {when} time "
-            f"(available: {list(obs.columns)[:20]}); add them or choose other condition keys."
+            f"(available: {list(obs.columns)[:20]}); add them or choose other `condition_keys`."
         )
 
 
@@ -283,14 +283,14 @@ def _layer(adata: AnnData, layer: str | None):
         if adata.raw is None:
             raise SchemaMismatchError(
                 "layer='raw' reads adata.raw, but this AnnData has no .raw; name the layer that holds the "
-                f"counts (available: {list(adata.layers)}) or None for adata.X."
+                f"counts (available: {list(adata.layers)}), or leave `layer` unset to read adata.X."
             )
         return adata.raw.X
     if layer not in adata.layers:
         raise SchemaMismatchError(
             f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}"
-            f"{', or raw for adata.raw' if adata.raw is not None else ''}); pass the layer that holds the "
-            "values (None for adata.X)."
+            f"{', or raw for adata.raw' if adata.raw is not None else ''}); name the layer that holds the "
+            "values, or leave `layer` unset to read adata.X."
         )
     return adata.layers[layer]
 

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy.special import expit, logsumexp
 
+from genailab.checks import check_number
 from genailab.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -120,15 +121,17 @@ class _Settings:
     def check(self, n_genes: int) -> None:
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood={self.likelihood!r} is not one of {LIKELIHOODS}.")
-        if min(self.n_cell_types, self.n_batches, self.latent_dim) < 1:
-            raise ConfigError("n_cell_types, n_batches and latent_dim must each be at least 1.")
+        for name in ("n_cell_types", "n_batches", "latent_dim"):
+            check_number(name, getattr(self, name), integer=True, ge=1)
         if self.n_cell_types * self.n_markers > n_genes:
             raise ConfigError(
-                f"{self.n_cell_types} cell types x {self.n_markers} markers need more than {n_genes} genes; "
-                "lower n_markers or raise n_genes."
+                f"{self.n_cell_types} cell types x {self.n_markers} markers per type need at least "
+                f"{self.n_cell_types * self.n_markers} genes; raise `n_genes` or lower `n_cell_types`.",
+                argument="n_genes",
             )
-        if self.theta <= 0 or self.library_mean <= 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("theta and library_mean must be > 0 and dropout in [0, 1).")
+        check_number("theta", self.theta, gt=0)
+        check_number("library_mean", self.library_mean, gt=0)
+        check_number("dropout", self.dropout, ge=0, lt=1)
         if self.perturbation is not None and self.perturbation.n_target_genes > n_genes:
             raise ConfigError("PerturbationSpec.n_target_genes is larger than n_genes.")
 
@@ -408,9 +411,9 @@ def simulate(
         library_log_sd=library_log_sd, batch_effect_scale=batch_effect_scale, n_markers=n_markers,
         marker_log_fc=marker_log_fc, seed=seed,
     )  # fmt: skip
+    check_number("n_cells", n_cells, integer=True, ge=1)
+    check_number("n_genes", n_genes, integer=True, ge=1)
     s.check(n_genes)
-    if n_cells < 1:
-        raise ConfigError(f"n_cells must be at least 1, got {n_cells}.")
     truth = _draw_truth(n_genes, s)
     cells = _draw_cells(truth, s, 0, n_cells)
     var, varm = _var_and_varm(truth, s)

@@ -113,7 +113,7 @@ class TrainConfig:
 
 # The numeric fields and their valid ranges (checked by genailab.checks.check_number).
 _NUMBERS = {
-    "epochs": dict(integer=True, ge=1, allow_none=True, hint="None chooses the epochs from the data size."),
+    "epochs": dict(integer=True, ge=1, allow_none=True, hint="Leave `epochs` unset (None) to choose it from the data size."),
     "auto_epoch_scale": dict(gt=0),
     "lr_warmup_fraction": dict(ge=0, lt=1),
     "kl_warmup_fraction": dict(ge=0, le=1),

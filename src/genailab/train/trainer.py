@@ -189,6 +189,8 @@ class Trainer:
                 logger.info("Early stopping after epoch %d (best epoch %d).", epoch + 1, self.early_stopping.best_epoch)
                 break
         bar.close()
+        if cfg.checkpoint_every and self.start_epoch % cfg.checkpoint_every and self.checkpoint_path and self.dist.is_main:
+            self.save_checkpoint()  # the last epoch too, so the checkpoint never lags the finished model
         return self.history
 
     def _train_epoch(self, loader: MinibatchLoader, epoch: int) -> dict[str, float]:
