@@ -242,7 +242,8 @@ class VAE(AnnDataModel):
         batch_size: int = INFERENCE_BATCH,
     ) -> np.ndarray:
         """Posterior means of z, (n_cells, latent_dim); with ``n_samples`` > 0, draws from q(z|x,c)
-        instead, (n_samples, n_cells, latent_dim), seeded by ``seed`` (None: torch's global state).
+        instead, (n_samples, n_cells, latent_dim), seeded by ``seed`` (None: torch's global state);
+        the draws of a cell depend on the cells asked for, so compare draws of the same selection.
 
         ``indices`` restricts the result to those rows of ``adata`` (in their order).
         """
@@ -499,7 +500,9 @@ class VAE(AnnDataModel):
         """Generate ``n`` cells from the prior: z ~ N(0, I), x ~ p(x | z, c).
 
         Every condition of the model is given in ``conditions`` (one value for all cells);
-        ``library_size`` is the total count per generated cell (default: the training median);
+        ``library_size`` is the expected total count per generated cell of count models (default:
+        the training median; for ZINB the total before technical dropout, which then zeroes some
+        counts);
         ``seed`` fixes the draws (None: torch's global random state).
 
         Returns

@@ -86,7 +86,7 @@ def cluster(
     missing = [c for c in dict.fromkeys((*color, *([labels_key] if labels_key else []))) if c not in adata.obs]
     if missing:
         raise InputDataError(
-            f"Columns {missing} are not in adata.obs (asked for as labels or colours); choose from "
+            f"Columns {missing} are not in adata.obs (named in `color` or `labels_key`); choose from "
             f"{list(adata.obs.columns)[:20]}."
         )
     adata.obsm[latent_key] = model.get_latent(adata)
