@@ -99,6 +99,12 @@ def test_gaussian_model_with_continuous_and_embedded_conditions(pbmc):
     assert model.history[-1]["train_elbo_loss"] < model.history[0]["train_elbo_loss"]
     sample = model.sample(4, conditions={"batch": "b0", "phase": "S", "percent_mito": 0.02})
     assert sample.shape == (4, 120) and not sp.issparse(sample.X)
+    # a library size means nothing to the Gaussian decoder: refused rather than ignored
+    with pytest.raises(ConfigError, match="library_size=100 applies to count models"):
+        model.get_normalized_expression(library_size=100)
+    with pytest.raises(ConfigError, match="applies to count models"):
+        model.sample(4, conditions={"batch": "b0", "phase": "S", "percent_mito": 0.02}, library_size=100)
+    np.testing.assert_array_equal(model.get_normalized_expression(), model.get_normalized_expression(library_size="observed"))
 
 
 def test_same_seed_same_latent(pbmc):

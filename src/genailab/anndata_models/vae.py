@@ -346,6 +346,11 @@ class VAE(AnnDataModel):
         genes (in its order); ``return_pandas`` gives a DataFrame indexed by cell and gene names.
         """
         check_library_size(library_size, observed=True)
+        if not self.config.is_count_model and library_size not in (1e4, "observed"):
+            raise ConfigError(
+                f"library_size={library_size} applies to count models (nb, zinb); the Gaussian model decodes the mean "
+                "of the values it was trained on, at their own scale. Leave library_size out.", argument="library_size"
+            )
         check_number("n_samples", n_samples, integer=True, ge=1, hint="1 decodes the posterior mean.")
         columns = self._gene_positions(gene_list)
         module = self.module.eval()
@@ -512,6 +517,10 @@ class VAE(AnnDataModel):
         """
         n = check_number("n", n, integer=True, ge=1)
         library_size = check_library_size(library_size, allow_none=True)
+        if library_size is not None and not self.config.is_count_model:
+            raise ConfigError(f"library_size={library_size} applies to count models (nb, zinb); the Gaussian model "
+                              "samples values at the scale it was trained on. Leave library_size out.",
+                              argument="library_size")  # fmt: skip
         values = dict(conditions or {})
         c = self.encode_conditions(None, values, n_cells=n)
         with seeded(seed):

@@ -68,8 +68,9 @@ def check_expression(
         bad = ~np.isfinite(values)
         if bad.any():
             raise InputDataError(
-                f"{source} contains {int(bad.sum())} NaN or infinite values; remove or impute them "
-                "(e.g. replace with 0 for missing counts) before training."
+                f"{source} contains {int(bad.sum())} NaN or infinite values (a value beyond float32's range, "
+                "3.4e38, is infinite once read); remove or impute them (e.g. replace with 0 for missing counts) "
+                "before training."
             )
     if not counts or values.size == 0:
         return
