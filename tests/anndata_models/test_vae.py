@@ -228,3 +228,14 @@ def test_arguments_of_the_wrong_kind_are_named(trained, pbmc):
 def test_subpackages_are_attributes_of_the_package():
     assert genailab.apps.denoise is __import__("genailab.apps", fromlist=["denoise"]).denoise
     assert "perturb" in dir(genailab)
+
+
+def test_an_unknown_condition_value_is_named_before_a_missing_one(pbmc):
+    model = genailab.VAE(pbmc, likelihood="nb", layer="counts", condition_keys=["batch", "phase"], latent_dim=3,
+                         hidden_dims=(16,)).fit(**{**FAST, "epochs": 1})  # fmt: skip
+    with pytest.raises(SchemaMismatchError, match=r"conditions\['batch'\] = 'b9' is a category the model has not seen"):
+        model.sample(5, conditions={"batch": "b9"})  # 'phase' is missing too: the value asked for comes first
+    without_phase = pbmc.copy()
+    del without_phase.obs["phase"]
+    with pytest.raises(SchemaMismatchError, match="has not seen"):
+        model.get_normalized_expression(without_phase, conditions={"batch": "b9"})

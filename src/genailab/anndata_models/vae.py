@@ -216,6 +216,7 @@ class VAE(AnnDataModel):
         unknown = sorted(set(overrides) - set(keys))
         if unknown:
             raise ConfigError(f"Unknown condition keys {unknown}; the model's conditions are {keys}.")
+        self.schema.check_known_values(overrides)  # what was asked for first, then what is missing
         frame = pd.DataFrame(index=obs.index)
         for key in keys:
             if key in overrides:

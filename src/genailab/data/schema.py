@@ -112,8 +112,19 @@ class DataSchema:
         values = {key: obs[key].to_numpy() for key in self.categorical_keys + self.continuous_keys}
         return self._encode(values, len(obs))
 
+    def check_known_values(self, values: Mapping[str, object]) -> None:
+        """Raise :class:`SchemaMismatchError` for a categorical value in ``values`` (key -> one value)
+        that the model has no category for; other keys are left to the caller."""
+        for key, cats in zip(self.categorical_keys, self.categories):
+            if key in values and str(values[key]) not in cats:
+                raise SchemaMismatchError(
+                    f"conditions[{key!r}] = {values[key]!r} is a category the model has not seen; known: "
+                    f"{list(cats)[:20]}."
+                )
+
     def encode_values(self, values: Mapping[str, object], n: int) -> np.ndarray | None:
         """Condition matrix (n, raw_condition_dim) for n cells that all share ``values``."""
+        self.check_known_values(values)
         missing = [k for k in self.categorical_keys + self.continuous_keys if k not in values]
         if missing:
             raise SchemaMismatchError(
