@@ -50,3 +50,22 @@ def test_pair_and_cell_type_protocols(screen):
     singles = screen[~screen["drug"].astype(str).str.contains("+", regex=False)]
     with pytest.raises(ConfigError, match="nothing to hold out"):
         holdout_split(singles, "pair")
+
+
+def test_every_group_is_held_out_once():
+    """A pair whose two drugs are both held out in one cell type is one group, scored once."""
+    spec = PerturbationSpec(n_drugs=2, doses=(1.0, 10.0), pair_fraction=0.3, interacting_pairs=1)
+    obs = simulate(1200, 100, n_cell_types=2, n_batches=1, perturbation=spec, seed=0).obs
+    split = holdout_split(obs, "combination", seed=0)
+    assert len(split.groups) == len(set(split.groups)) == 6
+    assert sum("+" in drug for _, drug, _ in split.groups) == 2  # the pair at both doses, in one cell type
+
+
+def test_split_arguments_are_checked():
+    from genailab.errors import SchemaMismatchError
+
+    obs = simulate(300, 40, n_cell_types=2, n_batches=1, n_markers=3, perturbation=PerturbationSpec(), seed=0).obs
+    with pytest.raises(ConfigError, match="n_groups must be a whole number >= 1"):
+        holdout_split(obs, "pair", n_groups=-1)
+    with pytest.raises(SchemaMismatchError, match=r"Columns \['drug'\] are not in adata.obs"):
+        holdout_split(obs.rename(columns={"drug": "compound"}), "combination")

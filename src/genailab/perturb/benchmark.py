@@ -28,7 +28,7 @@ from sklearn.decomposition import PCA
 from genailab.anndata_models.perturbation import PerturbationModel
 from genailab.data.perturbation_schema import ObsKeys
 from genailab.data.validation import check_expression
-from genailab.errors import ConfigError, InputDataError
+from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 from genailab.perturb.baselines import (
     AdditiveShift, LatentArithmetic, MatchingMean, NoChange, Oracle, PerturbedMean, RidgeCovariates,
 )  # fmt: skip
@@ -149,6 +149,9 @@ def compare_methods(
     One row per held-out group and method: protocol, group, cell_type, drug, dose, method,
     n_true, n_control (the prediction inputs), n_reference and the metrics (:data:`METRICS`).
     """
+    if layer is not None and layer not in adata.layers:
+        raise SchemaMismatchError(f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); name the "
+                                  "raw-count layer, or layer=None for adata.X.", argument="layer")  # fmt: skip
     counts = adata.X if layer is None else adata.layers[layer]
     check_expression(counts, counts=True, source="The benchmark's expression matrix")
     test = split.test_mask(adata.obs, keys)

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from genailab.checks import check_number
 from genailab.data import preprocess
 from genailab.data.perturbation_schema import ObsKeys, cell_doses, require_columns
 from genailab.errors import ConfigError, InputDataError
@@ -271,6 +272,8 @@ def holdout_split(
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={protocol!r} is not one of {PROTOCOLS}.")
+    check_number("n_groups", n_groups, integer=True, ge=1, allow_none=True, hint="None holds out every group.")
+    require_columns(obs, [keys.drug, keys.dose, keys.cell_type])
     groups = pd.DataFrame(cell_groups(obs, keys), columns=["cell_type", "drug", "dose"]).drop_duplicates()
     groups = groups[groups["drug"] != keys.control]
     drug_parts = groups["drug"].map(keys.drugs_of)
@@ -288,7 +291,8 @@ def holdout_split(
             f"The data offer nothing to hold out under protocol {protocol!r} (e.g. 'pair' needs drug pairs whose "
             "drugs are also given alone); see holdout_split's docs."
         )
-    return HoldoutSplit(protocol=protocol, groups=tuple(sorted(held)))
+    # once each: a pair whose two drugs are both held out in one cell type is found under each drug
+    return HoldoutSplit(protocol=protocol, groups=tuple(sorted(set(held))))
 
 
 def _pick(options: list, n: int | None, rng: np.random.Generator) -> list:
