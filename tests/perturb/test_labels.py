@@ -96,3 +96,20 @@ def test_a_nan_or_huge_dose_and_library_are_refused(trained, controls):
         trained.predict(controls, drug="drug_0", dose=1e39)
     with pytest.raises(ConfigError, match=re.escape("library_size must be a positive finite number, got inf.")):
         trained.predict(controls, drug="drug_0", dose=1.0, library_size=float("inf"))
+
+
+def test_missing_doses_under_another_control_label_name_that_label(small):
+    relabelled = small.copy()
+    relabelled.obs["drug"] = relabelled.obs["drug"].astype(str).replace({"control": "DMSO"})
+    relabelled.obs.loc[relabelled.obs["drug"] == "DMSO", "dose"] = np.nan  # sciplex-style controls
+    with pytest.raises(InputDataError, match=r"control_value='DMSO' \(CLI: --control-value\), not 'control'"):
+        PerturbationSchema.from_anndata(relabelled, keys=ObsKeys(), layer="counts")
+
+
+def test_an_untrained_model_does_not_predict(small):
+    from genailab.errors import ConfigError
+    from genailab.perturb import PerturbationModel
+
+    controls = small[small.obs["drug"].astype(str) == "control"]
+    with pytest.raises(ConfigError, match="has not been trained"):
+        PerturbationModel(small, layer="counts").predict(controls, drug="drug_0", dose=1.0)

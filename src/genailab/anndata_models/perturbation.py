@@ -235,6 +235,8 @@ class PerturbationModel(AnnDataModel):
         ``obs`` the drug, dose and covariate columns plus
         ``obs['control_cell']`` (the source cell's name); ``uns['genailab_perturb']`` the request.
         """
+        if not self.is_trained:
+            raise ConfigError("The model has not been trained; call fit() (or load a trained model) before predict().")
         label = _label(drug, self.keys)
         self.schema.drug_codes(label)  # unknown drugs fail before any work
         dose = _checked_dose(dose)

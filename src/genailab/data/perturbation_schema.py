@@ -101,8 +101,16 @@ def cell_doses(obs: pd.DataFrame, keys: ObsKeys) -> np.ndarray:
     control = keys.is_control(obs)
     dose = pd.to_numeric(obs[keys.dose], errors="coerce").to_numpy(dtype=np.float64)
     treated = ~control
-    if not np.isfinite(dose[treated]).all():
-        raise InputDataError(f"obs[{keys.dose!r}] has missing or non-numeric doses for treated cells; fill them.")
+    bad = treated & ~np.isfinite(dose)
+    if bad.any():
+        labels = obs[keys.drug].astype(str)[bad].value_counts()
+        example = obs[keys.dose][bad].iloc[0]
+        raise InputDataError(
+            f"obs[{keys.dose!r}] has {int(bad.sum())} missing or non-numeric doses (e.g. {example}) for cells "
+            f"treated with {labels.index[:3].tolist()}; fill them with numbers (one dose per cell, shared by the "
+            f"drugs of a combination). If those cells are the untreated ones, name their label: control_value="
+            f"{labels.index[0]!r} (CLI: --control-value), not {keys.control!r}."
+        )
     if (dose[treated] < 0).any():
         bad = np.unique(dose[treated][dose[treated] < 0])[:5].tolist()
         raise InputDataError(f"obs[{keys.dose!r}] has negative doses {bad}; doses must be >= 0.")
@@ -143,10 +151,11 @@ class PerturbationSchema:
                 "needs treated cells."
             )
         if not any(len(p) == 0 for p in parts):
+            common = pd.Series(labels).value_counts().index[:3].tolist()
             logger.warning(
-                "No cell has the control label %r in obs[%r]; the model trains, but predict() perturbs control "
-                "cells, so predictions need controls (or name your untreated cells' label with control_value=).",
-                keys.control, keys.drug,
+                "No cell has the control label %r in obs[%r], so every label is a drug (most common: %s); the "
+                "model trains, but predictions need controls (predict() perturbs control cells). Name your untreated cells' label with "
+                "control_value= (CLI: --control-value).", keys.control, keys.drug, common,
             )
         doses = cell_doses(adata.obs, keys)
         positive = doses[doses > 0]
