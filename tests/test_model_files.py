@@ -111,3 +111,22 @@ def test_format_1_files_still_load_and_are_checked_for_consistency(tmp_path):
     _edit(copy, lambda m: m["schema"]["gene_names"].pop(), rehash=False)
     with pytest.raises(CheckpointError, match="11 gene names for a model of input_dim 12"):
         genailab.VAE.load(copy)
+
+
+def test_a_description_relabelled_to_an_older_format_is_named(saved, tmp_path, caplog):
+    """Relabelling a format-2 folder as format 1 skips the hash: the load says so; format 0 is refused."""
+    copy = _copy(saved, tmp_path)
+
+    def relabel(version):
+        def change(metadata):
+            metadata["format_version"] = version
+            metadata.pop("description_sha256", None)
+        return change
+
+    _edit(copy, relabel(0), rehash=False)
+    with pytest.raises(CheckpointError, match="no valid format_version"):
+        genailab.VAE.load(copy)
+    _edit(copy, relabel(1), rehash=False)
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.files"):
+        genailab.VAE.load(copy)
+    assert "saved in model format 1" in caplog.text

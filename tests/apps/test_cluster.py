@@ -46,3 +46,36 @@ def test_marker_params_say_what_was_ranked(app_data, app_model):
     assert params["layer"] == MARKER_LAYER and params["use_raw"] is False
     expected = log_normalize(adata.layers["counts"]).toarray()
     np.testing.assert_allclose(adata.layers[MARKER_LAYER].toarray(), expected, rtol=1e-6)
+
+
+def test_clusters_never_replace_the_labels_they_are_scored_against(app_data, app_model, tmp_path):
+    from genailab.errors import ConfigError
+
+    adata = app_data.copy()
+    adata.obs["leiden"] = adata.obs["batch"].astype(str)  # e.g. annotations from an earlier run
+    with pytest.raises(ConfigError, match="also key_added"):
+        cluster(adata, app_model, labels_key="leiden")  # scored against themselves, ARI 1 (it was)
+    with pytest.raises(ConfigError, match="a condition the model reads"):
+        cluster(adata, app_model, key_added="cell_type")
+    assert list(adata.obs["leiden"]) == list(app_data.obs["batch"].astype(str)) and "X_genailab" not in adata.obsm
+
+
+def test_a_backed_anndata_is_refused_before_anything_is_written(app_data, app_model, tmp_path):
+    import anndata as ad
+
+    from genailab.apps import generate
+
+    path = tmp_path / "cells.h5ad"
+    app_data.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    for call in (lambda: cluster(backed, app_model), lambda: generate(backed, app_model, n_cells=5)):
+        with pytest.raises(InputDataError, match="needs the data in memory"):
+            call()
+    assert list(backed.obsm) == ["X_true_latent"] and "leiden" not in backed.obs
+    backed.file.close()
+
+
+def test_one_colour_may_be_given_as_a_string(app_data, app_model, tmp_path):
+    adata = app_data.copy()
+    cluster(adata, app_model, color="cell_type", plot=tmp_path / "umap.png")
+    assert (tmp_path / "umap.png").stat().st_size > 0

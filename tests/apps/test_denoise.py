@@ -35,3 +35,15 @@ def test_library_size_and_dropout_options(app_data, app_model):
 def test_genes_must_match_the_model(app_data, app_model):
     with pytest.raises(InputDataError, match="model's genes"):
         denoise(app_data[:, ::-1].copy(), app_model)
+
+
+def test_denoise_never_writes_over_the_models_own_counts(app_data, app_model):
+    from genailab.errors import ConfigError, InputDataError
+
+    adata = app_data.copy()
+    for key in ("counts", None, ""):
+        with pytest.raises(ConfigError, match="key_added"):
+            denoise(adata, app_model, key_added=key)
+    assert adata.layers["counts"] is app_data.layers["counts"] or (adata.layers["counts"] != app_data.layers["counts"]).nnz == 0
+    with pytest.raises(InputDataError, match=r"denoised='genailab_denoised' is not in adata.layers"):
+        denoising_error(adata, app_model)

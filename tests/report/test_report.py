@@ -110,3 +110,26 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
     assert pixels.shape[:2] == (2000, 1200)
     assert np.unique(pixels.reshape(-1, 3), axis=0).shape[0] > 50  # text, tables and plots, not a blank page
     assert np.mean(pixels.min(axis=2) < 200) > 0.02  # a visible share of the page is drawn, not white
+
+
+def test_reports_refuse_backed_data_and_numeric_batches_before_writing(run, tmp_path):
+    import anndata as ad
+
+    from genailab.errors import ConfigError, InputDataError
+
+    folder, adata = run
+    backed = ad.read_h5ad(folder / "data.h5ad", backed="r")
+    with pytest.raises(InputDataError, match="needs the data in memory"):
+        write_report(backed, VAE.load(folder / "run", backed), tmp_path / "a")
+    backed.file.close()
+    with pytest.raises(ConfigError, match="holds numbers"):
+        write_report(adata, VAE.load(folder / "run", adata), tmp_path / "b", batch_key="library_size")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_training_cells_are_never_called_held_out(tmp_path):
+    adata = simulate(200, 40, n_cell_types=2, n_batches=1, seed=2)
+    model = VAE(adata, likelihood="nb", layer="counts", hidden_dims=(16,), latent_dim=2)
+    model.fit(epochs=2, batch_size=64, validation_fraction=0.0, progress=False)
+    metrics = write_report(adata, model, tmp_path / "r", n_samples=3)
+    assert "all of them training cells" in metrics["run"]["held_out_cells"]

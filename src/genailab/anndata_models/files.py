@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +33,8 @@ from genailab.model.perturbation import PerturbationConfig
 from genailab.safe_write import FolderLock, check_output_folder, refuse_link, write_text
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "genailab-model"
 FORMAT_VERSION = 2  # bump when the layout changes; loaders keep reading older versions (1: no description hash)
@@ -160,8 +163,12 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
         raise CheckpointError(f"{config_path} is not valid JSON ({exc}); the file is corrupt.") from exc
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{config_path} is not a genailab model description.")
-    if not isinstance(metadata.get("format_version"), int):
+    format_version = metadata.get("format_version")
+    if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
         raise CheckpointError(f"{config_path} has no valid format_version; the file is damaged.")
+    if format_version == 1:
+        logger.warning("%s was saved in model format 1, before descriptions carried a hash, so edits to it cannot "
+                       "be detected; save the model again to write the current format.", config_path)
     if metadata["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{directory} uses model format {metadata['format_version']}, newer than this genailab reads "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,11 +19,34 @@ def require_count_model(model) -> None:
         )
 
 
+def require_in_memory(adata: AnnData, what: str) -> None:
+    """Refuse a backed AnnData before ``what`` (an application's name) writes anything into it."""
+    if adata.isbacked:
+        raise InputDataError(f"{what} needs the data in memory; read the h5ad without backed='r' (or "
+                             "adata.to_memory()). denoise, integrate and differential_expression run on backed data.")
+
+
+def key_or_keys(value: str | Sequence[str]) -> list[str]:
+    """A list of obs keys from one key or several (scanpy's ``color="cell_type"`` convention)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_key_added(key_added, model, *, where: str) -> str:
+    """``key_added`` as a usable name that does not overwrite what ``model`` reads (its layer or
+    condition columns); ``where`` names the AnnData field, e.g. ``"layers"``."""
+    if not isinstance(key_added, str) or not key_added:
+        raise ConfigError(f"key_added must be a non-empty name for adata.{where}, got {key_added!r}.")
+    if model is not None and where == "layers" and key_added == model.schema.layer:
+        raise ConfigError(f"key_added={key_added!r} is the layer the model reads; choose another name.")
+    if model is not None and where == "obs" and key_added in model.condition_keys:
+        raise ConfigError(f"key_added={key_added!r} is a condition the model reads; choose another name.")
+    return key_added
+
+
 def model_counts(adata: AnnData, model) -> sp.csr_matrix:
     """The counts the model reads (its layer, its genes in its order) as CSR float32, (n_cells, n_genes)."""
     require_count_model(model)
-    if adata.isbacked:
-        raise InputDataError("The applications need the data in memory; read the h5ad without backed='r'.")
+    require_in_memory(adata, "This application")
     return model.get_expression(adata)
 
 

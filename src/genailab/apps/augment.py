@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.apps._anndata import model_counts, record_params
+from genailab.apps._anndata import model_counts, record_params, require_in_memory
 from genailab.data.preprocess import log_normalize
 from genailab.anndata_models.vae import generated_anndata
 from genailab.checks import check_library_size, check_number
@@ -76,6 +76,8 @@ def generate(
     seed = check_number("seed", seed, integer=True, ge=0)
     if adata is None and source == "posterior":
         raise ConfigError("source='posterior' encodes real cells; pass the AnnData they are in.")
+    if adata is not None:
+        require_in_memory(adata, "generate")
     conditions = dict(conditions or {})
     model_keys = set(model.schema.categorical_keys + model.schema.continuous_keys)
     selecting_only = sorted(set(conditions) - model_keys)

@@ -10,11 +10,11 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from genailab.apps._anndata import model_counts
+from genailab.apps._anndata import check_key_added, key_or_keys, model_counts, require_in_memory
 from genailab.data.preprocess import log_normalize
 from genailab.checks import check_number
-from genailab.errors import InputDataError
-from genailab.safe_write import atomic_file
+from genailab.errors import ConfigError, InputDataError
+from genailab.safe_write import atomic_file, check_output_file
 
 
 def cluster(
@@ -83,6 +83,14 @@ def cluster(
     check_number("resolution", resolution, gt=0)
     check_number("n_neighbors", n_neighbors, integer=True, ge=2, le=max(2, adata.n_obs - 1))
     check_number("seed", seed, integer=True, ge=0)
+    require_in_memory(adata, "cluster")
+    color = key_or_keys(color)
+    check_key_added(key_added, model, where="obs")
+    if labels_key is not None and labels_key == key_added:
+        raise ConfigError(f"labels_key={labels_key!r} is also key_added: the clusters would replace the labels they "
+                          "are scored against; choose another key_added.")  # fmt: skip
+    if plot is not None:
+        check_output_file(plot)  # before the work
     missing = [c for c in dict.fromkeys((*color, *([labels_key] if labels_key else []))) if c not in adata.obs]
     if missing:
         raise InputDataError(

@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from genailab.apps._anndata import model_counts, record_params
+from genailab.apps._anndata import check_key_added, model_counts, record_params
 from genailab.data.preprocess import log_normalize
 from genailab.checks import check_library_size, check_number
 from genailab.errors import InputDataError
@@ -62,6 +62,7 @@ def denoise(
     """
     check_library_size(library_size, observed=True)
     check_number("n_samples", n_samples, integer=True, ge=1)
+    check_key_added(key_added, model, where="layers")
     if list(model.schema.gene_names) != list(map(str, adata.var_names)):
         raise InputDataError(
             "A layer needs the model's genes in the model's order; subset the data first, "
@@ -106,6 +107,10 @@ def denoising_error(
     DataFrame with one row per ``(scale, method)`` (methods ``observed`` and ``genailab``) and
     columns ``mae``, ``rmse`` and ``pearson`` (over all entries).
     """
+    for argument, layer in (("denoised", denoised), ("truth", truth)):
+        if layer not in adata.layers:
+            raise InputDataError(f"{argument}={layer!r} is not in adata.layers (available: {list(adata.layers)}); "
+                                 "run denoise() first, or name the layer.", argument=argument)  # fmt: skip
     counts = model_counts(adata, model).toarray()
     total = counts.sum(axis=1, keepdims=True)
     methods = {"observed": counts, "genailab": np.asarray(adata.layers[denoised], dtype=np.float64)}

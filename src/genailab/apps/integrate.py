@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from anndata import AnnData
 
-from genailab.apps._anndata import record_params
+from genailab.apps._anndata import key_or_keys, record_params
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
@@ -79,6 +79,9 @@ def integrate(
     from genailab.anndata_models.vae import VAE
 
     library_size = check_library_size(library_size)
+    covariate_keys = key_or_keys(covariate_keys)
+    if corrected_layer == layer:
+        raise ConfigError(f"corrected_layer={corrected_layer!r} is the layer the model reads; choose another name.")
     if batch_key not in adata.obs:
         raise InputDataError(f"obs has no column {batch_key!r}; pass the obs column that holds the batch.")
     if batch_key in covariate_keys:

@@ -18,7 +18,7 @@ import scanpy as sc
 from anndata import AnnData
 
 from genailab import eval as metrics_lib
-from genailab.errors import ConfigError
+from genailab.errors import ConfigError, InputDataError
 import genailab.report.model_generation as model_generation
 import genailab.report.model_metrics as model_metrics
 import genailab.report.protocols as protocols
@@ -96,9 +96,15 @@ def write_report(
         ``latent_umap.png``, ``gene_agreement.png``, ``latent_sweep.png`` (with ``latent_dims``) and
         ``index.html``, a self-contained page with every table and figure.
     """
+    if adata.isbacked:
+        raise InputDataError("write_report needs the data in memory; read the h5ad without backed='r' (or "
+                             "adata.to_memory()).")
     for key in (label_key, batch_key):
         if key is not None and key not in adata.obs.columns:
             raise ConfigError(f"obs has no column {key!r}; the columns are {list(adata.obs.columns)}.")
+    if batch_key is not None and pd.api.types.is_float_dtype(adata.obs[batch_key]):
+        raise ConfigError(f"batch_key={batch_key!r} holds numbers ({adata.obs[batch_key].nunique()} distinct values); "
+                          "name a categorical obs column of batches.", argument="batch_key")  # fmt: skip
     out = check_output_folder(out, names=REPORT_FILES)
     indices, scored = _heldout(model, adata)
     metrics = {"provenance": _provenance(data_path, command=command, seed=seed)}
@@ -212,12 +218,15 @@ def _heldout(model, adata: AnnData) -> tuple[np.ndarray, str]:
     except ConfigError:  # never trained here: no split
         validation = np.array([], dtype=np.int64)
     trained_on = model.training_info.get("data_sha256")
-    if validation.size and trained_on is not None:
-        matrix, conditions = model.schema.expression(adata), model.schema.encode_obs(adata.obs)
-        if data_fingerprint(matrix, conditions, model.schema.gene_names) == trained_on:
-            return validation, "validation cells of the training data"
-    logger.warning("adata is not the data the model was trained on (or has no validation split); scoring every cell")
-    return np.arange(adata.n_obs), "every cell (not the model's validation split)"
+    same_data = trained_on is not None and data_fingerprint(
+        model.schema.expression(adata), model.schema.encode_obs(adata.obs), model.schema.gene_names) == trained_on
+    if same_data and validation.size:
+        return validation, "validation cells of the training data"
+    if same_data:
+        logger.warning("The model has no validation split: every cell scored is a training cell, not held out")
+        return np.arange(adata.n_obs), "every cell, all of them training cells (the model has no validation split): not held out"
+    logger.warning("adata is not the data the model was trained on; scoring every cell")
+    return np.arange(adata.n_obs), "every cell of data other than the training data (its cells may still overlap them)"
 
 
 def _describe(model, adata: AnnData, scored: str, indices: np.ndarray) -> dict:
