@@ -560,3 +560,43 @@ def test_encoder_anchor_ends_the_column_between_its_start_and_the_unpenalised_fi
             map_query(query, reference, encoder_anchor=1.0, **options)
     with pytest.raises(ConfigError, match="must be 0 or more"):
         map_query(query, reference, encoder_anchor=-1.0)
+
+
+def test_a_query_model_warns_when_its_reference_has_changed(split, reference_run, tmp_path, caplog):
+    import shutil
+
+    _, query = split
+    reference, folder = reference_run
+    copy = tmp_path / "reference"
+    shutil.copytree(folder, copy)
+    mapped = reference.map_query(query)
+    mapped.reference = {**mapped.reference, "path": str(copy.resolve())}  # as if mapped onto the copy
+    mapped.fit(epochs=1, **FAST).save(tmp_path / "query")
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.files"):
+        genailab.VAE.load(tmp_path / "query")
+    assert "has changed since" not in caplog.text
+    genailab.VAE(split[0], likelihood="nb", layer="counts", condition_keys=["batch"], **ARCH).fit(
+        epochs=1, **{**FAST, "seed": 5}).save(copy, overwrite=True)  # retrained over the reference folder
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.files"):
+        genailab.VAE.load(tmp_path / "query")
+    assert "has changed since" in caplog.text
+    shutil.rmtree(copy)  # a deleted reference: the query model holds every weight it needs
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.files"):
+        genailab.VAE.load(tmp_path / "query")
+    assert "has changed since" not in caplog.text
+
+
+def test_empty_query_cells_follow_map_querys_empty_cells(split, reference_run):
+    _, query = split
+    reference, _ = reference_run
+    emptied = query.copy()
+    counts = emptied.layers["counts"].toarray()
+    counts[:3] = 0
+    emptied.layers["counts"] = sp.csr_matrix(counts)
+    with pytest.raises(InputDataError, match="empty_cells='drop'"):
+        reference.map_query(emptied).fit(epochs=1, **FAST)
+    model = reference.map_query(emptied, empty_cells="drop").fit(epochs=1, **FAST)
+    assert model.training_info["n_train"] + model.training_info["n_validation"] == query.n_obs - 3
+    with pytest.raises(ConfigError, match="max_missing_fraction must be a number in"):
+        reference.map_query(query, max_missing_fraction=2)

@@ -77,6 +77,22 @@ def data_fingerprint(matrix, conditions: np.ndarray | None, gene_names: tuple[st
     return digest.hexdigest()
 
 
+def warn_if_reference_changed(record: dict | None) -> None:
+    """Log a warning when a query model's recorded reference (``genailab.json``'s ``reference``) is
+    still at its folder but its weights are no longer the ones the query was mapped onto: latents of
+    the two models then live in different spaces. A moved or deleted reference is fine (the query
+    model holds every weight it needs)."""
+    if not record or not record.get("path") or not record.get("model_pt_sha256"):
+        return
+    weights = Path(record["path"]) / WEIGHTS_FILE
+    if weights.is_file() and _sha256(weights) != record["model_pt_sha256"]:
+        logger.warning(
+            "The reference this query model was mapped onto, %s, has changed since (its %s differs): its latent "
+            "space is no longer the query's, so embed the reference with the query model (or map again) before "
+            "comparing or transferring labels.", record["path"], WEIGHTS_FILE,
+        )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

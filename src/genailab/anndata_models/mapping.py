@@ -36,9 +36,10 @@ from anndata import AnnData
 from genailab.anndata_models.base import build_config
 from genailab.anndata_models.files import CONFIG_FILE, WEIGHTS_FILE, _sha256
 from genailab.anndata_models.vae import VAE
+from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions
 from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema
-from genailab.data.validation import check_expression
+from genailab.data.validation import EMPTY_CELL_ACTIONS, check_expression
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 from genailab.model.surgery import (
     UNFREEZE,
@@ -85,6 +86,7 @@ def map_query(
     encoder_anchor: float | None = None,
     reference_data: AnnData | None = None,
     max_missing_fraction: float = MAX_MISSING_FRACTION,
+    empty_cells: str | None = None,
 ) -> QueryVAE:
     """A model for ``query`` built on the trained ``reference``, ready to ``fit()``.
 
@@ -110,6 +112,9 @@ def map_query(
     epochs
         Default epochs of each stage of the query model's ``fit()``; None chooses them from the
         query size (:func:`default_query_epochs`).
+    empty_cells
+        What ``fit()`` does with query cells whose counts are all zero: ``"error"``, ``"drop"`` or
+        ``"warn"`` as for :class:`~genailab.VAE`; None takes the reference's setting.
     encoder_start
         Where the new batch's encoder column starts (its decoder column starts at the mean of the
         reference's): ``"neighbours"`` shifts it so that, at the encoder's first batch norm, the
@@ -172,6 +177,9 @@ def map_query(
         raise ConfigError(f"encoder_start={encoder_start!r} is not one of {ENCODER_STARTS}.")
     if encoder_anchor is not None and not encoder_anchor >= 0:
         raise ConfigError(f"encoder_anchor={encoder_anchor!r} must be 0 or more (0: no pull toward the start), or None for the default.")
+    check_number("max_missing_fraction", max_missing_fraction, ge=0, le=1, hint="1 accepts any number of missing genes.")
+    if empty_cells is not None and empty_cells not in EMPTY_CELL_ACTIONS:
+        raise ConfigError(f"empty_cells={empty_cells!r} is not one of {EMPTY_CELL_ACTIONS} (or None: the reference's).")
     if not reference.is_trained:
         raise ConfigError("The reference model is not trained; fit() it (or load a trained one) before mapping a query.")
     if query.isbacked:
@@ -215,7 +223,7 @@ def map_query(
     start_cells = reference_cells if encoder_start in ("auto", "neighbours", "latent") else None
     return QueryVAE(aligned, reference, schema=query_schema, extension=extension, mapping=mapping, encoder_stage=encoder_stage,
                     encoder_anchor=encoder_anchor, epochs=epochs or default_query_epochs(query.n_obs),
-                    reference_cells=start_cells)  # fmt: skip
+                    reference_cells=start_cells, empty_cells=empty_cells or reference.empty_cells)  # fmt: skip
 
 
 def new_categories(obs: pd.DataFrame, schema: DataSchema) -> tuple[tuple[str, ...], ...]:
@@ -293,6 +301,7 @@ class QueryVAE(VAE):
         encoder_stage: bool | None = None,
         encoder_anchor: float | None = None,
         reference_cells: AnnData | None = None,
+        empty_cells: str = "error",
     ):
         self._reference_module = copy.deepcopy(reference.module).cpu().eval()
         self._extension = extension
@@ -308,7 +317,7 @@ class QueryVAE(VAE):
         self.default_epochs = int(epochs)
         self._stage: int | None = None  # the stage being trained (recorded in its checkpoints)
         self._carried: dict | None = None  # the previous stage's weights, where the next one starts
-        self._assemble(schema=schema, config=module.config, adata=aligned, empty_cells=reference.empty_cells,
+        self._assemble(schema=schema, config=module.config, adata=aligned, empty_cells=empty_cells,
                        adversarial_key=None, adversary_config=None)  # fmt: skip
 
     def _set_encoder_start(

@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded, storable_params
+from genailab.anndata_models.files import warn_if_reference_changed
 from genailab.checks import check_library_size, check_number
 from genailab.data.loader import row_indices
 from genailab.data.schema import DataSchema
@@ -144,6 +145,7 @@ class VAE(AnnDataModel):
 
     @classmethod
     def _parts_from_description(cls, metadata: dict) -> dict:
+        warn_if_reference_changed(metadata.get("reference"))  # a query model's (map_query's) reference
         return {
             "schema": DataSchema.from_dict(metadata["schema"]),
             "config": ModelConfig.from_dict(metadata["model_config"]),
