@@ -96,3 +96,18 @@ def test_clear_errors():
         transfer_labels(_cells(np.zeros((2, 2))), reference, label_key="donor")
     with pytest.raises(ConfigError, match="unknown_threshold"):
         transfer_labels(_cells(np.zeros((2, 2))), reference, label_key="cell_type", unknown_threshold=1.5)
+
+
+def test_a_reference_without_any_label_is_named():
+    import anndata as ad
+    import numpy as np
+
+    from genailab.apps import transfer_labels
+    from genailab.errors import InputDataError
+
+    rng = np.random.default_rng(0)
+    reference, query = ad.AnnData(np.zeros((20, 3))), ad.AnnData(np.zeros((5, 3)))
+    reference.obsm["X_genailab"], query.obsm["X_genailab"] = rng.normal(size=(20, 4)), rng.normal(size=(5, 4))
+    reference.obs["cell_type"] = np.nan
+    with pytest.raises(InputDataError, match=r"reference.obs\['cell_type'\] has no label"):
+        transfer_labels(query, reference, label_key="cell_type")

@@ -89,6 +89,9 @@ def transfer_labels(
     if unknown_label in names:
         raise ConfigError(f"{unknown_label!r} is a reference label; choose another unknown_label.")
     check_number("n_neighbors", n_neighbors, integer=True, ge=1)
+    if not labelled.any():
+        raise InputDataError(f"reference.obs[{label_key!r}] has no label: every value is missing; label the "
+                             "reference cells (or name the column that holds their labels).", argument="label_key")
     if n_neighbors > int(labelled.sum()):
         raise ConfigError(f"n_neighbors={n_neighbors} must be between 1 and the {int(labelled.sum())} labelled reference cells.",
                           argument="n_neighbors")
