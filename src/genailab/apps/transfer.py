@@ -61,7 +61,9 @@ def transfer_labels(
 
     Returns
     -------
-    The predictions (categorical, indexed like ``query.obs``). Sets ``query.obs[key_added]``,
+    The predictions (categorical of text labels, as scanpy's ``obs['leiden']``, indexed like
+    ``query.obs``: integer reference labels come back as their text, e.g. ``"3"``, so compare with
+    ``query.obs[label_key].astype(str)``). Sets ``query.obs[key_added]``,
     ``query.obs[f"{key_added}_uncertainty"]`` (float, 0 = unanimous) and
     ``query.uns[key_added]['params']``.
 
