@@ -69,3 +69,9 @@ def test_split_arguments_are_checked():
         holdout_split(obs, "pair", n_groups=-1)
     with pytest.raises(SchemaMismatchError, match=r"Columns \['drug'\] are not in adata.obs"):
         holdout_split(obs.rename(columns={"drug": "compound"}), "combination")
+
+
+def test_a_pair_may_be_named_in_either_order(screen):
+    pair = next(drug for drug in screen["drug"].astype(str).unique() if "+" in drug)
+    first, second = pair.split("+")
+    assert holdout_split(screen, "pair", pairs=[f"{second}+{first}"]).groups == holdout_split(screen, "pair", pairs=[pair]).groups

@@ -283,7 +283,7 @@ def holdout_split(
     elif protocol in ("dose", "dose_extrapolation"):
         held = _unseen_doses(groups, drug_parts, n_groups, rng, extrapolate=protocol == "dose_extrapolation")
     elif protocol == "pair":
-        held = _unseen_pairs(groups, drug_parts, n_groups, pairs, rng)
+        held = _unseen_pairs(groups, drug_parts, n_groups, pairs, rng, keys)
     else:
         held = _unseen_cell_type(groups, rng)
     if not held:
@@ -336,10 +336,12 @@ def _unseen_doses(groups, drug_parts, n_groups, rng, *, extrapolate: bool) -> li
     return sorted(set(held))
 
 
-def _unseen_pairs(groups, drug_parts, n_groups, pairs, rng) -> list[Group]:
+def _unseen_pairs(groups, drug_parts, n_groups, pairs, rng, keys: ObsKeys) -> list[Group]:
     seen_alone = set(groups.loc[drug_parts.map(len) == 1, "drug"])
     available = sorted({d for d, p in zip(groups["drug"], drug_parts) if len(p) == 2 and set(p) <= seen_alone})
     if pairs is not None:
+        as_in_data = {frozenset(keys.drugs_of(label)): label for label in available}  # "B+A" names "A+B"
+        pairs = [as_in_data.get(frozenset(keys.drugs_of(pair)), pair) for pair in pairs]
         missing = sorted(set(pairs) - set(available))
         if missing:
             raise ConfigError(f"pairs {missing} are not drug pairs of these data with both drugs seen alone: {available}.")
