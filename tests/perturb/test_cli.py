@@ -79,3 +79,29 @@ def test_errors_are_one_clean_line(perturb_adata, tmp_path):
     result = runner.invoke(main, ["perturb", "train", str(data), "--out", str(run), "--drug-key", "compound",
                                   "--overwrite"])
     assert result.exit_code != 0 and "SchemaMismatchError" in result.output
+
+
+def test_evaluate_trains_its_neural_methods_with_the_given_options(perturb_adata, tmp_path, monkeypatch):
+    """--likelihood, --batch-size, --lr and --patience reach both neural methods' fits."""
+    import genailab.perturb as perturb
+    from genailab.anndata_models.perturbation import PerturbationModel
+
+    data = tmp_path / "data.h5ad"
+    perturb_adata[:800].copy().write_h5ad(data)
+    seen = []
+    fit = PerturbationModel.fit
+
+    def recording_fit(self, *args, **options):
+        seen.append((self.config.vae.likelihood, options))
+        return fit(self, *args, **options)
+
+    monkeypatch.setattr(PerturbationModel, "fit", recording_fit)
+    args = ["perturb", "evaluate", str(data), "--out", str(tmp_path / "s.csv"), "--protocol", "combination", "--n-groups",
+            "1", "--layer", "counts", "--latent-dim", "4", "--hidden", "16", "--epochs", "2", "--likelihood", "zinb",
+            "--batch-size", "64", "--lr", "0.002", "--patience", "0"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert seen and all(likelihood == "zinb" for likelihood, _ in seen)
+    assert all(o["batch_size"] == 64 and o["lr"] == 0.002 and o["early_stopping_patience"] is None for _, o in seen)
+    scgen = perturb.default_methods(likelihood="zinb")[-2]
+    assert type(scgen).__name__ == "LatentArithmetic" and scgen.likelihood == "zinb"  # scGen's VAE follows too

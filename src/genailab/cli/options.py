@@ -159,6 +159,14 @@ TRAIN_FIELDS = (
 )  # fmt: skip
 
 
+def patience_option():
+    """``--patience``: TrainConfig's early_stopping_patience, 0 on the command line for None."""
+    return config_option(
+        "--patience", config=TrainConfig, field="early_stopping_patience", type=click.IntRange(min=0),
+        callback=_patience, help="Stop after this many epochs without validation improvement; 0 never stops early.",
+    )
+
+
 def train_options(command):
     """The training options every model-training command takes, as ``train_options`` (TrainConfig fields)."""
     return _stack(
@@ -168,10 +176,7 @@ def train_options(command):
         config_option("--kl-warmup", config=TrainConfig, field="kl_warmup_epochs"),
         config_option("--kl-schedule", config=TrainConfig, field="kl_schedule"),
         config_option("--validation-fraction", config=TrainConfig, field="validation_fraction"),
-        config_option(
-            "--patience", config=TrainConfig, field="early_stopping_patience", type=click.IntRange(min=0),
-            callback=_patience, help="Stop after this many epochs without validation improvement; 0 never stops early.",
-        ),
+        patience_option(),
         config_option("--checkpoint-every", config=TrainConfig, field="checkpoint_every"),
         config_option("--seed", config=TrainConfig, field="seed"),
         config_option("--device", config=TrainConfig, field="device", help="auto, cpu, cuda or cuda:N."),

@@ -11,13 +11,16 @@ import pandas as pd
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
 from genailab.anndata_models.perturbation import PerturbationModel
+from genailab.train.config import TrainConfig
 from genailab.cli.options import (
     adversary_options,
     architecture_options,
     argument_default,
+    config_option,
     device_option,
     hidden_alias,
     likelihood_option,
+    patience_option,
     sizes,
     train_options,
 )
@@ -66,8 +69,6 @@ def train_command(data, out, keys, covariates, layer, likelihood, model_options,
 
     The adversary keeps the drug out of the basal latent (``--adversary-weight 0`` trains without it).
     """
-    from genailab.train.config import TrainConfig
-
     with run_folder(out, overwrite=overwrite, names=(HISTORY_FILE,)):
         adata = read_data(data)
         model = PerturbationModel(
@@ -135,11 +136,17 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
 @click.option("--n-groups", default=None, type=int, help="Drugs (or pairs) to hold out per protocol (default all).")
 @click.option("--latent-dim", default=10, show_default=True, type=int)
 @click.option("--hidden", default=None, help="Hidden layer sizes, comma-separated (default: the model's).")
+@click.option("--likelihood", type=click.Choice(["nb", "zinb"]), show_default=True,
+              default=argument_default(PerturbationModel.__init__, "likelihood"), help="Count likelihood of the neural methods.")
 @click.option("--epochs", default=100, show_default=True, type=int)
+@config_option("--batch-size", config=TrainConfig, field="batch_size", help="Cells per minibatch.")
+@config_option("--lr", config=TrainConfig, field="lr", help="Learning rate.")
+@patience_option()
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
 @fail_cleanly
-def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hidden, epochs, seed, device):
+def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hidden, likelihood, epochs, batch_size, lr,
+                     early_stopping_patience, seed, device):
     """Hold out groups of DATA, retrain the model and the baselines without them, and score each method.
 
     Protocols: combination (unseen cell type x drug, every dose), dose (unseen middle dose),
@@ -166,11 +173,12 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
             click.echo(f"Skipping protocol {protocol!r}: {exc}")
     if not splits:
         raise ConfigError("No protocol applies to these data; see `genailab perturb evaluate --help`.")
-    train_options = dict(epochs=epochs, seed=seed, progress=False, device=device)
+    train_options = dict(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=early_stopping_patience,
+                         seed=seed, progress=False, device=device)
     hidden_dims = sizes(hidden) if hidden else None
     tables = []
     for split in splits:
-        methods = default_methods(latent_dim=latent_dim, hidden_dims=hidden_dims, train_options=train_options,
+        methods = default_methods(latent_dim=latent_dim, hidden_dims=hidden_dims, likelihood=likelihood, train_options=train_options,
                                   pairs=split.protocol == "pair")  # fmt: skip
         tables.append(compare_methods(adata, split, keys=keys, layer=layer, methods=methods, seed=seed))
         table = pd.concat(tables, ignore_index=True)

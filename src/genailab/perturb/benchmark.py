@@ -86,17 +86,18 @@ def default_methods(
     *,
     latent_dim: int = 10,
     hidden_dims: Sequence[int] | None = None,
+    likelihood: str = "nb",
     train_options: dict | None = None,
     pairs: bool = False,
     true_log_fc: Callable[..., pd.DataFrame] | None = None,
 ) -> list:
     """The baselines, the model and (with ``true_log_fc``, see :class:`Oracle`) the oracle.
 
-    Both neural methods share latent size, hidden layers (None: each class's default) and training
-    options. ``pairs`` adds Systema's matching mean, which differs from the additive baseline
+    Both neural methods share latent size, hidden layers (None: each class's default), likelihood
+    (a count model) and training options. ``pairs`` adds Systema's matching mean, which differs from the additive baseline
     only for combinations.
     """
-    shared: dict = dict(latent_dim=latent_dim, train_options=train_options)
+    shared: dict = dict(latent_dim=latent_dim, likelihood=likelihood, train_options=train_options)
     if hidden_dims is not None:
         shared["hidden_dims"] = tuple(hidden_dims)
     methods = [NoChange(), PerturbedMean(), AdditiveShift()]
