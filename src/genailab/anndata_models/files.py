@@ -185,12 +185,12 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
     if format_version == 1:
         logger.warning("%s was saved in model format 1, before descriptions carried a hash, so edits to it cannot "
                        "be detected; save the model again to write the current format.", config_path)
-    if metadata["format_version"] > FORMAT_VERSION:
+    if format_version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{directory} uses model format {metadata['format_version']}, newer than this genailab reads "
+            f"{directory} uses model format {format_version}, newer than this genailab reads "
             f"({FORMAT_VERSION}); upgrade genailab."
         )
-    if metadata["format_version"] >= 2 and metadata.get("description_sha256") != description_hash(metadata):
+    if format_version >= 2 and metadata.get("description_sha256") != description_hash(metadata):
         raise CheckpointError(
             f"{config_path} does not match the hash recorded in it (description_sha256): the description (gene "
             "names, categories, options...) was edited or damaged. Restore it from a backup or retrain."

@@ -14,7 +14,6 @@ from anndata import AnnData
 from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded, storable_params
 from genailab.anndata_models.files import warn_if_reference_changed
 from genailab.checks import check_library_size, check_number
-from genailab.data.loader import row_indices
 from genailab.data.schema import DataSchema
 from genailab.data.validation import EMPTY_CELL_ACTIONS
 from genailab.errors import ConfigError
@@ -25,6 +24,7 @@ from genailab.train.trainer import elbo_terms
 
 logger = logging.getLogger(__name__)
 
+DENOISED_LIBRARY = 1e4  # get_normalized_expression's default total per cell (count models)
 GENERATED_KEY = "genailab_generate"  # uns key of every generated AnnData: {"params": ...}
 
 
@@ -328,7 +328,7 @@ class VAE(AnnDataModel):
         *,
         indices: np.ndarray | None = None,
         gene_list: Sequence[str] | None = None,
-        library_size: float | str = 1e4,
+        library_size: float | str = DENOISED_LIBRARY,
         conditions: Mapping[str, object] | None = None,
         n_samples: int = 1,
         include_dropout: bool = False,
@@ -349,7 +349,7 @@ class VAE(AnnDataModel):
         genes (in its order); ``return_pandas`` gives a DataFrame indexed by cell and gene names.
         """
         check_library_size(library_size, observed=True)
-        if not self.config.is_count_model and library_size not in (1e4, "observed"):
+        if not self.config.is_count_model and library_size not in (DENOISED_LIBRARY, "observed"):
             raise ConfigError(
                 f"library_size={library_size} applies to count models (nb, zinb); the Gaussian model decodes the mean "
                 "of the values it was trained on, at their own scale. Leave library_size out.", argument="library_size"
@@ -359,10 +359,9 @@ class VAE(AnnDataModel):
         module = self.module.eval()
         device = self.device
         adata = self._data(adata)
-        indices = None if indices is None else row_indices(indices, adata.n_obs)
         decode_conditions = None if conditions is None else self.encode_conditions(adata.obs, conditions)
         loader = self._loader(adata, indices=indices, align_genes=align_genes, batch_size=batch_size, sparse_counts=True)
-        n_rows = adata.n_obs if indices is None else len(indices)
+        n_rows = loader.indices.size  # the rows asked for, as the loader reads them (a mask becomes positions)
         out = _cells_by_genes(n_rows, len(columns) if columns is not None else self.schema.n_genes)
         result = torch.from_numpy(out)  # the batches' rows are written into views of it
         gene_index = None if columns is None else torch.as_tensor(columns, device=device)
@@ -405,7 +404,7 @@ class VAE(AnnDataModel):
                     "whose genes are in another order or differ; pass return_pandas=True for named columns, or "
                     "adata[:, list(model.schema.gene_names)] to store the result as a layer.", out.shape[1])
             return out
-        names = adata.obs_names if indices is None else adata.obs_names[indices]
+        names = adata.obs_names[loader.indices]
         genes = list(self.schema.gene_names) if columns is None else [self.schema.gene_names[i] for i in columns]
         return pd.DataFrame(out, index=names, columns=genes)
 

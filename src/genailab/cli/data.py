@@ -49,21 +49,19 @@ def simulate_command(n_cells, n_genes, n_cell_types, n_batches, likelihood, drop
     from genailab.safe_write import atomic_path
 
     ctx = click.get_current_context()
-    arm_options = [f"--{name.replace('_', '-')}" for name in ("pair_fraction", "interacting_pairs")
+    arm_options = [flag for name, flag in (("n_drugs", "--drugs"), ("pair_fraction", "--pair-fraction"),
+                                           ("interacting_pairs", "--interacting-pairs"))
                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
-    if ctx.get_parameter_source("n_drugs") == click.core.ParameterSource.COMMANDLINE:
-        arm_options.insert(0, "--drugs")
     if arm_options and not perturbation:
         raise ConfigError(f"{', '.join(arm_options)} shape the drug arm; add --perturbation to simulate one.")
-    cells, genes = n_cells, n_genes
     options = dict(n_cell_types=n_cell_types, n_batches=n_batches, likelihood=likelihood, dropout=dropout, seed=seed,
                    perturbation=PerturbationSpec(n_drugs=n_drugs, pair_fraction=pair_fraction, interacting_pairs=interacting_pairs)
                    if perturbation else None)
     check_output_file(out, suffix=".h5ad")
-    if cells * genes <= IN_MEMORY_VALUES:
-        write_h5ad(simulate(cells, genes, **options), out)
-        click.echo(f"Wrote {cells} cells x {genes} genes with true means to {out}")
+    if n_cells * n_genes <= IN_MEMORY_VALUES:
+        write_h5ad(simulate(n_cells, n_genes, **options), out)
+        click.echo(f"Wrote {n_cells} cells x {n_genes} genes with true means to {out}")
     else:
         with atomic_path(out) as tmp:
-            write_simulated_h5ad(tmp, cells, genes, **options)
-        click.echo(f"Wrote {cells} cells x {genes} genes (counts in X, no true means) chunk by chunk to {out}")
+            write_simulated_h5ad(tmp, n_cells, n_genes, **options)
+        click.echo(f"Wrote {n_cells} cells x {n_genes} genes (counts in X, no true means) chunk by chunk to {out}")

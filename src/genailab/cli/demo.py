@@ -13,9 +13,10 @@ from genailab.train.config import TrainConfig
 def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0, device: str = "auto") -> list[str]:
     """Fit an NB model to the bundled PBMC counts and write model, embedding, UMAP and scores.
 
-    ``device`` as in :class:`~genailab.train.config.TrainConfig`. Returns the summary lines the CLI prints. Writes under ``out``: ``model/`` (saved model,
-    history.csv, training_curves.png), ``pbmc68k_genailab.h5ad`` (latent in
-    ``obsm['X_genailab']``, UMAP, Leiden clusters, marker genes), ``umap.png`` and ``metrics.json``.
+    ``device`` as in :class:`~genailab.train.config.TrainConfig`. Returns the summary lines the CLI
+    prints. Writes under ``out``: ``model/`` (saved model, history.csv, training_curves.png),
+    ``pbmc68k_genailab.h5ad`` (latent in ``obsm['X_genailab']``, UMAP, Leiden clusters, marker
+    genes), ``umap.png`` and ``metrics.json``.
     """
     from genailab.apps import cluster
     from genailab.cli.common import write_h5ad

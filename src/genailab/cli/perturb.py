@@ -11,7 +11,6 @@ import pandas as pd
 from genailab.cli import main
 from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
 from genailab.anndata_models.perturbation import PerturbationModel
-from genailab.train.config import TrainConfig
 from genailab.cli.options import (
     adversary_options,
     architecture_options,
@@ -24,6 +23,7 @@ from genailab.cli.options import (
     sizes,
     train_options,
 )
+from genailab.train.config import TrainConfig
 
 HISTORY_FILE = "history.csv"  # per-epoch losses, beside the saved model
 

@@ -154,8 +154,8 @@ class PerturbationSchema:
             common = pd.Series(labels).value_counts().index[:3].tolist()
             logger.warning(
                 "No cell has the control label %r in obs[%r], so every label is a drug (most common: %s); the "
-                "model trains, but predictions need controls (predict() perturbs control cells). Name your untreated cells' label with "
-                "control_value= (CLI: --control-value).", keys.control, keys.drug, common,
+                "model trains, but predictions need controls (predict() perturbs control cells). Name your "
+                "untreated cells' label with control_value= (CLI: --control-value).", keys.control, keys.drug, common,
             )
         doses = cell_doses(adata.obs, keys)
         positive = doses[doses > 0]

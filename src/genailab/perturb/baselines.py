@@ -37,7 +37,11 @@ from genailab.data.perturbation_schema import ObsKeys, cell_doses
 ShiftTable = dict[tuple[str, float], np.ndarray]  # (drug, dose) -> shift vector
 
 
-def _layer(adata: AnnData, layer: str | None):
+def layer_values(adata: AnnData, layer: str | None):
+    """``adata.X`` or ``adata.layers[layer]``; a missing layer is a :class:`SchemaMismatchError` naming the others."""
+    if layer is not None and layer not in adata.layers:
+        raise SchemaMismatchError(f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); name the "
+                                  "raw-count layer, or layer=None for adata.X.", argument="layer")  # fmt: skip
     return adata.X if layer is None else adata.layers[layer]
 
 
@@ -107,7 +111,7 @@ class NoChange:
         return self
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        return log_normalize(_layer(control, self.layer))
+        return log_normalize(layer_values(control, self.layer))
 
 
 class _PerTypeShift:
@@ -117,7 +121,7 @@ class _PerTypeShift:
 
     def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None):
         self.keys, self.layer = keys, layer
-        values = log_normalize(_layer(adata, layer))
+        values = log_normalize(layer_values(adata, layer))
         self.by_type = cell_type_shifts(values, adata.obs, keys)
         self.average = mean_shifts(values, adata.obs, keys)
         return self
@@ -128,7 +132,7 @@ class _PerTypeShift:
         return [drug_shift(own if _knows(own, d) else self.average, d, dose) for d in self.keys.drugs_of(drug_label)]
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        out = log_normalize(_layer(control, self.layer))
+        out = log_normalize(layer_values(control, self.layer))
         types = cell_types(control.obs, self.keys)
         for cell_type in np.unique(types):
             out[types == cell_type] += self.combine(self._drug_shifts(cell_type, drug, dose), axis=0)
@@ -164,7 +168,7 @@ class PerturbedMean:
 
     def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> PerturbedMean:
         self.keys, self.layer = keys, layer
-        values = log_normalize(_layer(adata, layer))
+        values = log_normalize(layer_values(adata, layer))
         types, control = cell_types(adata.obs, keys), keys.is_control(adata.obs)
         self.shifts = {
             t: values[~control & (types == t)].mean(0) - values[control & (types == t)].mean(0)
@@ -177,7 +181,7 @@ class PerturbedMean:
         return self
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        out = log_normalize(_layer(control, self.layer))
+        out = log_normalize(layer_values(control, self.layer))
         types = cell_types(control.obs, self.keys)
         for cell_type in np.unique(types):
             out[types == cell_type] += self.shifts.get(cell_type, self.average)
@@ -201,7 +205,7 @@ class RidgeCovariates:
 
     def fit(self, adata: AnnData, *, keys: ObsKeys, layer: str | None = None) -> RidgeCovariates:
         self.keys, self.layer = keys, layer
-        values = log_normalize(_layer(adata, layer))
+        values = log_normalize(layer_values(adata, layer))
         groups = pd.DataFrame(cell_groups(adata.obs, keys), columns=["cell_type", "drug", "dose"])
         labels = groups["drug"].unique()
         self.drugs = sorted({d for label in labels for d in keys.drugs_of(label)})
@@ -230,7 +234,7 @@ class RidgeCovariates:
         return np.concatenate([drug, log_dose, kind, np.outer(drug, kind).ravel(), pair])
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        values = log_normalize(_layer(control, self.layer))
+        values = log_normalize(layer_values(control, self.layer))
         types = cell_types(control.obs, self.keys)
         out = values.copy()
         for cell_type in np.unique(types):
@@ -268,7 +272,7 @@ class LatentArithmetic:
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
         z = self.vae.get_latent(control) + combined_shift(self.shifts, drug, dose, self.keys)
-        library = np.asarray(_layer(control, self.layer).sum(1), dtype=np.float32).ravel()
+        library = np.asarray(layer_values(control, self.layer).sum(1), dtype=np.float32).ravel()
         return log_normalize(self.vae.decode(z, library=library, sample=True, seed=0))
 
 
@@ -300,7 +304,7 @@ class Oracle:
                 "The oracle needs the control cells' expected counts in layers['true_mean'] (written by "
                 "genailab.data.simulate and genailab.perturb.semisynthetic); other data have no known truth."
             )
-        counts = _layer(control, self.layer)
+        counts = layer_values(control, self.layer)
         counts = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float32)
         log_fc = self.log_fc(control, drug, dose)[cell_types(control.obs, self.keys)].to_numpy().T  # (n, G)
         mean = np.asarray(control.layers["true_mean"], dtype=np.float32)

@@ -28,9 +28,9 @@ from sklearn.decomposition import PCA
 from genailab.anndata_models.perturbation import PerturbationModel
 from genailab.data.perturbation_schema import ObsKeys
 from genailab.data.validation import check_expression
-from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
+from genailab.errors import ConfigError, InputDataError
 from genailab.perturb.baselines import (
-    AdditiveShift, LatentArithmetic, MatchingMean, NoChange, Oracle, PerturbedMean, RidgeCovariates,
+    AdditiveShift, LatentArithmetic, MatchingMean, NoChange, Oracle, PerturbedMean, RidgeCovariates, layer_values,
 )  # fmt: skip
 from genailab.perturb.evaluate import (
     HoldoutSplit, cell_groups, cell_types, centroid_accuracy, log_normalize, perturbation_metrics, reference_controls,
@@ -94,8 +94,8 @@ def default_methods(
     """The baselines, the model and (with ``true_log_fc``, see :class:`Oracle`) the oracle.
 
     Both neural methods share latent size, hidden layers (None: each class's default), likelihood
-    (a count model) and training options. ``pairs`` adds Systema's matching mean, which differs from the additive baseline
-    only for combinations.
+    (a count model) and training options. ``pairs`` adds Systema's matching mean, which differs
+    from the additive baseline only for combinations.
     """
     shared: dict = dict(latent_dim=latent_dim, likelihood=likelihood, train_options=train_options)
     if hidden_dims is not None:
@@ -150,10 +150,7 @@ def compare_methods(
     One row per held-out group and method: protocol, group, cell_type, drug, dose, method,
     n_true, n_control (the prediction inputs), n_reference and the metrics (:data:`METRICS`).
     """
-    if layer is not None and layer not in adata.layers:
-        raise SchemaMismatchError(f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); name the "
-                                  "raw-count layer, or layer=None for adata.X.", argument="layer")  # fmt: skip
-    counts = adata.X if layer is None else adata.layers[layer]
+    counts = layer_values(adata, layer)
     check_expression(counts, counts=True, source="The benchmark's expression matrix")
     test = split.test_mask(adata.obs, keys)
     if test.all() or not test.any():
