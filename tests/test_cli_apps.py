@@ -106,3 +106,19 @@ def test_bad_condition_is_one_clean_line(run, tmp_path):
         main, ["generate", str(run_dir), "--n", "5", "--source", "posterior", "--out", str(tmp_path / "x.h5ad")]
     )
     assert result.exit_code != 0 and "posterior" in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["embed"], ["denoise"], ["cluster"], ["generate", "--n", "5", "--source", "posterior", "--data"]],
+)
+def test_no_command_replaces_its_input_file(run, tmp_path, command):
+    """generate --data DATA --out DATA would replace the user's cells with generated ones."""
+    run_dir, data = run
+    copy = tmp_path / "cells.h5ad"
+    copy.write_bytes(data.read_bytes())
+    args = [command[0], run_dir, *command[1:], copy] if command[0] == "generate" else [command[0], run_dir, copy]
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--out", str(tmp_path / "." / "cells.h5ad")])
+    assert result.exit_code == 2 and "is the input file DATA" in result.output, result.output
+    assert "cells_genailab.h5ad" in result.output and "Traceback" not in result.output
+    assert copy.read_bytes() == data.read_bytes()

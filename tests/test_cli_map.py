@@ -113,3 +113,13 @@ def test_map_refuses_what_it_cannot_do(files, tmp_path):
     (tmp_path / "e").mkdir()
     _invoke("map", files / "ref_run", tmp_path / "halved.h5ad", "--out", tmp_path / "e", code=1)
     assert (tmp_path / "e").is_dir() and not any((tmp_path / "e").iterdir())  # a folder it did not make stays
+
+
+def test_map_refuses_a_query_inside_its_output_folder(files, tmp_path):
+    out = tmp_path / "mapped"
+    out.mkdir()
+    query = out / "query.h5ad"
+    query.write_bytes((files / "query.h5ad").read_bytes())
+    output = _invoke("map", files / "ref_run", query, "--out", out, "--overwrite", code=2)
+    assert "QUERY" in output and "choose another --out folder" in output
+    assert query.read_bytes() == (files / "query.h5ad").read_bytes()

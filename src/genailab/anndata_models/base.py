@@ -30,7 +30,7 @@ from genailab.anndata_models.files import (
 )
 from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions, MinibatchLoader, row_indices
-from genailab.data.validation import cell_totals, check_expression, empty_cells
+from genailab.data.validation import cell_totals, check_expression, empty_cells, warn_if_other_scale
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
@@ -142,7 +142,16 @@ class AnnDataModel:
         # the schema checked the in-memory source's structure; a backed matrix is checked block by block here
         check_expression(matrix, counts=self._network_config.is_count_model, source="The expression matrix",
                          structure_checked=True)
+        if adata is not self.adata:
+            self._warn_if_other_scale(matrix, source="The AnnData")
         return matrix, conditions
+
+    def _warn_if_other_scale(self, matrix, *, source: str) -> None:
+        """For a Gaussian model, :func:`~genailab.data.validation.warn_if_other_scale` against the
+        training data's scale (count models take any library size, and refuse non-counts)."""
+        trained = self._data_schema.value_scale
+        if not self._network_config.is_count_model and trained is not None:
+            warn_if_other_scale(matrix, trained, source=source)
 
     def _loader(
         self,

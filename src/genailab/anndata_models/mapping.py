@@ -473,12 +473,14 @@ class QueryVAE(VAE):
 
 def _check_values(adata: AnnData, schema: DataSchema, reference: VAE, *, name: str) -> None:
     """The data checks of training (:func:`~genailab.data.validation.check_expression`) on ``adata``'s
-    values in the reference's layer, before any start is computed from them."""
+    values in the reference's layer, before any start is computed from them, and for a Gaussian
+    reference a warning when they are on another scale than its training data."""
     where = "X" if schema.layer is None else f"layers[{schema.layer!r}]"
     remedy = f"Put the raw counts of `{name}` in {where}, the layer the reference was trained on."
-    check_expression(schema.expression(adata, align_genes=True, max_missing_fraction=1.0),
-                     counts=reference.config.is_count_model, source=f"{name}.{where}", remedy=remedy,
+    matrix = schema.expression(adata, align_genes=True, max_missing_fraction=1.0)
+    check_expression(matrix, counts=reference.config.is_count_model, source=f"{name}.{where}", remedy=remedy,
                      structure_checked=True)  # fmt: skip
+    reference._warn_if_other_scale(matrix, source=f"{name}.{where}")
 
 
 def _cells(adata: AnnData, schema: DataSchema, encoding: DataSchema) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,7 +89,7 @@ def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, 
     """Write the model's expected expression of DATA's cells to a layer of --out."""
     from genailab.apps import denoise as denoise_cells
 
-    check_output_file(out, suffix=".h5ad")  # fail before the work, not after
+    check_output_file(out, suffix=".h5ad", data=data)  # fail before the work, not after
     model, adata = _load(run_dir, data, device)
     denoise_cells(adata, model, key_added=key, library_size=_library(library_size), include_dropout=include_dropout,
                   conditions=_conditions(conditions, model) or None, n_samples=n_samples)  # fmt: skip
@@ -127,7 +127,7 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 
     if source == "posterior" and data is None:
         raise ConfigError("--source posterior encodes real cells; pass them with --data DATA.h5ad.")
-    check_output_file(out, suffix=".h5ad")
+    check_output_file(out, suffix=".h5ad", data=data)
     model, adata = _load(run_dir, data, device)
     generated = generate_cells(adata, model, n_cells=n_cells, conditions=_conditions(conditions, model), source=source,
                                library_size=library_size, seed=seed)  # fmt: skip
@@ -196,7 +196,7 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed, dev
     from genailab.apps import cluster as cluster_cells
 
     plot = plot or out.with_name(f"{out.stem}_umap.png")
-    check_output_file(out, suffix=".h5ad")
+    check_output_file(out, suffix=".h5ad", data=data)
     check_output_file(plot, suffix=".png", option="--plot")
     model, adata = _load(run_dir, data, device)
     cluster_cells(adata, model, resolution=resolution, n_neighbors=n_neighbors, plot=plot,
@@ -244,7 +244,7 @@ def de(run_dir, data, groupby, group, reference, out, delta, fdr_target, level, 
     """Differential expression of --group vs --reference from the model's posterior (scVI change mode)."""
     from genailab.apps import differential_expression
 
-    check_output_file(out, suffix=".csv")
+    check_output_file(out, suffix=".csv", data=data)
     model, adata = _load(run_dir, data, device)
     table = differential_expression(adata, model, groupby=groupby, group=group, reference=reference, delta=delta,
                                     fdr_target=fdr_target, level=level, n_samples_per_cell=n_samples_per_cell,

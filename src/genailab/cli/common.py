@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import functools
 import re
 import shlex
@@ -72,14 +73,27 @@ def read_data(path: Path, *, backed: bool = False):
     return read(path, backed=backed)
 
 
-def check_output_file(path: Path, *, suffix: str | None = None, option: str = "--out") -> Path:
-    """Check, before the work, that ``path`` can be written as a file (see :mod:`genailab.safe_write`)
-    and, with ``suffix``, that its name says what the command writes there (``.h5ad``, ``.csv``, ``.png``)."""
+def check_output_file(
+    path: Path, *, suffix: str | None = None, option: str = "--out", data: Path | None = None
+) -> Path:
+    """Check, before the work, that ``path`` can be written as a file (see :mod:`genailab.safe_write`),
+    with ``suffix`` that its name says what the command writes there (``.h5ad``, ``.csv``, ``.png``),
+    and that it is not the input file ``data`` (a command never replaces its input)."""
     from genailab.safe_write import check_output_file as check
 
     if suffix is not None and path.suffix.lower() != suffix:
         raise ConfigError(f"{option} {path} must end in {suffix}: this command writes a {suffix[1:]} file there.")
+    if data is not None and is_same_file(path, data):
+        raise ConfigError(
+            f"{option} {path} is the input file DATA; write to a new file (the input is never replaced), "
+            f"e.g. {option} {path.with_name(path.stem + '_genailab' + path.suffix)}."
+        )
     return check(path)
+
+
+def is_same_file(path: Path, other: Path) -> bool:
+    """Whether both paths exist and name the same file (through links and relative paths)."""
+    return path.exists() and other.exists() and os.path.samefile(path, other)
 
 
 def write_h5ad(adata, path: Path) -> Path:

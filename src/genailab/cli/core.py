@@ -93,7 +93,7 @@ def embed(run_dir, data, out, key, align_genes, device):
     """Write the latent posterior means of DATA's cells to obsm[KEY] of --out."""
     from genailab import VAE
 
-    check_output_file(out, suffix=".h5ad")  # fail before the work, not after
+    check_output_file(out, suffix=".h5ad", data=data)  # fail before the work, not after
     adata = read_data(data)
     model = VAE.load(run_dir, adata, device=device)
     adata.obsm[key] = model.get_latent(adata, align_genes=align_genes)

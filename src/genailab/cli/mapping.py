@@ -9,7 +9,9 @@ import click
 from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, START_LATENT_SPREAD, map_query
 from genailab.apps.transfer import transfer_labels
 from genailab.cli import main
-from genailab.cli.common import check_output_file, fail_cleanly, fit_in_run_folder, read_data, run_folder, write_h5ad
+from genailab.cli.common import (
+    check_output_file, fail_cleanly, fit_in_run_folder, is_same_file, read_data, run_folder, write_h5ad,
+)
 from genailab.cli.options import argument_default, hidden_alias
 from genailab.errors import ConfigError
 from genailab.model.surgery import UNFREEZE
@@ -75,6 +77,10 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
 
     if label_key is not None and reference_data is None:
         raise ConfigError("`label_key` needs the reference's cells: pass `reference_data` (REF.h5ad) as well.")
+    for name, data in (("QUERY", query), ("--reference-data", reference_data)):
+        if data is not None and is_same_file(out / MAPPED_FILE, data):
+            raise ConfigError(f"{name} {data} is the file --out {out} writes the mapped query to ({MAPPED_FILE}); "
+                              "choose another --out folder (the input is never replaced).")
     with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, MAPPED_FILE, UMAP_FILE)):
         for name in (MAPPED_FILE, UMAP_FILE):
             check_output_file(out / name)

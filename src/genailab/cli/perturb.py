@@ -104,7 +104,7 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
     from genailab.data.perturbation_schema import require_control_labels
     from genailab.errors import InputDataError
 
-    check_output_file(out, suffix=".h5ad")  # fail before the work, not after
+    check_output_file(out, suffix=".h5ad", data=data)  # fail before the work, not after
     model = PerturbationModel.load(run_dir, device=device)
     adata = read_data(data)
     keys = model.keys

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 EMPTY_CELL_ACTIONS = ("error", "drop", "warn")
 _CHUNK = 1 << 16  # values checked at a time
+SCALE_CELLS = 2000  # cells read to measure a matrix's value scale
+SCALE_RATIO = 3.0  # value scales further apart than this are not the same preparation of the data
 
 
 def _values(matrix) -> np.ndarray:
@@ -87,6 +89,42 @@ def check_expression(
             + (remedy or "Point `layer` at the raw-count layer (often layers['counts']), or use the Gaussian model "
                "(likelihood='gaussian') for log-normalised data.")
         )
+
+
+def value_scale(matrix) -> float:
+    """The median over cells of each cell's largest value, from at most ``SCALE_CELLS`` cells spread
+    over the matrix (a backed matrix: its first cells). Log-normalised data sit near 3-8, raw counts
+    in the tens to thousands, standardised data near 10: how a new AnnData is told apart from the
+    preparation a Gaussian model was trained on."""
+    n_cells = matrix.shape[0]
+    if n_cells == 0:
+        return 0.0
+    if isinstance(matrix, OnDiskMatrix):
+        sample = matrix.read(0, min(n_cells, SCALE_CELLS))
+    else:
+        if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+            matrix = matrix.tocsr()
+        sample = matrix[np.unique(np.linspace(0, n_cells - 1, min(n_cells, SCALE_CELLS)).astype(np.int64))]
+    largest = sample.max(axis=1)
+    largest = largest.toarray() if sp.issparse(largest) else np.asarray(largest)
+    scale = float(np.median(largest.astype(np.float64)))
+    return scale if np.isfinite(scale) else 0.0  # NaN/Inf: check_expression names them
+
+
+def warn_if_other_scale(matrix, trained_scale: float, *, source: str) -> None:
+    """Log a warning when ``matrix``'s :func:`value_scale` is more than ``SCALE_RATIO`` times above
+    or below ``trained_scale``, that of the data a Gaussian model was trained on (raw counts given
+    to a model of log-normalised values embed far from every training cell, without an error)."""
+    scale = value_scale(matrix)
+    if trained_scale <= 0 or scale <= 0 or max(scale / trained_scale, trained_scale / scale) <= SCALE_RATIO:
+        return
+    logger.warning(
+        "%s is on another scale than the data this Gaussian model was trained on (median of each cell's "
+        "largest value %.3g, against %.3g in training): prepare it as the training data were (for "
+        "log-normalised training data, sc.pp.normalize_total(adata, target_sum=1e4) then sc.pp.log1p(adata) "
+        "on raw counts), or its latent and expression will be far from every training cell.",
+        source, scale, trained_scale,
+    )
 
 
 def cell_totals(matrix) -> np.ndarray:
