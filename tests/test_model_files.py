@@ -130,3 +130,16 @@ def test_a_description_relabelled_to_an_older_format_is_named(saved, tmp_path, c
     with caplog.at_level("WARNING", logger="genailab.anndata_models.files"):
         genailab.VAE.load(copy)
     assert "saved in model format 1" in caplog.text
+
+
+def test_a_hash_in_a_description_labelled_format_1_is_still_checked(saved, tmp_path):
+    """Setting format_version to 1 after editing the genes skipped the hash the file still carried."""
+    copy = _copy(saved, tmp_path)
+
+    def edit(metadata):
+        metadata["format_version"] = 1
+        metadata["schema"]["gene_names"][0] = "XXX"
+
+    _edit(copy, edit, rehash=False)
+    with pytest.raises(CheckpointError, match="does not match the hash recorded in it"):
+        genailab.VAE.load(copy)

@@ -458,3 +458,49 @@ def test_loading_never_unpickles_code(trained, tmp_path, counts):
     with pytest.raises(CheckpointError):
         genailab.VAE(counts, **TINY).fit(**FAST, resume_from=evil / "model.pt")
     assert not marker.exists()
+
+
+# -- AnnData layouts and options that were misread ------------------------------------------------
+def test_counts_only_in_a_layer_name_the_layer_option(counts, tmp_path):
+    """X=None (a common h5ad layout) gave 'contains 1 NaN or infinite values', or a raw h5py KeyError backed."""
+    layered = ad.AnnData(obs=counts.obs, var=counts.var, layers={"counts": counts.layers["counts"]})
+    with pytest.raises(SchemaMismatchError, match=r"adata.X is empty \(None\).*\['counts'\].*`layer`"):
+        genailab.VAE(layered)
+    layered.write_h5ad(tmp_path / "layered.h5ad")
+    with pytest.raises(SchemaMismatchError, match=r"adata.X is empty"):
+        genailab.VAE(ad.read_h5ad(tmp_path / "layered.h5ad", backed="r"))
+    assert genailab.VAE(layered, layer="counts").schema.layer == "counts"
+
+
+def test_counts_a_few_float32_steps_off_whole_are_counts(counts):
+    """expm1(log1p(x)) in float32 is up to 4 float32 steps off x (35.999996 for 36): refused as
+    non-integer, with the example printed as '36'."""
+    x = sp.csr_matrix(counts.layers["counts"], dtype=np.float32)
+    x.data = x.data * 37.0  # counts of 37 and more, where float32 steps exceed 1e-6
+    off = x.copy()
+    off.data = np.nextafter(np.nextafter(off.data, np.float32(0)), np.float32(0))
+    assert np.abs(off.data - np.round(off.data)).max() > 1e-6
+    genailab.VAE(_with_x(counts, off), **TINY).fit(**FAST)
+    off.data[0] += np.float32(0.25)
+    with pytest.raises(InputDataError, match=r"1 non-integer values \(e.g. \d+\.2\d+\)"):
+        genailab.VAE(_with_x(counts, off), **TINY).fit(**FAST)
+
+
+def test_condition_columns_mixing_numbers_and_their_strings(counts):
+    """An object column holding 1 and '1' gave the categories ('1', '1', '2') and a pandas reindexing error."""
+    mixed = counts.copy()
+    mixed.obs["plate"] = pd.Series([1, "1", 2] * (counts.n_obs // 3), index=counts.obs_names, dtype=object)
+    model = genailab.VAE(mixed, layer="counts", condition_keys=["plate"], **TINY)
+    assert model.schema.categories == (("1", "2"),) and model.config.condition_dim == 2
+    with pytest.raises(ConfigError, match=r"condition_keys names \['batch'\] more than once"):
+        genailab.VAE(counts, layer="counts", condition_keys=["batch", "batch"], **TINY)
+
+
+@pytest.mark.parametrize(
+    ("option", "hint"),
+    [("batch_key", "condition_keys=\\['batch'\\]"), ("n_latent", "calls it latent_dim"), ("epochs", "give it to fit")],
+)
+def test_options_named_as_elsewhere_get_their_genailab_name(counts, option, hint):
+    with pytest.raises(ConfigError, match=hint) as error:
+        genailab.VAE(counts, layer="counts", **{option: 3})
+    assert "input_dim" not in str(error.value) and "condition_dim" not in str(error.value)

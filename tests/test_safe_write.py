@@ -200,6 +200,18 @@ def test_a_save_killed_midway_leaves_a_loadable_model(counts, tmp_path, monkeypa
     _assert_same_weights(genailab.VAE.load(folder), _weights(second))
 
 
+def test_a_first_save_killed_before_its_weights_take_their_name_loads(counts, tmp_path, monkeypatch):
+    """With no earlier model.pt, the folder held genailab.json and model.pending.pt: refused as 'not a
+    saved genailab model', and a new save refused as 'already holds a saved model'."""
+    model = genailab.VAE(counts, layer="counts", **TINY).fit(**FAST)
+    _crash_at_replace(monkeypatch, lambda src, dst: src.name == "model.pending.pt")
+    with pytest.raises(KeyboardInterrupt):
+        model.save(tmp_path / "model")
+    monkeypatch.undo()
+    assert _files(tmp_path / "model") == ["genailab.json", "model.pending.pt"]
+    _assert_same_weights(genailab.VAE.load(tmp_path / "model"), _weights(model))
+
+
 def test_train_refuses_a_folder_with_a_model_unless_overwrite(run, h5ad):
     before = (run / "model.pt").read_bytes()
     result = CliRunner().invoke(main, ["train", str(h5ad), "--out", str(run), *CLI_TINY, "--seed", "4"])
@@ -218,10 +230,27 @@ def test_a_new_run_never_keeps_another_runs_checkpoint(h5ad, tmp_path):
     result = CliRunner().invoke(main, [*args, "--seed", "5"])
     assert result.exit_code != 0 and "holds the checkpoint of an unfinished run (epoch" in result.output
     assert (out / "checkpoint.pt").read_bytes() == old_checkpoint
+    result = CliRunner().invoke(main, [*args, "--seed", "5", "--overwrite", "--layer", "countz"])
+    assert result.exit_code != 0 and "Layer 'countz' is not in adata.layers" in result.output
+    assert (out / "checkpoint.pt").read_bytes() == old_checkpoint  # a typo did not cost the unfinished run
     result = CliRunner().invoke(main, [*args, "--seed", "5", "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (out / "checkpoint.pt").exists()  # the new run wrote no checkpoint; the stale one is gone
     assert genailab.VAE.load(out).train_config.seed == 5
+
+
+def test_perturb_train_and_integrate_refuse_another_runs_checkpoint(h5ad, tmp_path):
+    """Both left a VAE run's checkpoint beside their own model, where `train --resume` would take it for theirs."""
+    out = tmp_path / "run"
+    args = ["train", str(h5ad), "--out", str(out), *CLI_TINY, "--checkpoint-every", "1"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "genailab.json").unlink()
+    (out / "model.pt").unlink()
+    for command in (["integrate", str(h5ad), "--batch-key", "batch", "--layer", "counts"],
+                    ["perturb", "train", str(h5ad), "--layer", "counts"]):
+        result = CliRunner().invoke(main, [*command, "--out", str(out), "--epochs", "1"])
+        assert result.exit_code != 0 and "holds the checkpoint of an unfinished run" in result.output, result.output
+        assert (out / "checkpoint.pt").exists()
 
 
 # -- one writer per folder ---------------------------------------------------------------------

@@ -610,6 +610,29 @@ def test_a_query_model_warns_when_its_reference_has_changed(split, reference_run
     assert "has changed since" not in caplog.text
 
 
+def test_a_query_records_the_reference_weights_it_was_mapped_onto(split, reference_run, tmp_path, caplog):
+    """A reference refitted after loading, or whose folder was replaced after loading, was recorded
+    with the folder's current files, so the query model never warned that the two differ."""
+    import shutil
+
+    reference_data, query = split
+    _, folder = reference_run
+    copy = tmp_path / "reference"
+    shutil.copytree(folder, copy)
+    refitted = genailab.VAE.load(copy, reference_data).fit(epochs=1, **{**FAST, "seed": 9})
+    record = refitted.map_query(query, encoder_start="mean").reference
+    assert record["path"] is None and "weights_sha256" in record
+    loaded = genailab.VAE.load(copy, reference_data)
+    genailab.VAE(reference_data, likelihood="nb", layer="counts", condition_keys=["batch"], **ARCH).fit(
+        epochs=1, **{**FAST, "seed": 5}).save(copy, overwrite=True)  # replaced after the load
+    mapped = loaded.map_query(query, encoder_start="mean")
+    assert mapped.reference["model_pt_sha256"] == hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()
+    mapped.fit(epochs=1, **FAST).save(tmp_path / "query")
+    with caplog.at_level("WARNING", logger="genailab.anndata_models.files"):
+        genailab.VAE.load(tmp_path / "query")
+    assert "has changed since" in caplog.text
+
+
 def test_empty_query_cells_follow_map_querys_empty_cells(split, reference_run):
     _, query = split
     reference, _ = reference_run

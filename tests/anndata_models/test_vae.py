@@ -107,6 +107,34 @@ def test_gaussian_model_with_continuous_and_embedded_conditions(pbmc):
     np.testing.assert_array_equal(model.get_normalized_expression(), model.get_normalized_expression(library_size="observed"))
 
 
+def test_gaussian_model_keeps_scaled_cells_whose_values_sum_below_zero():
+    """scanpy's pbmc68k_reduced.X is scaled: 389 of its 700 cells sum below zero and were refused
+    (or dropped with empty_cells='drop') as cells with zero counts."""
+    adata = sc.datasets.pbmc68k_reduced()
+    assert (np.asarray(adata.X.sum(1)).ravel() <= 0).sum() == 389
+    adata.X[5] = 0.0  # one truly empty cell
+    model = genailab.VAE(adata, likelihood="gaussian", latent_dim=3, hidden_dims=(16,), empty_cells="drop")
+    model.fit(**{**FAST, "epochs": 1})
+    assert model.training_info["n_train"] + model.training_info["n_validation"] == 699
+
+
+def test_counts_stored_as_duplicate_entries_are_summed(trained, pbmc):
+    """A legal non-canonical CSR storing each count as two entries gave another ELBO (281.691
+    against 281.612): the count terms saw two small counts instead of one."""
+    counts = sp.csr_matrix(pbmc.layers["counts"], dtype=np.float32)
+    half = np.floor(counts.data / 2)
+    split = sp.csr_matrix(
+        (np.column_stack([half, counts.data - half]).ravel(), np.repeat(counts.indices, 2), counts.indptr * 2),
+        shape=counts.shape,
+    )
+    assert not split.has_canonical_format and abs(split - counts).sum() == 0
+    twice = pbmc.copy()
+    twice.layers["counts"] = split
+    expected = trained.get_elbo(pbmc, seed=0)
+    observed = trained.get_elbo(twice, seed=0)
+    assert observed["reconstruction"] == pytest.approx(expected["reconstruction"], rel=1e-6)
+
+
 def test_same_seed_same_latent(pbmc):
     def latent():
         model = genailab.VAE(pbmc, likelihood="zinb", layer="counts", latent_dim=3, hidden_dims=(16,))
@@ -174,12 +202,68 @@ def test_fit_starts_fresh_unless_warm_start(trained, pbmc, tmp_path):
     loaded.fit(**{**FAST, "epochs": 1}, warm_start=True)
     # continuing from three epochs beats one epoch from scratch on the validation ELBO
     assert loaded.history[0]["val_elbo_loss"] < again.history[0]["val_elbo_loss"] - 1
+    assert loaded.history[0]["kl_weight"] == 1.0 and again.history[0]["kl_weight"] < 0.5  # no second KL warm-up
     with pytest.raises(ConfigError, match="not both"):
         loaded.fit(warm_start=True, resume_from=tmp_path / "x.pt")
     with pytest.raises(ConfigError, match="not AnnData"):
         loaded.fit(pbmc)
     with pytest.raises(ConfigError, match=r"VAE.load\(folder, adata\)"):
         genailab.VAE.load(tmp_path / "run").fit(epochs=1)
+
+
+@pytest.mark.parametrize("failure", ["option", "divergence"])
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_a_failed_fit_leaves_the_trained_model_as_it_was(pbmc, failure, warm_start):
+    """A refused option (checked when the trainer is built) or a diverged run replaced the weights of
+    a trained model, fresh or blown up (latent 7e8), while is_trained and history still said trained."""
+    import torch
+
+    from genailab.errors import TrainingDivergedError
+
+    model = genailab.VAE(pbmc, likelihood="nb", layer="counts", latent_dim=4, hidden_dims=(32,)).fit(**FAST)
+    before = {name: tensor.clone() for name, tensor in model.module.state_dict().items()}
+    latent = model.get_latent()
+    options = {"option": dict(checkpoint_every=1), "divergence": dict(lr=1e3, grad_clip=None)}[failure]
+    error = ConfigError if failure == "option" else TrainingDivergedError
+    with pytest.raises(error):
+        model.fit(**{**FAST, **options}, warm_start=warm_start)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.module.state_dict().items())
+    np.testing.assert_array_equal(model.get_latent(), latent)
+    assert len(model.history) == 3
+
+
+def test_fit_leaves_the_callers_random_streams_and_determinism_setting(pbmc):
+    """fit() seeded Python's, NumPy's and torch's global streams to its own seed: every draw after a
+    fit repeated the same numbers, and torch's deterministic flag was switched for good."""
+    import random
+
+    import torch
+
+    model = genailab.VAE(pbmc, likelihood="nb", layer="counts", latent_dim=4, hidden_dims=(32,))
+    draws = []
+    for seed in (1, 2):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        model.fit(**{**FAST, "epochs": 1}, deterministic=True)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert draws[0] == (random.random(), np.random.rand(), torch.rand(1).item())
+    assert draws[0] != draws[1]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_category_without_training_cells_is_named(pbmc, caplog):
+    import logging
+
+    adata = pbmc.copy()
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    model = genailab.VAE(adata, likelihood="nb", layer="counts", latent_dim=4, hidden_dims=(32,))
+    model.fit(**{**FAST, "epochs": 1})
+    validation = model.validation_indices[0]
+    adata.obs.iloc[validation, adata.obs.columns.get_loc("batch")] = "rare"  # its one cell is held out
+    model = genailab.VAE(adata, likelihood="nb", layer="counts", condition_keys=["batch"], latent_dim=4, hidden_dims=(32,))
+    with caplog.at_level(logging.WARNING, logger="genailab"):
+        model.fit(**{**FAST, "epochs": 1})
+    assert any("no training cell" in r.getMessage() and "['rare']" in r.getMessage() for r in caplog.records)
 
 
 def test_marginal_ll_is_seeded_and_leaves_the_global_stream_alone(trained):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import random
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from genailab.anndata_models.files import (
     data_fingerprint,
     load_model_files,
     save_model_files,
+    saved_file_hashes,
 )
 from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions, MinibatchLoader, row_indices
@@ -82,7 +85,8 @@ class AnnDataModel:
         self.history: list[dict] = []
         self.training_info: dict = {}
         self._split: dict[str, np.ndarray] | None = None
-        self.saved_dir: Path | None = None  # the folder this model was loaded from or last saved to
+        self.saved_dir: Path | None = None  # the folder this model was loaded from or last saved to, until refitted
+        self.saved_files: dict[str, str] | None = None  # SHA-256 of that folder's files then (files.saved_file_hashes)
 
     # -- what a subclass supplies ------------------------------------------------------------------
     def _new_module(self) -> torch.nn.Module:
@@ -221,7 +225,12 @@ class AnnDataModel:
 
         Each call starts from new weights drawn from ``seed``, so a call gives the same model
         whatever was trained before; ``warm_start=True`` continues from the current weights instead
-        (e.g. to train a loaded model further), with a new optimiser and schedule.
+        (e.g. to train a loaded model further), with a new optimiser and learning-rate schedule and
+        no KL warm-up unless ``kl_warmup_epochs`` is given; ``history`` then holds this call's
+        epochs. A call that raises leaves the model as it was. The caller's global random streams
+        (Python, NumPy, torch) and torch's deterministic-algorithms setting are left as they were.
+        Training ends at the last epoch run: early stopping stops there and keeps those weights
+        (not the best epoch's).
 
         Parameters
         ----------
@@ -265,6 +274,8 @@ class AnnDataModel:
             raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size >= 2 or norm='layer'.")
         if warm_start and resume_from is not None:
             raise ConfigError("Pass warm_start=True or resume_from=..., not both: a checkpoint restores its own weights.")
+        if warm_start and config.kl_warmup_epochs is None:  # a trained model has no KL warm-up to go through again
+            config = dataclasses.replace(config, kl_warmup_epochs=0.0)
         if self.adata is None:
             raise ConfigError(f"This model was loaded without an AnnData; to train it, load it with the data: "
                               f"{type(self).__name__}.load(folder, adata).")
@@ -272,30 +283,73 @@ class AnnDataModel:
         matrix, conditions = self._validated(adata)
         rows = np.flatnonzero(empty_cells(matrix, action=self._empty_cells, source="The training data"))
         train_rows, val_rows = split_rows(rows, config.validation_fraction, config.seed)
+        self._warn_if_categories_untrained(adata.obs, rows, train_rows)
         config = config.resolved(train_rows.size)  # the data-dependent defaults (epochs, schedules), as trained
         targets = self._adversary_targets(adata)
         labels = None if targets is None else targets[0]
 
-        seed_everything(config.seed, deterministic=config.deterministic)
-        if resume_from is None and not warm_start:
-            self.module = self._new_module()  # initial weights depend on the seed
-        if self.adversary is None or (resume_from is None and not warm_start):
-            self.adversary = (  # on resume, the checkpoint then restores its weights
-                BatchDiscriminator(self._network_config.latent_dim, targets[1], self.adversary_config)
-                if targets is not None
-                else None
-            )
-        if self._network_config.is_count_model:
-            self.module.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
+        fresh = resume_from is None and not warm_start  # initial weights drawn from the seed
+        with kept_global_random_state():  # the caller's random streams and determinism flag are theirs
+            seed_everything(config.seed, deterministic=config.deterministic)
+            module = self._new_module() if fresh else self.module
+            adversary = self.adversary if targets is not None else None  # on resume the checkpoint restores it
+            if targets is not None and (adversary is None or fresh):
+                adversary = BatchDiscriminator(self._network_config.latent_dim, targets[1], self.adversary_config)
+            before = None if fresh else [_cloned_state(part) for part in (module, adversary)]
+            try:
+                trainer, data_sha256, interrupted = self._train(
+                    module, adversary, config, matrix, conditions, labels, train_rows, val_rows,
+                    checkpoint_dir=checkpoint_dir, resume_from=resume_from, loader=loader,
+                )  # fmt: skip
+            except BaseException:  # a failed fit leaves the model as it was (an interrupt keeps its last epoch)
+                for part, state in zip((module, adversary), before or ()):
+                    if state is not None:
+                        part.load_state_dict(state)
+                raise
+        self.module, self.adversary = module, adversary
+        self.saved_dir = self.saved_files = None  # the weights are no longer those of a saved folder
+        self.history = trainer.history
+        self.train_config = config
+        self.training_info = {
+            "n_cells": int(matrix.shape[0]),
+            "n_train": int(train_rows.size),
+            "n_validation": int(val_rows.size),
+            "stopped_early": trainer.stopped_early,
+            "data_sha256": data_sha256,
+        }
+        self._split = {"train": train_rows, "validation": val_rows}
+        self.module.eval()
+        if interrupted is not None:
+            raise interrupted
+        return self
 
+    def _warn_if_categories_untrained(self, obs, rows: np.ndarray, train_rows: np.ndarray) -> None:
+        """Log a warning for condition categories whose cells all fell into the validation split:
+        their parameters then learn nothing, yet the model accepts them."""
+        for key in self._data_schema.categorical_keys:
+            values = obs[key].astype(str).to_numpy()
+            untrained = sorted(set(values[rows]) - set(values[train_rows]))
+            if untrained:
+                logger.warning(
+                    "obs[%r] has categories with no training cell (all their cells are in the validation split): "
+                    "%s; the model learns nothing for them. Add cells of them, or lower validation_fraction.",
+                    key, untrained[:10],
+                )
+
+    def _train(self, module, adversary, config: TrainConfig, matrix, conditions, labels, train_rows, val_rows, *,
+               checkpoint_dir, resume_from, loader):
+        """Run the :class:`~genailab.train.trainer.Trainer` on ``module`` (and ``adversary``);
+        returns (trainer, data fingerprint, the KeyboardInterrupt that stopped it or None)."""
+        if self._network_config.is_count_model:
+            module.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
         checkpoint_path = check_writable(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
         data_sha256 = data_fingerprint(matrix, conditions, self.schema_genes)
         trainer = Trainer(
-            self.module,
+            module,
             config,
             checkpoint_path=checkpoint_path,
             checkpoint_extra={"model_type": self.MODEL_TYPE, **self._description(), "data_sha256": data_sha256},
-            adversary=self.adversary,
+            adversary=adversary,
         )
         if resume_from is not None:
             trainer.load_state_dict(self._checked_checkpoint(resume_from, data_sha256), source=resume_from)
@@ -311,27 +365,13 @@ class AnnDataModel:
             if val_rows.size
             else None
         )
-        interrupted = None
         writes_checkpoints = checkpoint_dir is not None and trainer.dist.is_main
         try:
             with FolderLock(checkpoint_dir) if writes_checkpoints else contextlib.nullcontext():  # one writer per folder
                 trainer.fit(train_loader, val_loader)
         except KeyboardInterrupt as exc:  # the trainer went back to its last finished epoch: keep that
-            interrupted = exc
-        self.history = trainer.history
-        self.train_config = config
-        self.training_info = {
-            "n_cells": int(matrix.shape[0]),
-            "n_train": int(train_rows.size),
-            "n_validation": int(val_rows.size),
-            "stopped_early": trainer.stopped_early,
-            "data_sha256": data_sha256,
-        }
-        self._split = {"train": train_rows, "validation": val_rows}
-        self.module.eval()
-        if interrupted is not None:
-            raise interrupted
-        return self
+            return trainer, data_sha256, exc
+        return trainer, data_sha256, None
 
     @property
     def schema_genes(self) -> tuple[str, ...]:
@@ -370,7 +410,7 @@ class AnnDataModel:
             "history": self.history,
         }
         save_model_files(directory, metadata=metadata, tensors=tensors)
-        self.saved_dir = directory
+        self.saved_dir, self.saved_files = directory, saved_file_hashes(directory)
         return directory
 
     @classmethod
@@ -419,16 +459,43 @@ class AnnDataModel:
             model._split = {"train": tensors["split.train"].numpy(), "validation": tensors["split.validation"].numpy()}
         model.module.to(resolve_device(device)).eval()
         model.saved_dir = Path(directory)
+        model.saved_files = saved_file_hashes(model.saved_dir)
         return model
 
 
-def build_config(config_class, **options):
-    """``config_class(**options)`` with unknown, doubled or mistyped options reported as ConfigError."""
+MODEL_SET_FIELDS = ("input_dim", "condition_dim", "categorical_sizes", "n_continuous")  # ModelConfig fields read off the data
+# What scvi-tools' and CPA's option names are called here (an unknown option gets the hint).
+PEER_OPTION_NAMES = {
+    "batch_key": "condition_keys=['batch'] (with adversarial_key='batch' for adversarial batch correction)",
+    "categorical_covariate_keys": "condition_keys=[...]",
+    "continuous_covariate_keys": "continuous_keys=[...]",
+    "labels_key": "condition_keys=[...] to condition on the labels, or apps.transfer_labels(label_key=...) to transfer them",
+    "n_latent": "latent_dim",
+    "n_hidden": "hidden_dims=[n_hidden] * n_layers",
+    "n_layers": "hidden_dims=[n_hidden] * n_layers",
+    "gene_likelihood": "likelihood ('nb', 'zinb' or 'gaussian')",
+    "dropout_rate": "dropout",
+    "max_epochs": "epochs",
+}
+
+
+def build_config(config_class, *, set_by_model: tuple[str, ...] = (), **options):
+    """``config_class(**options)`` with unknown, doubled or mistyped options reported as ConfigError;
+    ``set_by_model`` are fields the caller fills from the data, left out of the options listed."""
     try:
         return config_class(**options)
     except TypeError as exc:
-        known = sorted(f.name for f in dataclasses.fields(config_class))
-        raise ConfigError(f"{exc}; the options of {config_class.__name__} are {known}.") from exc
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        name = unknown.group(1) if unknown else None
+        known = sorted(f.name for f in dataclasses.fields(config_class) if f.name not in set_by_model)
+        if name in PEER_OPTION_NAMES:
+            hint = f" (genailab calls it {PEER_OPTION_NAMES[name]})"
+        elif name in {f.name for f in dataclasses.fields(TrainConfig)} and config_class is not TrainConfig:
+            hint = " (a training option: give it to fit() or a TrainConfig, not to the model)"
+        else:
+            hint = ""
+        message = f"Unknown option {name!r}{hint}" if name else str(exc)
+        raise ConfigError(f"{message}; the options of {config_class.__name__} are {known}.", argument=name) from exc
 
 
 def split_rows(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -457,6 +524,29 @@ def seeded(seed: int | None):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def kept_global_random_state():
+    """Leave Python's, NumPy's and torch's global random streams and torch's deterministic-algorithms
+    setting as they were before the block (training seeds and sets them for its own run)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _cloned_state(part: torch.nn.Module | None) -> dict | None:
+    """A copy of ``part``'s state dict (None for no part), to put back after a failed fit."""
+    return None if part is None else {name: tensor.detach().clone() for name, tensor in part.state_dict().items()}
 
 
 def storable_params(params: Mapping[str, object]) -> dict:

@@ -93,6 +93,14 @@ def warn_if_reference_changed(record: dict | None) -> None:
         )
 
 
+def saved_file_hashes(directory: Path) -> dict[str, str] | None:
+    """SHA-256 of a saved folder's two files, as a query model records its reference; None when
+    either is missing."""
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        return None
+    return {"genailab_json_sha256": _sha256(directory / CONFIG_FILE), "model_pt_sha256": _sha256(directory / WEIGHTS_FILE)}
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -168,7 +176,8 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
     """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+    weights_present = (directory / WEIGHTS_FILE).is_file() or (directory / PENDING_WEIGHTS_FILE).is_file()
+    if not config_path.is_file() or not weights_present:  # pending weights: a first save stopped before its rename
         raise CheckpointError(
             f"{directory} is not a saved genailab model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
             "(written by model.save(dir) or `genailab train --out dir`)."
@@ -182,7 +191,8 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
     format_version = metadata.get("format_version")
     if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
         raise CheckpointError(f"{config_path} has no valid format_version; the file is damaged.")
-    if format_version == 1:
+    hashed = format_version >= 2 or "description_sha256" in metadata  # format 1 never wrote one
+    if not hashed:
         logger.warning("%s was saved in model format 1, before descriptions carried a hash, so edits to it cannot "
                        "be detected; save the model again to write the current format.", config_path)
     if format_version > FORMAT_VERSION:
@@ -190,7 +200,7 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
             f"{directory} uses model format {format_version}, newer than this genailab reads "
             f"({FORMAT_VERSION}); upgrade genailab."
         )
-    if format_version >= 2 and metadata.get("description_sha256") != description_hash(metadata):
+    if hashed and metadata.get("description_sha256") != description_hash(metadata):
         raise CheckpointError(
             f"{config_path} does not match the hash recorded in it (description_sha256): the description (gene "
             "names, categories, options...) was edited or damaged. Restore it from a backup or retrain."

@@ -34,7 +34,6 @@ import torch
 from anndata import AnnData
 
 from genailab.anndata_models.base import build_config
-from genailab.anndata_models.files import CONFIG_FILE, WEIGHTS_FILE, _sha256
 from genailab.anndata_models.vae import VAE
 from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions
@@ -497,15 +496,10 @@ def _cells(adata: AnnData, schema: DataSchema, encoding: DataSchema) -> tuple[to
 
 
 def reference_record(reference: VAE) -> dict:
-    """Where the reference came from: its folder and the SHA-256 of its two files when it was loaded
-    or saved, else the SHA-256 of its weights in memory."""
-    folder = reference.saved_dir
-    if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        return {
-            "path": str(folder.resolve()),
-            "genailab_json_sha256": _sha256(folder / CONFIG_FILE),
-            "model_pt_sha256": _sha256(folder / WEIGHTS_FILE),
-        }
+    """Where the reference came from: its folder and the SHA-256 of its two files as they were when
+    it was loaded or saved (not retrained since), else the SHA-256 of its weights in memory."""
+    if reference.saved_dir is not None and reference.saved_files is not None:
+        return {"path": str(reference.saved_dir.resolve()), **reference.saved_files}
     return {"path": None, "weights_sha256": _state_sha256(reference.module.state_dict())}
 
 

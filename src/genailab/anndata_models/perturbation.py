@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded
+from genailab.anndata_models.base import INFERENCE_BATCH, MODEL_SET_FIELDS, AnnDataModel, build_config, seeded
 from genailab.checks import check_library_size, check_number
 from genailab.data.loader import MinibatchLoader
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
@@ -109,7 +109,7 @@ class PerturbationModel(AnnDataModel):
         schema = PerturbationSchema.from_anndata(adata, keys=keys, covariate_keys=covariate_keys, layer=layer)
         vae = build_config(
             ModelConfig, input_dim=schema.data.n_genes, likelihood=likelihood, inject_condition="none",
-            hidden_dims=tuple(hidden_dims), **model_options,
+            hidden_dims=tuple(hidden_dims), **model_options, set_by_model=MODEL_SET_FIELDS + ("inject_condition",),
         )  # fmt: skip
         config = PerturbationConfig(
             vae=vae, n_drugs=len(schema.drugs), max_drugs=schema.max_drugs, covariate_sizes=schema.covariate_sizes,

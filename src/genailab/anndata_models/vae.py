@@ -11,7 +11,9 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.anndata_models.base import INFERENCE_BATCH, AnnDataModel, build_config, seeded, storable_params
+from genailab.anndata_models.base import (
+    INFERENCE_BATCH, MODEL_SET_FIELDS, AnnDataModel, build_config, seeded, storable_params,
+)
 from genailab.anndata_models.files import warn_if_reference_changed
 from genailab.checks import check_library_size, check_number
 from genailab.data.schema import DataSchema
@@ -97,7 +99,7 @@ class VAE(AnnDataModel):
         )  # fmt: skip
         config = build_config(
             ModelConfig, input_dim=schema.n_genes, likelihood=likelihood, **schema.model_condition_options(),
-            **model_options,
+            **model_options, set_by_model=MODEL_SET_FIELDS,
         )  # fmt: skip
         self._assemble(
             schema=schema, config=config, adata=adata, empty_cells=empty_cells, adversarial_key=adversarial_key,

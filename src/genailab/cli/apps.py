@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from genailab.cli import main
-from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
+from genailab.cli.common import (
+    CHECKPOINT_FILE, check_output_file, fail_cleanly, read_data, run_folder, unfinished_run, write_csv, write_h5ad,
+)
 from genailab.apps.integrate import integrate as integrate_batches
 from genailab.cli.options import (
     adversary_options,
@@ -162,8 +164,11 @@ def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, re
     from genailab.apps import integration_scores
     from genailab.train.config import TrainConfig
 
-    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, INTEGRATED_FILE)):
+    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, INTEGRATED_FILE, CHECKPOINT_FILE)):
+        stale = unfinished_run(out, resume_from=None, overwrite=overwrite)
         adata = read_data(data)
+        if stale is not None:  # integrate writes no checkpoint: another run's would be taken for this one's
+            stale.unlink(missing_ok=True)
         model = integrate_batches(
             adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
             adversary=adversary, reference_batch=reference_batch, train=TrainConfig(**train_options), **model_options,

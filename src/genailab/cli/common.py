@@ -198,16 +198,17 @@ def _epoch_of(checkpoint: Path) -> str:
         return "unreadable"
 
 
-def unfinished_run(out: Path, *, resume_from: Path | None, overwrite: bool) -> None:
-    """Refuse to start a new run over ``out``'s checkpoint of an unfinished one unless ``overwrite``
-    (then the old checkpoint is removed, so it is never left beside the new model)."""
+def unfinished_run(out: Path, *, resume_from: Path | None, overwrite: bool) -> Path | None:
+    """Refuse to start a new run over ``out``'s checkpoint of an unfinished one unless ``overwrite``;
+    returns that checkpoint for the caller to delete once the new run's data and model are built
+    (so it is never left beside the new model, and a typo in the command does not cost it)."""
     checkpoint = out / CHECKPOINT_FILE
     if not checkpoint.exists() or (resume_from is not None and Path(resume_from).resolve() == checkpoint.resolve()):
-        return
+        return None
     if not overwrite:
         raise CheckpointError(
             f"{checkpoint} holds the checkpoint of an unfinished run (epoch {_epoch_of(checkpoint)}); resume it with "
             f"--resume {checkpoint}, pass --overwrite to start afresh (the checkpoint is then deleted), or choose "
             "another --out."
         )
-    checkpoint.unlink()
+    return checkpoint

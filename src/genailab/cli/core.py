@@ -65,12 +65,13 @@ def train(data, out, likelihood, layer, condition_keys, continuous_keys, model_o
     # resuming from the run folder's own checkpoint continues that run: its model is the one to replace
     continues_own_run = resume_from is not None and Path(resume_from).resolve() == (Path(out) / CHECKPOINT_FILE).resolve()
     with run_folder(out, overwrite=overwrite or continues_own_run, names=(*RUN_FILES, CHECKPOINT_FILE), lock=is_main):
-        if is_main:
-            unfinished_run(out, resume_from=resume_from, overwrite=overwrite)
+        stale = unfinished_run(out, resume_from=resume_from, overwrite=overwrite) if is_main else None
         adata = read_data(data, backed=backed)
         model = VAE(adata, likelihood=likelihood, layer=layer, condition_keys=list(condition_keys),
                     continuous_keys=list(continuous_keys), empty_cells=empty_cells, **model_options)
         config = TrainConfig(**train_options)
+        if stale is not None:  # the new run is built: the old run's checkpoint goes
+            stale.unlink(missing_ok=True)
         fit_in_run_folder(model, config, out=out, resume_from=resume_from)
         if not is_main:
             return

@@ -9,7 +9,9 @@ import click
 import pandas as pd
 
 from genailab.cli import main
-from genailab.cli.common import check_output_file, fail_cleanly, read_data, run_folder, write_csv, write_h5ad
+from genailab.cli.common import (
+    CHECKPOINT_FILE, check_output_file, fail_cleanly, read_data, run_folder, unfinished_run, write_csv, write_h5ad,
+)
 from genailab.anndata_models.perturbation import PerturbationModel
 from genailab.cli.options import (
     adversary_options,
@@ -69,13 +71,16 @@ def train_command(data, out, keys, covariates, layer, likelihood, model_options,
 
     The adversary keeps the drug out of the basal latent (``--adversary-weight 0`` trains without it).
     """
-    with run_folder(out, overwrite=overwrite, names=(HISTORY_FILE,)):
+    with run_folder(out, overwrite=overwrite, names=(HISTORY_FILE, CHECKPOINT_FILE)):
+        stale = unfinished_run(out, resume_from=None, overwrite=overwrite)
         adata = read_data(data)
         model = PerturbationModel(
             adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type, control_value=keys.control,
             covariate_keys=list(covariates), layer=layer, likelihood=likelihood, adversary=adversary, **model_options,
         )  # fmt: skip
         config = TrainConfig(**train_options)
+        if stale is not None:  # the new run is built: the old run's checkpoint goes
+            stale.unlink(missing_ok=True)
         model.fit(config, checkpoint_dir=out if config.checkpoint_every else None)
         model.save(out, overwrite=True)  # the model first: a full disk at the history loses nothing else
         write_csv(pd.DataFrame(model.history), out / HISTORY_FILE, index=False)

@@ -54,6 +54,10 @@ class DataSchema:
         if encoding not in ENCODINGS:
             raise ConfigError(f"condition encoding {encoding!r} is not one of {ENCODINGS}.")
         categorical_keys, continuous_keys = tuple(categorical_keys), tuple(continuous_keys)
+        for name, keys in (("condition_keys", categorical_keys), ("continuous_keys", continuous_keys)):
+            repeated = sorted({key for key in keys if keys.count(key) > 1})
+            if repeated:
+                raise ConfigError(f"{name} names {repeated} more than once; list each obs column once.", argument=name)
         overlap = set(categorical_keys) & set(continuous_keys)
         if overlap:
             raise ConfigError(f"Columns {sorted(overlap)} are listed as both categorical and continuous.")
@@ -73,7 +77,7 @@ class DataSchema:
                 raise InputDataError(f"obs[{key!r}] has {int(column.isna().sum())} missing values; fill or drop them.")
             cats = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column)
             used = set(column.astype(str))
-            categories.append(tuple(str(c) for c in cats if str(c) in used))
+            categories.append(tuple(dict.fromkeys(str(c) for c in cats if str(c) in used)))  # 1 and "1" are one category
         means, stds = [], []
         for key in continuous_keys:
             values = _continuous_column(adata.obs, key)
@@ -293,7 +297,16 @@ RAW = "raw"  # layer="raw" reads adata.raw.X (and adata.raw.var_names) when no l
 def _layer(adata: AnnData, layer: str | None):
     """The matrix a model reads: ``X``, a layer, or for ``"raw"`` (without such a layer) ``adata.raw.X``."""
     if layer is None:
-        return adata.X
+        try:
+            matrix = adata.X
+        except KeyError:  # a backed file without X
+            matrix = None
+        if matrix is None:
+            raise SchemaMismatchError(
+                f"adata.X is empty (None): this AnnData keeps its values in layers {list(adata.layers)}; name the one "
+                "that holds them with `layer` (e.g. layer='counts' for raw counts)."
+            )
+        return matrix
     if layer == RAW and layer not in adata.layers:
         if adata.raw is None:
             raise SchemaMismatchError(
@@ -332,6 +345,9 @@ def _as_float32(matrix):
     try:
         if sp.issparse(matrix):
             matrix = sp.csr_matrix(matrix) if not sp.isspmatrix_csr(matrix) else matrix
+            if not matrix.has_canonical_format:  # a count stored as two entries is one count to the likelihood
+                matrix = matrix.copy()
+                matrix.sum_duplicates()
             return matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
         return np.asarray(matrix, dtype=np.float32)
     except (TypeError, ValueError) as err:

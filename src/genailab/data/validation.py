@@ -41,8 +41,15 @@ def is_integer_counts(matrix) -> bool:
         for start in range(0, values.size, _CHUNK):  # chunks that stay in cache: several times faster
             chunk = values[start : start + _CHUNK]
             if not (chunk.min() >= 0 and np.abs(chunk - np.round(chunk)).max() < 1e-6):  # False for NaN and inf too
-                return False
+                if not (chunk.min() >= 0 and _whole(chunk).all()):  # float32 rounding of large counts
+                    return False
     return True
+
+
+def _whole(values: np.ndarray) -> np.ndarray:
+    """Which values are whole numbers within float rounding: 1e-6 absolute, relative above 1 (a
+    float32 count of 36 read back as 35.999996 is whole)."""
+    return np.abs(values - np.round(values)) <= 1e-6 * np.maximum(1.0, np.abs(values))
 
 
 def check_expression(
@@ -82,9 +89,9 @@ def check_expression(
             "counts. " + (remedy or "Point `layer` at the raw-count layer, or use the Gaussian model for normalised data.")
         )
     if not is_integer_counts(matrix):
-        fractional = values[np.abs(values - np.round(values)) >= 1e-6]
+        fractional = values[~_whole(values)]
         raise InputDataError(
-            f"{source} has {fractional.size} non-integer values (e.g. {fractional[0]:.4g}); count models "
+            f"{source} has {fractional.size} non-integer values (e.g. {float(fractional[0]):.9g}); count models "
             "(nb, zinb) need raw integer counts. "
             + (remedy or "Point `layer` at the raw-count layer (often layers['counts']), or use the Gaussian model "
                "(likelihood='gaussian') for log-normalised data.")
@@ -134,6 +141,14 @@ def cell_totals(matrix) -> np.ndarray:
     return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
 
 
+def _absolute_totals(matrix, rows: np.ndarray) -> np.ndarray:
+    """Sum of absolute values of the cells ``rows`` (sorted positions), (len(rows),) float64."""
+    if isinstance(matrix, OnDiskMatrix):
+        return np.concatenate([_absolute_totals(block, np.arange(block.shape[0])) for block in row_blocks(matrix)])[rows]
+    picked = matrix[rows]
+    return np.asarray(abs(picked).sum(axis=1), dtype=np.float64).ravel()
+
+
 def empty_cells(matrix, *, action: str = "error", source: str = "the data") -> np.ndarray:
     """Return a boolean mask of cells to keep, acting on cells whose counts are all zero.
 
@@ -143,6 +158,9 @@ def empty_cells(matrix, *, action: str = "error", source: str = "the data") -> n
     if action not in EMPTY_CELL_ACTIONS:
         raise ConfigError(f"empty_cells={action!r} is not one of {EMPTY_CELL_ACTIONS}.")
     keep = cell_totals(matrix) > 0
+    doubtful = np.flatnonzero(~keep)  # zero or negative totals: only an all-zero cell is empty (scaled data sum below 0)
+    if doubtful.size:
+        keep[doubtful] = _absolute_totals(matrix, doubtful) > 0
     n_empty = int((~keep).sum())
     if n_empty == 0:
         return keep

@@ -137,9 +137,11 @@ def check_same_data(state: dict, path: str | os.PathLike, *, description: dict, 
     extra = state["extra"]
     for key in ("schema", "perturbation_schema"):
         saved, current = extra.get(key), description.get(key)
-        if isinstance(saved, dict) and isinstance(current, dict) and saved != current:
+        if isinstance(saved, dict) and isinstance(current, dict):
             if key == "perturbation_schema":
                 saved, current = {**saved, **saved.get("data", {})}, {**current, **current.get("data", {})}
+            saved, current = _without_measures(saved), _without_measures(current)
+        if isinstance(saved, dict) and isinstance(current, dict) and saved != current:
             raise CheckpointError(f"{path} was written for other data: {_schema_difference(saved, current)}. "
                                   "Resume on the data the checkpoint was trained on, or train afresh.")  # fmt: skip
     saved_hash = extra.get("data_sha256")
@@ -148,6 +150,12 @@ def check_same_data(state: dict, path: str | os.PathLike, *, description: dict, 
             f"{path} was written for other data: the genes and conditions agree, but the cells or their counts differ "
             "(the data hash does not match). Resume on the data the checkpoint was trained on, or train afresh."
         )
+
+
+def _without_measures(schema: dict) -> dict:
+    """A schema without what it measured on the data (``value_scale``; the data hash covers the
+    data, and checkpoints written before it was kept lack it)."""
+    return {k: (_without_measures(v) if isinstance(v, dict) else v) for k, v in schema.items() if k != "value_scale"}
 
 
 def apply_resumed_options(state: dict, config, *, optimizer, scheduler, early_stopping) -> list[str]:
