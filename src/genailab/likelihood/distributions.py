@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Gamma, Poisson, constraints
 
-_FLOAT64_FROM = 1000.0  # counts above which log_nb runs in float64 on the CPU
+FLOAT64_FROM = 1000.0  # counts above which log_nb runs in float64 on the CPU
 _STIRLING_FROM = 100.0  # theta above which lgamma(x + theta) - lgamma(theta) comes from Stirling's series
 
 
@@ -34,7 +34,7 @@ def log_nb(
     Log-probabilities of the broadcast shape.
     """
     x = x.to(torch.result_type(mu, theta))  # integer counts would give lgamma in float32
-    if x.dtype == torch.float32 and x.device.type == "cpu" and bool((x > _FLOAT64_FROM).any()):
+    if x.dtype == torch.float32 and x.device.type == "cpu" and bool((x > FLOAT64_FROM).any()):
         # bulk-sized counts: x log mu and the lgamma terms are large and cancel, so float32 lost
         # 0.3-5 nats at x = 1e6-1e7 and went positive at 1e8 (accelerators keep float32: no host sync)
         exact = log_nb(x.double(), mu.double(), theta.double(), eps=eps, include_constant=include_constant)

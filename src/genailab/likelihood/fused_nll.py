@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genailab.likelihood.distributions import count_terms
+from genailab.likelihood.distributions import FLOAT64_FROM, count_terms
 from genailab.likelihood.sparse_counts import SparseCounts
 
 _TINY_LIBRARY = 1e-30  # log(library) stays finite for an all-zero cell, whose likelihood is then 0
@@ -64,12 +64,20 @@ def count_nll(
     -------
     (B,) negative log-likelihood of each cell.
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # bfloat16 logits (autocast) are computed in float32
+    dtype = out_dtype = torch.promote_types(logits.dtype, torch.float32)  # bfloat16 logits (autocast): float32
+    if dtype == torch.float32 and x.device.type == "cpu" and _has_bulk_counts(x, x_sparse):
+        dtype = torch.float64  # as log_nb: large terms cancel, float32 lost 47 nats and 27% of d/dtheta at 1e6
     x, logits, theta = x.to(dtype), logits.to(dtype), theta.to(dtype)
     zi_logits = None if zi_logits is None else zi_logits.to(dtype)
     log_library = torch.log(library.detach().to(dtype).clamp_min(_TINY_LIBRARY))
     dense = _DenseCountNLL.apply(x, logits, log_library, theta, zi_logits)
-    return dense - _count_terms_per_cell(x, theta, x_sparse)
+    return (dense - _count_terms_per_cell(x, theta, x_sparse)).to(out_dtype)
+
+
+def _has_bulk_counts(x: torch.Tensor, x_sparse: SparseCounts | None) -> bool:
+    """Whether a count exceeds ``FLOAT64_FROM`` (read from the stored entries when given)."""
+    values = x_sparse.counts if x_sparse is not None else x
+    return bool(values.numel()) and bool(values.max() > FLOAT64_FROM)
 
 
 def _count_terms_per_cell(x: torch.Tensor, theta: torch.Tensor, x_sparse: SparseCounts | None) -> torch.Tensor:
@@ -135,7 +143,8 @@ def _dense_terms(x, logits, log_library, theta, zi_logits, wanted: tuple[bool, b
         # x = 0: log(pi + (1 - pi) NB(0)) = z + softplus(gap) - softplus(z); else log(1 - pi) + log NB(x)
         ll.lerp_(F.softplus(gap).add_(zi_logits), zero).sub_(F.softplus(zi_logits))
         if any(wanted):
-            keep = torch.sigmoid(gap).sub_(1.0).mul_(zero).add_(1.0)
+            dropped = torch.sigmoid(gap.neg()).mul_(zero)  # 1 - A, exact also where A is within rounding of 1
+            keep = 1.0 - dropped
     nll = -ll.sum(-1)
     if not any(wanted):
         return nll, None, None, None
@@ -151,7 +160,7 @@ def _dense_terms(x, logits, log_library, theta, zi_logits, wanted: tuple[bool, b
             g_theta.mul_(keep)
         g_theta.add_(mu_share.mul_(x).div_(theta))
     if wanted[2]:
-        g_zi = torch.sigmoid(zi_logits).add_(keep).sub_(1.0).neg_()  # (1 - A) - sigmoid(z)
+        g_zi = dropped.sub_(torch.sigmoid(zi_logits))  # (1 - A) - sigmoid(z)
     return nll, g_logits, g_theta, g_zi
 
 
