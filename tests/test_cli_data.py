@@ -49,6 +49,21 @@ def test_simulate_bad_options_give_one_clean_line(tmp_path):
     assert result.exit_code != 0 and "backed" in result.output
 
 
+def test_simulate_bad_numbers_are_named_by_their_option(tmp_path):
+    """The simulator's checks reach the command line in its own terms: --seed, not numpy's traceback."""
+    result = CliRunner().invoke(
+        main, ["simulate", "--seed", "-1", "--n-cells", "50", "--n-genes", "60", "--out", str(tmp_path / "x.h5ad")]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        "Error: ConfigError: --seed must be a whole number in [0, 9223372036854775808), got -1."
+    )
+    result = CliRunner().invoke(main, ["simulate", "--perturbation", "--drugs", "0", "--n-cells", "50",
+                                       "--n-genes", "60", "--out", str(tmp_path / "x.h5ad")])  # fmt: skip
+    assert result.exit_code == 2 and "--drugs must be a whole number >= 1, got 0." in result.output
+    assert not (tmp_path / "x.h5ad").exists()
+
+
 def test_output_files_must_be_named_for_what_is_written(tmp_path):
     """An h5ad written under notes.csv (or over a file of another kind) would be a lost file."""
     notes = tmp_path / "notes.csv"

@@ -77,3 +77,33 @@ def test_bad_inputs_raise_clear_errors(sim_adata):
         prepare_counts(sim_adata, n_top_genes=0)
     with pytest.raises(InputDataError, match="no cells or genes"):
         prepare_counts(anndata.AnnData(np.zeros((3, 4), dtype=np.float32)))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(target_sum=0), ConfigError, "target_sum must be a positive number, got 0"),
+        (dict(target_sum=-1), ConfigError, "target_sum must be a positive number, got -1"),
+        (dict(target_sum=float("inf")), ConfigError, "target_sum must be a positive finite number, got inf"),
+        (dict(min_cells=-1), ConfigError, "min_cells must be a non-negative whole number, got -1"),
+        (dict(min_counts=-1), ConfigError, "min_counts must be a non-negative whole number, got -1"),
+        (dict(counts_layer=None), ConfigError, "counts_layer must be a non-empty name such as 'counts', got None"),
+        (dict(counts_layer=""), ConfigError, "counts_layer must be a non-empty name"),
+        (dict(n_top_genes=2.5), ConfigError, "n_top_genes must be a whole number >= 1, got 2.5. None keeps every gene"),
+    ],
+)
+def test_bad_options_name_the_argument(sim_adata, options, error, message):
+    with pytest.raises(error, match=message) as caught:
+        prepare_counts(sim_adata, **options)
+    assert caught.value.argument == next(iter(options))
+
+
+def test_duplicated_genes_and_missing_x_say_how_to_fix(sim_adata):
+    repeated = sim_adata.copy()
+    repeated.var_names = ["g0", "g0", *repeated.var_names[2:]]
+    with pytest.raises(InputDataError, match=r"var_names repeat \['g0'\]; .*adata.var_names_make_unique\(\)"):
+        prepare_counts(repeated)
+    no_x = anndata.AnnData(obs=sim_adata.obs, var=sim_adata.var, layers={"counts": sim_adata.layers["counts"]})
+    with pytest.raises(InputDataError, match=r"adata.X is None.*layer='counts'"):
+        prepare_counts(no_x)
+    assert prepare_counts(no_x, layer="counts").n_obs > 0

@@ -99,6 +99,34 @@ def test_text_tables(tmp_path, counts, name, sep, transpose):
     assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
 
 
+def test_text_names_are_read_as_written(tmp_path):
+    """Cell and gene names are strings as in the file: no 0001 -> 1, no NA -> nan, no 1 -> 1.0."""
+    (tmp_path / "t.csv").write_text("cell,NA,0002\n0001,1,2\n0002,3,4\nNA,5,6\n")
+    adata = read(tmp_path / "t.csv")
+    assert list(adata.obs_names) == ["0001", "0002", "NA"] and list(adata.var_names) == ["NA", "0002"]
+    np.testing.assert_array_equal(adata.X, [[1, 2], [3, 4], [5, 6]])
+    (tmp_path / "t.tsv").write_text("G1\tG2\n1\t1\t2\nNA\t3\tNA\n")  # R's write.table: no header for the names
+    adata = read(tmp_path / "t.tsv")
+    assert list(adata.obs_names) == ["1", "NA"] and list(adata.var_names) == ["G1", "G2"]
+    np.testing.assert_array_equal(adata.X, [[1, 2], [3, np.nan]])  # an NA value stays NaN, for the checks to report
+
+
+def test_bulk_entrez_ids_are_read_as_written(tmp_path):
+    (tmp_path / "counts.tsv").write_text("gene_id\ts1\ts2\n1\t1\t2\n2\t3\t4\nNA\t5\t6\n007\t7\t8\n")
+    adata = read_bulk_counts(tmp_path / "counts.tsv")
+    assert list(adata.var_names) == ["1", "2", "NA", "007"] and list(adata.obs_names) == ["s1", "s2"]
+    np.testing.assert_array_equal(adata.X, [[1, 3, 5, 7], [2, 4, 6, 8]])
+
+
+def test_duplicated_column_headers_raise_instead_of_being_renamed(tmp_path):
+    (tmp_path / "t.csv").write_text("cell,TP53,TP53,GAPDH\nc1,1,2,3\n")
+    with pytest.raises(InputDataError, match=r"duplicated column headers \['TP53'\]; make each header unique"):
+        read(tmp_path / "t.csv")
+    (tmp_path / "b.tsv").write_text("gene\ts1\ts1\ng1\t1\t2\n")
+    with pytest.raises(InputDataError, match=r"duplicated column headers \['s1'\]"):
+        read_bulk_counts(tmp_path / "b.tsv")
+
+
 def test_loom_round_trip(tmp_path, counts):
     pytest.importorskip("loompy")
     path = tmp_path / "x.loom"

@@ -125,6 +125,62 @@ def test_invalid_options_raise_config_error():
         write_simulated_h5ad("unused.h5ad", 10, 50, n_types=3)
 
 
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(seed=-1), r"seed must be a whole number in \[0, 9223372036854775808\), got -1"),
+        (dict(seed=None), r"seed must be a whole number .* got None"),
+        (dict(seed=1.5), r"seed must be a whole number .* got 1.5"),
+        (dict(seed="a"), r"seed must be a whole number .* got 'a'"),
+        (dict(n_markers=-1), "n_markers must be a non-negative whole number, got -1"),
+        (dict(theta_log_sd=-1), "theta_log_sd must be a non-negative number, got -1"),
+        (dict(library_log_sd=-0.3), "library_log_sd must be a non-negative number, got -0.3"),
+        (dict(batch_effect_scale=-1), "batch_effect_scale must be a non-negative number, got -1"),
+        (dict(theta_log_sd=float("nan")), "theta_log_sd is NaN"),
+        (dict(library_log_sd=float("nan")), "library_log_sd is NaN"),
+        (dict(batch_effect_scale=float("inf")), "batch_effect_scale must be a non-negative finite number, got inf"),
+        (dict(marker_log_fc=float("nan")), "marker_log_fc is NaN"),
+        (dict(library_mean=1e30), r"library_mean must be a number in \(0, 1e\+09\], got 1e\+30"),
+        (dict(perturbation=dict(n_target_genes=-2)), "n_target_genes must be a non-negative whole number, got -2"),
+        (dict(perturbation=dict(n_drugs=2.5)), "n_drugs must be a whole number >= 1, got 2.5"),
+        (dict(perturbation=dict(doses=1.0)), r"doses must be a list of positive doses like \(0.1, 1.0, 10.0\), got 1"),
+        (dict(perturbation=dict(doses=(1.0, float("inf")))), r"doses\[1\] must be a positive finite number, got inf"),
+        (dict(perturbation=dict(doses=())), "doses must hold at least one dose"),
+        (dict(perturbation=dict(hill=0)), "hill must be a positive number, got 0"),
+        (dict(perturbation=dict(n_drugs=2, pair_fraction=0.5, interacting_pairs=3)),
+         r"interacting_pairs must be a whole number in \[0, 1\], got 3. 2 drugs form 1 pair."),
+        (dict(perturbation=dict(dose=1.0)), "perturbation has an unknown PerturbationSpec field"),
+        (dict(perturbation=True), "perturbation must be a PerturbationSpec, a dict of its fields or None, got True"),
+    ],
+)
+def test_every_numeric_option_is_checked_before_numpy_sees_it(options, message):
+    """Each message names the argument (the error carries it too, for the command line) and what is valid."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        simulate(50, 60, **{"n_cell_types": 2, "n_markers": 3, **options})
+    named = caught.value.argument
+    assert named is not None and message.replace("\\", "").startswith(named.split("[")[0])
+
+
+def test_the_writer_checks_its_sizes_first(tmp_path):
+    with pytest.raises(ConfigError, match="n_cells must be a whole number >= 1, got 10.5"):
+        write_simulated_h5ad(tmp_path / "x.h5ad", 10.5, 60)
+    with pytest.raises(ConfigError, match="n_genes must be a whole number >= 1, got 0"):
+        write_simulated_h5ad(tmp_path / "x.h5ad", 10, 0)
+    with pytest.raises(ConfigError, match="chunk_size must be a whole number >= 1, got 0"):
+        write_simulated_h5ad(tmp_path / "x.h5ad", 10, 60, chunk_size=0)
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_rates_beyond_the_count_sampler_raise_config_error():
+    with pytest.raises(ConfigError, match="count rates are above 1e\\+18 or not finite.*`max_log_fc`"):
+        simulate(50, 60, n_cell_types=2, n_markers=3, perturbation=dict(max_log_fc=200.0))
+
+
+def test_doses_are_kept_as_a_tuple_of_floats():
+    assert PerturbationSpec(doses=[1, np.float32(10)]).doses == (1.0, 10.0)
+
+
 PERTURBATION = dict(n_drugs=2, doses=(0.1, 1.0, 10.0), pair_fraction=0.3, n_target_genes=10)
 
 

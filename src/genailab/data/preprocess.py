@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from genailab.checks import check_number
 from genailab.data.validation import cell_totals, check_expression
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 
@@ -72,7 +73,10 @@ def prepare_counts(
     """
     import scanpy as sc
 
-    _check_options(adata, layer=layer, n_top_genes=n_top_genes, batch_key=batch_key, min_counts=min_counts)
+    _check_options(
+        adata, layer=layer, counts_layer=counts_layer, min_counts=min_counts, min_cells=min_cells,
+        n_top_genes=n_top_genes, batch_key=batch_key, target_sum=target_sum, library_key=library_key,
+    )  # fmt: skip
     out = adata.to_memory() if adata.isbacked else adata.copy()
     counts = out.layers[layer] if layer is not None else out.X
     check_expression(counts, counts=True, source=f"adata.{'X' if layer is None else f'layers[{layer!r}]'}")
@@ -110,17 +114,43 @@ def prepare_counts(
     return out
 
 
-def _check_options(adata: AnnData, *, layer, n_top_genes, batch_key, min_counts) -> None:
+def _check_options(
+    adata: AnnData, *, layer, counts_layer, min_counts, min_cells, n_top_genes, batch_key, target_sum, library_key
+) -> None:
     if layer is not None and layer not in adata.layers:
         raise SchemaMismatchError(
             f"layer {layer!r} is not in adata.layers {list(adata.layers)}; pass layer=None to use X."
         )
+    if layer is None and adata.X is None:
+        raise InputDataError(
+            f"adata.X is None, so there are no counts to read there; pass the layer that holds the raw counts"
+            f"{_layer_hint(adata)}.",
+            argument="layer",
+        )
+    if not adata.var_names.is_unique:
+        repeated = list(adata.var_names[adata.var_names.duplicated()].unique()[:5])
+        raise InputDataError(
+            f"adata.var_names repeat {repeated}; make them unique first with adata.var_names_make_unique() "
+            "(or sum the repeated genes)."
+        )
     if batch_key is not None and batch_key not in adata.obs:
         raise SchemaMismatchError(f"batch_key {batch_key!r} is not a column of adata.obs {list(adata.obs.columns)}.")
-    if n_top_genes is not None and n_top_genes < 1:
-        raise ConfigError(f"n_top_genes must be a positive number of genes or None, got {n_top_genes}.")
-    if min_counts < 0:
-        raise ConfigError(f"min_counts must be >= 0, got {min_counts}.")
+    names = (("counts_layer", counts_layer, "counts"), ("library_key", library_key, "library_size"))
+    for name, value, example in names:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be a non-empty name such as {example!r}, got {value!r}.", argument=name)
+    check_number("n_top_genes", n_top_genes, integer=True, ge=1, allow_none=True, hint="None keeps every gene.")
+    check_number("min_counts", min_counts, integer=True, ge=0)
+    check_number("min_cells", min_cells, integer=True, ge=0)
+    check_number("target_sum", target_sum, gt=0, hint="It is the total each cell is scaled to, e.g. 1e4.")
+
+
+def _layer_hint(adata: AnnData) -> str:
+    """``", e.g. layer='counts' (...)"`` naming a layer of ``adata``, or how to add one when it has none."""
+    if not adata.layers:
+        return " (adata.layers is empty: put the counts in adata.X or a layer first)"
+    name = "counts" if "counts" in adata.layers else next(iter(adata.layers))
+    return f", e.g. layer={name!r} (adata.layers has {list(adata.layers)})"
 
 
 def _select_genes(adata: AnnData, *, n_top_genes: int, counts_layer: str, batch_key: str | None) -> None:

@@ -34,7 +34,8 @@ def read(path: str | Path, *, transpose: bool = False, backed: bool = False) -> 
         ``.h5ad``; 10x ``.h5``; ``.loom`` (needs ``loompy``); a 10x folder holding
         ``matrix.mtx(.gz)`` with its barcodes/genes (or features) files, or that matrix file;
         a dense text table ``.csv``, ``.tsv``, ``.tab`` or ``.txt`` (tab-separated), optionally
-        gzipped, with a header row of gene names and cell names in the first column.
+        gzipped, with a header row of gene names and cell names in the first column. Names are
+        kept as written (``0001`` stays ``0001``, ``NA`` stays ``NA``); repeated headers are an error.
     transpose
         Text tables only: the file is genes x cells.
     backed
@@ -107,7 +108,8 @@ def read_bulk_counts(path: str | Path, *, samples_as_rows: bool = False) -> AnnD
     Returns
     -------
     AnnData with float32 counts in ``X`` (exact up to 2^24 per entry), sample names as
-    ``obs_names``, gene ids as ``var_names`` and any annotation columns in ``var``.
+    ``obs_names``, gene ids as ``var_names`` (as written: Entrez id ``1`` stays ``"1"``) and any
+    annotation columns in ``var``.
 
     Examples
     --------
@@ -193,27 +195,43 @@ def _leading_comment_lines(path: Path) -> int:
 
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     n = 0
-    with opener(path, "rt") as handle:
-        for line in handle:
-            if not line.startswith("#"):
-                break
-            n += 1
+    try:
+        with opener(path, "rt") as handle:
+            for line in handle:
+                if not line.startswith("#"):
+                    break
+                n += 1
+    except (UnicodeDecodeError, OSError, EOFError) as err:  # binary, or not gzip after all
+        raise InputDataError(f"{path} is not a readable text table ({type(err).__name__}: {err}).") from err
     return n
 
 
 def _read_table(path: Path, separator: str, *, skiprows: int = 0) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, sep=separator, index_col=0, skiprows=skiprows)
+    """The table's values (NA cells as NaN) with its header and first column as names, as written."""
+    options = dict(sep=separator, skiprows=skiprows)
+    try:  # names as strings without NA conversion: no "0001" -> 1, "NA" -> NaN or "TP53" -> "TP53.1"
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, na_filter=False, **options).iloc[0].tolist()
+        values = pd.read_csv(path, index_col=0, **options)
+        names = pd.read_csv(path, index_col=0, usecols=[0], dtype={0: str}, na_filter=False, **options).index
     except pd.errors.EmptyDataError:
         raise InputDataError(f"{path} has no data (no header or rows).") from None
     except (UnicodeDecodeError, pd.errors.ParserError) as err:
         raise InputDataError(f"{path} is not a readable text table ({err}); is it really {separator!r}-separated text?") from err
-    if table.shape[1] == 0 or table.shape[0] == 0:
+    if values.shape[1] == 0 or values.shape[0] == 0:
         raise InputDataError(
-            f"{path} parsed as {table.shape[0]} rows x {table.shape[1]} columns besides the index; expected a "
+            f"{path} parsed as {values.shape[0]} rows x {values.shape[1]} columns besides the index; expected a "
             f"header row and {separator!r}-separated columns."
         )
-    return table
+    columns = pd.Index(header[len(header) - values.shape[1] :])  # R's write.table omits the name column's header
+    if columns.has_duplicates:
+        repeated = list(columns[columns.duplicated()].unique()[:5])
+        raise InputDataError(
+            f"{path} has duplicated column headers {repeated}; make each header unique (rename or merge the repeated "
+            "columns) and read the file again."
+        )
+    values.columns = columns
+    values.index = pd.Index(names, name=header[0] if len(header) > values.shape[1] else None)
+    return values
 
 
 def _table_to_anndata(table: pd.DataFrame, path: Path, *, transpose: bool = False) -> AnnData:

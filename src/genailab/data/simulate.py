@@ -40,6 +40,8 @@ CELL_BLOCK = 1024  # cells per random stream; fixes each row independently of ho
 LATENT_NOISE = 0.5  # sd of a cell's latent state around its cell-type centre (centres have sd 1)
 LOADING_SCALE = 0.5  # sd of (centre @ W) per gene, so cell types differ in every gene a little
 LIKELIHOODS = ("nb", "zinb")
+MAX_LIBRARY_MEAN = 1e9  # largest library_mean: far above any real cell, far below the sampler's limit
+MAX_RATE = 1e18  # largest Poisson rate numpy can draw from (about 9.2e18), with room to spare
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,21 @@ class PerturbationSpec:
     n_interaction_genes: int = 10  # genes each interacting pair moves beyond the sum
 
     def __post_init__(self):
-        if self.n_drugs < 1 or not self.doses or min(self.doses) <= 0:
-            raise ConfigError("PerturbationSpec needs n_drugs >= 1 and at least one dose, all doses > 0.")
-        if not 0 <= self.control_fraction < 1 or not 0 <= self.pair_fraction <= 1:
-            raise ConfigError("control_fraction must be in [0, 1) and pair_fraction in [0, 1].")
+        check_number("n_drugs", self.n_drugs, integer=True, ge=1)
+        object.__setattr__(self, "doses", _check_doses(self.doses))
+        check_number("control_fraction", self.control_fraction, ge=0, lt=1)
+        check_number("pair_fraction", self.pair_fraction, ge=0, le=1)
+        for name in ("n_target_genes", "n_interaction_genes"):
+            check_number(name, getattr(self, name), integer=True, ge=0)
+        check_number("max_log_fc", self.max_log_fc, ge=0)
+        check_number("hill", self.hill, gt=0, hint="It is the steepness of the dose response, e.g. 1.5.")
         if self.pair_fraction > 0 and self.n_drugs < 2:
-            raise ConfigError("pair_fraction > 0 needs n_drugs >= 2.")
+            raise ConfigError("`pair_fraction` > 0 needs `n_drugs` >= 2.", argument="n_drugs")
         n_pairs = self.n_drugs * (self.n_drugs - 1) // 2
-        if not 0 <= self.interacting_pairs <= n_pairs or (self.interacting_pairs and not self.pair_fraction):
-            raise ConfigError(
-                f"interacting_pairs must be between 0 and the {n_pairs} drug pairs, and needs pair_fraction > 0."
-            )
+        check_number("interacting_pairs", self.interacting_pairs, integer=True, ge=0, le=n_pairs,
+                     hint=f"{self.n_drugs} drugs form {n_pairs} pair{'s' * (n_pairs != 1)}.")  # fmt: skip
+        if self.interacting_pairs and not self.pair_fraction:
+            raise ConfigError("`interacting_pairs` > 0 needs `pair_fraction` > 0.", argument="pair_fraction")
 
     @property
     def drug_names(self) -> list[str]:
@@ -97,6 +103,18 @@ class PerturbationSpec:
         names = self.drug_names
         pairs = [f"{names[a]}+{names[b]}" for a, b in self.pairs] if self.pair_fraction else []
         return ["control", *names, *pairs]
+
+
+def _check_doses(doses) -> tuple[float, ...]:
+    """``doses`` as a tuple of positive finite floats."""
+    if isinstance(doses, (str, bytes)) or not hasattr(doses, "__iter__"):
+        raise ConfigError(
+            f"doses must be a list of positive doses like (0.1, 1.0, 10.0), got {doses!r}.", argument="doses"
+        )
+    doses = tuple(check_number(f"doses[{i}]", dose, gt=0) for i, dose in enumerate(doses))
+    if not doses:
+        raise ConfigError("doses must hold at least one dose, e.g. (0.1, 1.0, 10.0).", argument="doses")
+    return doses
 
 
 @dataclass(frozen=True)
@@ -118,11 +136,15 @@ class _Settings:
     perturbation: PerturbationSpec | None = None
     seed: int = 0
 
-    def check(self, n_genes: int) -> None:
+    def check(self, n_cells: int, n_genes: int) -> None:
+        check_number("n_cells", n_cells, integer=True, ge=1)
+        check_number("n_genes", n_genes, integer=True, ge=1)
+        check_number("seed", self.seed, integer=True, ge=0, lt=2**63)  # h5ad stores it as int64
         if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood={self.likelihood!r} is not one of {LIKELIHOODS}.")
+            raise ConfigError(f"likelihood={self.likelihood!r} is not one of {LIKELIHOODS}.", argument="likelihood")
         for name in ("n_cell_types", "n_batches", "latent_dim"):
             check_number(name, getattr(self, name), integer=True, ge=1)
+        check_number("n_markers", self.n_markers, integer=True, ge=0)
         if self.n_cell_types * self.n_markers > n_genes:
             raise ConfigError(
                 f"{self.n_cell_types} cell types x {self.n_markers} markers per type need at least "
@@ -130,10 +152,17 @@ class _Settings:
                 argument="n_genes",
             )
         check_number("theta", self.theta, gt=0)
-        check_number("library_mean", self.library_mean, gt=0)
+        for name in ("theta_log_sd", "library_log_sd", "batch_effect_scale"):
+            check_number(name, getattr(self, name), ge=0)
+        check_number("library_mean", self.library_mean, gt=0, le=MAX_LIBRARY_MEAN)
+        check_number("marker_log_fc", self.marker_log_fc)
         check_number("dropout", self.dropout, ge=0, lt=1)
         if self.perturbation is not None and self.perturbation.n_target_genes > n_genes:
-            raise ConfigError("PerturbationSpec.n_target_genes is larger than n_genes.")
+            raise ConfigError(
+                f"PerturbationSpec.n_target_genes={self.perturbation.n_target_genes} is larger than "
+                f"n_genes={n_genes}; lower it or raise `n_genes`.",
+                argument="n_genes",
+            )
 
     def to_uns(self, n_cells: int, n_genes: int) -> dict:
         params = dataclasses.asdict(self)
@@ -147,7 +176,16 @@ class _Settings:
 
 def _settings(perturbation, **options) -> _Settings:
     if isinstance(perturbation, dict):
-        perturbation = PerturbationSpec(**perturbation)
+        try:
+            perturbation = PerturbationSpec(**perturbation)
+        except TypeError as err:
+            message = f"perturbation has an unknown PerturbationSpec field: {err}"
+            raise ConfigError(message, argument="perturbation") from None
+    elif perturbation is not None and not isinstance(perturbation, PerturbationSpec):
+        raise ConfigError(
+            f"perturbation must be a PerturbationSpec, a dict of its fields or None, got {perturbation!r}.",
+            argument="perturbation",
+        )
     try:
         return _Settings(perturbation=perturbation, **options)
     except TypeError as err:
@@ -265,7 +303,14 @@ def _draw_block(truth: _Truth, s: _Settings, block: int) -> dict[str, np.ndarray
             levels = [hill_response(cells["dose"][rows], truth.ec50[d], s.perturbation.hill) for d in (a, b)]
             log_mu[rows] += (levels[0] * levels[1])[:, None] * extra[cell_type[rows]]
     mu = np.exp(log_mu)
-    counts = rng.poisson(rng.gamma(truth.theta, mu / truth.theta)).astype(np.float32)
+    rate = rng.gamma(truth.theta, mu / truth.theta)
+    if not np.all(rate <= MAX_RATE):  # also NaN or infinite
+        raise ConfigError(
+            f"some simulated count rates are above {MAX_RATE:.0e} or not finite, more than the count sampler can "
+            "draw; lower `library_mean`, `library_log_sd`, `batch_effect_scale`, `theta_log_sd` or the drug arm's "
+            "`max_log_fc`."
+        )
+    counts = rng.poisson(rate).astype(np.float32)
     if s.likelihood == "zinb":
         counts[rng.random(counts.shape) < s.dropout] = 0.0
     cells.update(mean=mu.astype(np.float32), counts=sp.csr_matrix(counts))
@@ -375,11 +420,17 @@ def simulate(
         NB inverse dispersion; per gene ``theta * exp(N(0, theta_log_sd^2))`` (constant when 0).
     dropout
         ZINB zero-inflation probability (ignored for ``likelihood="nb"``).
+    library_mean, library_log_sd
+        Mean library size (at most :data:`MAX_LIBRARY_MEAN`, 1e9) and the sd of its log per cell.
+    batch_effect_scale
+        Sd of the batch shifts of the logits and of the log library size (0: no batch effect).
     n_markers, marker_log_fc
         Each cell type gets ``n_markers`` marker genes (disjoint sets) whose logit is raised by
         ``marker_log_fc`` (natural log) in that type.
     perturbation
         A :class:`PerturbationSpec` (or a dict of its fields) to add a drug/dose arm.
+    seed
+        Seed of every random draw, a whole number in [0, 2**63).
 
     Returns
     -------
@@ -411,9 +462,7 @@ def simulate(
         library_log_sd=library_log_sd, batch_effect_scale=batch_effect_scale, n_markers=n_markers,
         marker_log_fc=marker_log_fc, seed=seed,
     )  # fmt: skip
-    check_number("n_cells", n_cells, integer=True, ge=1)
-    check_number("n_genes", n_genes, integer=True, ge=1)
-    s.check(n_genes)
+    s.check(n_cells, n_genes)
     truth = _draw_truth(n_genes, s)
     cells = _draw_cells(truth, s, 0, n_cells)
     var, varm = _var_and_varm(truth, s)
@@ -493,9 +542,8 @@ def write_simulated_h5ad(
         from anndata.experimental import write_elem
 
     s = _settings(sim_kwargs.pop("perturbation", None), **sim_kwargs)
-    s.check(n_genes)
-    if n_cells < 1 or chunk_size < 1:
-        raise ConfigError("n_cells and chunk_size must be at least 1.")
+    s.check(n_cells, n_genes)
+    check_number("chunk_size", chunk_size, integer=True, ge=1)
     truth = _draw_truth(n_genes, s)
     path = Path(path)
     obs_parts, latent_parts = [], []
