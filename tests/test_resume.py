@@ -137,3 +137,20 @@ def test_cli_resume_errors_name_the_file_and_the_option(counts, checkpoint, tmp_
     model = genailab.VAE.load(tmp_path / "run")
     assert model.train_config.lr == 1e-4 and [r["lr"] for r in model.history][-2:] == [1e-4, 1e-4]
     np.testing.assert_array_equal([r["epoch"] for r in model.history], [1, 2, 3, 4, 5])
+
+
+def test_fit_refuses_to_write_over_another_runs_checkpoint(tmp_path):
+    """fit(checkpoint_dir=...) replaced another run's checkpoint (epoch 2, latent 10) without a word."""
+    from genailab.errors import CheckpointError
+
+    adata = simulate(150, 40, n_cell_types=3, seed=0)
+    first = genailab.VAE(adata, layer="counts", latent_dim=3, hidden_dims=(16,))
+    first.fit(epochs=2, batch_size=32, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    other = genailab.VAE(adata, layer="counts", latent_dim=4, hidden_dims=(16,))
+    with pytest.raises(CheckpointError, match="holds the checkpoint of another run; resume it with resume_from="):
+        other.fit(epochs=1, batch_size=32, progress=False, seed=7, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    first.fit(epochs=3, batch_size=32, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1,
+              resume_from=tmp_path / "checkpoint.pt")  # its own run continues
+    assert len(first.history) == 3

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from genailab.apps import differential_expression
-from genailab.errors import InputDataError
+from genailab.errors import ConfigError, InputDataError
 from genailab.eval import precision_recall
 
 
@@ -57,3 +57,10 @@ def test_fdr_list_is_the_top_of_the_ranking(app_data, app_model):
 def test_missing_group(app_data, app_model):
     with pytest.raises(InputDataError, match="type_7"):
         differential_expression(app_data.copy(), app_model, groupby="cell_type", group="type_7")
+
+
+def test_a_group_called_rest_is_not_taken_for_every_other_cell(app_data, app_model):
+    adata = app_data.copy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).replace("type_2", "rest")
+    with pytest.raises(ConfigError, match="has a group called 'rest'"):
+        differential_expression(adata, app_model, groupby="cell_type", group="type_0")

@@ -271,7 +271,8 @@ class AnnDataModel:
         elif options:
             raise ConfigError("Pass either a TrainConfig or keyword options to fit(), not both.")
         if config.batch_size == 1 and self._network_config.norm == "batch":
-            raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size >= 2 or norm='layer'.")
+            raise ConfigError("batch_size=1 cannot train batch normalisation; use batch_size=2 or more (or build the "
+                              "model with norm='layer').", argument="batch_size")
         if warm_start and resume_from is not None:
             raise ConfigError("Pass warm_start=True or resume_from=..., not both: a checkpoint restores its own weights.")
         if warm_start and config.kl_warmup_epochs is None:  # a trained model has no KL warm-up to go through again
@@ -336,13 +337,24 @@ class AnnDataModel:
                     key, untrained[:10],
                 )
 
+    def _continues_checkpoint(self) -> bool:
+        """Whether a checkpoint already in ``checkpoint_dir`` is this model's own, to be replaced by a
+        fit that does not resume it (a query model's earlier stage)."""
+        return False
+
     def _train(self, module, adversary, config: TrainConfig, matrix, conditions, labels, train_rows, val_rows, *,
                checkpoint_dir, resume_from, loader):
         """Run the :class:`~genailab.train.trainer.Trainer` on ``module`` (and ``adversary``);
         returns (trainer, data fingerprint, the KeyboardInterrupt that stopped it or None)."""
         if self._network_config.is_count_model:
             module.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
-        checkpoint_path = check_writable(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+        checkpoint_path = check_writable(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+        if (checkpoint_path is not None and checkpoint_path.exists() and not self._continues_checkpoint()
+                and (resume_from is None or Path(resume_from).resolve() != checkpoint_path.resolve())):
+            raise CheckpointError(
+                f"{checkpoint_path} holds the checkpoint of another run; resume it with resume_from={str(checkpoint_path)!r}, "
+                "or delete it (or choose another checkpoint_dir) to start a new run there."
+            )
         data_sha256 = data_fingerprint(matrix, conditions, self.schema_genes)
         trainer = Trainer(
             module,
@@ -463,6 +475,7 @@ class AnnDataModel:
         return model
 
 
+CHECKPOINT_FILE = "checkpoint.pt"  # the resumable checkpoint fit() keeps in its checkpoint_dir
 MODEL_SET_FIELDS = ("input_dim", "condition_dim", "categorical_sizes", "n_continuous")  # ModelConfig fields read off the data
 # What scvi-tools' and CPA's option names are called here (an unknown option gets the hint).
 PEER_OPTION_NAMES = {

@@ -158,6 +158,12 @@ def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[n
         raise InputDataError(f"obs has no column {groupby!r}; choose from {list(adata.obs.columns)[:20]}.")
     labels = adata.obs[groupby].astype(str).to_numpy()
     in_group = labels == str(group)
+    if reference == "rest" and "rest" in labels:
+        raise ConfigError(
+            f"obs[{groupby!r}] has a group called 'rest', so reference='rest' could mean it or every other cell; "
+            f"rename that group (e.g. adata.obs[{groupby!r}] = adata.obs[{groupby!r}].replace('rest', 'rest_group')).",
+            argument="reference",
+        )
     in_reference = ~in_group if reference == "rest" else labels == str(reference)
     for name, mask, value in (("group", in_group, group), ("reference", in_reference, reference)):
         if not mask.any():

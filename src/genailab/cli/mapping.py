@@ -10,7 +10,8 @@ from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, STAR
 from genailab.apps.transfer import transfer_labels
 from genailab.cli import main
 from genailab.cli.common import (
-    check_output_file, fail_cleanly, fit_in_run_folder, is_same_file, read_data, run_folder, write_h5ad,
+    CHECKPOINT_FILE, check_output_file, fail_cleanly, fit_in_run_folder, is_same_file, read_data, run_folder, unfinished_run,
+    write_h5ad,
 )
 from genailab.cli.options import argument_default, hidden_alias
 from genailab.errors import ConfigError
@@ -81,15 +82,18 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
         if data is not None and is_same_file(out / MAPPED_FILE, data):
             raise ConfigError(f"{name} {data} is the file --out {out} writes the mapped query to ({MAPPED_FILE}); "
                               "choose another --out folder (the input is never replaced).")
-    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, MAPPED_FILE, UMAP_FILE)):
+    with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, MAPPED_FILE, UMAP_FILE, CHECKPOINT_FILE)):
         for name in (MAPPED_FILE, UMAP_FILE):
             check_output_file(out / name)
+        stale = unfinished_run(out, resume_from=None, overwrite=overwrite)
         reference = VAE.load(ref_run, device=device)
         cells = read_data(reference_data) if reference_data is not None else None
         mapped = read_data(query)  # written back with the latent and labels added, every field of its own kept
         model = map_query(mapped, reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
                           encoder_anchor=encoder_anchor, epochs=epochs, reference_data=cells,
                           max_missing_fraction=max_missing_fraction)  # fmt: skip
+        if stale is not None:  # the new query model is built: the old run's checkpoint goes
+            stale.unlink(missing_ok=True)
         options = {"seed": seed, "device": device, **({"lr": lr} if lr is not None else {})}
         fit_in_run_folder(model, model.fit_config(**options), out=out, resume_from=None)
         write_run(model, out)
