@@ -154,3 +154,24 @@ def test_fit_refuses_to_write_over_another_runs_checkpoint(tmp_path):
     first.fit(epochs=3, batch_size=32, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1,
               resume_from=tmp_path / "checkpoint.pt")  # its own run continues
     assert len(first.history) == 3
+
+
+def test_a_checkpoint_is_resumed_only_by_the_kind_of_model_that_wrote_it(tmp_path):
+    """An adversary checkpoint resumed silently into a model without one; a perturbation model's
+    checkpoint was refused as 'the cells or their counts differ' on the same data."""
+    from genailab.model.adversary import BATCH_CORRECTION
+    from genailab.perturb import PerturbationModel
+    from genailab.data import PerturbationSpec
+
+    adata = simulate(150, 40, n_cell_types=3, n_batches=2, seed=0)
+    fit = dict(epochs=1, batch_size=32, progress=False, checkpoint_every=1)
+    genailab.VAE(adata, layer="counts", condition_keys=["batch"], adversary=BATCH_CORRECTION, adversarial_key="batch",
+                 latent_dim=3, hidden_dims=(16,)).fit(**fit, checkpoint_dir=tmp_path / "adversary")  # fmt: skip
+    plain = genailab.VAE(adata, layer="counts", condition_keys=["batch"], latent_dim=3, hidden_dims=(16,))
+    with pytest.raises(CheckpointError, match="was written with a batch adversary; resume it with a model built with one"):
+        plain.fit(**{**fit, "epochs": 2, "checkpoint_every": 0}, resume_from=tmp_path / "adversary" / "checkpoint.pt")
+    screen = simulate(300, 60, n_cell_types=2, perturbation=PerturbationSpec(n_drugs=2), seed=0)
+    PerturbationModel(screen, layer="counts", latent_dim=3, hidden_dims=(16,)).fit(**fit, checkpoint_dir=tmp_path / "pert")
+    with pytest.raises(CheckpointError, match="written by a PerturbationModel, not a VAE; resume it with that model"):
+        genailab.VAE(screen, layer="counts", latent_dim=3, hidden_dims=(16,)).fit(
+            **{**fit, "epochs": 2, "checkpoint_every": 0}, resume_from=tmp_path / "pert" / "checkpoint.pt")

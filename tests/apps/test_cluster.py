@@ -79,3 +79,15 @@ def test_one_colour_may_be_given_as_a_string(app_data, app_model, tmp_path):
     adata = app_data.copy()
     cluster(adata, app_model, color="cell_type", plot=tmp_path / "umap.png")
     assert (tmp_path / "umap.png").stat().st_size > 0
+
+
+def test_cells_without_a_label_are_left_out_of_the_agreement(app_data, app_model):
+    """NaN labels became a label called "nan" in the ARI and NMI."""
+    adata = app_data.copy()
+    labels = adata.obs["cell_type"].astype(object)
+    labels[::2] = None
+    adata.obs["partial"] = labels
+    cluster(adata, app_model, labels_key="partial", seed=0)
+    known = adata.obs["partial"].notna().to_numpy()
+    expected = adjusted_rand_score(adata.obs["partial"][known].astype(str), adata.obs["leiden"][known])
+    assert adata.uns["leiden"]["scores"]["ari"] == pytest.approx(expected)

@@ -35,3 +35,18 @@ def test_scores_are_the_eval_metrics_at_scibs_sizes():
     assert scores["leiden_resolution"] in SCIB_RESOLUTIONS
     at_best = leiden_ari_nmi(latent, labels, resolution=scores["leiden_resolution"])
     assert scores["nmi"] == pytest.approx(at_best["nmi"]) and scores["ari"] == pytest.approx(at_best["ari"])
+
+
+def test_unlabelled_cells_are_left_out_of_the_label_scores(caplog):
+    """NaN labels became a label called "nan", scored with the others."""
+    adata = simulate(600, 50, n_cell_types=3, n_batches=2, batch_effect_scale=0.5, seed=4)
+    labels = adata.obs["cell_type"].astype(object)
+    labels[::3] = np.nan
+    adata.obs["partial"] = labels
+    with caplog.at_level("WARNING", logger="genailab"):
+        scores = integration_scores(adata, batch_key="batch", label_key="partial", key="X_true_latent")
+    assert "200 of 600 cells have no 'partial'" in caplog.text
+    kept = adata[adata.obs["partial"].notna()]
+    latent, known = np.asarray(kept.obsm["X_true_latent"]), kept.obs["partial"].astype(str).to_numpy()
+    assert scores["clisi"] == pytest.approx(clisi(latent, known, perplexity=30))
+    assert scores["graph_connectivity"] == pytest.approx(graph_connectivity(latent, known, n_neighbors=15))

@@ -45,3 +45,15 @@ def test_bad_input_is_refused():
         top_k_overlap([np.nan, 2.0], [1.0, 2.0], k=1)
     with pytest.raises(InputDataError, match="align"):
         precision_recall([True], [True, False])
+
+
+def test_precision_recall_takes_bools_or_zero_one_integers_only():
+    assert precision_recall([1, 1, 0, 0], [1, 0, 1, 0]) == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    # p-values are not calls: bool(0.03) and bool(0.9) are both True, so this used to read as 4 calls
+    with pytest.raises(InputDataError, match="padj < 0.05") as error:
+        precision_recall([0.03, 0.9, 0.5, 0.01], [True, False, False, True])
+    assert error.value.argument == "called"
+    with pytest.raises(InputDataError, match="True/False"):  # bool('False') is True
+        precision_recall([True, False], np.array(["False", "True"]))
+    with pytest.raises(InputDataError, match="truth"):
+        precision_recall([True, False], [2, 0])

@@ -130,6 +130,18 @@ def test_cv_skips_genes_with_zero_mean():
     assert stats["cv_mae"] == 0.0
 
 
+def test_cv_of_negative_means_matches_numpy():
+    """Scaled (Gaussian-model) values have negative gene means: CV is std / |mean|, nan only at mean 0."""
+    rng = np.random.default_rng(0)
+    observed = rng.normal(-1.0, 1.0, size=(50, 4))
+    observed[:, 3] = np.tile([-1.0, 1.0], 25)  # mean exactly 0
+    stats = posterior_predictive_gene_stats(observed, observed + rng.normal(0.0, 0.1, size=observed.shape))
+    expected = observed[:, :3].std(axis=0, ddof=1) / np.abs(observed[:, :3].mean(axis=0))
+    np.testing.assert_allclose(stats["cv_observed"][:3], expected)
+    assert np.all(observed.mean(axis=0)[:3] < 0) and np.isnan(stats["cv_observed"][3])
+    assert np.isfinite(stats["cv_pearson"]) and stats["cv_mae"] < 0.1
+
+
 def test_per_condition_splits_cells(samples):
     real, same, shifted = samples
     generated = np.vstack([same[:150], shifted[:150]])

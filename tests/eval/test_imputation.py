@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
@@ -69,3 +70,18 @@ def test_bad_input_is_refused(counts):
         imputation_median_l1([1.0, 2.0], [1.0])
     with pytest.raises(InputDataError, match="outside"):
         imputation_score(np.zeros((2, 2)), [5], [0], true_values=[1.0])
+
+
+def test_imputation_score_reads_dataframes_lists_and_refuses_negative_indices(counts):
+    _, rows, cols, true_values = mask_counts(counts, seed=0)
+    shifted = counts.toarray() + 0.5
+    expected = np.median(np.abs(shifted[rows, cols] - true_values))
+    frame = pd.DataFrame(shifted, index=[f"c{i}" for i in range(200)], columns=[f"g{j}" for j in range(50)])
+    assert imputation_score(frame, rows, cols, true_values=true_values) == pytest.approx(expected)  # was KeyError
+    assert imputation_score(shifted.tolist(), rows, cols, true_values=true_values) == pytest.approx(expected)
+    with pytest.raises(InputDataError, match=r"rows must lie in 0\.\.199"):  # -1 used to wrap to the last cell
+        imputation_score(shifted, rows - rows.min() - 1, cols, true_values=true_values)
+    with pytest.raises(InputDataError, match=r"cols in 0\.\.49"):
+        imputation_score(shifted, rows, -np.ones_like(cols), true_values=true_values)
+    with pytest.raises(InputDataError, match="1-D integer"):
+        imputation_score(shifted, rows.astype(float), cols, true_values=true_values)

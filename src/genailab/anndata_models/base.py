@@ -399,7 +399,7 @@ class AnnDataModel:
         """A trainer checkpoint written for this data (its genes, conditions and cells); the trainer
         checks the architecture and options when it loads it."""
         state = load_checkpoint(path)
-        check_same_data(state, path, description=self._description(), data_sha256=data_sha256)
+        check_same_data(state, path, description=self._description(), data_sha256=data_sha256, model_type=self.MODEL_TYPE)
         return state
 
     # -- persistence -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -10,6 +11,8 @@ from anndata import AnnData
 
 from genailab.anndata_models.base import storable_params
 from genailab.errors import ConfigError, InputDataError
+
+logger = logging.getLogger(__name__)
 
 
 def require_count_model(model) -> None:
@@ -53,3 +56,16 @@ def model_counts(adata: AnnData, model) -> sp.csr_matrix:
 def record_params(adata: AnnData, key: str, params: Mapping[str, object], **results) -> None:
     """``adata.uns[key] = {'params': params, **results}`` with None values left out (h5ad cannot store None)."""
     adata.uns[key] = {"params": storable_params(params), **results}
+
+
+def labelled_cells(adata: AnnData, key: str, *, argument: str = "labels_key") -> np.ndarray:
+    """Boolean mask (n_cells,) of the cells with a value in ``obs[key]``; the others (NaN) are left
+    out of label scores with a logged warning, never scored as a label called "nan"."""
+    known = adata.obs[key].notna().to_numpy()
+    if not known.any():
+        raise InputDataError(f"obs[{key!r}] has no value in any cell; pass a column with labels as {argument}.",
+                             argument=argument)
+    if not known.all():
+        logger.warning("%d of %d cells have no %r (NaN) and are left out of the label scores.",
+                       int((~known).sum()), known.size, key)
+    return known

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from genailab.apps._anndata import model_counts, record_params, require_in_memory
+from genailab.apps._anndata import model_counts, require_in_memory
 from genailab.data.preprocess import log_normalize
 from genailab.anndata_models.vae import generated_anndata
 from genailab.checks import check_library_size, check_number

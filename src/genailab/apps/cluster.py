@@ -10,7 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from genailab.apps._anndata import check_key_added, key_or_keys, model_counts, require_in_memory
+from genailab.apps._anndata import check_key_added, key_or_keys, labelled_cells, model_counts, require_in_memory
 from genailab.data.preprocess import log_normalize
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
@@ -122,9 +122,11 @@ def _label_agreement(adata: AnnData, labels_key: str, key_added: str, *, latent_
     from genailab.eval import leiden_ari_nmi_best_resolution
 
     params = adata.uns[key_added]["params"]
-    labels, clusters = adata.obs[labels_key].astype(str).to_numpy(), adata.obs[key_added].to_numpy()
+    known = labelled_cells(adata, labels_key)
+    labels = adata.obs[labels_key].astype(str).to_numpy()[known]
+    clusters = adata.obs[key_added].to_numpy()[known]
     best = leiden_ari_nmi_best_resolution(
-        adata.obsm[latent_key], labels, n_neighbors=params["n_neighbors"], seed=params["seed"]
+        np.asarray(adata.obsm[latent_key])[known], labels, n_neighbors=params["n_neighbors"], seed=params["seed"]
     )
     return {
         "labels_key": labels_key,

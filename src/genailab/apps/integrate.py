@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from anndata import AnnData
 
-from genailab.apps._anndata import key_or_keys, record_params
+from genailab.apps._anndata import key_or_keys, labelled_cells, record_params
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
@@ -178,11 +178,13 @@ def integration_scores(
         "knn_batch_inverse_simpson": knn_batch_inverse_simpson(latent, batch, k=k),
     }
     if label_key is not None:
-        labels = adata.obs[label_key].astype(str).to_numpy()
+        known = labelled_cells(adata, label_key, argument="label_key")
+        latent, batch, labels = latent[known], batch[known], adata.obs[label_key].astype(str).to_numpy()[known]
+        n_cells = int(known.sum())
         scores["batch_silhouette"] = batch_silhouette(latent, batch, labels)
-        scores["kbet_per_label"] = kbet_per_label(latent, batch, labels, n_neighbors=min(50, adata.n_obs - 1))
-        scores["clisi"] = clisi(latent, labels, perplexity=perplexity)
-        scores["graph_connectivity"] = graph_connectivity(latent, labels, n_neighbors=min(15, adata.n_obs))
+        scores["kbet_per_label"] = kbet_per_label(latent, batch, labels, n_neighbors=min(50, n_cells - 1))
+        scores["clisi"] = clisi(latent, labels, perplexity=min(30, n_cells // 3))
+        scores["graph_connectivity"] = graph_connectivity(latent, labels, n_neighbors=min(15, n_cells))
         agreement = leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
         scores.update(ari=agreement["ari"], nmi=agreement["nmi"], leiden_resolution=agreement["resolution"])
         scores["label_silhouette"] = label_silhouette(latent, labels)

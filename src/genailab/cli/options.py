@@ -167,13 +167,18 @@ def patience_option():
     )
 
 
+_KL_SHARE = f"{field_default(TrainConfig, 'kl_warmup_fraction'):.0%}"
+
+
 def train_options(command):
     """The training options every model-training command takes, as ``train_options`` (TrainConfig fields)."""
     return _stack(
         config_option("--epochs", config=TrainConfig, field="epochs", help="Most epochs to train."),
         config_option("--batch-size", config=TrainConfig, field="batch_size", help="Cells per minibatch (per process)."),
         config_option("--lr", config=TrainConfig, field="lr", help="Learning rate."),
-        config_option("--kl-warmup", config=TrainConfig, field="kl_warmup_epochs"),
+        config_option("--kl-warmup", config=TrainConfig, field="kl_warmup_epochs",
+                      help=f"Epochs over which the KL weight rises to 1 (auto: {_KL_SHARE} of the run without "
+                           f"--epochs, else 10, or {_KL_SHARE} of a shorter run)."),
         config_option("--kl-schedule", config=TrainConfig, field="kl_schedule"),
         config_option("--validation-fraction", config=TrainConfig, field="validation_fraction"),
         patience_option(),

@@ -4,6 +4,7 @@ float64 matrices and label vectors, with errors that say how to fix the input.""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -14,7 +15,8 @@ def as_matrix(data, *, name: str) -> np.ndarray | sp.csr_matrix:
     """A (n_cells, n_features) float64 ndarray, or CSR matrix for sparse input (never densified).
 
     AnnData contributes its ``.X``; pass ``adata.layers[...]`` or ``adata.obsm[...]`` for another
-    matrix.
+    matrix. Nested lists and pandas DataFrames (e.g. ``get_normalized_expression(return_pandas=True)``)
+    are read as dense arrays.
     """
     if isinstance(data, AnnData):
         data = data.X
@@ -42,14 +44,31 @@ def as_dense(data, *, name: str) -> np.ndarray:
 
 
 def as_labels(labels, *, n_cells: int, name: str) -> np.ndarray:
-    """A 1-D array of ``n_cells`` labels (any hashable values: strings, ints, categories)."""
+    """A 1-D array of ``n_cells`` labels (any hashable values: strings, ints, categories), none missing.
+
+    A missing label (NaN, None, pandas' NA) is refused rather than counted as a group of its own.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != n_cells:
         raise InputDataError(
             f"{name} must be 1-D with one entry per cell ({n_cells}), got shape {labels.shape}; "
-            "pass e.g. adata.obs['cell_type'] for the same cells in the same order."
+            "pass e.g. adata.obs['cell_type'] for the same cells in the same order.",
+            argument=name,
+        )
+    n_missing = int(pd.isna(labels).sum())
+    if n_missing:
+        raise InputDataError(
+            f"{name} has missing values (NaN or None) in {n_missing} of {n_cells} cells; drop those cells "
+            "(e.g. keep = adata.obs[key].notna()) or fill them with a label of their own.",
+            argument=name,
         )
     return labels
+
+
+def latent_and_labels(latent, labels, *, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A dense latent (n_cells, n_dims) and its checked labels (n_cells,), ``name`` naming the labels."""
+    latent = as_dense(latent, name="latent")
+    return latent, as_labels(labels, n_cells=latent.shape[0], name=name)
 
 
 def same_features(a: np.ndarray | sp.csr_matrix, b: np.ndarray | sp.csr_matrix, *, names: tuple[str, str]) -> None:

@@ -55,15 +55,28 @@ def top_k_overlap(scores_a, scores_b, *, k: int = 50) -> float:
     return np.intersect1d(top_a, top_b).size / k
 
 
+def _calls(values, *, name: str) -> np.ndarray:
+    """Per-gene yes/no calls, (n_genes,) bool, from bools or 0/1 integers; anything else is refused."""
+    array = np.asarray(values)
+    is_binary_int = np.issubdtype(array.dtype, np.integer) and np.isin(array, (0, 1)).all()
+    if array.dtype != bool and not is_binary_int:
+        raise InputDataError(
+            f"{name} must hold True/False (or 0/1) per gene, got {array.dtype} values; turn scores into calls "
+            f"first, e.g. {name}=padj < 0.05.",
+            argument=name,
+        )
+    return _vector(array, name=name, dtype=bool)
+
+
 def precision_recall(called, truth) -> dict[str, float]:
     """Precision, recall and F1 of DE calls against the truly differential genes.
 
     Parameters
     ----------
     called
-        Whether each gene was called differential, (n_genes,) bool.
+        Whether each gene was called differential, (n_genes,) bool or 0/1 integers (e.g. ``padj < 0.05``).
     truth
-        Whether each gene truly is differential, (n_genes,) bool.
+        Whether each gene truly is differential, (n_genes,) bool or 0/1 integers.
 
     Returns
     -------
@@ -77,7 +90,7 @@ def precision_recall(called, truth) -> dict[str, float]:
     >>> precision_recall([True, True, False, False], [True, False, True, False])
     {'precision': 0.5, 'recall': 0.5, 'f1': 0.5}
     """
-    called, truth = _vector(called, name="called", dtype=bool), _vector(truth, name="truth", dtype=bool)
+    called, truth = _calls(called, name="called"), _calls(truth, name="truth")
     if called.shape != truth.shape:
         raise InputDataError(f"called has {called.size} genes and truth {truth.size}; align both to the same genes.")
     precision, recall, f1, _ = precision_recall_fscore_support(

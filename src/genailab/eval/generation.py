@@ -112,7 +112,8 @@ def posterior_predictive_gene_stats(observed, replicated) -> dict[str, Any]:
     -------
     dict
         Per gene, (n_genes,) arrays: ``cv_observed``, ``cv_replicated`` (standard deviation over
-        mean, nan for a gene with mean 0), ``zero_fraction_observed``, ``zero_fraction_replicated``.
+        the absolute mean, so also defined for the negative means of scaled data; nan for a gene
+        with mean 0), ``zero_fraction_observed``, ``zero_fraction_replicated``.
         Summaries over genes, floats: ``cv_pearson``, ``cv_mae`` (genes with a defined CV on both
         sides), ``zero_fraction_pearson``, ``zero_fraction_mae``.
     """
@@ -122,7 +123,7 @@ def posterior_predictive_gene_stats(observed, replicated) -> dict[str, Any]:
     for name, matrix in (("observed", observed), ("replicated", replicated)):
         mean, variance, zero_fraction = _gene_stats(matrix)
         with np.errstate(divide="ignore", invalid="ignore"):
-            stats[f"cv_{name}"] = np.where(mean > 0, np.sqrt(variance) / mean, np.nan)
+            stats[f"cv_{name}"] = np.where(mean != 0, np.sqrt(variance) / np.abs(mean), np.nan)
         stats[f"zero_fraction_{name}"] = zero_fraction
     for statistic in ("cv", "zero_fraction"):
         pair = stats[f"{statistic}_observed"], stats[f"{statistic}_replicated"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from anndata import AnnData
 
 from genailab.errors import ConfigError, InputDataError
 from genailab.eval._inputs import as_matrix
@@ -95,7 +94,8 @@ def imputation_score(predicted, rows, cols, *, true_values) -> float:
     Parameters
     ----------
     predicted
-        Predicted counts for every entry, (n_cells, n_genes): array, sparse matrix or AnnData (``.X``).
+        Predicted counts for every entry, (n_cells, n_genes): array, sparse matrix, DataFrame (e.g.
+        ``get_normalized_expression(return_pandas=True)``) or AnnData (``.X``).
     rows, cols
         Hidden entries, (n_masked,), from :func:`mask_counts`.
     true_values
@@ -106,12 +106,19 @@ def imputation_score(predicted, rows, cols, *, true_values) -> float:
     float
         Median absolute error at the hidden entries.
     """
-    matrix = predicted.X if isinstance(predicted, AnnData) else predicted
+    matrix = as_matrix(predicted, name="predicted")
     rows, cols = np.asarray(rows), np.asarray(cols)
-    shape = matrix.shape
-    if rows.size and (rows.max() >= shape[0] or cols.max() >= shape[1]):
+    integers = all(np.issubdtype(index.dtype, np.integer) for index in (rows, cols))
+    if rows.ndim != 1 or rows.shape != cols.shape or not integers:
         raise InputDataError(
-            f"rows/cols point outside predicted {shape}; predict for the same cells and genes as were masked."
+            f"rows {rows.shape} and cols {cols.shape} must be equal-length 1-D integer arrays; pass the rows "
+            "and cols that mask_counts returned."
+        )
+    n_cells, n_genes = matrix.shape
+    if rows.size and not (0 <= rows.min() <= rows.max() < n_cells and 0 <= cols.min() <= cols.max() < n_genes):
+        raise InputDataError(
+            f"rows/cols point outside predicted {matrix.shape} (rows must lie in 0..{n_cells - 1}, cols in "
+            f"0..{n_genes - 1}); predict for the same cells and genes as were masked."
         )
     values = np.asarray(matrix[rows, cols]).ravel()
     return imputation_median_l1(values, true_values)

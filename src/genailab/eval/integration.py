@@ -27,7 +27,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
-from genailab.eval._inputs import as_dense, as_labels
+from genailab.eval._inputs import as_labels, latent_and_labels
 from genailab.eval.latent import neighbour_graph
 
 PERPLEXITY_TOLERANCE = 1e-5  # |entropy - log(perplexity)| at which the bandwidth search stops (Harmony's)
@@ -136,8 +136,12 @@ def lisi(latent, labels, *, perplexity: float = 30, n_neighbors: int | None = No
     numpy.ndarray
         LISI per cell, (n_cells,), between 1 and the number of labels.
     """
-    latent = as_dense(latent, name="latent")
-    labels = as_labels(labels, n_cells=latent.shape[0], name="labels")
+    latent, labels = latent_and_labels(latent, labels, name="labels")
+    return _lisi(latent, labels, perplexity=perplexity, n_neighbors=n_neighbors)
+
+
+def _lisi(latent: np.ndarray, labels: np.ndarray, *, perplexity: float, n_neighbors: int | None) -> np.ndarray:
+    """:func:`lisi` of a checked latent (n_cells, n_dims) and labels (n_cells,)."""
     n_neighbors = int(3 * perplexity) if n_neighbors is None else n_neighbors
     if not 1 <= perplexity < n_neighbors - 1:
         raise ConfigError(
@@ -152,8 +156,6 @@ def lisi(latent, labels, *, perplexity: float = 30, n_neighbors: int | None = No
     distances, neighbours = _other_neighbours(latent, n_neighbors)
     weights = _perplexity_weights(distances, perplexity)  # (n_cells, n_neighbors - 1)
     codes, uniques = pd.factorize(labels)
-    if (codes < 0).any():
-        raise InputDataError("labels has missing values (NaN or None); drop those cells or give them a label.")
     label_weights = np.zeros((latent.shape[0], uniques.size))
     np.add.at(label_weights, (np.arange(latent.shape[0])[:, None], codes[neighbours]), weights)
     return 1 / np.sum(label_weights**2, axis=1)
@@ -177,8 +179,9 @@ def ilisi(latent, batch, *, perplexity: float = 30, n_neighbors: int | None = No
         1 = every neighbourhood holds all batches in equal weight; 0 = each holds a single batch.
         Unequal batch sizes lower the ceiling below 1 even when mixing is perfect.
     """
-    _, n_batches = _codes(np.asarray(batch), name="batch", what="batch mixing")
-    per_cell = lisi(latent, batch, perplexity=perplexity, n_neighbors=n_neighbors)
+    latent, batch = latent_and_labels(latent, batch, name="batch")
+    _, n_batches = _codes(batch, name="batch", what="batch mixing")
+    per_cell = _lisi(latent, batch, perplexity=perplexity, n_neighbors=n_neighbors)
     return float((np.median(per_cell) - 1) / (n_batches - 1))
 
 
@@ -199,8 +202,9 @@ def clisi(latent, labels, *, perplexity: float = 30, n_neighbors: int | None = N
     float
         1 = every neighbourhood holds a single cell type; 0 = all types in equal weight.
     """
-    _, n_labels = _codes(np.asarray(labels), name="labels", what="cLISI")
-    per_cell = lisi(latent, labels, perplexity=perplexity, n_neighbors=n_neighbors)
+    latent, labels = latent_and_labels(latent, labels, name="labels")
+    _, n_labels = _codes(labels, name="labels", what="cLISI")
+    per_cell = _lisi(latent, labels, perplexity=perplexity, n_neighbors=n_neighbors)
     return float((n_labels - np.median(per_cell)) / (n_labels - 1))
 
 
@@ -229,8 +233,7 @@ def kbet(latent, batch, *, n_neighbors: int = 50, alpha: float = 0.05) -> float:
     float
         In [0, 1], 1 best: the share of cells whose neighbourhood is not rejected.
     """
-    latent = as_dense(latent, name="latent")
-    batch = as_labels(batch, n_cells=latent.shape[0], name="batch")
+    latent, batch = latent_and_labels(latent, batch, name="batch")
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha={alpha} must lie strictly between 0 and 1, e.g. 0.05.")
     codes, _ = _codes(batch, name="batch", what="kBET")
@@ -339,8 +342,7 @@ def kbet_label_table(
     pandas.DataFrame
         One row per cell type (sorted): ``label``, ``n_cells``, ``k0`` and ``kbet`` (NaN when skipped).
     """
-    latent = as_dense(latent, name="latent")
-    batch = as_labels(batch, n_cells=latent.shape[0], name="batch")
+    latent, batch = latent_and_labels(latent, batch, name="batch")
     labels = as_labels(labels, n_cells=latent.shape[0], name="labels")
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha={alpha} must lie strictly between 0 and 1, e.g. 0.05.")
@@ -401,8 +403,7 @@ def graph_connectivity(latent, labels, *, n_neighbors: int = 15) -> float:
     float
         In (0, 1], 1 best: every label's cells form one connected neighbourhood graph.
     """
-    latent = as_dense(latent, name="latent")
-    labels = as_labels(labels, n_cells=latent.shape[0], name="labels")
+    latent, labels = latent_and_labels(latent, labels, name="labels")
     _, neighbours = _other_neighbours(latent, n_neighbors)
     n_cells, n_other = neighbours.shape
     rows = np.repeat(np.arange(n_cells), n_other)

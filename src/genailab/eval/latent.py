@@ -23,14 +23,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from sklearn.neighbors import NearestNeighbors
 
 from genailab.errors import ConfigError, InputDataError
-from genailab.eval._inputs import as_dense, as_labels
+from genailab.eval._inputs import as_labels, latent_and_labels
 
 SCIB_RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1, 0.2, ..., 2.0 as in scib
-
-
-def _latent_and_labels(latent, labels, *, name: str) -> tuple[np.ndarray, np.ndarray]:
-    latent = as_dense(latent, name="latent")
-    return latent, as_labels(labels, n_cells=latent.shape[0], name=name)
 
 
 def neighbour_graph(latent: np.ndarray, *, n_neighbors: int, seed: int) -> AnnData:
@@ -96,7 +91,7 @@ def leiden_ari_nmi(
     --------
     >>> scores = leiden_ari_nmi(adata.obsm["X_latent"], adata.obs["cell_type"])  # doctest: +SKIP
     """
-    latent, labels = _latent_and_labels(latent, labels, name="labels")
+    latent, labels = latent_and_labels(latent, labels, name="labels")
     graph = neighbour_graph(latent, n_neighbors=n_neighbors, seed=seed)
     return _cluster_agreement(graph, labels, resolution=resolution, seed=seed)
 
@@ -129,7 +124,7 @@ def leiden_ari_nmi_best_resolution(
     """
     if len(resolutions) == 0:
         raise ConfigError("resolutions is empty; pass at least one Leiden resolution, e.g. (0.5, 1.0).")
-    latent, labels = _latent_and_labels(latent, labels, name="labels")
+    latent, labels = latent_and_labels(latent, labels, name="labels")
     graph = neighbour_graph(latent, n_neighbors=n_neighbors, seed=seed)
     sweep = [_cluster_agreement(graph, labels, resolution=r, seed=seed) for r in resolutions]
     return max(sweep, key=lambda scores: scores["nmi"])
@@ -150,8 +145,8 @@ def label_silhouette(latent, labels) -> float:
     float
         1 = tight, well separated groups; 0.5 = no structure; 0 = cells closer to other groups.
     """
-    latent, labels = _latent_and_labels(latent, labels, name="labels")
-    n_groups = np.unique(labels).size
+    latent, labels = latent_and_labels(latent, labels, name="labels")
+    n_groups = pd.unique(labels).size
     if not 2 <= n_groups < latent.shape[0]:
         raise InputDataError(f"labels has {n_groups} groups; a silhouette needs between 2 and n_cells - 1 groups.")
     return float((silhouette_score(latent, labels, metric="euclidean") + 1) / 2)
@@ -178,12 +173,12 @@ def batch_silhouette(latent, batch, labels) -> float:
     float
         1 = batches perfectly mixed within every type; 0 = batches fully separated.
     """
-    latent, batch = _latent_and_labels(latent, batch, name="batch")
+    latent, batch = latent_and_labels(latent, batch, name="batch")
     labels = as_labels(labels, n_cells=latent.shape[0], name="labels")
     per_label = []
     for label in pd.unique(labels):
         in_label = labels == label
-        n_batches = np.unique(batch[in_label]).size
+        n_batches = pd.unique(batch[in_label]).size
         if n_batches == 1 or n_batches == in_label.sum():
             continue
         silhouettes = silhouette_samples(latent[in_label], batch[in_label], metric="euclidean")
@@ -198,7 +193,8 @@ def batch_silhouette(latent, batch, labels) -> float:
 
 def _neighbour_batch_fractions(latent: np.ndarray, batch: np.ndarray, *, k: int) -> tuple[np.ndarray, int]:
     """Share of each batch among each cell's k nearest neighbours, (n_cells, n_batches)."""
-    codes, n_batches = pd.factorize(batch)[0], np.unique(batch).size
+    codes, uniques = pd.factorize(batch)
+    n_batches = uniques.size
     if n_batches < 2:
         raise InputDataError("batch has a single value; batch mixing needs at least two batches.")
     if not 1 <= k < latent.shape[0]:
@@ -227,7 +223,7 @@ def knn_batch_entropy(latent, batch, *, k: int = 50) -> float:
         Mean over cells; 1 = every neighbourhood holds all batches equally, 0 = a single batch.
         Unequal batch sizes lower the ceiling below 1 even when mixing is perfect.
     """
-    latent, batch = _latent_and_labels(latent, batch, name="batch")
+    latent, batch = latent_and_labels(latent, batch, name="batch")
     fractions, n_batches = _neighbour_batch_fractions(latent, batch, k=k)
     return float(np.mean(entr(fractions).sum(axis=1) / np.log(n_batches)))
 
@@ -254,7 +250,7 @@ def knn_batch_inverse_simpson(latent, batch, *, k: int = 90) -> float:
     float
         1 = neighbourhoods hold all batches equally, 0 = each holds a single batch.
     """
-    latent, batch = _latent_and_labels(latent, batch, name="batch")
+    latent, batch = latent_and_labels(latent, batch, name="batch")
     fractions, n_batches = _neighbour_batch_fractions(latent, batch, k=k)
     inverse_simpson = 1 / np.sum(fractions**2, axis=1)
     return float((np.median(inverse_simpson) - 1) / (n_batches - 1))

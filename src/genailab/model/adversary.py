@@ -26,7 +26,7 @@ class AdversaryConfig:
     """How strongly and how the latent is made batch-free."""
 
     weight: float = 1.0  # multiplies the adversarial term in the VAE objective
-    warmup_epochs: float = 5.0  # the weight rises linearly from 0 over these epochs
+    warmup_epochs: float = 5.0  # the weight rises linearly from 0 over these epochs, or over kl_warmup_fraction of a shorter run
     mode: str = "alternating"  # "alternating" updates or "gradient_reversal"
     hidden_dims: tuple[int, ...] = (64,)  # discriminator layers
     lr: float = 1e-3  # discriminator learning rate (alternating mode)
@@ -43,11 +43,14 @@ class AdversaryConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden_dims": list(self.hidden_dims)}
 
-    def weight_at(self, progress: float) -> float:
-        """Adversarial weight ``progress`` epochs into training."""
-        if self.warmup_epochs <= 0:
+    def weight_at(self, progress: float, *, warmup_epochs: float | None = None) -> float:
+        """Adversarial weight ``progress`` epochs into training, warmed up over ``warmup_epochs``
+        (None: this config's; the trainer passes it cut to a short run, see
+        :meth:`~genailab.train.config.TrainConfig.short_run_warmup`)."""
+        warmup = self.warmup_epochs if warmup_epochs is None else warmup_epochs
+        if warmup <= 0:
             return self.weight
-        return self.weight * min(1.0, progress / self.warmup_epochs)
+        return self.weight * min(1.0, progress / warmup)
 
 
 # Named presets: the one place these defaults are written (API, CLI and apps read them from here).

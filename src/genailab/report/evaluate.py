@@ -67,9 +67,11 @@ def write_report(
         Folder to write (created if needed).
     label_key
         ``obs`` column of known cell types: Leiden ARI/NMI (at resolution 1 and at the best of scIB's
-        sweep 0.1..2.0), silhouette, cLISI, graph connectivity, UMAP colours, DE check.
+        sweep 0.1..2.0), silhouette, cLISI, graph connectivity, UMAP colours, DE check. Cells without
+        a label (NaN) are left out of these, with a warning, and counted in ``latent.n_cells_without_label``.
     batch_key
         ``obs`` column of batches: batch mixing (iLISI, kBET, kNN entropy, batch silhouette), UMAP colours.
+        Cells without a batch are left out likewise (``latent.n_cells_without_batch``).
     latent_dims
         Latent sizes to retrain with the run's settings for the latent-dimension sweep (empty: none).
     sweep_epochs
@@ -99,9 +101,12 @@ def write_report(
     if adata.isbacked:
         raise InputDataError("write_report needs the data in memory; read the h5ad without backed='r' (or "
                              "adata.to_memory()).")
-    for key in (label_key, batch_key):
+    for key, option in ((label_key, "label_key"), (batch_key, "batch_key")):
         if key is not None and key not in adata.obs.columns:
             raise ConfigError(f"obs has no column {key!r}; the columns are {list(adata.obs.columns)}.")
+        if key is not None and adata.obs[key].isna().all():
+            raise InputDataError(f"{option}={key!r} is missing (NaN) in every cell; name an annotated obs column.",
+                                 argument=option)  # fmt: skip
     if batch_key is not None and pd.api.types.is_float_dtype(adata.obs[batch_key]):
         raise ConfigError(f"batch_key={batch_key!r} holds numbers ({adata.obs[batch_key].nunique()} distinct values); "
                           "name a categorical obs column of batches.", argument="batch_key")  # fmt: skip
@@ -199,9 +204,13 @@ def _cells_used(metrics: dict) -> dict[str, str]:
     heldout = f"{run['n_held_out']} {run['held_out_cells']}"
     latent_cells = metrics["latent"]["n_cells"]
     subsample = "every cell" if latent_cells == run["n_cells"] else f"a seeded subsample of {latent_cells} cells"
+    left_out = "".join(
+        f"; {metrics['latent'][f'n_cells_without_{what}']} cells without a {what} left out of the {what} metrics"
+        for what in ("label", "batch") if f"n_cells_without_{what}" in metrics["latent"]
+    )
     return {
         "likelihood": heldout,
-        "latent": f"the posterior means of {subsample} of the data ({run['n_cells']} cells)",
+        "latent": f"the posterior means of {subsample} of the data ({run['n_cells']} cells){left_out}",
         "generation": f"{heldout}, each against one cell generated from the prior with its conditions",
         "posterior_predictive": f"{heldout}, each against one replicate drawn from its own posterior",
         "differential_expression": f"the two largest label groups among the {heldout}",
@@ -258,8 +267,45 @@ def _likelihood(model, adata: AnnData, indices: np.ndarray, *, n_samples: int, s
     }
 
 
+def _annotated(obs: pd.DataFrame, key: str, *, metrics: str) -> np.ndarray:
+    """Which cells have a value in ``obs[key]``, (n_cells,) bool; a warning says how many do not."""
+    present = obs[key].notna().to_numpy()
+    n_missing = int((~present).sum())
+    if n_missing:
+        logger.warning("%d of %d cells have no %r (NaN) and are left out of the %s metrics",
+                       n_missing, present.size, key, metrics)  # fmt: skip
+    return present
+
+
+def _label_scores(latent: np.ndarray, labels: np.ndarray, *, seed: int) -> dict:
+    """Cell-type conservation of the latent (n_cells, n_latent) for labels (n_cells,), none missing."""
+    n_cells = labels.size
+    fixed = metrics_lib.leiden_ari_nmi(latent, labels, seed=seed)
+    best = metrics_lib.leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
+    return {
+        **fixed,  # ari, nmi, n_clusters, resolution
+        **{f"best_{name}": value for name, value in best.items()},
+        "label_silhouette": metrics_lib.label_silhouette(latent, labels),
+        "clisi": metrics_lib.clisi(latent, labels, perplexity=min(30, n_cells // 3)),  # fewer on tiny data
+        "graph_connectivity": metrics_lib.graph_connectivity(latent, labels, n_neighbors=min(15, n_cells)),
+    }
+
+
+def _batch_scores(latent: np.ndarray, batch: np.ndarray) -> dict:
+    """Batch mixing of the latent (n_cells, n_latent) for batches (n_cells,), none missing."""
+    n_cells = batch.size
+    return {
+        "ilisi": metrics_lib.ilisi(latent, batch, perplexity=min(30, n_cells // 3)),  # scIB's 30, fewer on tiny data
+        "kbet": metrics_lib.kbet(latent, batch, n_neighbors=min(50, n_cells)),
+        "batch_entropy": metrics_lib.knn_batch_entropy(latent, batch, k=min(50, n_cells - 1)),
+        "knn_batch_inverse_simpson": metrics_lib.knn_batch_inverse_simpson(latent, batch, k=min(90, n_cells - 1)),
+    }
+
+
 def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int) -> tuple[dict, Path]:
-    """Cell-type conservation and batch mixing of the posterior means, and their UMAP."""
+    """Cell-type conservation and batch mixing of the posterior means, and their UMAP. Cells with no
+    label (batch) are left out of the label (batch) metrics and counted in ``n_cells_without_label``
+    (``n_cells_without_batch``)."""
     rng = np.random.default_rng(seed)
     rows = np.arange(adata.n_obs)
     if rows.size > MAX_LATENT_CELLS:
@@ -267,36 +313,35 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
     latent = model.get_latent(adata)[rows]
     obs = adata.obs.iloc[rows]
     scores: dict = {"n_cells": int(rows.size)}
-    perplexity = min(30, rows.size // 3)  # scIB's 30, fewer on a tiny data set
+    present = {}
+    for what, key in (("label", label_key), ("batch", batch_key)):
+        if key is not None:
+            present[what] = _annotated(obs, key, metrics=what)
+            if not present[what].all():
+                scores[f"n_cells_without_{what}"] = int((~present[what]).sum())
     if label_key is not None:
-        labels = obs[label_key].astype(str).to_numpy()
-        fixed = metrics_lib.leiden_ari_nmi(latent, labels, seed=seed)
-        best = metrics_lib.leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
-        scores.update(fixed)  # ari, nmi, n_clusters, resolution
-        scores.update({f"best_{name}": value for name, value in best.items()})
-        scores["label_silhouette"] = metrics_lib.label_silhouette(latent, labels)
-        scores["clisi"] = metrics_lib.clisi(latent, labels, perplexity=perplexity)
-        scores["graph_connectivity"] = metrics_lib.graph_connectivity(latent, labels, n_neighbors=min(15, rows.size))
+        labelled, labels = present["label"], obs[label_key].astype(str).to_numpy()
+        scores.update(_label_scores(latent[labelled], labels[labelled], seed=seed))
     if batch_key is not None:
-        batch = obs[batch_key].astype(str).to_numpy()
-        scores["ilisi"] = metrics_lib.ilisi(latent, batch, perplexity=perplexity)
-        scores["kbet"] = metrics_lib.kbet(latent, batch, n_neighbors=min(50, rows.size))
-        scores["batch_entropy"] = metrics_lib.knn_batch_entropy(latent, batch, k=min(50, rows.size - 1))
-        scores["knn_batch_inverse_simpson"] = metrics_lib.knn_batch_inverse_simpson(
-            latent, batch, k=min(90, rows.size - 1)
+        batched, batch = present["batch"], obs[batch_key].astype(str).to_numpy()
+        scores.update(_batch_scores(latent[batched], batch[batched]))
+    if label_key is not None and batch_key is not None:
+        both = labelled & batched
+        scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent[both], batch[both], labels[both])
+        scores["kbet_per_label"] = metrics_lib.kbet_per_label(
+            latent[both], batch[both], labels[both], n_neighbors=min(50, int(both.sum()) - 1)
         )
-        if label_key is not None:
-            scores["batch_silhouette"] = metrics_lib.batch_silhouette(latent, batch, labels)
-            scores["kbet_per_label"] = metrics_lib.kbet_per_label(
-                latent, batch, labels, n_neighbors=min(50, rows.size - 1)
-            )
     columns = [key for key in dict.fromkeys((label_key, batch_key)) if key is not None]
-    colours = pd.DataFrame({key: obs[key].astype(str).astype("category").to_numpy() for key in columns},
-                           index=obs.index.astype(str))  # fmt: skip
+    colours = pd.DataFrame({key: _colours(obs[key]) for key in columns}, index=obs.index.astype(str))
     graph = AnnData(obs=colours, obsm={"X_latent": latent})
     sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed, transformer="sklearn")
     sc.tl.umap(graph, random_state=seed)
     return scores, plot_latent_umap(graph, columns, out / "latent_umap.png")
+
+
+def _colours(values: pd.Series) -> pd.Categorical:
+    """An obs column as categories of its text, missing values kept missing (drawn grey, not as 'nan')."""
+    return pd.Categorical(values.astype(str).where(values.notna()).to_numpy())
 
 
 def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, seed: int) -> tuple[dict, Path]:
@@ -319,7 +364,7 @@ def _generation(model, adata: AnnData, indices: np.ndarray, out: Path, *, keys, 
 
 def _de(model, adata: AnnData, indices: np.ndarray, *, label_key: str, seed: int) -> dict:
     """Top-k agreement of the fold changes between the two largest held-out label groups."""
-    counts = adata.obs[label_key].astype(str).iloc[indices].value_counts()
+    counts = adata.obs[label_key].iloc[indices].dropna().astype(str).value_counts()  # a missing label is no group
     groups = counts[counts >= _MIN_GROUP].index[:2]
     if len(groups) < 2:
         return {"skipped": f"fewer than two {label_key!r} groups with {_MIN_GROUP}+ held-out cells"}

@@ -32,6 +32,8 @@ NOTES: dict[str, dict[str, str]] = {
     },
     "latent": {
         "n_cells": "cells the latent-space metrics were computed on.",
+        "n_cells_without_label": "cells with no label (NaN), left out of the label metrics.",
+        "n_cells_without_batch": "cells with no batch (NaN), left out of the batch metrics.",
         "ari": "-0.5..1 (0 = chance), higher is better: adjusted Rand index of Leiden clusters at `resolution` "
         "vs the labels.",
         "nmi": "0..1, higher is better: normalised mutual information of those clusters vs the labels.",

@@ -147,7 +147,7 @@ def _log_normalised(model, matrix):
 def _fidelity(model, real, generated, *, n_comps: int, seed: int) -> dict[str, float]:
     scores = gene_moment_agreement(real, generated)
     real_log, generated_log = _log_normalised(model, real), _log_normalised(model, generated)
-    n_comps = min(n_comps, real.shape[0] + generated.shape[0] - 1, real.shape[1])
+    n_comps = min(n_comps, real.shape[0] + generated.shape[0] - 1, real.shape[1] - 1)  # PCA needs fewer than both
     scores["energy_distance"] = pca_distance(real_log, generated_log, n_comps=n_comps, seed=seed)
     scores["classifier_auc"] = classifier_two_sample_auc(real_log, generated_log, n_comps=n_comps, seed=seed)
     scores["n_cells"] = int(real.shape[0])
@@ -175,7 +175,7 @@ def generation_fidelity(
         A categorical condition of the model to score each category of separately (categories with
         fewer than 10 held-out cells are skipped); None scores all cells only.
     n_comps
-        Principal components of the shared PCA.
+        Principal components of the shared PCA; fewer (one below the cells or genes) on small data.
     seed
         Random state of the generation, the PCA and the classifier folds.
 
@@ -239,15 +239,18 @@ def log_fold_change(
     >>> log_fold_change(np.array([[4.0, 6.0], [1.0, 9.0]]), ["a", "b"], group_a="a", group_b="b", pseudocount=0)
     array([ 2.       , -0.5849625])
     """
-    groups = np.asarray(groups).astype(str)
+    groups = np.asarray(groups)
+    missing = pd.isna(groups)  # a missing group (NaN, None) is no group, not one called 'nan'
+    groups = groups.astype(str)
     matrix = sp.csr_matrix(values, dtype=np.float64) if sp.issparse(values) else np.asarray(values, dtype=np.float64)
     if groups.shape != (matrix.shape[0],):
         raise InputDataError(f"groups has shape {groups.shape}; give one group per cell ({matrix.shape[0]}).")
     means = []
     for group in (str(group_a), str(group_b)):
-        rows = np.flatnonzero(groups == group)
+        rows = np.flatnonzero((groups == group) & ~missing)
         if rows.size == 0:
-            raise InputDataError(f"group {group!r} has no cells; the groups present are {sorted(set(groups))}.")
+            present = sorted(set(groups[~missing]))
+            raise InputDataError(f"group {group!r} has no cells; the groups present are {present}.")
         subset = matrix[rows]
         if counts:
             totals = np.asarray(subset.sum(axis=1)).ravel()

@@ -19,8 +19,8 @@ from genailab.report._model_inputs import heldout_cells
 def validation_elbo(adata: AnnData, model, *, indices=None, seed: int = 0) -> dict[str, float]:
     """Negative ELBO per cell on held-out cells, with its two terms (KL weight 1, one sample of z).
 
-    The same quantity as the ``val_elbo_loss`` column of ``model.history`` once KL warm-up has
-    ended. Lower is better.
+    The same quantity as the last ``val_elbo_loss`` of ``model.history`` (which is also scored at KL
+    weight 1), up to the one posterior draw of z each takes. Lower is better.
 
     Parameters
     ----------

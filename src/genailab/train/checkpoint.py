@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -32,7 +33,12 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(f"No checkpoint file at {path}.")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... on bad files
+    except pickle.UnpicklingError as exc:  # torch's text would advise weights_only=False, the unsafe step
+        raise CheckpointError(
+            f"Could not read {path}: it is truncated, corrupt or not a genailab file, or it holds objects other "
+            "than tensors, which are never loaded (loading them could run code). Use an earlier checkpoint or retrain."
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError... on bad files
         raise CheckpointError(
             f"Could not read {path}: it is truncated, corrupt or not a genailab file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Use an earlier checkpoint or retrain."
@@ -129,12 +135,19 @@ def check_resume(state: dict, path: str | os.PathLike, *, model_config: dict, tr
         )
 
 
-def check_same_data(state: dict, path: str | os.PathLike, *, description: dict, data_sha256: str | None) -> None:
+def check_same_data(
+    state: dict, path: str | os.PathLike, *, description: dict, data_sha256: str | None, model_type: str | None = None
+) -> None:
     """Refuse to resume from ``state`` on data whose genes, conditions or cells differ from the
     checkpoint's, naming the difference. ``description`` holds the model's data schema as saved
     with it (``schema``, or a perturbation model's ``perturbation_schema``), compared with the
-    checkpoint's ``extra``; ``data_sha256`` is compared with the data hash recorded there."""
+    checkpoint's ``extra``; ``data_sha256`` is compared with the data hash recorded there, and
+    ``model_type`` (e.g. ``"genailab.VAE"``) with the type of model that wrote it."""
     extra = state["extra"]
+    written_by = extra.get("model_type")
+    if model_type is not None and written_by is not None and written_by != model_type:
+        raise CheckpointError(f"{path} was written by a {written_by.removeprefix('genailab.')}, not a "
+                              f"{model_type.removeprefix('genailab.')}; resume it with that model.")
     for key in ("schema", "perturbation_schema"):
         saved, current = extra.get(key), description.get(key)
         if isinstance(saved, dict) and isinstance(current, dict):
@@ -160,8 +173,9 @@ def _without_measures(schema: dict) -> dict:
 
 def apply_resumed_options(state: dict, config, *, optimizer, scheduler, early_stopping) -> list[str]:
     """Make options that differ from the checkpoint's take effect in restored optimiser, plateau
-    schedule and early stopping (their loaded states carry the old values); returns ``"name: old
-    -> new"`` for each changed option."""
+    schedule and early stopping (their loaded states carry the old values; a run that stopped early
+    trains on when the patience is now longer than its epochs without improvement); returns
+    ``"name: old -> new"`` for each changed option."""
     previous = state["train_config"]
     changed = [f"{name}: {previous[name]} -> {value}" for name, value in config.to_dict().items()
                if name in previous and previous[name] != value]  # fmt: skip
@@ -175,6 +189,7 @@ def apply_resumed_options(state: dict, config, *, optimizer, scheduler, early_st
     if early_stopping is not None:
         early_stopping.patience = config.early_stopping_patience
         early_stopping.min_delta = config.early_stopping_min_delta
+        early_stopping.stopped = early_stopping.stopped and early_stopping.bad_epochs >= early_stopping.patience
     return changed
 
 

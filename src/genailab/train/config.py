@@ -26,23 +26,23 @@ class TrainConfig:
     lr: float = 1e-3  # the first learning rate (the plateau schedule lowers it, the one-cycle one raises it first)
     lr_schedule: str | None = None  # "one_cycle" or "plateau"; None: one-cycle when epochs=None, else plateau
     one_cycle_peak: float = 4.0  # one-cycle: lr rises to this multiple of lr, then falls to min_lr along a half cosine
-    lr_warmup_fraction: float = 0.05  # one-cycle: share of the run's steps over which lr rises to its peak
+    lr_warmup_fraction: float = 0.05  # one-cycle: share of the run's steps over which lr rises to its peak (at least one step when > 0)
     weight_decay: float = 1e-6  # decoupled (AdamW) or L2 (Adam) regularisation
     optimizer: str = "adamw"
     grad_clip: float | None = 10.0  # max global gradient norm; None disables clipping
     kl_schedule: str = "linear"  # "constant", "linear" warm-up or "cyclical" annealing of beta * KL
-    kl_warmup_epochs: float | None = None  # length of the linear warm-up; None: kl_warmup_fraction of the run when epochs=None, else 10
-    kl_warmup_fraction: float = 0.3  # epochs=None: share of the run's steps over which the KL weight rises to 1
+    kl_warmup_epochs: float | None = None  # linear warm-up; None: kl_warmup_fraction of the run when epochs=None, else 10 (or that share of a shorter run)
+    kl_warmup_fraction: float = 0.3  # share of the run for the KL warm-up (epochs=None, or a run too short for 10 epochs)
     kl_cycles: int = 4  # number of cycles of the cyclical schedule
     validation_fraction: float = 0.1  # cells held out for early stopping and the LR schedule
     early_stopping_patience: int | None = 20  # stop after this many epochs (>= 1) without improvement; None disables
     early_stopping_min_delta: float = 0.0
-    lr_plateau_patience: int | None = 8  # epochs without improvement before lr *= lr_factor; None disables
+    lr_plateau_patience: int | None = 8  # lr *= lr_factor after more than this many epochs in a row without a 1e-4 relative improvement; None disables
     lr_factor: float = 0.5
     min_lr: float = 1e-6
     checkpoint_every: int = 0  # write a resumable checkpoint every N epochs (0: only the final model)
     seed: int = 0  # one seed for weights, dropout, sampling, the split and the data order
-    deterministic: bool = False  # ask torch for deterministic kernels (bitwise-repeatable, maybe slower)
+    deterministic: bool = False  # deterministic kernels (maybe slower); bitwise repeats need the same seed, thread count, hardware, torch build
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     precision: str = "float32"  # "bfloat16": autocast the networks on CUDA (the likelihood stays float32)
     progress: bool = True  # show a progress bar
@@ -88,15 +88,21 @@ class TrainConfig:
         log-likelihood on 4,050 and 16,200 simulated cells, 10 on 567 PBMCs), the one-cycle
         learning-rate schedule (the run's length is known) and a KL warm-up over
         ``kl_warmup_fraction`` of it. With given epochs: the plateau schedule and a 10-epoch KL
-        warm-up unless set. Explicit values are kept.
+        warm-up, cut to ``kl_warmup_fraction`` of a run too short for it (:meth:`short_run_warmup`),
+        so that every run ends on the full ELBO. Explicit values are kept.
         """
         auto = self.epochs is None
         epochs = self.epochs if not auto else int(min(max(round(self.auto_epoch_scale / math.sqrt(max(n_train_cells, 1))), 2), 400))
-        schedule = self.lr_schedule_used
+        plan = replace(self, epochs=epochs, lr_schedule=self.lr_schedule_used)
         warmup = self.kl_warmup_epochs
         if warmup is None:
-            warmup = self.kl_warmup_fraction * epochs if auto else 10.0
-        return replace(self, epochs=epochs, lr_schedule=schedule, kl_warmup_epochs=float(warmup))
+            warmup = self.kl_warmup_fraction * epochs if auto else plan.short_run_warmup(10.0)
+        return replace(plan, kl_warmup_epochs=float(warmup))
+
+    def short_run_warmup(self, warmup_epochs: float) -> float:
+        """``warmup_epochs``, or ``kl_warmup_fraction`` of the run when that is shorter: the rule for
+        the default KL warm-up with given epochs and for the batch adversary's (``epochs`` resolved)."""
+        return min(warmup_epochs, self.kl_warmup_fraction * self.epochs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +128,7 @@ _NUMBERS = {
     "one_cycle_peak": dict(ge=1),
     "weight_decay": dict(ge=0),
     "grad_clip": dict(gt=0, allow_none=True, hint="None disables clipping."),
-    "kl_warmup_epochs": dict(ge=0, allow_none=True, hint="None: a share of the run (epochs=None) or 10 epochs."),
+    "kl_warmup_epochs": dict(ge=0, allow_none=True, hint="None: a share of the run (epochs=None) or 10 epochs at most."),
     "kl_cycles": dict(integer=True, ge=1),
     "validation_fraction": dict(ge=0, lt=1),
     "early_stopping_patience": dict(integer=True, ge=1, allow_none=True, hint="None disables early stopping."),

@@ -30,7 +30,7 @@ from genailab.train.checkpoint import (
 from genailab.train.config import TrainConfig
 from genailab.train.distributed import DistributedContext, distributed_context
 from genailab.train.interrupt import LastFinishedEpoch
-from genailab.train.schedules import EarlyStopping, kl_weight, one_cycle_lr
+from genailab.train.schedules import EarlyStopping, kl_weight, one_cycle_lr, one_cycle_warmup_steps
 
 logger = logging.getLogger(__name__)
 _LARGE_BETA = 100.0  # a KL weight above this is named as the likely cause of a NaN/Inf loss
@@ -155,10 +155,15 @@ class Trainer:
         # the data-dependent defaults (epochs, schedules), from all ranks' training cells
         self.config = self.config.resolved(train_loader.indices.size * self.dist.world_size)
         cfg = self.config
+        if self.dist.is_main:
+            self._warn_if_warmup_outlasts_run()
         for loader in (train_loader, val_loader):  # on a GPU, an in-memory matrix that fits is copied there once
             if loader is not None and hasattr(loader, "preload"):
                 loader.preload(self.device)
         epochs = range(self.start_epoch, cfg.epochs)
+        if self.stopped_early:  # resumed from a run that had stopped: it is finished
+            logger.info("The checkpoint's run stopped early after epoch %d; nothing to train.", self.start_epoch)
+            epochs = range(0)
         show = cfg.progress and self.dist.is_main
         bar = tqdm(epochs, desc="training", unit="epoch", disable=None if show else True, leave=False)
         for epoch in bar:
@@ -193,6 +198,19 @@ class Trainer:
             self.save_checkpoint()  # the last epoch too, so the checkpoint never lags the finished model
         return self.history
 
+    def _warn_if_warmup_outlasts_run(self) -> None:
+        """Warn when a linear KL warm-up set longer than the run leaves the KL weight below 1 at the end."""
+        cfg = self.config
+        if cfg.kl_schedule != "linear" or cfg.kl_warmup_epochs <= cfg.epochs:
+            return
+        logger.warning(
+            "kl_warmup_epochs=%g is longer than the run (epochs=%d): the KL weight reaches only %.2f at the end, so the "
+            "model never trains on the full ELBO that early stopping and get_elbo score. Give kl_warmup_epochs of at "
+            "most %d, or leave it unset (then %g of the run).",
+            cfg.kl_warmup_epochs, cfg.epochs, kl_weight(float(cfg.epochs), warmup_epochs=cfg.kl_warmup_epochs),
+            cfg.epochs, cfg.kl_warmup_fraction,
+        )  # fmt: skip
+
     def _train_epoch(self, loader: MinibatchLoader, epoch: int) -> dict[str, float]:
         """One pass over ``loader``; the running sums and the divergence flag stay on the device.
 
@@ -209,6 +227,7 @@ class Trainer:
         watch = _DivergenceWatch(self.device)
         n_cells = 0
         weight = 1.0
+        adversary_warmup = cfg.short_run_warmup(self.adversary.config.warmup_epochs) if self.adversary is not None else 0
         for step, batch in enumerate(loader):
             batch = batch.to(self.device)
             if cfg.lr_schedule == "one_cycle":
@@ -223,7 +242,7 @@ class Trainer:
             out = self._loss(batch, weight)
             objective = out.loss
             if self.adversary is not None:
-                adversary_weight = self.adversary.config.weight_at(epoch + step / n_batches)
+                adversary_weight = self.adversary.config.weight_at(epoch + step / n_batches, warmup_epochs=adversary_warmup)
                 objective = objective + self.adversary.encoder_loss(out.z, batch.y, adversary_weight)
             watch.record(objective, step)
             if (step + 1) % check_every == 0:
@@ -250,8 +269,8 @@ class Trainer:
     def _set_lr(self, step: int, total_steps: int) -> None:
         """The one-cycle schedule's rate for this step (a pure function of the step, so resuming continues it)."""
         cfg = self.config
-        lr = one_cycle_lr(step, total_steps, warmup_steps=round(cfg.lr_warmup_fraction * total_steps), start=cfg.lr,
-                          peak=cfg.one_cycle_peak * cfg.lr, end=cfg.min_lr)
+        lr = one_cycle_lr(step, total_steps, warmup_steps=one_cycle_warmup_steps(total_steps, cfg.lr_warmup_fraction),
+                          start=cfg.lr, peak=cfg.one_cycle_peak * cfg.lr, end=cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -293,8 +312,9 @@ class Trainer:
                 "standard VAE, 0.1-10 the usual range). The learning rate is not the cause."
             )
         hint = (
-            "Lower the learning rate (`lr`), keep gradient clipping on (`grad_clip`), check the input for extreme "
-            "values, or use a count model on raw counts."
+            "Lower the learning rate (`lr`), check the input for extreme values, or use a count model on raw "
+            "counts" + ("." if self.config.grad_clip is not None else "; in Python, turn gradient clipping back on "
+                        "(leave grad_clip at its default).")
         )
         if self.checkpoint_path is not None and self.checkpoint_path.is_file():
             hint += f" The last good checkpoint, {self.checkpoint_path}, is kept; resume from it with a lower lr."
@@ -376,9 +396,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.early_stopping is not None and "early_stopping" in state:
             self.early_stopping.load_state_dict(state["early_stopping"])
+        if (self.adversary is not None) != ("adversary" in state):
+            written = "with" if "adversary" in state else "without"
+            raise CheckpointError(f"{source} was written {written} a batch adversary; resume it with a model built "
+                                  f"{written} one (adversarial_key and adversary as when it was written).")
         if self.adversary is not None:
-            if "adversary" not in state:
-                raise CheckpointError("The checkpoint was written without a batch adversary; resume without one.")
             check_weights_fit(state["adversary"], self.adversary.state_dict(), source, what="adversary")
             self.adversary.load_state_dict(state["adversary"])
             self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
@@ -389,6 +411,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         changed = apply_resumed_options(state, self.config, optimizer=self.optimizer, scheduler=self.scheduler,
                                         early_stopping=self.early_stopping)  # fmt: skip
+        self.stopped_early = self.early_stopping is not None and self.early_stopping.stopped
         if changed:
             logger.warning("Resuming from %s with changed options: %s.", source, "; ".join(changed))
 
