@@ -134,3 +134,18 @@ def test_r2_matches_sklearn_and_log_normalize_by_hand():
     assert r2_score(a, b) == pytest.approx(sklearn_r2(a, b))
     np.testing.assert_allclose(log_normalize(np.array([[1.0, 3.0], [0.0, 0.0]]), target_sum=4.0),
                                [[np.log(2.0), np.log(4.0)], [0.0, 0.0]])  # fmt: skip
+
+
+def test_scgen_moves_the_control_counts_by_its_decoded_fold_change():
+    """scGen decoded z + shift alone, so the decoder's reconstruction error of every gene was scored
+    as predicted change; like genailab it now moves each control cell's counts by the decoded ratio."""
+    from genailab.data.simulate import PerturbationSpec, simulate
+    from genailab.perturb.baselines import LatentArithmetic
+
+    screen = simulate(600, 60, n_cell_types=2, perturbation=PerturbationSpec(n_drugs=2), seed=0)
+    scgen = LatentArithmetic(latent_dim=4, hidden_dims=(32,), train_options=dict(epochs=3, progress=False))
+    scgen.fit(screen, keys=KEYS, layer="counts")
+    controls = screen[(screen.obs["drug"] == "control").to_numpy()].copy()
+    scgen.shifts = {key: np.zeros_like(shift) for key, shift in scgen.shifts.items()}  # no latent shift: no change
+    unchanged = scgen.predict(controls, drug="drug_0", dose=1.0)
+    np.testing.assert_allclose(unchanged, log_normalize(controls.layers["counts"].toarray()), rtol=1e-6)

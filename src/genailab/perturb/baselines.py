@@ -251,9 +251,12 @@ class LatentArithmetic:
 
     An unconditional genailab :class:`~genailab.VAE` is trained on the training cells; a drug's
     latent shift is the mean latent of its treated cells minus that of the control cells (per
-    cell type, averaged, as :func:`mean_shifts`, interpolated in log dose); control latents plus
-    the shift are decoded with each control cell's own library size and one count sample is
-    drawn per cell.
+    cell type, averaged, as :func:`mean_shifts`, interpolated in log dose). Like genailab's
+    counterfactual, the prediction moves each control cell's own counts by the decoded fold change
+    decode(z + shift) / decode(z) (:func:`~genailab.model.perturbation.shift_counts`), so the
+    decoder's reconstruction error cancels; a Gaussian decoder's change is added to the cells'
+    log-normalised values. (Decoding z + shift alone, as before, scored the reconstruction error of
+    every gene as predicted change: top-50 delta R2 -1.19 against +0.26 for one simulated group.)
     """
 
     name = "scGen"
@@ -271,9 +274,19 @@ class LatentArithmetic:
         return self
 
     def predict(self, control: AnnData, *, drug: str, dose: float) -> np.ndarray:
-        z = self.vae.get_latent(control) + combined_shift(self.shifts, drug, dose, self.keys)
-        library = np.asarray(layer_values(control, self.layer).sum(1), dtype=np.float32).ravel()
-        return log_normalize(self.vae.decode(z, library=library, sample=True, seed=0))
+        counts = layer_values(control, self.layer)
+        counts = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float32)
+        z = self.vae.get_latent(control)
+        moved_z = z + combined_shift(self.shifts, drug, dose, self.keys)
+        if self.likelihood == "gaussian":  # the model of log-normalised values: its change, added
+            return counts + self.vae.decode(moved_z) - self.vae.decode(z)
+        library = counts.sum(1)
+        base = self.vae.decode(z, library=library)  # (n, G) expected counts of each control cell
+        ratio = self.vae.decode(moved_z, library=library) / np.maximum(base, 1e-12)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            moved = shift_counts(torch.from_numpy(counts), torch.from_numpy(ratio), torch.from_numpy(base))
+        return log_normalize(moved.numpy())
 
 
 class Oracle:

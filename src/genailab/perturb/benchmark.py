@@ -166,7 +166,7 @@ def compare_methods(
         method.fit(train, keys=keys, layer=layer)
     train_values = log_normalize(counts[np.flatnonzero(used)])
     pca = _fitted_pca(train_values, n_comps, seed)
-    perturbed_mean = train_values[~keys.is_control(train.obs)].mean(0)
+    perturbed_means = _perturbed_means(train_values, train.obs, keys)
 
     rows_of: dict = {}
     for i, group in enumerate(cell_groups(adata.obs, keys)):
@@ -195,7 +195,8 @@ def compare_methods(
         for method in methods:
             predicted = method.predict(adata[control_rows], drug=drug, dose=dose)
             scores = perturbation_metrics(
-                reference_values, true_values, predicted, predicted_from=input_values, perturbed_mean=perturbed_mean,
+                reference_values, true_values, predicted, predicted_from=input_values,
+                perturbed_mean=perturbed_means.get(cell_type, perturbed_means[None]),
                 n_top_genes=n_top_genes, embed=pca.transform, seed=seed,
             )  # fmt: skip
             rows.append(dict(protocol=protocol, group=number, cell_type=cell_type, drug=drug, dose=dose,
@@ -208,6 +209,19 @@ def compare_methods(
     scores = pd.DataFrame(rows)
     scores["centroid_accuracy"] = _centroid_column(scores, centroids)
     return scores
+
+
+def _perturbed_means(values: np.ndarray, obs: pd.DataFrame, keys: ObsKeys) -> dict:
+    """Systema's perturbed mean of each cell type's treated training cells (log-normalised), and
+    under None that of all of them, for a type with no treated training cell (as
+    :class:`~genailab.perturb.baselines.PerturbedMean` predicts). Centring on the mean over every
+    type measured cell-type identity: no change scored a centred Pearson of 0.87."""
+    treated = ~keys.is_control(obs)
+    types = cell_types(obs, keys)
+    means = {None: values[treated].mean(0)}
+    for cell_type in np.unique(types[treated]):
+        means[cell_type] = values[treated & (types == cell_type)].mean(0)
+    return means
 
 
 def _fitted_pca(values: np.ndarray, n_comps: int, seed: int) -> PCA:

@@ -9,8 +9,8 @@ held-out group (cell type, drug label, dose) at a time; benchmarks average them 
   honest ones: the no-change baseline scores R2 <= 0 by construction (its Pearson is undefined, NaN);
 * ``*_top_de``: the same on the ``n_top_genes`` genes with the largest true |change|;
 * ``pearson_centred``: Systema's centred delta (Viñas Torné et al., Nat. Biotech. 2025): change
-  from the mean of all perturbed training cells instead of the controls, so that a method is not
-  rewarded for the effect every perturbation shares;
+  from the mean of the perturbed training cells of the group's cell type instead of the controls,
+  so that a method is not rewarded for the effect every perturbation shares;
 * ``r2_delta_weighted``: delta R2 with gene weights ``|true change| / sum |true change|``, so the
   genes that move count most and unmoved genes cannot dominate;
 * ``direction_top_de``: share of the top DE genes whose predicted change has the true sign;
@@ -138,8 +138,8 @@ def perturbation_metrics(
         Log-normalised control cells the prediction was made from, (n_input, G): the reference of
         the predicted change. None: ``control`` (the prediction was made from those cells).
     perturbed_mean
-        Mean of all perturbed training cells (G,), the reference of ``pearson_centred``; without
-        it that metric is NaN.
+        Mean of the perturbed training cells of the group's cell type (G,), the reference of
+        ``pearson_centred``; without it that metric is NaN.
     n_top_genes
         Genes with the largest true |mean change| used for the ``*_top_de`` metrics.
     embed
@@ -307,13 +307,16 @@ def _rows(frame: pd.DataFrame) -> list[Group]:
 
 def _unseen_cell_drug(groups, drug_parts, n_groups, rng) -> list[Group]:
     singles = groups[drug_parts.map(len) == 1]
+    seen = set(zip(singles["cell_type"], singles["drug"]))  # (cell type, drug) pairs left in training
     held = []
     for drug in _pick(sorted(singles["drug"].unique()), n_groups, rng):
         types = sorted(singles.loc[singles["drug"] == drug, "cell_type"].unique())
-        others = singles[singles["drug"] != drug]["cell_type"].unique()
-        candidates = [t for t in types if len(types) > 1 and t in others]
+        # the chosen type keeps another drug in training (holding each drug out in one type would
+        # otherwise hold a whole cell type out, the cell_type protocol)
+        candidates = [t for t in types if len(types) > 1 and any(t == k and d != drug for k, d in seen)]
         if candidates:
             chosen = candidates[rng.integers(len(candidates))]
+            seen.discard((chosen, drug))
             contains = drug_parts.map(lambda parts, d=drug: d in parts) & (groups["cell_type"] == chosen)
             held += _rows(groups[contains])
     return held
