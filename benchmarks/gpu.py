@@ -42,7 +42,8 @@ def genailab_row(matrix: sp.csr_matrix, batch_size: int, steps: int, precision: 
     rows = np.sort(np.random.default_rng(0).choice(matrix.shape[0], size=n_cells, replace=False))
     loader = MinibatchLoader(matrix, indices=rows, batch_size=batch_size, seed=0)
     config = TrainConfig(epochs=2, batch_size=batch_size, device="cuda", precision=precision, progress=False,
-                         validation_fraction=0.0, early_stopping_patience=None, lr_plateau_patience=None)
+                         validation_fraction=0.0, early_stopping_patience=None, lr_plateau_patience=None,
+                         recalibrate_norm=False)  # the training steps alone
     torch.cuda.reset_peak_memory_stats()
     history = Trainer(model, config).fit(loader)  # the epoch's figures are read back once, at its end
     return n_cells / history[-1]["seconds"], torch.cuda.max_memory_allocated() / 2**30

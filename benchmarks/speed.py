@@ -62,7 +62,8 @@ class GenailabTraining:
         self.model = CVAE_ZINB(input_dim=adata.n_vars, latent_dim=10, hidden_dims=[128, 128])
         self.loader = MinibatchLoader(adata.layers["counts"], batch_size=batch_size, seed=0)
         self.config = TrainConfig(epochs=1, batch_size=batch_size, progress=False, validation_fraction=0.0,
-                                  early_stopping_patience=None, lr_plateau_patience=None)
+                                  early_stopping_patience=None, lr_plateau_patience=None,
+                                  recalibrate_norm=False)  # the training steps alone, one epoch per call
         self.n_cells = adata.n_obs
 
     def epoch(self) -> tuple[float, float]:

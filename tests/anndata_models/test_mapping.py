@@ -431,15 +431,16 @@ def test_data_starts_need_batch_norm_and_the_neighbours_start_needs_reference_ce
 
 def test_neighbours_start_keeps_a_query_of_one_cell_type_that_batch_norm_centring_moves(split, reference_run):
     """A query holding one of the 3 cell types: centring its mean on the reference's batch-norm mean
-    moves it onto the other types (measured 0.11 of its cells labelled right before fit()); the
-    mutual-neighbour offset is the batch's own and keeps them (1.0 after fit(), as the mean start)."""
+    moves it onto the other types (measured 0.11 of its cells labelled right before fit(), 0.36 since
+    the reference's batch-norm statistics are recomputed after training); the mutual-neighbour
+    offset is the batch's own and keeps them (1.0 after fit(), as the mean start)."""
     reference_cells, query = split
     reference, _ = reference_run
     reference_cells = reference_cells.copy()
     reference_cells.obsm["X_genailab"] = reference.get_latent(reference_cells)
     one_type = query[(query.obs["cell_type"].astype(str) == "type_0").to_numpy()].copy()
     centred = map_query(one_type, reference, encoder_start="batch_norm")
-    assert _transfer_scores(reference_cells, one_type, centred.get_latent())[0] < 0.3
+    assert _transfer_scores(reference_cells, one_type, centred.get_latent())[0] < 0.5
     mapped = map_query(one_type, reference).fit(**FAST)
     assert mapped.mapping["encoder_start"] == "neighbours"
     assert _transfer_scores(reference_cells, one_type, mapped.get_latent())[0] > 0.95

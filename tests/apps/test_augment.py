@@ -63,3 +63,11 @@ def test_bad_requests(app_data, app_model):
         generate(None, app_model, n_cells=5, conditions={"cell_type": "type_0"})
     with pytest.raises(InputDataError, match="No cell"):
         generate(app_data, app_model, n_cells=5, conditions={"cell_type": "type_9"})
+
+
+def test_posterior_cells_come_from_a_numeric_coded_group(app_data, app_model):
+    """An integer-coded column was skipped as if continuous: cells came from every group, labelled as the one asked for."""
+    adata = app_data.copy()
+    adata.obs["cluster"] = adata.obs["cell_type"].cat.codes.astype(int)
+    generated = generate(adata, app_model, n_cells=60, conditions={"cluster": 2}, source="posterior", seed=0)
+    assert set(adata.obs.loc[generated.obs["source_cell"], "cluster"]) == {2}

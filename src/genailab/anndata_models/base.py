@@ -33,7 +33,7 @@ from genailab.anndata_models.files import (
 )
 from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions, MinibatchLoader, row_indices
-from genailab.data.validation import cell_totals, check_expression, empty_cells, warn_if_other_scale
+from genailab.data.validation import cell_totals, check_expression, empty_cells, gene_variances, warn_if_other_scale
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
 from genailab.model.config import ModelConfig
@@ -300,7 +300,7 @@ class AnnDataModel:
             try:
                 trainer, data_sha256, interrupted = self._train(
                     module, adversary, config, matrix, conditions, labels, train_rows, val_rows,
-                    checkpoint_dir=checkpoint_dir, resume_from=resume_from, loader=loader,
+                    checkpoint_dir=checkpoint_dir, resume_from=resume_from, loader=loader, fresh=fresh,
                 )  # fmt: skip
             except BaseException:  # a failed fit leaves the model as it was (an interrupt keeps its last epoch)
                 for part, state in zip((module, adversary), before or ()):
@@ -337,17 +337,25 @@ class AnnDataModel:
                     key, untrained[:10],
                 )
 
+    def _starts_from_data(self) -> bool:
+        """Whether a fresh fit may set starting values from the data (a query model's decoder is the
+        frozen reference's)."""
+        return True
+
     def _continues_checkpoint(self) -> bool:
         """Whether a checkpoint already in ``checkpoint_dir`` is this model's own, to be replaced by a
         fit that does not resume it (a query model's earlier stage)."""
         return False
 
     def _train(self, module, adversary, config: TrainConfig, matrix, conditions, labels, train_rows, val_rows, *,
-               checkpoint_dir, resume_from, loader):
+               checkpoint_dir, resume_from, loader, fresh: bool):
         """Run the :class:`~genailab.train.trainer.Trainer` on ``module`` (and ``adversary``);
         returns (trainer, data fingerprint, the KeyboardInterrupt that stopped it or None)."""
         if self._network_config.is_count_model:
             module.default_library.fill_(float(np.median(cell_totals(matrix)[train_rows])))
+        elif fresh and self._starts_from_data() and hasattr(module.head, "start_variance"):
+            # a new Gaussian decoder starts at the data's per-gene variances
+            module.head.start_variance(torch.as_tensor(gene_variances(matrix), dtype=torch.float32))
         checkpoint_path = check_writable(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         if (checkpoint_path is not None and checkpoint_path.exists() and not self._continues_checkpoint()
                 and (resume_from is None or Path(resume_from).resolve() != checkpoint_path.resolve())):

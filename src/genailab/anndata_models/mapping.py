@@ -455,6 +455,9 @@ class QueryVAE(VAE):
     def _continues_checkpoint(self) -> bool:
         return bool(self._stage)  # a later stage replaces the checkpoint of the stage before it
 
+    def _starts_from_data(self) -> bool:
+        return False  # the reference's weights are the start
+
     def _stage_config(self, config: TrainConfig, stage: int) -> TrainConfig:
         """The first stage trains at ``config.lr``; the encoder stage at ENCODER_STAGE_LR_FACTOR times it,
         held constant when only the new columns learn (``unfreeze="new_categories"``): halved further on

@@ -208,6 +208,12 @@ class VAE(AnnDataModel):
             raise ConfigError(f"conditions must be a dict of condition key -> value (e.g. {{'batch': 'batch_0'}}), "
                               f"not {type(overrides).__name__}.")
         overrides = dict(overrides or {})
+        if overrides and self.config.inject_condition not in ("both", "decoder"):
+            raise ConfigError(
+                f"This model's decoder does not read the conditions (inject_condition={self.config.inject_condition!r}), "
+                "so conditions=... would change nothing; build the model with inject_condition='both' or 'decoder' "
+                "to decode cells under other conditions.", argument="conditions",
+            )
         several = [key for key, value in overrides.items() if np.ndim(value) > 0]
         if several:
             raise ConfigError(
@@ -287,8 +293,9 @@ class VAE(AnnDataModel):
         z
             Latent points, (n, latent_dim).
         conditions
-            Their condition matrix from :meth:`encode_conditions`, (n, raw_condition_dim); None for
-            a model without conditions.
+            Their condition matrix from :meth:`encode_conditions`, (n, raw_condition_dim), or a dict
+            of one value per condition for every point (e.g. ``{"batch": "batch_0"}``); None for a
+            model without conditions.
         library
             Total count per cell, (n,) or one number (count models); None gives the training median.
         sample
@@ -303,10 +310,23 @@ class VAE(AnnDataModel):
         (n, n_genes) float32.
         """
         z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
+            raise ConfigError(f"z must be (n, latent_dim={self.config.latent_dim}) latent points, got shape {z.shape}.",
+                              argument="z")
         n = z.shape[0]
+        if isinstance(conditions, Mapping):  # one value per condition for every point, as other methods take them
+            conditions = self.encode_conditions(None, conditions, n_cells=n)
+        if conditions is not None and np.shape(conditions)[0] != n:
+            raise ConfigError(f"conditions has {np.shape(conditions)[0]} rows for {n} latent points; give one row per "
+                              "point (encode_conditions) or a dict of one value per condition.", argument="conditions")
         if library is None:
             library = np.full(n, self.default_library, dtype=np.float32)
-        library = np.broadcast_to(np.asarray(library, dtype=np.float32), (n,))
+        library = np.asarray(library, dtype=np.float32)
+        if library.ndim > 1 or library.size not in (1, n) or not (np.isfinite(library).all() and (library > 0).all()):
+            raise ConfigError(f"library must be one positive number or one per latent point ({n}), finite; got "
+                              f"{library.size} value(s), smallest {library.min() if library.size else 'none'}.",
+                              argument="library")
+        library = np.broadcast_to(library.reshape(-1) if library.ndim else library, (n,))
         module = self.module.eval()
         device = self.device
         out = _cells_by_genes(n, self.schema.n_genes)
@@ -485,7 +505,9 @@ class VAE(AnnDataModel):
         self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, n_samples: int = 1, seed: int | None = 0
     ) -> np.ndarray:
         """Replicates x_rep ~ p(x | z, c), z ~ q(z | x, c), each cell at its observed library,
-        (n_samples, n_cells, n_genes) float32."""
+        (n_samples, n_cells, n_genes) float32. The library is the NB mean's total (scVI's
+        convention), so ZINB replicates lose the dropout share on top: their totals run about
+        (1 - mean dropout) of the observed ones (0.71 at 30% dropout)."""
         check_number("n_samples", n_samples, integer=True, ge=1)
         module = self.module.eval()
         draws = []

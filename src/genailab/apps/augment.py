@@ -93,7 +93,7 @@ def generate(
             z = rng.standard_normal((n_cells, model.config.latent_dim))
             library = np.full(n_cells, float(library_size or model.default_library))
         else:
-            real = _matching_cells(adata, conditions)
+            real = _matching_cells(adata, conditions, model.schema.continuous_keys)
             picked = real[np.sort(rng.integers(real.n_obs, size=n_cells))]
             obs = picked.obs.reset_index(names="source_cell")
             library = np.asarray(model_counts(picked, model).sum(axis=1)).ravel()
@@ -109,14 +109,15 @@ def generate(
         n_cells=n_cells, conditions=conditions, source=source, library_size=library_size, seed=seed))  # fmt: skip
 
 
-def _matching_cells(adata: AnnData, conditions: Mapping[str, object]) -> AnnData:
-    """The cells of ``adata`` whose categorical ``obs`` columns equal the given conditions."""
+def _matching_cells(adata: AnnData, conditions: Mapping[str, object], continuous_keys=()) -> AnnData:
+    """The cells of ``adata`` whose ``obs`` columns equal the given conditions (as text, so a
+    numeric-coded donor 1 matches 1), except the model's ``continuous_keys``, which are set, not matched."""
     keep = np.ones(adata.n_obs, dtype=bool)
     for key, value in conditions.items():
         if key not in adata.obs:
             raise InputDataError(f"obs has no column {key!r}; the conditions must be obs columns of the real cells.")
         column = adata.obs[key]
-        if pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype):
+        if key in continuous_keys:
             continue  # continuous conditions (dose) are set, not matched
         keep &= column.astype(str).to_numpy() == str(value)
     if not keep.any():

@@ -223,15 +223,16 @@ class DataSchema:
         if missing.size and not align_genes:
             raise SchemaMismatchError(
                 f"{missing.size} of the model's {self.n_genes} genes are missing from the data "
-                f"(e.g. {shown}). Use the same gene set (and var_names) as in training, or pass "
-                "align_genes=True to fill missing genes with zeros."
+                f"(e.g. {shown}). Use the same gene set (and var_names) as in training, or fill the missing genes "
+                "with zeros: align_genes=True where the method takes it (get_latent, get_normalized_expression, "
+                "get_marginal_ll, get_expression, the commands' --align-genes), or map the data with map_query."
             )
         if missing.size > max_missing_fraction * self.n_genes:
             raise SchemaMismatchError(
                 f"{missing.size} of the model's {self.n_genes} genes ({missing.size / self.n_genes:.1%}) are missing "
                 f"from the data (e.g. {shown}), more than max_missing_fraction={max_missing_fraction:g} allows. "
-                "Filling that many with zeros distorts the cells; use data measured on the model's genes, or raise "
-                "max_missing_fraction to accept it."
+                "Filling that many with zeros distorts the cells; use data measured on the model's genes, or map "
+                "them with map_query (genailab map), whose max_missing_fraction can be raised to accept it."
             )
         if missing.size:
             logger.warning(

@@ -134,6 +134,18 @@ def warn_if_other_scale(matrix, trained_scale: float, *, source: str) -> None:
     )
 
 
+def gene_variances(matrix) -> np.ndarray:
+    """Variance of each gene over the cells (population form), (n_genes,) float64."""
+    n_cells, total, squares = 0, 0.0, 0.0
+    for block in row_blocks(matrix):
+        block = sp.csr_matrix(block, dtype=np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
+        n_cells += block.shape[0]
+        total = total + np.asarray(block.sum(axis=0)).ravel()
+        squares = squares + np.asarray((block.multiply(block) if sp.issparse(block) else block * block).sum(axis=0)).ravel()
+    mean = total / max(n_cells, 1)
+    return np.maximum(squares / max(n_cells, 1) - mean * mean, 0.0)
+
+
 def cell_totals(matrix) -> np.ndarray:
     """Per-cell sum of a (n_cells, n_genes) matrix as float64, (n_cells,)."""
     if isinstance(matrix, OnDiskMatrix):

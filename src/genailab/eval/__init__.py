@@ -68,4 +68,5 @@ __all__ = [
     "per_condition",
     "posterior_predictive_gene_stats",
     "precision_recall",
+    "top_k_overlap",
 ]

@@ -132,9 +132,14 @@ def compare_methods(
     Parameters
     ----------
     adata
-        Raw counts in ``layer`` (``X`` when None), drug/dose/cell-type columns named by ``keys``.
+        Raw counts in ``layer`` (default ``"counts"``; None reads ``X``), drug/dose/cell-type
+        columns named by ``keys``.
     split
         What to hold out (:func:`~genailab.perturb.evaluate.holdout_split`).
+    keys
+        The obs columns of drug, dose and cell type and the control label (:class:`ObsKeys`).
+    layer
+        The layer of raw counts (None: ``X``).
     methods
         Objects with ``name``, ``fit(adata, keys=, layer=)`` and ``predict(control, drug=, dose=)``;
         default :func:`default_methods`.
@@ -144,11 +149,19 @@ def compare_methods(
         Pair labels whose effect is not the sum of their drugs'; under the ``pair`` protocol their
         groups are reported as ``pair (interacting)``, the others as ``pair (additive)``. Default
         ``adata.uns['interacting_pairs']`` (written by both genailab generators), else none.
+    n_top_genes
+        Genes with the largest true change behind the ``*_top_de`` metrics.
+    n_comps
+        Principal components (fitted on the training cells) of the energy distance.
+    seed
+        Seeds the reference controls, the PCA and the energy distance's subsampling.
 
     Returns
     -------
     One row per held-out group and method: protocol, group, cell_type, drug, dose, method,
-    n_true, n_control (the prediction inputs), n_reference and the metrics (:data:`METRICS`).
+    n_true, n_control (the prediction inputs), n_reference, the metrics (:data:`METRICS`) and
+    ``r2_mean`` / ``pearson_mean`` (R2 and Pearson of the mean expression itself, not of its
+    change; kept in the table, left out of :func:`summarize`).
     """
     counts = layer_values(adata, layer)
     check_expression(counts, counts=True, source="The benchmark's expression matrix")
@@ -255,7 +268,12 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 def contrast(table: pd.DataFrame, *, ours: str = "genailab", n_bootstrap: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Per protocol and metric of :data:`CONTRASTED`: our mean, the best baseline's, and the paired
-    bootstrap 95% interval of (ours - best) over held-out groups (percentiles of the draws)."""
+    bootstrap 95% interval of (ours - best) over held-out groups (percentiles of the draws).
+
+    The groups are resampled as if independent and the best baseline is the one with the best mean
+    on these same groups, fixed inside the draws. Groups that share a held-out (cell type, drug)
+    are not independent, and resampling those units instead gives wider intervals, so read these
+    as optimistic."""
     rng = np.random.default_rng(seed)
     rows = []
     for protocol, block in table.groupby("protocol", sort=False):

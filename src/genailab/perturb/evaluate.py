@@ -203,8 +203,8 @@ class HoldoutSplit:
     protocol: str
     groups: tuple[Group, ...]  # (cell type, drug label, dose) held out of training
 
-    def test_mask(self, obs: pd.DataFrame, keys: ObsKeys) -> np.ndarray:
-        """Cells of the held-out groups."""
+    def test_mask(self, obs: pd.DataFrame, keys: ObsKeys = ObsKeys()) -> np.ndarray:
+        """Cells of the held-out groups, (n_cells,) bool; ``keys`` names the obs columns, as elsewhere."""
         held = set(self.groups)
         return np.array([g in held for g in cell_groups(obs, keys)], dtype=bool)
 

@@ -19,8 +19,9 @@ from genailab.report._model_inputs import heldout_cells
 def validation_elbo(adata: AnnData, model, *, indices=None, seed: int = 0) -> dict[str, float]:
     """Negative ELBO per cell on held-out cells, with its two terms (KL weight 1, one sample of z).
 
-    The same quantity as the last ``val_elbo_loss`` of ``model.history`` (which is also scored at KL
-    weight 1), up to the one posterior draw of z each takes. Lower is better.
+    The quantity of ``model.history``'s ``val_elbo_loss`` (also at KL weight 1), scored on the
+    final model: the history's last value comes before the batch-norm statistics are recomputed at
+    the end of the fit (``TrainConfig.recalibrate_norm``), so it is usually higher. Lower is better.
 
     Parameters
     ----------

@@ -40,6 +40,7 @@ class TrainConfig:
     lr_plateau_patience: int | None = 8  # lr *= lr_factor after more than this many epochs in a row without a 1e-4 relative improvement; None disables
     lr_factor: float = 0.5
     min_lr: float = 1e-6
+    recalibrate_norm: bool = True  # after training, recompute batch-norm statistics from the training cells
     checkpoint_every: int = 0  # write a resumable checkpoint every N epochs (0: only the final model)
     seed: int = 0  # one seed for weights, dropout, sampling, the split and the data order
     deterministic: bool = False  # deterministic kernels (maybe slower); bitwise repeats need the same seed, thread count, hardware, torch build
@@ -50,7 +51,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, rule in _NUMBERS.items():
             object.__setattr__(self, name, check_number(name, getattr(self, name), **rule))
-        for name in ("deterministic", "progress"):
+        for name in ("deterministic", "progress", "recalibrate_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.", argument=name)
         if self.optimizer not in OPTIMIZERS:

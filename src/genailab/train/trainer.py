@@ -196,7 +196,41 @@ class Trainer:
         bar.close()
         if cfg.checkpoint_every and self.start_epoch % cfg.checkpoint_every and self.checkpoint_path and self.dist.is_main:
             self.save_checkpoint()  # the last epoch too, so the checkpoint never lags the finished model
+        if cfg.recalibrate_norm:  # after the checkpoint, which keeps the training state to resume from
+            self._recalibrate_norm(train_loader)
         return self.history
+
+    def _recalibrate_norm(self, loader: MinibatchLoader) -> None:
+        """Recompute every batch norm's running statistics from one pass over the training cells
+        under the final weights (dropout off, z drawn as in training, seeded), as equal-weight
+        averages over the batches. With momentum 0.01 they trail the weights by about 100 steps, and
+        a short run has only a few hundred: a default fit on 400 cells decoded worse than each gene's
+        mean (MSE 5.46 against 1.19; 0.68 recalibrated). Batch norms that stay in evaluation mode
+        (a query model's frozen reference) keep their statistics. The checkpoint keeps the training
+        statistics: a resumed run trains on from them and recomputes these at its end."""
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and m.track_running_stats]  # fmt: skip
+        if not norms:
+            return
+        kept = [(norm.momentum, {k: v.clone() for k, v in norm.state_dict().items()}) for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()
+        loader.set_epoch(0)
+        with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed)
+            for batch in loader:
+                batch = batch.to(self.device)
+                self.model.loss(batch.x, batch.c, kl_weight=1.0, x_sparse=batch.x_sparse)
+        for norm, (momentum, state) in zip(norms, kept):
+            norm.momentum = momentum
+            if int(norm.num_batches_tracked) == 0:  # never updated: frozen in evaluation mode
+                norm.load_state_dict(state)
+        self.model.eval()
 
     def _warn_if_warmup_outlasts_run(self) -> None:
         """Warn when a linear KL warm-up set longer than the run leaves the KL weight below 1 at the end."""
