@@ -24,6 +24,7 @@ import torch
 from anndata import AnnData
 
 from genailab.anndata_models.files import (
+    CHECKPOINT_FILE,
     check_model_folder,
     check_writable,
     data_fingerprint,
@@ -483,7 +484,6 @@ class AnnDataModel:
         return model
 
 
-CHECKPOINT_FILE = "checkpoint.pt"  # the resumable checkpoint fit() keeps in its checkpoint_dir
 MODEL_SET_FIELDS = ("input_dim", "condition_dim", "categorical_sizes", "n_continuous")  # ModelConfig fields read off the data
 # What scvi-tools' and CPA's option names are called here (an unknown option gets the hint).
 PEER_OPTION_NAMES = {

@@ -17,7 +17,6 @@ from anndata import AnnData
 
 from genailab.data.backed import OnDiskMatrix, is_on_disk
 from genailab.data.sparse_structure import check_sparse_structure
-from genailab.data.validation import value_scale
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ class DataSchema:
     continuous_mean: tuple[float, ...] = ()
     continuous_std: tuple[float, ...] = ()
     encoding: str = "onehot"  # categorical conditions as one-hot columns or learned embeddings
-    value_scale: float | None = None  # validation.value_scale of the training matrix (None: saved before it was kept)
+    value_scale: float | None = None  # Gaussian models: validation.value_scale of the training matrix (else None)
 
     @classmethod
     def from_anndata(
@@ -62,8 +61,7 @@ class DataSchema:
         if overlap:
             raise ConfigError(f"Columns {sorted(overlap)} are listed as both categorical and continuous.")
         _require_columns(adata.obs, categorical_keys + continuous_keys, when="training")
-        matrix = _layer(adata, layer)  # the layer (or adata.raw for layer="raw") must be there
-        check_sparse_structure(matrix, source="adata.X" if layer is None else f"adata.layers[{layer!r}]")
+        _layer(adata, layer)  # the layer (or adata.raw for layer="raw") must be there
         var_names = _var_names(adata, layer)
         if adata.n_obs == 0 or var_names.size == 0:
             raise InputDataError(f"The AnnData is empty ({adata.n_obs} cells x {var_names.size} genes).")
@@ -92,7 +90,6 @@ class DataSchema:
             continuous_mean=tuple(means),
             continuous_std=tuple(stds),
             encoding=encoding,
-            value_scale=value_scale(OnDiskMatrix(matrix) if is_on_disk(matrix) else matrix),
         )
 
     # -- layout of the condition vector ------------------------------------------------------
