@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +135,18 @@ def test_training_cells_are_never_called_held_out(tmp_path):
     model.fit(epochs=2, batch_size=64, validation_fraction=0.0, progress=False)
     metrics = write_report(adata, model, tmp_path / "r", n_samples=3)
     assert "all of them training cells" in metrics["run"]["held_out_cells"]
+
+
+def test_report_figures_keep_the_users_matplotlib_backend(tmp_path):
+    """Importing the report and writing a figure leave a notebook's backend (here svg) in place."""
+    script = (
+        "import matplotlib; matplotlib.use('svg')\n"
+        "from genailab.report.figures import plot_training_curves\n"
+        f"plot_training_curves([{{'epoch': 0, 'train_elbo_loss': 2.0, 'train_reconstruction': 1.5, 'train_kl': 0.5}}], r'{tmp_path / 'c.png'}')\n"
+        "import matplotlib.pyplot as plt\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={k: v for k, v in os.environ.items() if k != "MPLBACKEND"})  # fmt: skip
+    assert result.stdout.split() == ["svg", "0"]
+    assert Image.open(tmp_path / "c.png").format == "PNG"

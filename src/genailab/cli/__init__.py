@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
 
 from genailab import __version__
+
+# The commands write figures to files, never to a window: set before any command imports matplotlib.
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 COMMANDS = {
     "simulate": ("genailab.cli.data", "Write simulated counts with known ground truth to --out."),

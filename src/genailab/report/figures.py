@@ -1,17 +1,18 @@
-"""Figures of an evaluation report (matplotlib, no display needed); each writes one PNG."""
+"""Figures of an evaluation report; each writes one PNG and closes its figure.
+
+The user's matplotlib backend is left as it is (a notebook keeps showing its own figures); with no
+display matplotlib falls back to a file-only backend by itself, and the CLI asks for one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from genailab.safe_write import atomic_file  # noqa: E402
+from genailab.safe_write import atomic_file
 
 _DPI = 110
 
