@@ -109,3 +109,13 @@ def test_one_vocabulary_across_commands():
         if name not in no_model:
             assert "--device" in visible, name
         assert not visible & {"--label-key", "--labels", "--label"}, name
+
+
+def test_simulate_writes_the_apis_default_data(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    _run("simulate", "--out", tmp_path / "sim.h5ad")
+    written, api = ad.read_h5ad(tmp_path / "sim.h5ad"), simulate()
+    assert written.shape == api.shape
+    np.testing.assert_array_equal(written.layers["counts"].toarray(), api.layers["counts"].toarray())

@@ -16,9 +16,11 @@ IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (wi
 
 
 @main.command("simulate")
-@click.option("--n-cells", "n_cells", default=10_000, show_default=True, type=int, help="Number of cells.")
+@click.option("--n-cells", "n_cells", default=argument_default(simulate, "n_cells"), show_default=True, type=int,
+              help="Number of cells.")
 @hidden_alias("--cells", "n_cells", type=int)
-@click.option("--n-genes", "n_genes", default=2_000, show_default=True, type=int, help="Number of genes.")
+@click.option("--n-genes", "n_genes", default=argument_default(simulate, "n_genes"), show_default=True, type=int,
+              help="Number of genes.")
 @hidden_alias("--genes", "n_genes", type=int)
 @click.option("--cell-types", "n_cell_types", default=argument_default(simulate, "n_cell_types"), show_default=True, type=int,
               help="Cell types (each with its own marker genes).")
@@ -32,7 +34,8 @@ IN_MEMORY_VALUES = 50_000_000  # cells x genes up to which the whole dataset (wi
 @config_option("--drugs", config=PerturbationSpec, field="n_drugs", help="Drugs of the perturbation arm.")
 @config_option("--pair-fraction", config=PerturbationSpec, field="pair_fraction")
 @config_option("--interacting-pairs", config=PerturbationSpec, field="interacting_pairs")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every random draw.")
+@click.option("--seed", default=argument_default(simulate, "seed"), show_default=True, type=int,
+              help="Seed of every random draw.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
 @fail_cleanly
 def simulate_command(n_cells, n_genes, n_cell_types, n_batches, likelihood, dropout, perturbation, n_drugs, pair_fraction,
