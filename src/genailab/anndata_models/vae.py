@@ -278,6 +278,12 @@ class VAE(AnnDataModel):
             eps = torch.randn((n_samples, *mean.shape))
         return (mean + var.sqrt() * eps).numpy()
 
+    def _check_include_dropout(self, include_dropout: bool) -> None:
+        """``include_dropout`` only changes a ZINB model's mean: refused elsewhere rather than ignored."""
+        if include_dropout and self.config.likelihood != "zinb":
+            raise ConfigError(f"include_dropout=True needs a zinb model (its dropout probability); this model's "
+                              f"likelihood is {self.config.likelihood!r}, whose mean has no dropout term.")
+
     @torch.no_grad()
     def decode(
         self,
@@ -313,6 +319,7 @@ class VAE(AnnDataModel):
         (n, n_genes) float32.
         """
         z = np.asarray(z, dtype=np.float32)
+        self._check_include_dropout(include_dropout)
         if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
             raise ConfigError(f"z must be (n, latent_dim={self.config.latent_dim}) latent points, got shape {z.shape}.",
                               argument="z")
@@ -380,6 +387,7 @@ class VAE(AnnDataModel):
                 "of the values it was trained on, at their own scale. Leave library_size out.", argument="library_size"
             )
         check_number("n_samples", n_samples, integer=True, ge=1, hint="1 decodes the posterior mean.")
+        self._check_include_dropout(include_dropout)
         columns = self._gene_positions(gene_list)
         module = self.module.eval()
         device = self.device

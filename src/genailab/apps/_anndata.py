@@ -58,6 +58,14 @@ def record_params(adata: AnnData, key: str, params: Mapping[str, object], **resu
     adata.uns[key] = {"params": storable_params(params), **results}
 
 
+def require_obs_column(adata: AnnData, key: str, *, argument: str) -> str:
+    """``key`` when it is a column of ``adata.obs``; otherwise an error naming ``argument``."""
+    if key not in adata.obs:
+        raise InputDataError(f"obs has no column {key!r} (given as `{argument}`); choose one of "
+                             f"{list(adata.obs.columns)}.", argument=argument)  # fmt: skip
+    return key
+
+
 def labelled_cells(adata: AnnData, key: str, *, argument: str = "labels_key") -> np.ndarray:
     """Boolean mask (n_cells,) of the cells with a value in ``obs[key]``; the others (NaN) are left
     out of label scores with a logged warning, never scored as a label called "nan"."""

@@ -38,7 +38,8 @@ def generate(
     Parameters
     ----------
     adata
-        Real cells: the source of posterior latents and of library sizes. May be None with
+        Real cells: the source of posterior latents and of library sizes (cells with no counts
+        over the model's genes are never drawn). May be None with
         ``source="prior"``, then every condition must be given and ``library_size`` defaults to
         the training median.
     model
@@ -94,9 +95,15 @@ def generate(
             library = np.full(n_cells, float(library_size or model.default_library))
         else:
             real = _matching_cells(adata, conditions, model.schema.continuous_keys)
-            picked = real[np.sort(rng.integers(real.n_obs, size=n_cells))]
+            totals = np.asarray(model_counts(real, model).sum(axis=1)).ravel()
+            if not (totals > 0).any():
+                raise InputDataError(f"The {real.n_obs} cells to draw from have no counts over the model's genes, so "
+                                     "they give no library size; pass cells with counts.")  # fmt: skip
+            real, totals = real[totals > 0], totals[totals > 0]  # an empty cell has no library to resample
+            rows = np.sort(rng.integers(real.n_obs, size=n_cells))
+            picked = real[rows]
             obs = picked.obs.reset_index(names="source_cell")
-            library = np.asarray(model_counts(picked, model).sum(axis=1)).ravel()
+            library = totals[rows]
             if library_size is not None:
                 library = np.full(n_cells, float(library_size))
             if source == "posterior":
@@ -140,7 +147,7 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
     return generated_anndata(model, counts, out_obs, params=params)
 
 
-def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> dict[str, float]:
+def generated_vs_real(real, generated, *, n_comps: int = 20, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
     """How close generated counts are to real counts of the same condition (:mod:`genailab.eval`).
 
     For cells from :func:`generate` (any source, any real cells); :func:`genailab.report.generation_fidelity`
@@ -155,6 +162,9 @@ def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> d
         Count matrices (arrays, sparse or AnnData ``.X``) over the same genes.
     n_comps
         Principal components for the distances and the classifier (capped by the data size).
+    n_folds
+        Cross-validation folds of the classifier; each sample needs at least this many cells
+        (lower it for a rare type of a few cells).
     seed
         Random state of the PCA, subsampling and cross-validation.
 
@@ -175,5 +185,6 @@ def generated_vs_real(real, generated, *, n_comps: int = 20, seed: int = 0) -> d
     n_comps = min(n_comps, real.shape[0] + generated.shape[0] - 1, real.shape[1] - 1)
     for name, metric in (("energy_distance", "energy"), ("mmd", "mmd")):
         scores[name] = pca_distance(real_log, generated_log, n_comps=n_comps, metric=metric, seed=seed)
-    scores["classifier_auc"] = classifier_two_sample_auc(real_log, generated_log, n_comps=n_comps, seed=seed)
+    scores["classifier_auc"] = classifier_two_sample_auc(real_log, generated_log, n_comps=n_comps, n_folds=n_folds,
+                                                         seed=seed)  # fmt: skip
     return scores

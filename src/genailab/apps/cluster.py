@@ -89,6 +89,11 @@ def cluster(
     if labels_key is not None and labels_key == key_added:
         raise ConfigError(f"labels_key={labels_key!r} is also key_added: the clusters would replace the labels they "
                           "are scored against; choose another key_added.")  # fmt: skip
+    scanpy_keys = {"neighbors", "umap"}  # uns keys the neighbour graph and UMAP write and read back
+    if key_added in scanpy_keys or markers_key in scanpy_keys | {key_added}:
+        clash = key_added if key_added in scanpy_keys else markers_key
+        raise ConfigError(f"{clash!r} names two results in adata.uns (the clusters' params, the marker ranking, "
+                          f"scanpy's {sorted(scanpy_keys)}); give key_added and markers_key names of their own.")
     if plot is not None:
         check_output_file(plot)  # before the work
     missing = [c for c in dict.fromkeys((*color, *([labels_key] if labels_key else []))) if c not in adata.obs]

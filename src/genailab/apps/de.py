@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from genailab.apps._anndata import record_params, require_count_model
+from genailab.apps._anndata import labelled_cells, record_params, require_count_model
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
@@ -60,7 +60,7 @@ def differential_expression(
     group
         The group of interest; positive LFC means higher in ``group``.
     reference
-        The group compared against, or ``"rest"`` for every other cell.
+        The group compared against, or ``"rest"`` for every other cell with a label (cells whose label is NaN join neither side).
     delta
         Smallest |log2 fold change| that counts as a change.
     fdr_target
@@ -156,7 +156,8 @@ def _check(**options) -> None:
 def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
     if groupby not in adata.obs:
         raise InputDataError(f"obs has no column {groupby!r}; choose from {list(adata.obs.columns)[:20]}.")
-    labels = adata.obs[groupby].astype(str).to_numpy()
+    known = labelled_cells(adata, groupby, argument="groupby")  # NaN cells join neither side
+    labels = np.where(known, adata.obs[groupby].astype(str).to_numpy(), None)
     in_group = labels == str(group)
     if reference == "rest" and "rest" in labels:
         raise ConfigError(
@@ -164,11 +165,11 @@ def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[n
             f"rename that group (e.g. adata.obs[{groupby!r}] = adata.obs[{groupby!r}].replace('rest', 'rest_group')).",
             argument="reference",
         )
-    in_reference = ~in_group if reference == "rest" else labels == str(reference)
+    in_reference = (known & ~in_group) if reference == "rest" else labels == str(reference)
     for name, mask, value in (("group", in_group, group), ("reference", in_reference, reference)):
         if not mask.any():
             raise InputDataError(
-                f"{name} {value!r} has no cells in obs[{groupby!r}] (values: {sorted(set(labels))[:20]})."
+                f"{name} {value!r} has no cells in obs[{groupby!r}] (values: {sorted(set(labels[known]))[:20]})."
             )
     if str(group) == str(reference):
         raise ConfigError("group and reference are the same; compare two different groups.")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from anndata import AnnData
 
-from genailab.apps._anndata import key_or_keys, labelled_cells, record_params
+from genailab.apps._anndata import key_or_keys, labelled_cells, record_params, require_obs_column
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
@@ -167,6 +167,12 @@ def integration_scores(
     )
 
     check_number("n_neighbors", n_neighbors, integer=True, ge=1, allow_none=True)
+    require_obs_column(adata, batch_key, argument="batch_key")
+    if label_key is not None:
+        require_obs_column(adata, label_key, argument="label_key")
+    if key not in adata.obsm:
+        raise InputDataError(f"obsm has no {key!r} (given as `key`); run integrate() first or choose one of "
+                             f"{list(adata.obsm.keys())}.", argument="key")  # fmt: skip
     latent = np.asarray(adata.obsm[key])
     batch = adata.obs[batch_key].astype(str).to_numpy()
     k = n_neighbors or min(90, max(10, adata.n_obs // 20), adata.n_obs - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from genailab.cli import main
 from genailab.cli.common import (
     CHECKPOINT_FILE, check_output_file, fail_cleanly, read_data, run_folder, unfinished_run, write_csv, write_h5ad,
 )
+from genailab.apps._anndata import require_obs_column
 from genailab.apps.integrate import integrate as integrate_batches
 from genailab.cli.options import (
     adversary_options,
@@ -36,6 +38,9 @@ def _conditions(pairs: tuple[str, ...], model) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--condition takes KEY=VALUE, got {pair!r}.")
+        if key in values:
+            raise ConfigError(f"--condition gives {key} twice ({key}={values[key]} and {pair}); give each key once "
+                              "(one value per run: run the command again for another).")  # fmt: skip
         try:
             values[key] = float(value) if key in model.schema.continuous_keys else value
         except ValueError as exc:
@@ -53,6 +58,10 @@ def _load(run_dir: Path, data: Path | None, device: str = "auto"):
         missing = sorted(set(model.schema.gene_names) - set(map(str, adata.var_names)))
         if missing:
             raise SchemaMismatchError(f"{len(missing)} of the model's genes are not in {data} (e.g. {missing[:5]}).")
+        extra = adata.n_vars - len(model.schema.gene_names)
+        if extra:
+            click.echo(f"Warning: {extra} of {data}'s {adata.n_vars} genes are not the model's and are left out of "
+                       f"--out (it holds the model's {len(model.schema.gene_names)} genes).", err=True)  # fmt: skip
         adata = adata[:, list(model.schema.gene_names)].copy()
         model.adata = adata
     return model, adata
@@ -154,7 +163,7 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 @click.option("--labels-key", "labels", default=None, help="obs column of known cell types: also report their conservation.")
 @hidden_alias("--labels", "labels")
 @architecture_options("latent_dim", "hidden_dims")
-@train_options
+@functools.partial(train_options, checkpoints=False)  # integrate writes no checkpoint to resume from
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
 def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, reference_batch, labels, model_options,
               train_options, overwrite):
@@ -167,6 +176,8 @@ def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, re
     with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, INTEGRATED_FILE, CHECKPOINT_FILE)):
         stale = unfinished_run(out, resume_from=None, overwrite=overwrite)
         adata = read_data(data)
+        if labels is not None:  # checked before training: the scores come after it
+            require_obs_column(adata, labels, argument="labels")
         if stale is not None:  # integrate writes no checkpoint: another run's would be taken for this one's
             stale.unlink(missing_ok=True)
         model = integrate_batches(

@@ -170,8 +170,11 @@ def patience_option():
 _KL_SHARE = f"{field_default(TrainConfig, 'kl_warmup_fraction'):.0%}"
 
 
-def train_options(command):
-    """The training options every model-training command takes, as ``train_options`` (TrainConfig fields)."""
+def train_options(command, *, checkpoints: bool = True):
+    """The training options every model-training command takes, as ``train_options`` (TrainConfig
+    fields); ``checkpoints=False`` leaves out ``--checkpoint-every`` (a command that writes none)."""
+    names = TRAIN_FIELDS if checkpoints else tuple(f for f in TRAIN_FIELDS if f != "checkpoint_every")
+    checkpoint = [config_option("--checkpoint-every", config=TrainConfig, field="checkpoint_every")] if checkpoints else []
     return _stack(
         config_option("--epochs", config=TrainConfig, field="epochs", help="Most epochs to train."),
         config_option("--batch-size", config=TrainConfig, field="batch_size", help="Cells per minibatch (per process)."),
@@ -182,10 +185,10 @@ def train_options(command):
         config_option("--kl-schedule", config=TrainConfig, field="kl_schedule"),
         config_option("--validation-fraction", config=TrainConfig, field="validation_fraction"),
         patience_option(),
-        config_option("--checkpoint-every", config=TrainConfig, field="checkpoint_every"),
+        *checkpoint,
         config_option("--seed", config=TrainConfig, field="seed"),
         config_option("--device", config=TrainConfig, field="device", help="auto, cpu, cuda or cuda:N."),
-        _collected(TRAIN_FIELDS, "train_options"),
+        _collected(names, "train_options"),
     )(command)
 
 

@@ -1,0 +1,128 @@
+"""Application inputs that used to crash late, be ignored, or be silently misread: each now gets a
+clear error before any work, or the documented behaviour (a red-team round of the applications)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from genailab import VAE, TrainConfig
+from genailab.apps import cluster, differential_expression, generate, generated_vs_real, integration_scores
+from genailab.cli import main
+from genailab.errors import ConfigError, InputDataError
+
+
+@pytest.fixture(scope="module")
+def nb_model(app_data):
+    model = VAE(app_data, likelihood="nb", layer="counts", latent_dim=4, hidden_dims=(32,))
+    return model.fit(TrainConfig(epochs=3, seed=0, progress=False))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, app_data, app_model):
+    folder = tmp_path_factory.mktemp("app_errors")
+    app_data.write_h5ad(folder / "data.h5ad")
+    app_model.save(folder / "run")
+    return folder
+
+
+def test_integrate_checks_labels_key_before_training(saved, tmp_path):
+    out = tmp_path / "int"
+    result = CliRunner().invoke(main, ["integrate", str(saved / "data.h5ad"), "--batch-key", "batch", "--layer",
+                                       "counts", "--labels-key", "cell_typo", "--epochs", "1", "--out", str(out)])  # fmt: skip
+    assert result.exit_code != 0 and "--labels-key" in result.output and "'cell_typo'" in result.output
+    assert "Traceback" not in result.output and not (out / "model.pt").exists()
+
+
+def test_integrate_offers_no_checkpoints_it_cannot_write():
+    result = CliRunner().invoke(main, ["integrate", "--help"])
+    assert result.exit_code == 0 and "--checkpoint-every" not in result.output and "--epochs" in result.output
+
+
+def test_integration_scores_name_the_missing_argument(app_data):
+    adata = app_data.copy()
+    adata.obsm["X_genailab_integrated"] = np.zeros((adata.n_obs, 2))
+    for kwargs, argument in ((dict(batch_key="btypo"), "batch_key"), (dict(batch_key="batch", label_key="typo"),
+                             "label_key"), (dict(batch_key="batch", key="X_nope"), "key")):  # fmt: skip
+        with pytest.raises(InputDataError, match=argument) as info:
+            integration_scores(adata, **kwargs)
+        assert info.value.argument == argument
+
+
+def test_a_condition_given_twice_is_refused(saved, tmp_path):
+    result = CliRunner().invoke(main, ["generate", str(saved / "run"), "--n-cells", "5", "--condition",
+                                       "cell_type=type_0", "--condition", "cell_type=type_1", "--condition",
+                                       "batch=batch_0", "--out", str(tmp_path / "g.h5ad")])  # fmt: skip
+    assert result.exit_code != 0 and "cell_type twice" in result.output and not (tmp_path / "g.h5ad").exists()
+
+
+def test_generate_never_draws_an_empty_cells_library(app_data, app_model):
+    adata = app_data.copy()
+    empty = np.flatnonzero(adata.obs["cell_type"] == "type_0")[:1]
+    counts = adata.layers["counts"].tolil()
+    counts[empty, :] = 0
+    adata.layers["counts"] = counts.tocsr()
+    adata.obs["pick"] = "no"
+    adata.obs.iloc[empty, adata.obs.columns.get_loc("pick")] = "yes"
+    adata.obs.iloc[empty + 1, adata.obs.columns.get_loc("pick")] = "yes"  # one more cell, with counts
+    cells = generate(adata, app_model, n_cells=6, conditions={"pick": "yes"}, source="posterior", seed=0)
+    assert set(cells.obs["source_cell"]) == {adata.obs_names[empty[0] + 1]}
+    with pytest.raises(InputDataError, match="no counts over the model's genes"):
+        generate(adata[empty].copy(), app_model, n_cells=3, source="prior", seed=0)
+
+
+def test_cluster_refuses_keys_that_overwrite_each_other_or_scanpys(app_data, app_model):
+    for kwargs in (dict(markers_key="leiden"), dict(key_added="neighbors"), dict(markers_key="umap")):
+        adata = app_data.copy()
+        with pytest.raises(ConfigError, match="names two results in adata.uns"):
+            cluster(adata, app_model, **kwargs)
+        assert "X_genailab" not in adata.obsm  # refused before any work
+
+
+def test_de_leaves_unlabelled_cells_out_of_the_rest(app_data, app_model):
+    adata = app_data.copy()
+    labels = adata.obs["cell_type"].astype(object)
+    labels.iloc[:100] = np.nan
+    adata.obs["partial"] = labels
+    table = differential_expression(adata, app_model, groupby="partial", group="type_1", level="group", seed=0)
+    labelled_rest = int(((labels != "type_1") & labels.notna()).sum())
+    assert adata.uns["genailab_de"]["params"]["n_reference"] == labelled_rest < int((labels != "type_1").sum())
+    with pytest.raises(InputDataError, match="'nan' has no cells"):
+        differential_expression(adata, app_model, groupby="partial", group="nan", level="group")
+    assert len(table) == adata.n_vars
+
+
+def test_include_dropout_is_refused_by_a_model_without_dropout(app_data, nb_model, app_model):
+    with pytest.raises(ConfigError, match="include_dropout=True needs a zinb model"):
+        nb_model.get_normalized_expression(app_data, include_dropout=True)
+    with pytest.raises(ConfigError, match="include_dropout=True needs a zinb model"):
+        nb_model.decode(np.zeros((2, 4)), include_dropout=True)
+    with_dropout = app_model.get_normalized_expression(app_data[:20], include_dropout=True, library_size=1e4)
+    without = app_model.get_normalized_expression(app_data[:20], library_size=1e4)
+    assert (with_dropout < without).all()  # (1 - pi) * mu
+
+
+def test_generated_vs_real_takes_fewer_folds_for_a_rare_type(app_data):
+    counts = app_data.layers["counts"]
+    with pytest.raises(Exception, match="n_folds"):
+        generated_vs_real(counts[:3], counts[3:40])
+    scores = generated_vs_real(counts[:3], counts[3:40], n_folds=2, seed=0)
+    assert 0.0 <= scores["classifier_auc"] <= 1.0
+
+
+def test_commands_say_which_genes_they_leave_out(saved, app_data, tmp_path):
+    import scipy.sparse as sp
+
+    extra_genes = ad.AnnData(sp.csr_matrix(np.ones((app_data.n_obs, 2), dtype=np.float32)), obs=app_data.obs[[]])
+    extra_genes.var_names = ["extra_1", "extra_2"]
+    extra_genes.layers["counts"] = extra_genes.X.copy()
+    wider = ad.concat([app_data[:, :], extra_genes], axis=1, join="inner")
+    wider.obs = app_data.obs.copy()
+    wider.write_h5ad(tmp_path / "wider.h5ad")
+    result = CliRunner().invoke(main, ["denoise", str(saved / "run"), str(tmp_path / "wider.h5ad"), "--out",
+                                       str(tmp_path / "den.h5ad")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"2 of {tmp_path / 'wider.h5ad'}'s {app_data.n_vars + 2} genes are not the model's" in result.output
+    assert ad.read_h5ad(tmp_path / "den.h5ad").n_vars == app_data.n_vars
