@@ -123,3 +123,22 @@ def test_map_refuses_a_query_inside_its_output_folder(files, tmp_path):
     output = _invoke("map", files / "ref_run", query, "--out", out, "--overwrite", code=2)
     assert "QUERY" in output and "choose another --out folder" in output
     assert query.read_bytes() == (files / "query.h5ad").read_bytes()
+
+
+def test_map_never_writes_into_its_reference_run(files, tmp_path):
+    reference_run = tmp_path / "ref_copy"
+    reference_run.mkdir()
+    for path in (files / "ref_run").iterdir():
+        (reference_run / path.name).write_bytes(path.read_bytes())
+    before = _hashes(reference_run)
+    for out in (reference_run, reference_run / "query"):
+        output = _invoke("map", reference_run, files / "query.h5ad", "--out", out, "--overwrite", "--epochs", 1, code=2)
+        assert "is REF_RUN or inside it" in output
+    assert _hashes(reference_run) == before and not (reference_run / "query").exists()
+
+
+def test_map_checks_the_labels_column_before_training(files, tmp_path):
+    out = tmp_path / "mapped"
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data",
+                     files / "reference.h5ad", "--labels-key", "nope", "--epochs", 1, code=1)  # fmt: skip
+    assert "has no obs column 'nope' (--labels-key)" in output and not out.exists()

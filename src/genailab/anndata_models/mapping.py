@@ -177,6 +177,11 @@ def map_query(
     if encoder_anchor is not None and not encoder_anchor >= 0:
         raise ConfigError(f"encoder_anchor={encoder_anchor!r} must be 0 or more (0: no pull toward the start), or None for the default.")
     check_number("max_missing_fraction", max_missing_fraction, ge=0, le=1, hint="1 accepts any number of missing genes.")
+    check_number("epochs", epochs, integer=True, ge=1, allow_none=True, hint="None chooses them from the query size.")
+    for name, value in (("query", query), ("reference_data", reference_data)):
+        if value is not None and not isinstance(value, AnnData):
+            raise ConfigError(f"{name} must be an AnnData, got {type(value).__name__}; read a file first "
+                              f"(e.g. anndata.read_h5ad(path)).", argument=name)  # fmt: skip
     if empty_cells is not None and empty_cells not in EMPTY_CELL_ACTIONS:
         raise ConfigError(f"empty_cells={empty_cells!r} is not one of {EMPTY_CELL_ACTIONS} (or None: the reference's).")
     if not reference.is_trained:
@@ -202,9 +207,11 @@ def map_query(
     aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)
     _check_values(aligned, schema, reference, name="query")
     if reference_data is not None:  # the model's own data passed these checks when it trained
+        _check_reference_data(reference_data, schema, max_missing_fraction=max_missing_fraction)
         _check_values(reference_data, schema, reference, name="reference_data")
     reference_cells = reference_data if reference_data is not None else reference.adata
-    if encoder_start == "auto" and not (any(new) and reference_cells is not None and takes_data_start(reference.config)):
+    if encoder_start == "auto" and not (any(new) and reference_cells is not None and takes_data_start(reference.config)
+                                        and not _in_two_new_categories(query.obs, schema, new)):
         encoder_start = "mean"
     if encoder_start in ("neighbours", "latent") and reference_cells is None:
         raise ConfigError(
@@ -223,6 +230,29 @@ def map_query(
     return QueryVAE(aligned, reference, schema=query_schema, extension=extension, mapping=mapping, encoder_stage=encoder_stage,
                     encoder_anchor=encoder_anchor, epochs=epochs or default_query_epochs(query.n_obs),
                     reference_cells=start_cells, empty_cells=empty_cells or reference.empty_cells)  # fmt: skip
+
+
+def _check_reference_data(reference_data: AnnData, schema: DataSchema, *, max_missing_fraction: float) -> None:
+    """``reference_data`` holds the reference's genes (up to ``max_missing_fraction`` missing) and only
+    categories the reference was trained on: a start from query cells would pair them with themselves."""
+    try:
+        schema.gene_positions(reference_data.var_names.astype(str), align_genes=True,
+                              max_missing_fraction=max_missing_fraction)  # fmt: skip
+        unseen = new_categories(reference_data.obs, schema)
+    except (InputDataError, SchemaMismatchError) as exc:
+        raise type(exc)(f"reference_data: {exc}", argument="reference_data") from exc
+    if any(unseen):
+        named = {key: list(added) for key, added in zip(schema.categorical_keys, unseen) if added}
+        raise InputDataError(f"reference_data holds cells of categories the reference was never trained on "
+                             f"({named}); pass the reference's own cells only, without the query's.",
+                             argument="reference_data")  # fmt: skip
+
+
+def _in_two_new_categories(obs: pd.DataFrame, schema: DataSchema, new: tuple[tuple[str, ...], ...]) -> bool:
+    """Whether a query cell has new categories in two conditions (no data start can place it)."""
+    per_cell = sum(obs[key].astype(str).isin(added).to_numpy().astype(int)
+                   for key, added in zip(schema.categorical_keys, new) if added)  # fmt: skip
+    return bool(np.max(per_cell, initial=0) > 1)
 
 
 def new_categories(obs: pd.DataFrame, schema: DataSchema) -> tuple[tuple[str, ...], ...]:
@@ -496,7 +526,7 @@ def _cells(adata: AnnData, schema: DataSchema, encoding: DataSchema) -> tuple[to
     if rows.size > START_MAX_CELLS:
         rows = np.sort(np.random.default_rng(0).choice(rows, START_MAX_CELLS, replace=False))
     cells = adata[rows]
-    x = schema.expression(cells, align_genes=True)
+    x = schema.expression(cells, align_genes=True, max_missing_fraction=1.0)  # checked by map_query
     x = torch.as_tensor(x.toarray() if sp.issparse(x) else np.asarray(x), dtype=torch.float32)
     return x, torch.as_tensor(encoding.encode_obs(cells.obs), dtype=torch.float32)
 

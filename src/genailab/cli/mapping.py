@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, START_LATENT_SPREAD, map_query
+from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, START_LATENT_SPREAD, aligned_query, map_query
 from genailab.apps.transfer import transfer_labels
 from genailab.cli import main
 from genailab.cli.common import (
@@ -14,7 +14,7 @@ from genailab.cli.common import (
     write_h5ad,
 )
 from genailab.cli.options import argument_default, hidden_alias
-from genailab.errors import ConfigError
+from genailab.errors import ConfigError, InputDataError
 from genailab.model.surgery import UNFREEZE
 
 MAPPED_FILE = "query.h5ad"  # the query with its latent and transferred labels, beside the query model
@@ -78,6 +78,9 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
 
     if label_key is not None and reference_data is None:
         raise ConfigError("`label_key` needs the reference's cells: pass `reference_data` (REF.h5ad) as well.")
+    if out.resolve() == ref_run.resolve() or ref_run.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out} is REF_RUN or inside it; the reference run is never modified: choose "
+                          "another --out folder.")  # fmt: skip
     for name, data in (("QUERY", query), ("--reference-data", reference_data)):
         if data is not None and is_same_file(out / MAPPED_FILE, data):
             raise ConfigError(f"{name} {data} is the file --out {out} writes the mapped query to ({MAPPED_FILE}); "
@@ -88,6 +91,9 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
         stale = unfinished_run(out, resume_from=None, overwrite=overwrite)
         reference = VAE.load(ref_run, device=device)
         cells = read_data(reference_data) if reference_data is not None else None
+        if label_key is not None and label_key not in cells.obs:  # before training: the labels come after it
+            raise InputDataError(f"--reference-data {reference_data} has no obs column {label_key!r} (--labels-key); "
+                                 f"choose one of {list(cells.obs.columns)}.")  # fmt: skip
         mapped = read_data(query)  # written back with the latent and labels added, every field of its own kept
         model = map_query(mapped, reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
                           encoder_anchor=encoder_anchor, epochs=epochs, reference_data=cells,
@@ -101,7 +107,8 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
         stages = ", ".join(f"{name} {sum(r['stage'] == name for r in model.history)}" for name in model.mapping["stages"])
         click.echo(f"Trained the query model ({unfreeze}), epochs per stage: {stages}; saved in {out}")
         if cells is not None:
-            cells.obsm[LATENT_KEY] = reference.get_latent(cells, align_genes=True)
+            aligned, _ = aligned_query(cells, reference.schema, max_missing_fraction=max_missing_fraction)
+            cells.obsm[LATENT_KEY] = reference.get_latent(aligned)
             if label_key is not None:
                 transfer_labels(mapped, cells, label_key=label_key, latent_key=LATENT_KEY, n_neighbors=n_neighbors,
                                 unknown_threshold=unknown_threshold)  # fmt: skip

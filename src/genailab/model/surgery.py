@@ -249,7 +249,7 @@ def _query_cells_per_new_column(conditions: torch.Tensor, columns: torch.Tensor)
     """(n_cells, new columns) bool: which new category each query cell belongs to (at most one)."""
     active = conditions[:, columns] != 0
     if (active.sum(dim=1) > 1).any():
-        raise ConfigError("Starting the encoder columns from data needs each query cell in at most one new category; map one new condition at a time.")
+        raise ConfigError("Starting the encoder columns from data needs each query cell in at most one new category; use encoder_start='mean' (the default 'auto' does so for such a query), or map one new condition at a time.")
     return active
 
 
