@@ -7,7 +7,6 @@ import json
 import logging
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
