@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from genailab.apps._anndata import labelled_cells, record_params, require_count_model
+from genailab.apps._anndata import labelled_cells, record_params, require_count_model, require_obs_column
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
@@ -154,8 +154,7 @@ def _check(**options) -> None:
 
 
 def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
-    if groupby not in adata.obs:
-        raise InputDataError(f"obs has no column {groupby!r}; choose from {list(adata.obs.columns)[:20]}.")
+    require_obs_column(adata, groupby, argument="groupby")
     known = labelled_cells(adata, groupby, argument="groupby")  # NaN cells join neither side
     labels = np.where(known, adata.obs[groupby].astype(str).to_numpy(), None)
     in_group = labels == str(group)
