@@ -109,6 +109,29 @@ def test_bad_condition_is_one_clean_line(run, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["denoise", "{run}", "{data}", "--key", "counts"], "--key counts is the layer the model reads"),
+        (["cluster", "{run}", "{data}", "--labels-key", "kind"], "obs has no column 'kind' (given as --labels-key)"),
+        (["generate", "{run}", "--n", "5", "--condition", "batch=batch_9"], "--condition batch=batch_9 is a category"),
+        (["generate", "{run}", "--n", "5", "--library-size", "-1"], "or no --library-size (the default)"),
+        (["integrate", "{data}", "--batch-key", "batch", "--covariate-key", "kind"], "(given as --covariate-key)"),
+        (["integrate", "{data}", "--batch-key", "batch", "--covariate-key", "batch"], "leave it out of --covariate-key"),
+    ],
+)
+def test_application_errors_name_the_commands_options(run, tmp_path, command, expected):
+    """Errors raised by genailab.apps reach the command line in its own options, never as Python arguments."""
+    run_dir, data = run
+    args = [a.format(run=run_dir, data=data) for a in command] + ["--out", str(tmp_path / "out.h5ad")]
+    if command[0] == "integrate":
+        args[-1] = str(tmp_path / "int")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and expected in result.output, result.output
+    python_terms = ("key_added", "labels_key", "covariate_keys", "condition_keys", "conditions[", "None", "`")
+    assert "Traceback" not in result.output and not [t for t in python_terms if t in result.output]
+
+
+@pytest.mark.parametrize(
     "command",
     [["embed"], ["denoise"], ["cluster"], ["generate", "--n", "5", "--source", "posterior", "--data"]],
 )

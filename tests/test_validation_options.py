@@ -225,6 +225,22 @@ def test_option_table_comes_from_the_command_itself():
     assert in_option_terms("lr=None has no command-line spelling", command) == "lr=None has no command-line spelling"
 
 
+def test_mapping_arguments_and_a_none_default_are_spelled_as_options():
+    @click.command()
+    @click.option("--condition", "conditions", multiple=True)
+    @click.option("--library-size", "library_size", type=float)
+    def command(conditions, library_size):
+        pass
+
+    assert in_option_terms("conditions['batch'] = 'b9' is a category the model has not seen", command) == (
+        "--condition batch=b9 is a category the model has not seen"
+    )
+    assert in_option_terms("library_size must be positive. Give a total count or None (the default).", command,
+                           argument="library_size") == (  # fmt: skip
+        "--library-size must be positive. Give a total count or no --library-size (the default)."
+    )
+
+
 def test_fail_cleanly_exit_codes_follow_the_error_type():
     @click.command()
     @click.option("--kind")

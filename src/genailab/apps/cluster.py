@@ -10,7 +10,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from genailab.apps._anndata import check_key_added, key_or_keys, labelled_cells, model_counts, require_in_memory
+from genailab.apps._anndata import (
+    check_key_added, key_or_keys, labelled_cells, model_counts, require_in_memory, require_obs_column,
+)
 from genailab.data.preprocess import log_normalize
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
@@ -96,11 +98,13 @@ def cluster(
                           f"scanpy's {sorted(scanpy_keys)}); give key_added and markers_key names of their own.")
     if plot is not None:
         check_output_file(plot)  # before the work
-    missing = [c for c in dict.fromkeys((*color, *([labels_key] if labels_key else []))) if c not in adata.obs]
+    if labels_key is not None:
+        require_obs_column(adata, labels_key, argument="labels_key")
+    missing = [c for c in color if c not in adata.obs]
     if missing:
         raise InputDataError(
-            f"Columns {missing} are not in adata.obs (named in `color` or `labels_key`); choose from "
-            f"{list(adata.obs.columns)[:20]}."
+            f"Columns {missing} are not in adata.obs (named in `color`); choose from {list(adata.obs.columns)[:20]}.",
+            argument="color",
         )
     adata.obsm[latent_key] = model.get_latent(adata)
     # exact neighbours: scanpy's approximate (PyNNDescent) path above 8192 cells fails with scipy >= 1.15

@@ -82,10 +82,11 @@ def integrate(
     covariate_keys = key_or_keys(covariate_keys)
     if corrected_layer == layer:
         raise ConfigError(f"corrected_layer={corrected_layer!r} is the layer the model reads; choose another name.")
-    if batch_key not in adata.obs:
-        raise InputDataError(f"obs has no column {batch_key!r}; pass the obs column that holds the batch.")
+    require_obs_column(adata, batch_key, argument="batch_key")
     if batch_key in covariate_keys:
-        raise ConfigError(f"{batch_key!r} is the batch; leave it out of covariate_keys.")
+        raise ConfigError(f"{batch_key!r} is the batch; leave it out of covariate_keys.", argument="covariate_keys")
+    for key in covariate_keys:
+        require_obs_column(adata, key, argument="covariate_keys")
     batches = adata.obs[batch_key].astype(str)
     if reference_batch is None:
         reference_batch = str(batches.value_counts().idxmax())

@@ -80,7 +80,7 @@ def _library(value: str) -> float | str:
 @click.argument("run_dir", type=_RUN)
 @click.argument("data", type=_DATA)
 @click.option("--out", required=True, type=_OUT, help="h5ad to write.")
-@click.option("--key", default="genailab_denoised", show_default=True, help="Layer for the denoised expression.")
+@click.option("--key", "key_added", default="genailab_denoised", show_default=True, help="Layer for the denoised expression.")
 @click.option(
     "--library-size",
     default="observed",
@@ -96,16 +96,16 @@ def _library(value: str) -> float | str:
 )
 @device_option
 @fail_cleanly
-def denoise(run_dir, data, out, key, library_size, include_dropout, conditions, n_samples, device):
+def denoise(run_dir, data, out, key_added, library_size, include_dropout, conditions, n_samples, device):
     """Write the model's expected expression of DATA's cells to a layer of --out."""
     from genailab.apps import denoise as denoise_cells
 
     check_output_file(out, suffix=".h5ad", data=data)  # fail before the work, not after
     model, adata = _load(run_dir, data, device)
-    denoise_cells(adata, model, key_added=key, library_size=_library(library_size), include_dropout=include_dropout,
+    denoise_cells(adata, model, key_added=key_added, library_size=_library(library_size), include_dropout=include_dropout,
                   conditions=_conditions(conditions, model) or None, n_samples=n_samples)  # fmt: skip
     write_h5ad(adata, out)
-    click.echo(f"Wrote denoised expression of {adata.n_obs} cells x {adata.n_vars} genes to layers[{key!r}] of {out}")
+    click.echo(f"Wrote denoised expression of {adata.n_obs} cells x {adata.n_vars} genes to layers[{key_added!r}] of {out}")
 
 
 @main.command()
@@ -155,9 +155,9 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 @click.option("--layer", default=None, help="adata.layers key with the raw counts (default: X).")
 @likelihood_option(integrate_batches)
 @click.option(
-    "--covariate-key", "covariates", multiple=True, help="Further categorical obs column to condition on (repeatable)."
+    "--covariate-key", "covariate_keys", multiple=True, help="Further categorical obs column to condition on (repeatable)."
 )
-@hidden_alias("--covariate", "covariates", multiple=True)
+@hidden_alias("--covariate", "covariate_keys", multiple=True)
 @adversary_options(argument_default(integrate_batches, "adversary"))
 @click.option("--reference-batch", default=None, help="Batch every cell is decoded into (default: the largest).")
 @click.option("--labels-key", "labels", default=None, help="obs column of known cell types: also report their conservation.")
@@ -165,7 +165,7 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 @architecture_options("latent_dim", "hidden_dims")
 @functools.partial(train_options, checkpoints=False)  # integrate writes no checkpoint to resume from
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
-def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, reference_batch, labels, model_options,
+def integrate(data, batch_key, out, layer, likelihood, covariate_keys, adversary, reference_batch, labels, model_options,
               train_options, overwrite):
     """Batch-correct DATA with an adversarial CVAE; model, corrected latent and expression in --out."""
     if batch_key is None:
@@ -181,7 +181,7 @@ def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, re
         if stale is not None:  # integrate writes no checkpoint: another run's would be taken for this one's
             stale.unlink(missing_ok=True)
         model = integrate_batches(
-            adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariates),
+            adata, batch_key=batch_key, layer=layer, likelihood=likelihood, covariate_keys=list(covariate_keys),
             adversary=adversary, reference_batch=reference_batch, train=TrainConfig(**train_options), **model_options,
         )  # fmt: skip
         write_run(model, out)
@@ -199,13 +199,13 @@ def integrate(data, batch_key, out, layer, likelihood, covariates, adversary, re
 @click.option("--out", required=True, type=_OUT, help="h5ad to write.")
 @click.option("--resolution", default=1.0, show_default=True, type=float, help="Leiden resolution.")
 @click.option("--n-neighbors", default=15, show_default=True, type=int)
-@click.option("--labels-key", "labels", default=None, help="obs column of known cell types: plotted, and ARI/NMI reported.")
-@hidden_alias("--labels", "labels")
+@click.option("--labels-key", "labels_key", default=None, help="obs column of known cell types: plotted, and ARI/NMI reported.")
+@hidden_alias("--labels", "labels_key")
 @click.option("--plot", type=_OUT, help="UMAP PNG to write (default: next to --out, <name>_umap.png).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
 @fail_cleanly
-def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed, device):
+def cluster(run_dir, data, out, resolution, n_neighbors, labels_key, plot, seed, device):
     """Latent, neighbours, UMAP, Leiden clusters and marker genes of DATA's cells, written to --out."""
     import scanpy as sc
 
@@ -216,7 +216,7 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed, dev
     check_output_file(plot, suffix=".png", option="--plot")
     model, adata = _load(run_dir, data, device)
     cluster_cells(adata, model, resolution=resolution, n_neighbors=n_neighbors, plot=plot,
-                  color=[labels] if labels else (), labels_key=labels, seed=seed)  # fmt: skip
+                  color=[labels_key] if labels_key else (), labels_key=labels_key, seed=seed)  # fmt: skip
     write_h5ad(adata, out)
     markers = sc.get.rank_genes_groups_df(adata, group=None)
     click.echo(f"{adata.obs['leiden'].nunique()} Leiden clusters in obs['leiden'] of {out}; UMAP in {plot}")
@@ -224,9 +224,9 @@ def cluster(run_dir, data, out, resolution, n_neighbors, labels, plot, seed, dev
         click.echo(
             f"  cluster {group} ({int((adata.obs['leiden'] == group).sum())} cells): {', '.join(table['names'][:5])}"
         )
-    if labels:
+    if labels_key:
         scores = adata.uns["leiden"]["scores"]
-        click.echo(f"Against obs[{labels!r}]: ARI {scores['ari']:.3f}, NMI {scores['nmi']:.3f} at resolution "
+        click.echo(f"Against obs[{labels_key!r}]: ARI {scores['ari']:.3f}, NMI {scores['nmi']:.3f} at resolution "
                    f"{scores['resolution']:g}; best of scIB's sweep 0.1..2.0: ARI {scores['best_ari']:.3f}, NMI "
                    f"{scores['best_nmi']:.3f} at resolution {scores['best_resolution']:g} "
                    f"({scores['best_n_clusters']} clusters)")  # fmt: skip

@@ -41,8 +41,9 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
 
     The table comes from the command's own parameters (the parameter's name -> its long option),
     so an option is spelled in one place. ``name=value`` becomes ``--option value`` (``--flag`` for
-    a flag), `` `name` `` becomes ``--option``, and ``argument`` (the argument an error is about)
-    becomes ``--option`` wherever it stands as a word.
+    a flag), ``name['key'] = value`` becomes ``--option key=value`` (a repeatable KEY=VALUE option),
+    `` `name` `` becomes ``--option``, and ``argument`` (the argument an error is about) becomes
+    ``--option`` wherever it stands as a word (its default ``None``: no ``--option``).
     """
     options = {p.name: p for p in command.params if isinstance(p, click.Option)}
 
@@ -58,9 +59,12 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
     names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
     if not names:
         return message
+    message = re.sub(rf"(?<![\w.\-])({names})\['([^']*)'\] ?= ?'?([^',;]*)'?", lambda m: f"{spelled(m.group(1))} "
+                     f"{m.group(2)}={m.group(3)}", message)  # fmt: skip
     message = re.sub(rf"(?<![\w.\-])({names})=('[^']*'|\"[^\"]*\"|[\w+\-.]*\w)", assignment, message)
     message = re.sub(rf"`({names})`", lambda m: spelled(m.group(1)), message)
     if argument in options:
+        message = message.replace("None (the default)", f"no {spelled(argument)} (the default)")
         message = re.sub(rf"(?<![\w.\-`'\"])({re.escape(argument)})(?![\w`'\"])", lambda m: spelled(argument), message)
     return message
 
