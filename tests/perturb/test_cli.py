@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import anndata
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from genailab.cli import main
+from genailab.errors import ConfigError, SchemaMismatchError
+from genailab.perturb import PerturbationModel
 
 
 def test_train_predict_evaluate(perturb_adata, tmp_path):
@@ -105,3 +108,29 @@ def test_evaluate_trains_its_neural_methods_with_the_given_options(perturb_adata
     assert all(o["batch_size"] == 64 and o["lr"] == 0.002 and o["early_stopping_patience"] is None for _, o in seen)
     scgen = perturb.default_methods(likelihood="zinb")[-2]
     assert type(scgen).__name__ == "LatentArithmetic" and scgen.likelihood == "zinb"  # scGen's VAE follows too
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--drug-key", "compound"], "obs has no column 'compound' (given as --drug-key)"),
+        (["--covariate-key", "donor"], "obs has no column 'donor' (given as --covariate-key)"),
+        (["--covariate-key", "drug"], "'drug' is given as --drug-key and as --covariate-key"),
+        (["--covariate-key", "cell_type"], "as --cell-type-key and as --covariate-key (the cell type is a covariate"),
+        (["--drug-key", "cell_type", "--dose-key", "library_size"], "'cell_type' is given as --drug-key and as --cell"),
+    ],
+)
+def test_each_obs_column_plays_one_role_and_errors_name_the_option(perturb_adata, tmp_path, options, expected):
+    """A column missing or given for two roles (drug, dose, cell type, covariate) names the options at fault."""
+    data = tmp_path / "data.h5ad"
+    perturb_adata[:300].copy().write_h5ad(data)
+    result = CliRunner().invoke(main, ["perturb", "train", str(data), "--out", str(tmp_path / "run"), "--layer",
+                                       "counts", "--epochs", "1", *options])  # fmt: skip
+    assert result.exit_code != 0 and expected in result.output, result.output
+    assert "Traceback" not in result.output and "_key" not in result.output
+    assert not (tmp_path / "run" / "model.pt").exists()
+    arguments = {o[2:].replace("-", "_"): v for o, v in zip(options[::2], options[1::2])}  # the Python spelling
+    if "covariate_key" in arguments:
+        arguments["covariate_keys"] = [arguments.pop("covariate_key")]
+    with pytest.raises((ConfigError, SchemaMismatchError), match="given as `"):
+        PerturbationModel(perturb_adata[:300].copy(), layer="counts", **arguments)

@@ -57,8 +57,8 @@ def perturb() -> None:
 @click.argument("data", type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @_obs_options
-@click.option("--covariate-key", "covariates", multiple=True, help="Further categorical obs column (repeatable).")
-@hidden_alias("--covariate", "covariates", multiple=True)
+@click.option("--covariate-key", "covariate_keys", multiple=True, help="Further categorical obs column (repeatable).")
+@hidden_alias("--covariate", "covariate_keys", multiple=True)
 @click.option("--layer", default=None, help="adata.layers key with the values to model (default: X).")
 @likelihood_option(PerturbationModel.__init__)
 @architecture_options("latent_dim", "hidden_dims",
@@ -66,7 +66,7 @@ def perturb() -> None:
 @adversary_options(argument_default(PerturbationModel.__init__, "adversary"))
 @train_options
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
-def train_command(data, out, keys, covariates, layer, likelihood, model_options, adversary, train_options, overwrite):
+def train_command(data, out, keys, covariate_keys, layer, likelihood, model_options, adversary, train_options, overwrite):
     """Train a perturbation model on DATA (control and treated cells) and save it to --out.
 
     The adversary keeps the drug out of the basal latent (``--adversary-weight 0`` trains without it).
@@ -76,7 +76,7 @@ def train_command(data, out, keys, covariates, layer, likelihood, model_options,
         adata = read_data(data)
         model = PerturbationModel(
             adata, drug_key=keys.drug, dose_key=keys.dose, cell_type_key=keys.cell_type, control_value=keys.control,
-            covariate_keys=list(covariates), layer=layer, likelihood=likelihood, adversary=adversary, **model_options,
+            covariate_keys=list(covariate_keys), layer=layer, likelihood=likelihood, adversary=adversary, **model_options,
         )  # fmt: skip
         config = TrainConfig(**train_options)
         if stale is not None:  # the new run is built: the old run's checkpoint goes

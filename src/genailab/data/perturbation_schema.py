@@ -85,6 +85,27 @@ def require_columns(obs: pd.DataFrame, keys: Sequence[str | None]) -> None:
         )
 
 
+def check_key_roles(obs: pd.DataFrame, keys: ObsKeys, covariate_keys: Sequence[str]) -> None:
+    """Each obs column a perturbation model is trained on exists and plays one role (drug, dose,
+    cell type, a covariate); errors name the argument that gave it."""
+    roles = [("drug_key", keys.drug), ("dose_key", keys.dose)]
+    roles += [("cell_type_key", keys.cell_type)] if keys.cell_type else []
+    roles += [("covariate_keys", key) for key in covariate_keys]
+    given = {}
+    for argument, column in roles:
+        if column in given:
+            also = " (the cell type is a covariate already)" if given[column] == "cell_type_key" else ""
+            raise ConfigError(f"obs column {column!r} is given as `{given[column]}` and as `{argument}`{also}; "
+                              "each role needs a column of its own.", argument=argument)  # fmt: skip
+        given[column] = argument
+    for argument, column in roles:
+        if column not in obs.columns:
+            raise SchemaMismatchError(
+                f"obs has no column {column!r} (given as `{argument}`); choose one of {list(obs.columns)[:20]}, or "
+                "map a public layout first with genailab.perturb.standardize_obs.", argument=argument,
+            )  # fmt: skip
+
+
 def require_control_labels(obs: pd.DataFrame, keys: ObsKeys) -> None:
     """Refuse cells to be perturbed whose drug column is absent: controls cannot be told from treated cells."""
     if keys.drug not in obs.columns:
@@ -138,9 +159,7 @@ class PerturbationSchema:
     ) -> PerturbationSchema:
         """Record the drugs, doses and covariates of ``adata``."""
         covariates = ((keys.cell_type,) if keys.cell_type else ()) + tuple(covariate_keys)
-        require_columns(adata.obs, [keys.drug, keys.dose, *covariates])
-        if keys.drug in covariates or keys.dose in covariates:
-            raise ConfigError("The drug and dose columns cannot also be covariates.")
+        check_key_roles(adata.obs, keys, covariate_keys)
         data = DataSchema.from_anndata(adata, layer=layer, categorical_keys=covariates, encoding="embedding")
         labels = keys.labels(adata.obs)
         parts = [keys.drugs_of(label) for label in pd.unique(labels)]

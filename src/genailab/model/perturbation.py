@@ -336,6 +336,11 @@ class PerturbationVAE(nn.Module):
         """The decoder's library size for cells without one (a buffer; set from the training data)."""
         return self.vae.default_library
 
+    @property
+    def head(self) -> nn.Module:
+        """The likelihood head of the decoder (a Gaussian head starts at the data's variances)."""
+        return self.vae.head
+
     def split_conditions(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Drug codes (B, K) long, doses (B, K), covariate codes (B, J) long."""
         k = self.config.max_drugs
