@@ -89,9 +89,11 @@ def test_generate_like_keeps_each_cells_conditions_and_library(model, adata):
     assert generated.shape == (rows.size, adata.n_vars) and sp.issparse(generated.X)
     np.testing.assert_array_equal(generated.obs["batch"].to_numpy(), adata.obs["batch"].to_numpy()[rows])
     real_totals = np.asarray(adata.layers["counts"][rows].sum(1)).ravel()
-    generated_totals = np.asarray(generated.X.sum(1)).ravel()
-    assert np.median(generated_totals / real_totals) == pytest.approx(1, abs=0.05)
-    assert np.corrcoef(real_totals, generated_totals)[0, 1] > 0.8
+    # NB means sum to the library, so each cell's total over draws follows its real total; one draw's
+    # median ratio is not a check of that (0.94-1.00 over seeds: the sum of NB draws is skewed)
+    totals = np.stack([np.asarray(generate_like(model.adata, model, seed=s).X.sum(1)).ravel() for s in range(5)])
+    assert totals.mean() / real_totals.mean() == pytest.approx(1, abs=0.05)
+    assert np.corrcoef(real_totals, totals.mean(axis=0))[0, 1] > 0.9
     assert np.array_equal(generate_like(model.adata, model, seed=0).X.toarray(), generated.X.toarray())
 
 
