@@ -222,7 +222,7 @@ def test_option_table_comes_from_the_command_itself():
     assert in_option_terms("grad_clip=0 is not an option here", command, argument="grad_clip") == (
         "grad_clip=0 is not an option here"
     )
-    assert in_option_terms("lr=None has no command-line spelling", command) == "lr=None has no command-line spelling"
+    assert in_option_terms("name a layer, or lr=None (the default)", command) == "name a layer, or no --lr (the default)"
 
 
 def test_mapping_arguments_and_a_none_default_are_spelled_as_options():

@@ -134,3 +134,12 @@ def test_each_obs_column_plays_one_role_and_errors_name_the_option(perturb_adata
         arguments["covariate_keys"] = [arguments.pop("covariate_key")]
     with pytest.raises((ConfigError, SchemaMismatchError), match="given as `"):
         PerturbationModel(perturb_adata[:300].copy(), layer="counts", **arguments)
+
+
+def test_evaluate_refuses_n_groups_below_one_instead_of_skipping_every_protocol(perturb_adata, tmp_path):
+    data = tmp_path / "data.h5ad"
+    perturb_adata[:300].copy().write_h5ad(data)
+    result = CliRunner().invoke(main, ["perturb", "evaluate", str(data), "--out", str(tmp_path / "e.csv"),
+                                       "--n-groups", "0"])  # fmt: skip
+    assert result.exit_code == 2 and "--n-groups must be a whole number >= 1, got 0" in result.output, result.output
+    assert "No protocol" not in result.output and not (tmp_path / "e.csv").exists()

@@ -68,7 +68,7 @@ def test_split_arguments_are_checked():
     obs = simulate(300, 40, n_cell_types=2, n_batches=1, n_markers=3, perturbation=PerturbationSpec(), seed=0).obs
     with pytest.raises(ConfigError, match="n_groups must be a whole number >= 1"):
         holdout_split(obs, "pair", n_groups=-1)
-    with pytest.raises(SchemaMismatchError, match=r"Columns \['drug'\] are not in adata.obs"):
+    with pytest.raises(SchemaMismatchError, match=r"obs has no column 'drug' \(given as `drug_key`\)"):
         holdout_split(obs.rename(columns={"drug": "compound"}), "combination")
 
 

@@ -396,7 +396,7 @@ class QueryVAE(VAE):
                 f"during the encoder stage, but here unfreeze={self.unfreeze!r}, the stages are "
                 f"{[name for name, _ in self._stages]} and the start {'has' if precision is not None else 'has no'} mutual "
                 "pairs; use unfreeze='new_categories', encoder_start='neighbours' (with the reference's cells) and an "
-                "encoder stage, or leave encoder_anchor=None."
+                "encoder stage, or encoder_anchor=None (the default)."
             )
         return float(encoder_anchor)
 
@@ -415,7 +415,7 @@ class QueryVAE(VAE):
             raise ConfigError(
                 f"encoder_stage=False holds the new encoder columns at their start, but with unfreeze={self.unfreeze!r} and "
                 f"these conditions the stages are {[name for name, _ in stages]}; use unfreeze='new_categories' with "
-                "one-hot conditions seen by both networks, or leave encoder_stage=None."
+                "one-hot conditions seen by both networks, or encoder_stage=None (the default)."
             )
         hold = encoder_stage is False or (encoder_stage is None and refined and separate and self.unfreeze == "new_categories")
         return stages[:1] if hold else stages

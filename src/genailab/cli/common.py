@@ -41,7 +41,7 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
 
     The table comes from the command's own parameters (the parameter's name -> its long option),
     so an option is spelled in one place. ``name=value`` becomes ``--option value`` (``--flag`` for
-    a flag), ``name['key'] = value`` becomes ``--option key=value`` (a repeatable KEY=VALUE option),
+    a flag, ``no --option`` for None), ``name['key'] = value`` becomes ``--option key=value`` (a repeatable KEY=VALUE option),
     `` `name` `` becomes ``--option``, and ``argument`` (the argument an error is about) becomes
     ``--option`` wherever it stands as a word (its default ``None``: no ``--option``).
     """
@@ -52,8 +52,8 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
 
     def assignment(match: re.Match) -> str:
         name, value = match.group(1), match.group(2).strip("'\"")
-        if value == "None":  # no command-line spelling: keep the Python one
-            return match.group(0)
+        if value == "None":  # an option's None is the option left out
+            return f"no {spelled(name)}"
         return spelled(name) if options[name].is_flag else f"{spelled(name)} {value}"
 
     names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
@@ -64,7 +64,7 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
     message = re.sub(rf"(?<![\w.\-])({names})=('[^']*'|\"[^\"]*\"|[\w+\-.]*\w)", assignment, message)
     message = re.sub(rf"`({names})`", lambda m: spelled(m.group(1)), message)
     if argument in options:
-        message = message.replace("None (the default)", f"no {spelled(argument)} (the default)")
+        message = message.replace("None (the default)", f"no {spelled(argument)} (the default)").replace(" (None)", "")
         message = re.sub(rf"(?<![\w.\-`'\"])({re.escape(argument)})(?![\w`'\"])", lambda m: spelled(argument), message)
     return message
 

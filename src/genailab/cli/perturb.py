@@ -162,9 +162,12 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
     group is measured from its mean (a prediction's change from the controls it was made from), so
     that no method shares the truth's control-sample error. Every split is checked before any training.
     """
+    from genailab.checks import check_number
     from genailab.errors import ConfigError
     from genailab.perturb import compare_methods, default_methods, format_table, holdout_split, summarize
 
+    # checked once here: each protocol's split would refuse it, and without --protocol be skipped
+    check_number("n_groups", n_groups, integer=True, ge=1, allow_none=True, hint="Leave it out to hold out every group.")
     check_output_file(out, suffix=".csv")  # fail before the work, not after
     summary_path = check_output_file(out.with_name(out.stem + "_summary.csv"))
     adata = read_data(data)

@@ -56,7 +56,7 @@ class ObsKeys:
 
     def labels(self, obs: pd.DataFrame) -> np.ndarray:
         """The drug label of every cell as text, (n_cells,); missing labels (NaN, None) are an error."""
-        require_columns(obs, [self.drug])
+        require_columns(obs, self, ["drug"])
         column = obs[self.drug]
         missing = column.isna().to_numpy()
         if missing.any():
@@ -75,14 +75,21 @@ class ObsKeys:
         return asdict(self)
 
 
-def require_columns(obs: pd.DataFrame, keys: Sequence[str | None]) -> None:
-    missing = [k for k in keys if k is not None and k not in obs.columns]
-    if missing:
+def require_columns(obs: pd.DataFrame, keys: ObsKeys, roles: Sequence[str]) -> None:
+    """The obs columns that ``keys`` names for ``roles`` (``"drug"``, ``"dose"``, ``"cell_type"``)
+    exist; an error names the argument that gave the missing one (``drug_key``, ...)."""
+    for role in roles:
+        column = getattr(keys, role)
+        if column is not None:
+            _require_column(obs, column, argument=f"{role}_key")
+
+
+def _require_column(obs: pd.DataFrame, column: str, *, argument: str) -> None:
+    if column not in obs.columns:
         raise SchemaMismatchError(
-            f"Columns {missing} are not in adata.obs (available: {list(obs.columns)[:20]}); name the drug, dose "
-            "and cell-type columns with drug_key=, dose_key=, cell_type_key= (CLI: --drug-key, --dose-key, "
-            "--cell-type-key), or map a public layout first with genailab.perturb.standardize_obs."
-        )
+            f"obs has no column {column!r} (given as `{argument}`); choose one of {list(obs.columns)[:20]}, or map a "
+            "public layout first with genailab.perturb.standardize_obs.", argument=argument,
+        )  # fmt: skip
 
 
 def check_key_roles(obs: pd.DataFrame, keys: ObsKeys, covariate_keys: Sequence[str]) -> None:
@@ -99,11 +106,7 @@ def check_key_roles(obs: pd.DataFrame, keys: ObsKeys, covariate_keys: Sequence[s
                               "each role needs a column of its own.", argument=argument)  # fmt: skip
         given[column] = argument
     for argument, column in roles:
-        if column not in obs.columns:
-            raise SchemaMismatchError(
-                f"obs has no column {column!r} (given as `{argument}`); choose one of {list(obs.columns)[:20]}, or "
-                "map a public layout first with genailab.perturb.standardize_obs.", argument=argument,
-            )  # fmt: skip
+        _require_column(obs, column, argument=argument)
 
 
 def require_control_labels(obs: pd.DataFrame, keys: ObsKeys) -> None:
@@ -118,7 +121,7 @@ def require_control_labels(obs: pd.DataFrame, keys: ObsKeys) -> None:
 
 def cell_doses(obs: pd.DataFrame, keys: ObsKeys) -> np.ndarray:
     """Dose per cell as float64, 0 for control cells; errors for missing or negative doses of treated cells."""
-    require_columns(obs, [keys.drug, keys.dose])
+    require_columns(obs, keys, ["drug", "dose"])
     control = keys.is_control(obs)
     dose = pd.to_numeric(obs[keys.dose], errors="coerce").to_numpy(dtype=np.float64)
     treated = ~control

@@ -119,7 +119,7 @@ def _check_options(
 ) -> None:
     if layer is not None and layer not in adata.layers:
         raise SchemaMismatchError(
-            f"layer {layer!r} is not in adata.layers {list(adata.layers)}; pass layer=None to use X."
+            f"layer {layer!r} is not in adata.layers {list(adata.layers)}; name one, or layer=None to use X."
         )
     if layer is None and adata.X is None:
         raise InputDataError(

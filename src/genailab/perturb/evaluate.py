@@ -233,7 +233,7 @@ def cell_types(obs: pd.DataFrame, keys: ObsKeys) -> np.ndarray:
     """Cell type per cell as text (:data:`ALL_CELLS` without a cell-type column)."""
     if keys.cell_type is None:
         return np.full(obs.shape[0], ALL_CELLS, dtype=object)
-    require_columns(obs, [keys.cell_type])
+    require_columns(obs, keys, ["cell_type"])
     return obs[keys.cell_type].astype(str).to_numpy(dtype=object)
 
 
@@ -273,7 +273,7 @@ def holdout_split(
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={protocol!r} is not one of {PROTOCOLS}.")
     check_number("n_groups", n_groups, integer=True, ge=1, allow_none=True, hint="None holds out every group.")
-    require_columns(obs, [keys.drug, keys.dose, keys.cell_type])
+    require_columns(obs, keys, ["drug", "dose", "cell_type"])
     groups = pd.DataFrame(cell_groups(obs, keys), columns=["cell_type", "drug", "dose"]).drop_duplicates()
     groups = groups[groups["drug"] != keys.control]
     drug_parts = groups["drug"].map(keys.drugs_of)
