@@ -73,6 +73,13 @@ def test_old_option_spellings_still_work(data, tmp_path):
          "--epochs", 1)  # fmt: skip
     saved = _saved(tmp_path / "old")
     assert saved["model_config"] == VAE(adata, layer="counts", likelihood="zinb", condition_keys=["batch"]).config.to_dict()
+    refused = CliRunner().invoke(main, ["train", str(path), "--out", str(tmp_path / "both"), "--layer", "counts",
+                                        "--model", "nb", "--likelihood", "zinb", "--epochs", "1"])  # fmt: skip
+    assert refused.exit_code == 2 and "--model nb and --likelihood zinb disagree" in refused.output, refused.output
+    assert not (tmp_path / "both" / "model.pt").exists()  # one of the two was taken silently before
+    agreed = CliRunner().invoke(main, ["train", str(path), "--out", str(tmp_path / "both"), "--layer", "counts",
+                                       "--model", "zinb", "--likelihood", "zinb", "--epochs", "1"])  # fmt: skip
+    assert agreed.exit_code == 0 and _saved(tmp_path / "both")["model_config"]["likelihood"] == "zinb"
 
 
 def test_command_summaries_match_the_commands():

@@ -118,6 +118,27 @@ def test_gaussian_model_keeps_scaled_cells_whose_values_sum_below_zero():
     assert model.training_info["n_train"] + model.training_info["n_validation"] == 699
 
 
+@pytest.mark.parametrize("model", ["VAE", "PerturbationModel"])
+def test_a_gaussian_model_of_raw_counts_warns_and_of_prepared_values_does_not(pbmc, model, caplog):
+    """Raw counts given to the Gaussian model trained without a word; log-normalised (at 1e4 or a
+    million per cell) and scaled values are what it is made for."""
+    from genailab.perturb import PerturbationModel
+
+    adata = pbmc.copy()
+    adata.obs["drug"] = np.where(np.arange(adata.n_obs) % 3, "drug_a", "control")
+    adata.obs["dose"] = np.where(adata.obs["drug"] == "control", 0.0, 1.0)
+    adata.layers["log"] = sc.pp.log1p(sc.pp.normalize_total(adata, layer="counts", target_sum=1e4, inplace=False)["X"])
+    adata.layers["log_cpm"] = sc.pp.log1p(sc.pp.normalize_total(adata, layer="counts", target_sum=1e6, inplace=False)["X"])
+    adata.layers["scaled"] = sc.pp.scale(adata.layers["log"].toarray(), max_value=10)
+    build = genailab.VAE if model == "VAE" else lambda a, **o: PerturbationModel(a, cell_type_key=None, **o)
+    for layer, warned in [("counts", True), ("log", False), ("log_cpm", False), ("scaled", False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="genailab"):
+            build(adata, likelihood="gaussian", layer=layer)
+        assert ("looks like raw counts" in caplog.text) == warned, layer
+        assert ("adata.layers['counts'] holds whole numbers" in caplog.text) == warned
+
+
 def test_counts_stored_as_duplicate_entries_are_summed(trained, pbmc):
     """A legal non-canonical CSR storing each count as two entries gave another ELBO (281.691
     against 281.612): the count terms saw two small counts instead of one."""

@@ -15,6 +15,7 @@ from genailab.anndata_models.base import INFERENCE_BATCH, MODEL_SET_FIELDS, AnnD
 from genailab.checks import check_library_size, check_number
 from genailab.data.loader import MinibatchLoader
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
+from genailab.data.validation import warn_if_raw_counts
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BASAL_LATENT, AdversaryConfig
 from genailab.model.config import ModelConfig
@@ -116,6 +117,8 @@ class PerturbationModel(AnnDataModel):
             dose_scale=schema.dose_scale, unseen_interaction=unseen_interaction,
             unseen_scale=unseen_scale, effect_l2=effect_l2,
         )  # fmt: skip
+        if not vae.is_count_model:
+            warn_if_raw_counts(schema.data.expression(adata), source="adata.X" if layer is None else f"adata.layers[{layer!r}]")
         self._assemble(schema=schema, config=config, adata=adata, adversary_config=adversary)
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ from genailab.anndata_models.base import (
 from genailab.anndata_models.files import warn_if_reference_changed
 from genailab.checks import check_library_size, check_number
 from genailab.data.schema import DataSchema
-from genailab.data.validation import EMPTY_CELL_ACTIONS, value_scale
+from genailab.data.validation import EMPTY_CELL_ACTIONS, value_scale, warn_if_raw_counts
 from genailab.errors import ConfigError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.model.config import ModelConfig
@@ -103,7 +103,9 @@ class VAE(AnnDataModel):
             **model_options, set_by_model=MODEL_SET_FIELDS,
         )  # fmt: skip
         if not config.is_count_model:  # the scale its values were prepared at, to recognise other preparations
-            schema = dataclasses.replace(schema, value_scale=value_scale(schema.expression(adata)))
+            values = schema.expression(adata)
+            warn_if_raw_counts(values, source="adata.X" if layer is None else f"adata.layers[{layer!r}]")
+            schema = dataclasses.replace(schema, value_scale=value_scale(values))
         self._assemble(
             schema=schema, config=config, adata=adata, empty_cells=empty_cells, adversarial_key=adversarial_key,
             adversary_config=(adversary or BATCH_CORRECTION) if adversarial_key is not None else None,

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 
 import click
+from click.core import ParameterSource
 
 from genailab.data.validation import EMPTY_CELL_ACTIONS
 from genailab.model.adversary import ADVERSARY_MODES, AdversaryConfig
@@ -121,6 +122,11 @@ def hidden_alias(old_flag: str, dest: str, **settings):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             value = kwargs.pop(f"_alias_{dest}")
+            if value not in (None, ()) and not isinstance(value, tuple):
+                context = click.get_current_context()
+                if context.get_parameter_source(dest) is ParameterSource.COMMANDLINE and kwargs[dest] != value:
+                    flag = next(max(p.opts, key=len) for p in context.command.params if p.name == dest)
+                    raise click.UsageError(f"{old_flag} {value} and {flag} {kwargs[dest]} disagree; give {flag} alone.")
             if value not in (None, ()):
                 kwargs[dest] = (*kwargs[dest], *value) if isinstance(value, tuple) else value
             return command(*args, **kwargs)

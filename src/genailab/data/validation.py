@@ -21,6 +21,7 @@ EMPTY_CELL_ACTIONS = ("error", "drop", "warn")
 _CHUNK = 1 << 16  # values checked at a time
 SCALE_CELLS = 2000  # cells read to measure a matrix's value scale
 SCALE_RATIO = 3.0  # value scales further apart than this are not the same preparation of the data
+RAW_COUNT_SCALE = 4.0  # whole numbers above this value scale are counts (below it: e.g. 0/1 indicators)
 
 
 def _values(matrix) -> np.ndarray:
@@ -103,19 +104,37 @@ def value_scale(matrix) -> float:
     over the matrix (a backed matrix: its first cells). Log-normalised data sit near 3-8, raw counts
     in the tens to thousands, standardised data near 10: how a new AnnData is told apart from the
     preparation a Gaussian model was trained on."""
-    n_cells = matrix.shape[0]
-    if n_cells == 0:
+    if matrix.shape[0] == 0:
         return 0.0
-    if isinstance(matrix, OnDiskMatrix):
-        sample = matrix.read(0, min(n_cells, SCALE_CELLS))
-    else:
-        if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
-            matrix = matrix.tocsr()
-        sample = matrix[np.unique(np.linspace(0, n_cells - 1, min(n_cells, SCALE_CELLS)).astype(np.int64))]
-    largest = sample.max(axis=1)
+    largest = _scale_sample(matrix).max(axis=1)
     largest = largest.toarray() if sp.issparse(largest) else np.asarray(largest)
     scale = float(np.median(largest.astype(np.float64)))
     return scale if np.isfinite(scale) else 0.0  # NaN/Inf: check_expression names them
+
+
+def _scale_sample(matrix):
+    """At most ``SCALE_CELLS`` rows spread over ``matrix`` (a backed matrix: its first rows)."""
+    n_cells = matrix.shape[0]
+    if isinstance(matrix, OnDiskMatrix):
+        return matrix.read(0, min(n_cells, SCALE_CELLS))
+    if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+        matrix = matrix.tocsr()
+    return matrix[np.unique(np.linspace(0, n_cells - 1, min(n_cells, SCALE_CELLS)).astype(np.int64))]
+
+
+def warn_if_raw_counts(matrix, *, source: str) -> None:
+    """Log a warning when the values a Gaussian model is about to be trained on look like raw counts:
+    whole numbers (log-normalised and scaled values are not) whose :func:`value_scale` is above
+    ``RAW_COUNT_SCALE``. Such a model fits the counts' scale, not the log-normal expression it is
+    made for, without an error."""
+    scale = value_scale(matrix)
+    if scale > RAW_COUNT_SCALE and is_integer_counts(_scale_sample(matrix)):
+        logger.warning(
+            "%s holds whole numbers with a median largest value per cell of %.3g: it looks like raw counts, "
+            "which the Gaussian model does not describe. Use a count likelihood ('nb' or 'zinb'), or "
+            "log-normalise first (sc.pp.normalize_total(adata, target_sum=1e4), then sc.pp.log1p(adata)).",
+            source, scale,
+        )
 
 
 def warn_if_other_scale(matrix, trained_scale: float, *, source: str) -> None:
