@@ -205,6 +205,25 @@ def test_embed_speaks_of_align_genes_as_its_flag(counts, counts_file, tmp_path):
     assert result.exit_code == 1 and "--align-genes" in result.output and "align_genes=True" not in result.output
 
 
+def test_evaluate_and_embed_name_their_options_and_the_way_to_new_batches(counts, counts_file, tmp_path):
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(main, ["train", str(counts_file), "--out", str(run), "--epochs", "1", "--latent-dim",
+                                        "4", "--hidden", "16", "--condition", "batch"])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    for option in ("--labels-key", "--batch-key"):
+        result = CliRunner().invoke(main, ["evaluate", str(run), str(counts_file), "--out", str(tmp_path / "report"),
+                                           option, "kind"])  # fmt: skip
+        assert result.exit_code == 2 and f"obs has no column 'kind' (given as {option})" in result.output
+    result = CliRunner().invoke(main, ["evaluate", str(run), str(counts_file), "--out", str(tmp_path / "report"),
+                                       "--latent-sweep", "0,2"])  # fmt: skip
+    assert result.exit_code == 2 and "Invalid value for '--latent-sweep'" in result.output
+    new_batch = counts.copy()
+    new_batch.obs["batch"] = "batch_9"
+    new_batch.write_h5ad(tmp_path / "new.h5ad")
+    result = CliRunner().invoke(main, ["embed", str(run), str(tmp_path / "new.h5ad"), "--out", str(tmp_path / "e.h5ad")])
+    assert result.exit_code == 1 and "['batch_9']" in result.output and "genailab map" in result.output
+
+
 def test_option_table_comes_from_the_command_itself():
     @click.command()
     @click.option("--kl-warmup", "kl_warmup_epochs", type=float)

@@ -202,7 +202,7 @@ def map_query(
             f"Every query category of {list(schema.categorical_keys)} is already in the reference, so "
             "unfreeze='new_categories' has nothing to train; embed the query with the reference model itself "
             "(reference.get_latent(query), or genailab embed), "
-            "or fine-tune with unfreeze='first_layer', 'encoder' or 'all'."
+            "or fine-tune with unfreeze='first_layer', unfreeze='encoder' or unfreeze='all'."
         )
     aligned, filled = aligned_query(query, schema, max_missing_fraction=max_missing_fraction)
     _check_values(aligned, schema, reference, name="query")

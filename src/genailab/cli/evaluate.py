@@ -18,9 +18,10 @@ def _sizes(value: str | None) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated latent sizes like 2,5,10, got {value!r}") from exc
+        raise click.BadParameter(f"expected comma-separated latent sizes like 2,5,10, got {value!r}",
+                                 param_hint="'--latent-sweep'") from exc
     if not sizes or min(sizes) < 1:
-        raise click.BadParameter("latent sizes must be positive whole numbers")
+        raise click.BadParameter(f"latent sizes must be positive whole numbers, got {value!r}", param_hint="'--latent-sweep'")
     return sizes
 
 

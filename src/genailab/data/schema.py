@@ -284,7 +284,8 @@ def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str) -
         unknown = sorted(set(as_text[codes < 0]))[:10]
         raise SchemaMismatchError(
             f"obs[{key!r}] has categories the model has not seen: {unknown}. Known categories: "
-            f"{list(categories)[:20]}. Map them to a known category or retrain including them."
+            f"{list(categories)[:20]}. Map the new cells onto the model (model.map_query(adata), genailab map), "
+            "relabel them as a known category, or retrain including them."
         )
     return codes
 

@@ -103,7 +103,8 @@ def write_report(
                              "adata.to_memory()).")
     for key, option in ((label_key, "label_key"), (batch_key, "batch_key")):
         if key is not None and key not in adata.obs.columns:
-            raise ConfigError(f"obs has no column {key!r}; the columns are {list(adata.obs.columns)}.")
+            raise ConfigError(f"obs has no column {key!r} (given as `{option}`); choose one of "
+                              f"{list(adata.obs.columns)[:20]}.", argument=option)  # fmt: skip
         if key is not None and adata.obs[key].isna().all():
             raise InputDataError(f"{option}={key!r} is missing (NaN) in every cell; name an annotated obs column.",
                                  argument=option)  # fmt: skip
