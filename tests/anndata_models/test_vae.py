@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 import genailab
 from genailab.data import pbmc68k_counts
-from genailab.errors import ConfigError, SchemaMismatchError
+from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 
 FAST = dict(epochs=3, batch_size=64, progress=False, seed=0)
 
@@ -328,6 +328,21 @@ def test_arguments_of_the_wrong_kind_are_named(trained, pbmc):
             trained.get_normalized_expression(**options)
     with pytest.raises(ConfigError, match="adata must be an AnnData, not ndarray"):
         trained.get_latent(np.zeros((3, pbmc.n_vars)))
+
+
+def test_nonfinite_latent_points_and_misspelled_options_are_named(trained, pbmc):
+    """decode() of NaN latent points returned NaN expression; a misspelled fit() option listed every option."""
+    z = np.zeros((4, trained.config.latent_dim), dtype=np.float32)
+    z[2, 1] = np.nan
+    with pytest.raises(InputDataError, match=r"z has NaN or infinite values in 1 of its 4 rows \(e.g. row 2\)"):
+        trained.decode(z, conditions={"batch": "b0"})
+    z[2, 1] = np.inf
+    with pytest.raises(InputDataError, match="row 2"):
+        trained.decode(z, conditions={"batch": "b0"})
+    with pytest.raises(ConfigError, match=r"Unknown option 'epoch' \(did you mean 'epochs'\?\)"):
+        trained.fit(epoch=3)
+    with pytest.raises(ConfigError, match=r"Unknown option 'latentdim' \(did you mean 'latent_dim'\?\)"):
+        genailab.VAE(pbmc, layer="counts", latentdim=3)
 
 
 def test_subpackages_are_attributes_of_the_package():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import logging
 import random
 import re
@@ -514,7 +515,8 @@ def build_config(config_class, *, set_by_model: tuple[str, ...] = (), **options)
         elif name in {f.name for f in dataclasses.fields(TrainConfig)} and config_class is not TrainConfig:
             hint = " (a training option: give it to fit() or a TrainConfig, not to the model)"
         else:
-            hint = ""
+            close = difflib.get_close_matches(name or "", known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
         message = f"Unknown option {name!r}{hint}" if name else str(exc)
         raise ConfigError(f"{message}; the options of {config_class.__name__} are {known}.", argument=name) from exc
 

@@ -19,7 +19,7 @@ from genailab.anndata_models.files import warn_if_reference_changed
 from genailab.checks import check_library_size, check_number
 from genailab.data.schema import DataSchema
 from genailab.data.validation import EMPTY_CELL_ACTIONS, value_scale, warn_if_raw_counts
-from genailab.errors import ConfigError
+from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.model.config import ModelConfig
 from genailab.model.vae import ConditionalVAE
@@ -325,6 +325,10 @@ class VAE(AnnDataModel):
         if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
             raise ConfigError(f"z must be (n, latent_dim={self.config.latent_dim}) latent points, got shape {z.shape}.",
                               argument="z")
+        if not np.isfinite(z).all():
+            rows = np.flatnonzero(~np.isfinite(z).all(axis=1))
+            raise InputDataError(f"z has NaN or infinite values in {rows.size} of its {z.shape[0]} rows (e.g. row "
+                                 f"{rows[0]}); decode finite latent points.", argument="z")  # fmt: skip
         n = z.shape[0]
         if isinstance(conditions, Mapping):  # one value per condition for every point, as other methods take them
             conditions = self.encode_conditions(None, conditions, n_cells=n)
