@@ -90,6 +90,11 @@ def test_clear_errors(trained, controls, perturb_adata, model_options):
         PerturbationModel(only_control, **model_options)
     with pytest.raises(SchemaMismatchError, match="drug_key"):
         PerturbationModel(perturb_adata, drug_key="compound", **model_options)
+    new_type = controls.copy()
+    new_type.obs["cell_type"] = "type_9"
+    with pytest.raises(SchemaMismatchError, match=r"\['type_9'\].*or retrain including them") as error:
+        trained.predict(new_type, drug="drug_1", dose=1.0)
+    assert "map_query" not in str(error.value)  # a VAE maps new cells; a perturbation model cannot
 
 
 def test_a_plain_vae_folder_is_not_loaded_as_a_perturbation_model(sim_adata, tmp_path):

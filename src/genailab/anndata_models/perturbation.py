@@ -15,6 +15,7 @@ from genailab.anndata_models.base import INFERENCE_BATCH, MODEL_SET_FIELDS, AnnD
 from genailab.checks import check_library_size, check_number
 from genailab.data.loader import MinibatchLoader
 from genailab.data.perturbation_schema import ObsKeys, PerturbationSchema
+from genailab.data.schema import RETRAIN_UNSEEN
 from genailab.data.validation import warn_if_raw_counts
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BASAL_LATENT, AdversaryConfig
@@ -251,7 +252,7 @@ class PerturbationModel(AnnDataModel):
         check_library_size(library_size, observed=True)
         obs = _control_obs(control_adata, self.keys)
         matrix, _ = self._validated(control_adata, align_genes=align_genes, with_conditions=False)
-        covariates = self.schema.data.encode_obs(obs)
+        covariates = self.schema.data.encode_obs(obs, unseen=RETRAIN_UNSEEN)
         c = self.schema.encode(np.repeat(label, obs.shape[0]), np.full(obs.shape[0], dose), covariates)
         with seeded(seed):
             mean, sampled, moved = self._decode_batches(matrix, c, library_size)

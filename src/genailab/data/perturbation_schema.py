@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from genailab.data.schema import DataSchema
+from genailab.data.schema import RETRAIN_UNSEEN, DataSchema
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class PerturbationSchema:
     def encode_obs(self, obs: pd.DataFrame) -> np.ndarray:
         """Condition matrix for cells with their own drug, dose and covariates."""
         doses = cell_doses(obs, self.keys)
-        return self.encode(self.keys.labels(obs), doses, self.data.encode_obs(obs))
+        return self.encode(self.keys.labels(obs), doses, self.data.encode_obs(obs, unseen=RETRAIN_UNSEEN))
 
     def to_dict(self) -> dict:
         return {

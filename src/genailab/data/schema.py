@@ -25,6 +25,12 @@ ENCODINGS = ("onehot", "embedding")
 MAX_MISSING_FRACTION = 0.1  # most model genes a new AnnData may lack when they are filled with zeros
 
 
+# what an error for categories a model has not seen suggests: a VAE maps new cells; other models retrain
+MAP_UNSEEN = ("Map the new cells onto the model (model.map_query(adata), genailab map), relabel them as a known "
+              "category, or retrain including them.")
+RETRAIN_UNSEEN = "Relabel them as a known category, or retrain including them."
+
+
 @dataclass(frozen=True)
 class DataSchema:
     """The layer, gene order and condition encoding a model was trained with."""
@@ -109,13 +115,14 @@ class DataSchema:
         return {"condition_dim": sum(self.categorical_sizes) + n_cont}
 
     # -- encoding ------------------------------------------------------------------------------
-    def encode_obs(self, obs: pd.DataFrame) -> np.ndarray | None:
-        """Condition matrix (n_cells, raw_condition_dim) float32, or None without conditions."""
+    def encode_obs(self, obs: pd.DataFrame, *, unseen: str = MAP_UNSEEN) -> np.ndarray | None:
+        """Condition matrix (n_cells, raw_condition_dim) float32, or None without conditions;
+        ``unseen`` is the remedy an error for a category the model has not seen suggests."""
         if not self.categorical_keys and not self.continuous_keys:
             return None
         _require_columns(obs, self.categorical_keys + self.continuous_keys, when="prediction")
         values = {key: obs[key].to_numpy() for key in self.categorical_keys + self.continuous_keys}
-        return self._encode(values, len(obs))
+        return self._encode(values, len(obs), unseen=unseen)
 
     def check_known_values(self, values: Mapping[str, object]) -> None:
         """Raise :class:`SchemaMismatchError` for a categorical value in ``values`` (key -> one value)
@@ -146,10 +153,10 @@ class DataSchema:
             return None
         return self._encode({k: np.repeat(np.asarray([values[k]], dtype=object), n) for k in values}, n)
 
-    def _encode(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    def _encode(self, values: Mapping[str, np.ndarray], n: int, *, unseen: str = MAP_UNSEEN) -> np.ndarray:
         columns = []
         for key, cats in zip(self.categorical_keys, self.categories):
-            codes = _category_codes(values[key], cats, key)
+            codes = _category_codes(values[key], cats, key, unseen=unseen)
             if self.encoding == "embedding":
                 columns.append(codes[:, None].astype(np.float32))
             else:
@@ -274,7 +281,7 @@ def _continuous_column(obs: pd.DataFrame, key: str) -> np.ndarray:
     return values
 
 
-def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str) -> np.ndarray:
+def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str, *, unseen: str) -> np.ndarray:
     missing = pd.isna(pd.Series(values))
     if missing.any():
         raise InputDataError(f"obs[{key!r}] has {int(missing.sum())} missing values; fill or drop them.")
@@ -284,8 +291,7 @@ def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str) -
         unknown = sorted(set(as_text[codes < 0]))[:10]
         raise SchemaMismatchError(
             f"obs[{key!r}] has categories the model has not seen: {unknown}. Known categories: "
-            f"{list(categories)[:20]}. Map the new cells onto the model (model.map_query(adata), genailab map), "
-            "relabel them as a known category, or retrain including them."
+            f"{list(categories)[:20]}. {unseen}"
         )
     return codes
 
