@@ -206,3 +206,17 @@ def test_a_gaussian_model_of_log_normalised_values_trains_and_predicts_the_held_
     scores = perturbation_metrics(control, true, np.asarray(predicted))
     assert perturbation_metrics(control, true, control)["r2_delta"] < 0
     assert scores["r2_delta"] > 0.6 and scores["r2_delta_top_de"] > 0.6  # 0.86 / 0.90 when written
+
+
+def test_treated_cells_at_dose_zero_are_named_in_a_warning(perturb_adata, model_options, caplog):
+    """At dose 0 the Hill response gives a drug no effect: such cells train as controls with a drug label."""
+    adata = perturb_adata[:400].copy()
+    treated = (adata.obs["drug"] != "control").to_numpy()
+    with caplog.at_level("WARNING", logger="genailab"):
+        PerturbationModel(adata, **model_options)
+    assert "dose 0" not in caplog.text
+    adata.obs.loc[treated[:] & (np.arange(adata.n_obs) < 100), "dose"] = 0.0
+    with caplog.at_level("WARNING", logger="genailab"):
+        PerturbationModel(adata, **model_options)
+    undosed = int((treated & (np.arange(adata.n_obs) < 100)).sum())
+    assert f"{undosed} treated cells (of " in caplog.text and "have dose 0 in obs['dose']" in caplog.text

@@ -180,6 +180,13 @@ class PerturbationSchema:
                 "untreated cells' label with control_value= (CLI: --control-value).", keys.control, keys.drug, common,
             )
         doses = cell_doses(adata.obs, keys)
+        undosed = ~keys.is_control(adata.obs) & (doses == 0)
+        if undosed.any():
+            logger.warning(
+                "%d treated cells (of %s) have dose 0 in obs[%r]: at dose 0 a drug has no effect, so they are "
+                "fitted as controls that carry a drug label. Give their doses (1 for a screen without doses).",
+                int(undosed.sum()), pd.unique(labels[undosed])[:3].tolist(), keys.dose,
+            )
         positive = doses[doses > 0]
         return cls(
             data=data,
