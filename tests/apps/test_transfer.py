@@ -96,6 +96,14 @@ def test_clear_errors():
         transfer_labels(_cells(np.zeros((2, 2))), reference, label_key="donor")
     with pytest.raises(ConfigError, match="unknown_threshold"):
         transfer_labels(_cells(np.zeros((2, 2))), reference, label_key="cell_type", unknown_threshold=1.5)
+    query = _cells(np.zeros((2, 2)), ["B", "A"])  # the query's own labels, e.g. to score the transfer
+    with pytest.raises(ConfigError, match=r"key_added='cell_type' is the query's own obs\['cell_type'\]"):
+        transfer_labels(query, reference, label_key="cell_type", key_added="cell_type", n_neighbors=2)
+    assert list(query.obs["cell_type"]) == ["B", "A"]
+    unlabelled = _cells(np.zeros((2, 2)))  # without labels of its own, the column is free
+    transfer_labels(unlabelled, _cells(np.zeros((4, 2)), ["A", "B", "A", "B"]), label_key="cell_type",
+                    key_added="cell_type", n_neighbors=2)  # fmt: skip
+    assert "cell_type" in unlabelled.obs
 
 
 def test_a_reference_without_any_label_is_named():

@@ -73,6 +73,10 @@ def transfer_labels(
     >>> transfer_labels(query, reference, label_key="cell_type")  # doctest: +SKIP
     """
     key_added = key_added or f"{label_key}_transferred"
+    if key_added == label_key and label_key in query.obs.columns:
+        raise ConfigError(f"key_added={key_added!r} is the query's own obs[{label_key!r}]: the transferred labels "
+                          f"would replace it; choose another key_added (default {label_key + '_transferred'!r}).",
+                          argument="key_added")  # fmt: skip
     check_number("unknown_threshold", unknown_threshold, ge=0, le=1)
     query_latent = _latent(query, latent_key, "query")
     reference_latent = _latent(reference, latent_key, "reference")
@@ -82,7 +86,8 @@ def transfer_labels(
             "embed both with the same model (the query model of map_query and its reference)."
         )
     if label_key not in reference.obs.columns:
-        raise ConfigError(f"reference.obs has no column {label_key!r} (columns: {list(reference.obs.columns)[:20]}).")
+        raise ConfigError(f"reference.obs has no column {label_key!r} (columns: {list(reference.obs.columns)[:20]}).",
+                          argument="label_key")
     labels = reference.obs[label_key]
     labelled = ~labels.isna().to_numpy()
     if not labelled.all():
