@@ -400,3 +400,28 @@ def test_gaussian_draws_follow_each_genes_variance():
     drawn = drawn.X if hasattr(drawn, "X") else drawn
     data_variance = np.asarray(adata.X.toarray()).var(0)
     assert np.corrcoef(np.asarray(drawn).var(0), data_variance)[0, 1] > 0.4
+
+
+def test_a_number_is_one_category_however_it_is_stored(pbmc):
+    """A batch column written as float (0.0, 1.0, e.g. after a CSV round trip) and the same batches as
+    integers or text are one set of categories: encoded alike, known to map_query, matched by generate."""
+    from genailab.apps import generate
+    from genailab.data.schema import DataSchema
+
+    adata = pbmc.copy()
+    adata.obs["donor"] = (np.arange(adata.n_obs) % 2).astype(float)
+    model = genailab.VAE(adata, likelihood="nb", layer="counts", condition_keys=["donor"], latent_dim=4, hidden_dims=(32,))
+    model.fit(**{**FAST, "epochs": 1})
+    assert model.schema.categories == (("0", "1"),)
+    expected = model.get_latent()
+    for spelling in (lambda c: c.astype(int), lambda c: c.astype(int).astype(str), lambda c: c.astype(int).astype("category")):
+        other = adata.copy()
+        other.obs["donor"] = spelling(other.obs["donor"])
+        np.testing.assert_array_equal(model.get_latent(other), expected)
+    query = adata.copy()
+    query.obs["donor"] = query.obs["donor"].astype(int) + 1  # donor 1 is known, donor 2 is new
+    assert model.map_query(query).schema.categories == (("0", "1", "2"),)
+    drawn = generate(adata, model, n_cells=20, source="posterior", conditions={"donor": 1}, seed=0)
+    assert set(drawn.obs["donor"].astype(str)) == {"1"} and drawn.n_obs == 20
+    saved = {**model.schema.to_dict(), "categories": [["0.0", "1.0"]]}  # a model saved before this spelling
+    assert DataSchema.from_dict(saved).categories == (("0", "1"),)

@@ -35,6 +35,7 @@ from genailab.anndata_models.files import (
 )
 from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions, MinibatchLoader, row_indices
+from genailab.data.schema import category_labels
 from genailab.data.validation import cell_totals, check_expression, empty_cells, gene_variances, warn_if_other_scale
 from genailab.errors import CheckpointError, ConfigError, InputDataError
 from genailab.model.adversary import AdversaryConfig, BatchDiscriminator
@@ -330,7 +331,7 @@ class AnnDataModel:
         """Log a warning for condition categories whose cells all fell into the validation split:
         their parameters then learn nothing, yet the model accepts them."""
         for key in self._data_schema.categorical_keys:
-            values = obs[key].astype(str).to_numpy()
+            values = category_labels(obs[key])
             untrained = sorted(set(values[rows]) - set(values[train_rows]))
             if untrained:
                 logger.warning(

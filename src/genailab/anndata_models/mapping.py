@@ -37,7 +37,7 @@ from genailab.anndata_models.base import build_config
 from genailab.anndata_models.vae import VAE
 from genailab.checks import check_number
 from genailab.data.loader import LoaderOptions
-from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema
+from genailab.data.schema import MAX_MISSING_FRACTION, DataSchema, category_labels
 from genailab.data.validation import EMPTY_CELL_ACTIONS, check_expression
 from genailab.errors import ConfigError, InputDataError, SchemaMismatchError
 from genailab.model.surgery import (
@@ -250,7 +250,7 @@ def _check_reference_data(reference_data: AnnData, schema: DataSchema, *, max_mi
 
 def _in_two_new_categories(obs: pd.DataFrame, schema: DataSchema, new: tuple[tuple[str, ...], ...]) -> bool:
     """Whether a query cell has new categories in two conditions (no data start can place it)."""
-    per_cell = sum(obs[key].astype(str).isin(added).to_numpy().astype(int)
+    per_cell = sum(np.isin(category_labels(obs[key]), added).astype(int)
                    for key, added in zip(schema.categorical_keys, new) if added)  # fmt: skip
     return bool(np.max(per_cell, initial=0) > 1)
 
@@ -277,8 +277,8 @@ def new_categories(obs: pd.DataFrame, schema: DataSchema) -> tuple[tuple[str, ..
                 f"to be mapped. Fill them (e.g. with a new label such as 'query_{key}') or drop those cells."
             )
         values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column)
-        used, seen = set(column.astype(str)), set(known)
-        found.append(tuple(str(v) for v in values if str(v) in used and str(v) not in seen))
+        used, seen = set(category_labels(column)), set(known)
+        found.append(tuple(dict.fromkeys(v for v in category_labels(values) if v in used and v not in seen)))
     return tuple(found)
 
 

@@ -17,7 +17,7 @@ from genailab.anndata_models.base import (
 )
 from genailab.anndata_models.files import warn_if_reference_changed
 from genailab.checks import check_library_size, check_number
-from genailab.data.schema import DataSchema
+from genailab.data.schema import DataSchema, category_labels
 from genailab.data.validation import EMPTY_CELL_ACTIONS, value_scale, warn_if_raw_counts
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
@@ -144,7 +144,7 @@ class VAE(AnnDataModel):
         if self.adversarial_key is None:
             return None
         categories = self.schema.categories[self.schema.categorical_keys.index(self.adversarial_key)]
-        codes = pd.Index(categories).get_indexer(adata.obs[self.adversarial_key].astype(str))
+        codes = pd.Index(categories).get_indexer(category_labels(adata.obs[self.adversarial_key]))
         return codes, len(categories)
 
     def _description(self) -> dict:
@@ -587,7 +587,7 @@ def generated_anndata(model: VAE, values: np.ndarray, obs: pd.DataFrame, *, para
     obs.index = [f"generated_{i}" for i in range(values.shape[0])]
     for key, categories in zip(model.schema.categorical_keys, model.schema.categories):
         if key in obs:
-            obs[key] = pd.Categorical(obs[key].astype(str), categories=list(categories))
+            obs[key] = pd.Categorical(category_labels(obs[key]), categories=list(categories))
     matrix = sp.csr_matrix(values) if model.config.is_count_model else values
     generated = AnnData(X=matrix, obs=obs)
     generated.var_names = list(model.schema.gene_names)

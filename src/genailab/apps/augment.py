@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from genailab.apps._anndata import model_counts, require_in_memory
 from genailab.data.preprocess import log_normalize
+from genailab.data.schema import category_label, category_labels
 from genailab.anndata_models.vae import generated_anndata
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
@@ -126,7 +127,7 @@ def _matching_cells(adata: AnnData, conditions: Mapping[str, object], continuous
         column = adata.obs[key]
         if key in continuous_keys:
             continue  # continuous conditions (dose) are set, not matched
-        keep &= column.astype(str).to_numpy() == str(value)
+        keep &= category_labels(column) == category_label(value)
     if not keep.any():
         raise InputDataError(f"No cell of the AnnData matches {dict(conditions)}; check the values against obs.")
     return adata[keep]

@@ -30,6 +30,21 @@ MAP_UNSEEN = ("Map the new cells onto the model (model.map_query(adata), genaila
               "category, or retrain including them.")
 RETRAIN_UNSEEN = "Relabel them as a known category, or retrain including them."
 
+_INTEGRAL_DECIMAL = r"^(-?\d+)\.0+$"  # 1.0, -3.00: a whole number written as a float
+
+
+def category_labels(values) -> np.ndarray:
+    """The category of each value as text, (n,) -> (n,) str: one number is one category however it is
+    stored, so 1, 1.0 and "1" all read "1" (a batch column written as float by a CSV round trip still
+    matches the model's integer batches). Missing values come out as "nan"; callers refuse them first."""
+    text = pd.Series(np.asarray(values, dtype=object), dtype=object).astype(str)
+    return text.str.replace(_INTEGRAL_DECIMAL, r"\1", regex=True).to_numpy(dtype=object)
+
+
+def category_label(value) -> str:
+    """:func:`category_labels` of one value."""
+    return str(category_labels([value])[0])
+
 
 @dataclass(frozen=True)
 class DataSchema:
@@ -80,8 +95,8 @@ class DataSchema:
             if column.isna().any():
                 raise InputDataError(f"obs[{key!r}] has {int(column.isna().sum())} missing values; fill or drop them.")
             cats = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column)
-            used = set(column.astype(str))
-            categories.append(tuple(dict.fromkeys(str(c) for c in cats if str(c) in used)))  # 1 and "1" are one category
+            used = set(category_labels(column))
+            categories.append(tuple(dict.fromkeys(c for c in category_labels(cats) if c in used)))  # 1, 1.0, "1": one
         means, stds = [], []
         for key in continuous_keys:
             values = _continuous_column(adata.obs, key)
@@ -128,7 +143,7 @@ class DataSchema:
         """Raise :class:`SchemaMismatchError` for a categorical value in ``values`` (key -> one value)
         that the model has no category for; other keys are left to the caller."""
         for key, cats in zip(self.categorical_keys, self.categories):
-            if key in values and str(values[key]) not in cats:
+            if key in values and category_label(values[key]) not in cats:
                 raise SchemaMismatchError(
                     f"conditions[{key!r}] = {values[key]!r} is a category the model has not seen; known: "
                     f"{list(cats)[:20]}."
@@ -256,10 +271,17 @@ class DataSchema:
     @classmethod
     def from_dict(cls, data: Mapping) -> DataSchema:
         data = dict(data)
-        data["categories"] = tuple(tuple(c) for c in data.get("categories", ()))
+        data["categories"] = tuple(_stored_categories(c) for c in data.get("categories", ()))
         for key in ("gene_names", "categorical_keys", "continuous_keys", "continuous_mean", "continuous_std"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)
+
+
+def _stored_categories(stored: Sequence[str]) -> tuple[str, ...]:
+    """A saved model's categories in today's spelling (models saved before :func:`category_labels`
+    kept "1.0" for a float column), unless that would merge two of them (their weights differ)."""
+    labels = tuple(category_labels(list(stored))) if len(stored) else ()
+    return labels if len(set(labels)) == len(labels) else tuple(stored)
 
 
 def _require_columns(obs: pd.DataFrame, keys: Sequence[str], *, when: str) -> None:
@@ -285,7 +307,7 @@ def _category_codes(values: np.ndarray, categories: tuple[str, ...], key: str, *
     missing = pd.isna(pd.Series(values))
     if missing.any():
         raise InputDataError(f"obs[{key!r}] has {int(missing.sum())} missing values; fill or drop them.")
-    as_text = pd.Series(values).astype(str)
+    as_text = pd.Series(category_labels(values))
     codes = pd.Index(categories).get_indexer(as_text)
     if (codes < 0).any():
         unknown = sorted(set(as_text[codes < 0]))[:10]
