@@ -183,9 +183,22 @@ class AnnDataModel:
         )  # fmt: skip
 
     def get_expression(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, align_genes: bool = False):
-        """The values the network reads: the model's layer and genes (in its order) of ``adata``,
-        rows ``indices`` (default all), checked as at training; CSR float32 for count models,
-        dense float32 otherwise, (n_cells, n_genes)."""
+        """The values the network reads: the model's layer and genes, in its order, checked as at
+        training.
+
+        Parameters
+        ----------
+        adata
+            Cells to read (None: the training AnnData).
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+        align_genes
+            Reorder ``adata``'s genes by name to the model's (missing genes filled with zeros).
+
+        Returns
+        -------
+        (n_cells, n_genes) float32: CSR for count models, dense otherwise.
+        """
         rows = [b.x.numpy() for b in self._loader(adata, indices=indices, align_genes=align_genes)]
         values = np.concatenate(rows) if rows else np.zeros((0, len(self.schema_genes)), dtype=np.float32)
         return sp.csr_matrix(values) if self._network_config.is_count_model else values
@@ -415,7 +428,19 @@ class AnnDataModel:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the model to ``directory`` (genailab.json + model.pt); returns the folder."""
+        """Write the model to ``directory`` (genailab.json + model.pt).
+
+        Parameters
+        ----------
+        directory
+            Folder to write; created when missing.
+        overwrite
+            Replace a model already saved there (refused otherwise).
+
+        Returns
+        -------
+        The folder, as a Path.
+        """
         directory = check_model_folder(directory, overwrite=overwrite)  # refuses a saved model unless overwrite
         tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
         if self.adversary is not None:
@@ -438,9 +463,21 @@ class AnnDataModel:
 
     @classmethod
     def load(cls, directory: str | Path, adata: AnnData | None = None, *, device: str = "auto"):
-        """Load a saved model; ``adata`` (optional) becomes the default data of every method.
+        """Load a saved model.
 
-        ``device="auto"`` puts the weights on a GPU when one is present, as training does.
+        Parameters
+        ----------
+        directory
+            Folder written by :meth:`save` (or a ``genailab train`` run folder).
+        adata
+            Becomes the default data of every method (optional).
+        device
+            ``"auto"`` puts the weights on a CUDA GPU when one is present, as training does;
+            any other torch device name (``"cpu"``, ``"cuda:1"``) is used as given.
+
+        Returns
+        -------
+        The model, of the class it was saved from.
         """
         metadata, tensors = load_model_files(directory)
         model_type = metadata.get("model_type", "genailab.VAE")  # format 1 files of a VAE carry no type

@@ -181,7 +181,19 @@ class PerturbationModel(AnnDataModel):
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def get_basal_latent(self, adata: AnnData | None = None, *, align_genes: bool = False) -> np.ndarray:
-        """Posterior means of the basal latent z_basal, (n_cells, latent_dim)."""
+        """Posterior means of the basal latent z_basal, the cell state with the drug removed.
+
+        Parameters
+        ----------
+        adata
+            Cells to encode (None: the training AnnData).
+        align_genes
+            Reorder ``adata``'s genes by name to the model's (missing genes filled with zeros).
+
+        Returns
+        -------
+        (n_cells, latent_dim) float32.
+        """
         self.module.eval()
         matrix, _ = self._validated(self._data(adata), align_genes=align_genes, with_conditions=False)
         loader = MinibatchLoader(matrix, batch_size=INFERENCE_BATCH, shuffle=False, sparse_counts=False)

@@ -180,8 +180,20 @@ class VAE(AnnDataModel):
     # -- reference mapping -----------------------------------------------------------------------
     def map_query(self, query: AnnData, **options) -> VAE:
         """A model for ``query`` on top of this trained reference: the query's new categories get
-        their own parameters and ``fit()`` trains only those (see
-        :func:`~genailab.anndata_models.mapping.map_query` for the options and what is written).
+        their own parameters and ``fit()`` trains only those.
+
+        Parameters
+        ----------
+        query
+            The new cells, with the reference's condition columns (new categories allowed) and
+            genes matched by name.
+        **options
+            ``unfreeze``, ``epochs``, ``max_missing_fraction`` and the rest of
+            :func:`~genailab.anndata_models.mapping.map_query`, which also says what is written.
+
+        Returns
+        -------
+        An untrained query VAE; call ``fit()`` on it.
 
         >>> query_model = reference.map_query(query).fit(seed=0)  # doctest: +SKIP
         """
@@ -203,11 +215,22 @@ class VAE(AnnDataModel):
     def encode_conditions(
         self, obs: pd.DataFrame | None = None, overrides: Mapping[str, object] | None = None, *, n_cells: int | None = None
     ) -> np.ndarray | None:
-        """The condition matrix the network reads, (n_cells, raw_condition_dim) float32, or None.
+        """The condition matrix the network reads.
 
-        ``obs`` gives each cell's conditions; ``overrides`` replaces some of them by one value for
-        every cell (e.g. ``{"batch": "batch_0"}`` decodes every cell as if from that batch). Without
-        ``obs``, every condition must be in ``overrides`` and ``n_cells`` says how many rows.
+        Parameters
+        ----------
+        obs
+            Each cell's conditions (the model's condition columns).
+        overrides
+            Values that replace some conditions, one per key for every cell (e.g.
+            ``{"batch": "batch_0"}`` decodes every cell as if from that batch). Without ``obs``
+            every condition must be here.
+        n_cells
+            Rows to make when ``obs`` is None (default 1).
+
+        Returns
+        -------
+        (n_cells, raw_condition_dim) float32, or None for a model without conditions.
         """
         if overrides is not None and not isinstance(overrides, Mapping):
             raise ConfigError(f"conditions must be a dict of condition key -> value (e.g. {{'batch': 'batch_0'}}), "
@@ -257,11 +280,27 @@ class VAE(AnnDataModel):
         align_genes: bool = False,
         batch_size: int = INFERENCE_BATCH,
     ) -> np.ndarray:
-        """Posterior means of z, (n_cells, latent_dim); with ``n_samples`` > 0, draws from q(z|x,c)
-        instead, (n_samples, n_cells, latent_dim), seeded by ``seed`` (None: torch's global state);
-        the draws of a cell depend on the cells asked for, so compare draws of the same selection.
+        """Posterior means of z under q(z|x,c), or draws from it.
 
-        ``indices`` restricts the result to those rows of ``adata`` (in their order).
+        Parameters
+        ----------
+        adata
+            Cells to use, with the model's genes and condition columns; None: the training AnnData.
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+        n_samples
+            0 for the posterior means; k > 0 for k draws per cell.
+        seed
+            Seed of the draws (None: torch's global random state). The draws of a cell depend on
+            the cells asked for, so compare draws of the same selection.
+        align_genes
+            Reorder ``adata``'s genes by name to the model's (missing genes filled with zeros).
+        batch_size
+            Cells per forward pass; changes memory, not the means.
+
+        Returns
+        -------
+        (n_cells, latent_dim) float32 means, or (n_samples, n_cells, latent_dim) draws.
         """
         check_number("n_samples", n_samples, integer=True, ge=0, hint="0 gives the posterior means.")
         self.module.eval()
@@ -375,16 +414,39 @@ class VAE(AnnDataModel):
         return_pandas: bool = False,
         seed: int | None = 0,
     ) -> np.ndarray | pd.DataFrame:
-        """Denoised expected expression E[x | z, c], (n_cells, n_genes) float32.
+        """Denoised expected expression E[x | z, c].
 
-        For count models this is the decoder's expression proportions times ``library_size`` (a
-        number, or ``"observed"`` for each cell's own total). For the Gaussian model it is the decoded
-        mean. ``conditions`` replaces the cells' own conditions in the decoder (e.g.
-        ``{"batch": "batch_0"}`` to project every cell into one batch). With ``n_samples`` > 1, the
-        result averages over posterior samples of z (seeded by ``seed``); with 1 it decodes the
-        posterior mean. For ZINB the NB mean is returned (the expression without technical dropout)
-        unless ``include_dropout``. ``indices`` keeps those rows of ``adata``, ``gene_list`` those
-        genes (in its order); ``return_pandas`` gives a DataFrame indexed by cell and gene names.
+        Parameters
+        ----------
+        adata
+            Cells to use, with the model's genes and condition columns; None: the training AnnData.
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+        gene_list
+            Genes to return, in this order (None: every model gene).
+        library_size
+            Count models: total count of each decoded cell, a number or ``"observed"`` (each cell's
+            own total). The Gaussian model returns the decoded mean and ignores it.
+        conditions
+            Condition values that replace the cells' own in the decoder, one per key (e.g.
+            ``{"batch": "batch_0"}`` projects every cell into one batch).
+        n_samples
+            1 decodes the posterior mean; k > 1 averages k posterior draws of z (seeded by ``seed``).
+        include_dropout
+            ZINB: multiply by (1 - dropout probability); by default the NB mean is returned, the
+            expression without technical dropout.
+        align_genes
+            Reorder ``adata``'s genes by name to the model's (missing genes filled with zeros).
+        batch_size
+            Cells per forward pass.
+        return_pandas
+            Return a DataFrame indexed by cell and gene names.
+        seed
+            Seed of the posterior draws (None: torch's global random state).
+
+        Returns
+        -------
+        (n_cells, n_genes) float32 array, or a DataFrame with ``return_pandas``.
         """
         check_library_size(library_size, observed=True)
         if not self.config.is_count_model and library_size not in (DENOISED_LIBRARY, "observed"):
@@ -471,11 +533,30 @@ class VAE(AnnDataModel):
         batch_size: int = 256,
         seed: int | None = 0,
     ) -> np.ndarray:
-        """Held-out log-likelihood per cell, log p(x|c) estimated by importance sampling (IWAE
-        bound with ``n_samples`` samples), (n_cells,) or (len(indices),). Higher is better; compare
-        models on the same cells, e.g. ``indices=model.validation_indices``. The samples are seeded
-        by ``seed`` (None: torch's global random state) and drawn batch by batch, so they also
-        depend on ``batch_size`` and on the cells given."""
+        """Held-out log-likelihood per cell, log p(x|c), estimated by importance sampling (the IWAE
+        bound). Higher is better; compare models on the same cells, e.g.
+        ``indices=model.validation_indices``.
+
+        Parameters
+        ----------
+        adata
+            Cells to use, with the model's genes and condition columns; None: the training AnnData.
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+        n_samples
+            Importance samples per cell; more tighten the bound.
+        align_genes
+            Reorder ``adata``'s genes by name to the model's (missing genes filled with zeros).
+        batch_size
+            Cells per pass. The samples are drawn batch by batch, so they depend on it and on the
+            cells given.
+        seed
+            Seed of the samples (None: torch's global random state).
+
+        Returns
+        -------
+        (n_cells,) float32 log-likelihoods in nats.
+        """
         check_number("n_samples", n_samples, integer=True, ge=1)
         self.module.eval()
         device = self.device
@@ -491,17 +572,42 @@ class VAE(AnnDataModel):
     def get_elbo(
         self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, seed: int | None = 0
     ) -> dict[str, float]:
-        """Mean per-cell reconstruction -log p(x|z,c), KL(q(z|x,c) || p(z)) and their sum (KL weight
-        1, one posterior sample per cell, seeded by ``seed``; None: torch's global random state)."""
+        """The negative ELBO's terms, averaged over cells, at KL weight 1.
+
+        Parameters
+        ----------
+        adata
+            Cells to use, with the model's genes and condition columns; None: the training AnnData.
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+        seed
+            Seed of the one posterior sample per cell (None: torch's global random state).
+
+        Returns
+        -------
+        dict with the mean per-cell reconstruction -log p(x|z,c), KL(q(z|x,c) || p(z)) and their sum.
+        """
         loader = self._loader(adata, indices=indices, sparse_counts=True)
         with seeded(seed):
             return elbo_terms(self.module, loader, self.device)
 
     @torch.no_grad()
     def get_reconstruction_error(self, adata: AnnData | None = None, *, indices: np.ndarray | None = None) -> dict:
-        """-log p(x | z = E[z|x,c], c) per cell (``nll``, count models at the observed library) and the
-        mean squared difference of observed and expected values per entry (``mse``, on the log1p
-        scale for count models), with ``n_cells``."""
+        """How well the posterior mean reconstructs the cells.
+
+        Parameters
+        ----------
+        adata
+            Cells to use, with the model's genes and condition columns; None: the training AnnData.
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+
+        Returns
+        -------
+        dict: ``nll``, the mean per-cell -log p(x | z = E[z|x,c], c) (count models at the observed
+        library); ``mse``, the mean squared difference of observed and expected values per entry
+        (on the log1p scale for count models); ``n_cells``.
+        """
         module = self.module.eval()
         is_count = self.config.is_count_model
         nll, squared, n_cells = 0.0, 0.0, 0
@@ -521,10 +627,26 @@ class VAE(AnnDataModel):
     def posterior_predictive_sample(
         self, adata: AnnData | None = None, *, indices: np.ndarray | None = None, n_samples: int = 1, seed: int | None = 0
     ) -> np.ndarray:
-        """Replicates x_rep ~ p(x | z, c), z ~ q(z | x, c), each cell at its observed library,
-        (n_samples, n_cells, n_genes) float32. The library is the NB mean's total (scVI's
-        convention), so ZINB replicates lose the dropout share on top: their totals run about
-        (1 - mean dropout) of the observed ones (0.71 at 30% dropout)."""
+        """Posterior predictive replicates x_rep ~ p(x | z, c), z ~ q(z | x, c), each cell at its
+        observed library. The library is the NB mean's total (scVI's convention), so ZINB replicates
+        lose the dropout share on top: their totals run about (1 - mean dropout) of the observed
+        ones (0.71 at 30% dropout).
+
+        Parameters
+        ----------
+        adata
+            Cells to use, with the model's genes and condition columns; None: the training AnnData.
+        indices
+            Rows of ``adata`` to keep, in their order (None: every cell).
+        n_samples
+            Replicates per cell.
+        seed
+            Seed of the draws (None: torch's global random state).
+
+        Returns
+        -------
+        (n_samples, n_cells, n_genes) float32.
+        """
         check_number("n_samples", n_samples, integer=True, ge=1)
         module = self.module.eval()
         draws = []
@@ -547,11 +669,18 @@ class VAE(AnnDataModel):
     ) -> AnnData:
         """Generate ``n`` cells from the prior: z ~ N(0, I), x ~ p(x | z, c).
 
-        Every condition of the model is given in ``conditions`` (one value for all cells);
-        ``library_size`` is the expected total count per generated cell of count models (default:
-        the training median; for ZINB the total before technical dropout, which then zeroes some
-        counts);
-        ``seed`` fixes the draws (None: torch's global random state).
+        Parameters
+        ----------
+        n
+            Cells to generate.
+        conditions
+            One value per condition of the model, shared by every generated cell; every condition
+            must be given.
+        library_size
+            Count models: expected total count per generated cell (None: the training median; for
+            ZINB the total before technical dropout, which then zeroes some counts).
+        seed
+            Seed of the draws (None: torch's global random state).
 
         Returns
         -------
