@@ -207,7 +207,8 @@ def test_indices_take_positions_or_a_boolean_mask(trained, pbmc):
     np.testing.assert_array_equal(trained.get_marginal_ll(indices=mask, n_samples=3),
                                   trained.get_marginal_ll(indices=np.flatnonzero(mask), n_samples=3))  # fmt: skip
     for bad, message in ((mask[:10], "boolean mask of 10 entries"), (np.array([0.0, 1.0]), "integer row positions"),
-                         (list(pbmc.obs_names[:2]), "obs_names.get_indexer"), ([], "selects no cell"),
+                         (list(pbmc.obs_names[:2]), "obs_names.get_indexer"), (pbmc.obs_names[:2], "obs_names.get_indexer"),
+                         ([], "selects no cell"),
                          ([pbmc.n_obs], f"0..{pbmc.n_obs - 1}")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             trained.get_latent(indices=bad)
@@ -423,5 +424,9 @@ def test_a_number_is_one_category_however_it_is_stored(pbmc):
     assert model.map_query(query).schema.categories == (("0", "1", "2"),)
     drawn = generate(adata, model, n_cells=20, source="posterior", conditions={"donor": 1}, seed=0)
     assert set(drawn.obs["donor"].astype(str)) == {"1"} and drawn.n_obs == 20
+    from_float = generate(adata, model, n_cells=20, conditions={"donor": 1.0}, seed=0)  # labels read "1", not NaN
+    assert list(from_float.obs["donor"].astype(str).unique()) == ["1"]
+    own = generate(adata, model, n_cells=20, source="posterior", seed=0).obs["donor"]  # each source cell's donor
+    assert own.notna().all() and set(own.astype(str)) <= {"0", "1"}
     saved = {**model.schema.to_dict(), "categories": [["0.0", "1.0"]]}  # a model saved before this spelling
     assert DataSchema.from_dict(saved).categories == (("0", "1"),)

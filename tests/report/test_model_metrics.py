@@ -62,6 +62,18 @@ def test_validation_elbo_is_the_sum_of_its_terms_and_matches_the_history(model):
     assert model.history[-1]["val_elbo_loss"] - 20 < terms["negative_elbo"] < model.history[-1]["val_elbo_loss"]
 
 
+def test_validation_cells_of_other_data_are_refused(model):
+    """The validation indices are row positions of the training AnnData: on the same cells in another
+    order they pointed at training cells and scored them as held out."""
+    shuffled = model.adata[np.random.default_rng(1).permutation(model.adata.n_obs)].copy()
+    with pytest.raises(InputDataError, match="row positions of its training AnnData"):
+        validation_elbo(shuffled, model)
+    same = model.adata.copy()  # another object with the same cells in the same order is fine
+    assert validation_elbo(same, model)["negative_elbo"] == pytest.approx(validation_elbo(model.adata, model)["negative_elbo"])
+    rows = np.arange(10)
+    assert validation_elbo(shuffled, model, indices=rows)["n_cells"] == 10  # explicit rows of other data
+
+
 def test_marginal_ll_is_a_tighter_bound_than_the_elbo_and_is_seeded(model):
     state = torch.get_rng_state()
     iwae = heldout_marginal_ll(model.adata, model, n_samples=50, seed=3)

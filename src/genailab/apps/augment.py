@@ -139,10 +139,10 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
     for key in schema.continuous_keys:
         out_obs[key] = np.asarray(conditions[key] if key in conditions else obs[key], dtype=np.float64)
     for key, categories in zip(schema.categorical_keys, schema.categories):
-        values = np.repeat(str(conditions[key]), len(out_obs)) if key in conditions else obs[key].astype(str).to_numpy()
+        values = np.repeat(category_label(conditions[key]), len(out_obs)) if key in conditions else category_labels(obs[key])
         out_obs[key] = pd.Categorical(values, categories=list(categories))
     for key in sorted(set(conditions) - set(out_obs.columns)):  # columns that only selected the real cells
-        out_obs[key] = pd.Categorical(np.repeat(str(conditions[key]), len(out_obs)))
+        out_obs[key] = pd.Categorical(np.repeat(category_label(conditions[key]), len(out_obs)))
     if source_cells:
         out_obs["source_cell"] = obs["source_cell"].astype(str).to_numpy()
     return generated_anndata(model, counts, out_obs, params=params)

@@ -187,7 +187,7 @@ def row_indices(indices, n_rows: int, *, argument: str = "indices") -> np.ndarra
     if not np.issubdtype(values.dtype, np.integer):
         raise ConfigError(
             f"`{argument}` must be integer row positions or a boolean mask, not {values.dtype} values (e.g. "
-            f"{values[0].item()!r}); for cell names use adata.obs_names.get_indexer(names)."
+            f"{np.asarray(values[0]).item()!r}); for cell names use adata.obs_names.get_indexer(names)."
         )
     if values.min() < 0 or values.max() >= n_rows:
         raise ConfigError(f"`{argument}` must lie in 0..{n_rows - 1} (rows of the data); got {values.min()}..{values.max()}.")

@@ -20,6 +20,13 @@ def heldout_cells(adata: AnnData, model, *, indices=None) -> tuple[AnnData, np.n
                 "The model was trained with validation_fraction=0, so it has no held-out cells; "
                 "pass indices=... (rows of adata) to choose the cells to score."
             )
+        training = getattr(model, "adata", None)
+        if training is not None and adata is not training and not adata.obs_names.equals(training.obs_names):
+            raise InputDataError(  # positions into other cells would score training cells as held out
+                "The model's validation cells are row positions of its training AnnData, and this AnnData holds "
+                "other cells or the same in another order; pass the training AnnData, or indices=... (rows of "
+                "this adata) to choose the cells to score."
+            )
     try:
         indices = row_indices(indices, adata.n_obs)
     except ConfigError as exc:
