@@ -71,3 +71,29 @@ def test_missing_labels_are_refused(data, metric, kind):
             BATCH_METRICS[metric](latent, batch, labels)
     assert error.value.argument == "labels"
 
+
+
+def test_named_genes_are_matched_by_name_not_position():
+    """Inputs that name their genes (Series index, AnnData var_names, DataFrame columns) are compared
+    gene by gene: a DE table sorted by probability against truth in var order scored precision 0.71
+    and recall 0.9 instead of 1 and 1, and two AnnData with reversed genes a moment Pearson of -0.18."""
+    from anndata import AnnData
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(40)]
+    scores = pd.Series(rng.normal(size=40), index=genes)
+    shuffled = scores.sample(frac=1.0, random_state=1)
+    assert ge.top_k_overlap(scores, shuffled, k=10) == 1.0
+    truth = pd.Series(np.arange(40) < 8, index=genes)
+    assert ge.precision_recall(truth.sample(frac=1.0, random_state=2), truth) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert ge.top_k_overlap(scores.to_numpy(), pd.Series(scores.to_numpy()), k=10) == 1.0  # unnamed: by position
+    real = AnnData(rng.poisson(rng.gamma(2.0, 2.0, size=40), size=(200, 40)).astype(np.float32))
+    real.var_names = genes
+    reversed_genes = real[:, genes[::-1]].copy()
+    assert ge.gene_moment_agreement(real, reversed_genes)["mean_pearson"] == pytest.approx(1.0)
+    other = real.copy()
+    other.var_names = [f"h{i}" for i in range(40)]
+    with pytest.raises(InputDataError, match="name different genes"):
+        ge.gene_moment_agreement(real, other)
+    with pytest.raises(InputDataError, match="name different genes"):
+        ge.top_k_overlap(scores, pd.Series(scores.to_numpy(), index=other.var_names), k=5)

@@ -71,6 +71,35 @@ def latent_and_labels(latent, labels, *, name: str) -> tuple[np.ndarray, np.ndar
     return latent, as_labels(labels, n_cells=latent.shape[0], name=name)
 
 
+def _feature_names(data) -> pd.Index | None:
+    if isinstance(data, AnnData):
+        return data.var_names
+    if isinstance(data, pd.DataFrame):
+        return data.columns
+    return None
+
+
+def matched_by_name(a, b, *, names: tuple[str, str]):
+    """``b`` with its genes in ``a``'s order when both name them (AnnData ``var_names``, DataFrame
+    columns, Series index); two sets of names that differ are an error. Unnamed inputs pass as given."""
+    if isinstance(a, pd.Series) and isinstance(b, pd.Series):
+        index_a, index_b = a.index, b.index
+    else:
+        index_a, index_b = _feature_names(a), _feature_names(b)
+    unnamed = any(index is None or isinstance(index, pd.RangeIndex) for index in (index_a, index_b))
+    if unnamed or index_a.equals(index_b):
+        return b
+    if not (index_a.is_unique and index_b.is_unique and set(index_a) == set(index_b)):
+        only = sorted(set(map(str, index_a)).symmetric_difference(map(str, index_b)))[:5]
+        raise InputDataError(
+            f"{names[0]} and {names[1]} name different genes (e.g. {only}); subset both to the same genes "
+            "(e.g. generated[:, real.var_names])."
+        )
+    if isinstance(b, AnnData):
+        return b[:, index_a]
+    return b.reindex(index_a) if isinstance(b, pd.Series) else b.reindex(columns=index_a)
+
+
 def same_features(a: np.ndarray | sp.csr_matrix, b: np.ndarray | sp.csr_matrix, *, names: tuple[str, str]) -> None:
     """Raise unless both matrices have the same number of columns (genes or components)."""
     if a.shape[1] != b.shape[1]:

@@ -6,6 +6,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
 from genailab.errors import ConfigError, InputDataError
+from genailab.eval._inputs import matched_by_name
 
 
 def _vector(values, *, name: str, dtype=np.float64) -> np.ndarray:
@@ -43,6 +44,7 @@ def top_k_overlap(scores_a, scores_b, *, k: int = 50) -> float:
     >>> top_k_overlap([5.0, -4.0, 0.1, 0.2], [3.0, 0.0, -2.0, 0.1], k=2)
     0.5
     """
+    scores_b = matched_by_name(scores_a, scores_b, names=("scores_a", "scores_b"))
     a, b = _vector(scores_a, name="scores_a"), _vector(scores_b, name="scores_b")
     if a.shape != b.shape:
         raise InputDataError(f"scores_a has {a.size} genes and scores_b {b.size}; align both to the same genes.")
@@ -90,6 +92,7 @@ def precision_recall(called, truth) -> dict[str, float]:
     >>> precision_recall([True, True, False, False], [True, False, True, False])
     {'precision': 0.5, 'recall': 0.5, 'f1': 0.5}
     """
+    truth = matched_by_name(called, truth, names=("called", "truth"))
     called, truth = _calls(called, name="called"), _calls(truth, name="truth")
     if called.shape != truth.shape:
         raise InputDataError(f"called has {called.size} genes and truth {truth.size}; align both to the same genes.")

@@ -33,7 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from genailab.errors import ConfigError, InputDataError
-from genailab.eval._inputs import as_dense, as_labels, as_matrix, same_features
+from genailab.eval._inputs import as_dense, as_labels, as_matrix, matched_by_name, same_features
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def gene_moment_agreement(real, generated) -> dict[str, float]:
         across genes of each statistic (nan when a side is constant across genes);
         ``zero_fraction_mae``: mean over genes of the absolute difference in zero fraction.
     """
+    generated = matched_by_name(real, generated, names=("real", "generated"))
     real, generated = as_matrix(real, name="real"), as_matrix(generated, name="generated")
     same_features(real, generated, names=("real", "generated"))
     real_mean, real_var, real_zeros = _gene_stats(real)
@@ -117,6 +118,7 @@ def posterior_predictive_gene_stats(observed, replicated) -> dict[str, Any]:
         Summaries over genes, floats: ``cv_pearson``, ``cv_mae`` (genes with a defined CV on both
         sides), ``zero_fraction_pearson``, ``zero_fraction_mae``.
     """
+    replicated = matched_by_name(observed, replicated, names=("observed", "replicated"))
     observed, replicated = as_matrix(observed, name="observed"), as_matrix(replicated, name="replicated")
     same_features(observed, replicated, names=("observed", "replicated"))
     stats = {}
@@ -133,6 +135,7 @@ def posterior_predictive_gene_stats(observed, replicated) -> dict[str, Any]:
 
 
 def _two_samples(a, b) -> tuple[np.ndarray, np.ndarray]:
+    b = matched_by_name(a, b, names=("a", "b"))
     a, b = as_dense(a, name="a"), as_dense(b, name="b")
     same_features(a, b, names=("a", "b"))
     if min(a.shape[0], b.shape[0]) < 2:
@@ -210,6 +213,7 @@ DISTANCES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"energy": ene
 
 def _shared_pca(real, generated, *, n_comps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Project both samples on the principal components of the pooled cells: (n_real, n_comps), (n_gen, n_comps)."""
+    generated = matched_by_name(real, generated, names=("real", "generated"))
     real, generated = as_matrix(real, name="real"), as_matrix(generated, name="generated")
     same_features(real, generated, names=("real", "generated"))
     if sp.issparse(real) or sp.issparse(generated):
