@@ -428,5 +428,10 @@ def test_a_number_is_one_category_however_it_is_stored(pbmc):
     assert list(from_float.obs["donor"].astype(str).unique()) == ["1"]
     own = generate(adata, model, n_cells=20, source="posterior", seed=0).obs["donor"]  # each source cell's donor
     assert own.notna().all() and set(own.astype(str)) <= {"0", "1"}
+    fractions = adata.copy()  # float32 values keep their short spelling: 0.1, not 0.10000000149011612
+    fractions.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, 0.1, 0.3).astype(np.float32)
+    by_fraction = genailab.VAE(fractions, likelihood="nb", layer="counts", condition_keys=["donor"], latent_dim=4, hidden_dims=(32,))
+    assert by_fraction.schema.categories == (("0.3", "0.1"),)
+    assert by_fraction.sample(3, conditions={"donor": 0.1}).obs["donor"].astype(str).tolist() == ["0.1"] * 3
     saved = {**model.schema.to_dict(), "categories": [["0.0", "1.0"]]}  # a model saved before this spelling
     assert DataSchema.from_dict(saved).categories == (("0", "1"),)

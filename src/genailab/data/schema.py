@@ -37,7 +37,10 @@ def category_labels(values) -> np.ndarray:
     """The category of each value as text, (n,) -> (n,) str: one number is one category however it is
     stored, so 1, 1.0 and "1" all read "1" (a batch column written as float by a CSV round trip still
     matches the model's integer batches). Missing values come out as "nan"; callers refuse them first."""
-    text = pd.Series(np.asarray(values, dtype=object), dtype=object).astype(str)
+    array = np.asarray(values)
+    if array.dtype.kind == "f":  # numpy spells a float32 0.1 "0.1"; as a Python float it reads 0.10000000149011612
+        array = array.astype(str)
+    text = pd.Series(np.asarray(array, dtype=object), dtype=object).astype(str)
     return text.str.replace(_INTEGRAL_DECIMAL, r"\1", regex=True).to_numpy(dtype=object)
 
 
