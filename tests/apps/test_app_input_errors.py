@@ -126,3 +126,30 @@ def test_commands_say_which_genes_they_leave_out(saved, app_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"2 of {tmp_path / 'wider.h5ad'}'s {app_data.n_vars + 2} genes are not the model's" in result.output
     assert ad.read_h5ad(tmp_path / "den.h5ad").n_vars == app_data.n_vars
+
+
+@pytest.mark.parametrize(("command", "key"), [("embed", ""), ("embed", "a/b"), ("denoise", "x/y"), ("denoise", " ")])
+def test_an_output_key_an_h5ad_cannot_store_is_refused_before_the_work(saved, tmp_path, command, key):
+    """'' and '/' made an h5ad that anndata could not read back, with exit status 0."""
+    out = tmp_path / "out.h5ad"
+    result = CliRunner().invoke(main, [command, str(saved / "run"), str(saved / "data.h5ad"), "--out", str(out),
+                                       "--key", key])  # fmt: skip
+    assert result.exit_code == 2 and "--key" in result.output and "Traceback" not in result.output, result.output
+    assert not out.exists()
+
+
+def test_python_key_added_an_h5ad_cannot_store_is_refused(app_data, nb_model):
+    from genailab.apps import integrate, transfer_labels
+
+    calls = {
+        "differential_expression": lambda: differential_expression(app_data.copy(), nb_model, groupby="cell_type",
+                                                                   group="type_0", key_added="de/b"),
+        "integrate": lambda: integrate(app_data.copy(), batch_key="batch", layer="counts", key_added="X/int"),
+        "integrate corrected_layer": lambda: integrate(app_data.copy(), batch_key="batch", layer="counts",
+                                                       corrected_layer="a/b"),
+        "transfer_labels": lambda: transfer_labels(app_data.copy(), app_data, label_key="cell_type", key_added="t/l"),
+    }  # fmt: skip
+    for name, call in calls.items():
+        with pytest.raises(ConfigError, match="contains '/'") as info:
+            call()
+        assert info.value.argument == ("corrected_layer" if "corrected" in name else "key_added"), name

@@ -34,15 +34,22 @@ def key_or_keys(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def check_key_added(key_added, model, *, where: str) -> str:
-    """``key_added`` as a usable name that does not overwrite what ``model`` reads (its layer or
-    condition columns); ``where`` names the AnnData field, e.g. ``"layers"``."""
-    if not isinstance(key_added, str) or not key_added:
-        raise ConfigError(f"key_added must be a non-empty name for adata.{where}, got {key_added!r}.")
+def check_key_added(key_added, model, *, where: str, argument: str = "key_added") -> str:
+    """``key_added`` as a name an h5ad can store that does not overwrite what ``model`` reads (its
+    layer or condition columns); ``where`` names the AnnData field, e.g. ``"layers"``, and
+    ``argument`` the argument that gave it."""
+    if not isinstance(key_added, str) or not key_added.strip():
+        raise ConfigError(f"`{argument}` must be a non-empty name for adata.{where}, got {key_added!r}.",
+                          argument=argument)
+    if "/" in key_added:  # h5ad reads '/' as a group separator: the file would not read back
+        raise ConfigError(f"{argument}={key_added!r} contains '/', which an h5ad file cannot store in a name; "
+                          f"use another character, e.g. {key_added.replace('/', '_')!r}.", argument=argument)
     if model is not None and where == "layers" and key_added == model.schema.layer:
-        raise ConfigError(f"key_added={key_added!r} is the layer the model reads; choose another name.")
+        raise ConfigError(f"{argument}={key_added!r} is the layer the model reads; choose another name.",
+                          argument=argument)
     if model is not None and where == "obs" and key_added in model.condition_keys:
-        raise ConfigError(f"key_added={key_added!r} is a condition the model reads; choose another name.")
+        raise ConfigError(f"{argument}={key_added!r} is a condition the model reads; choose another name.",
+                          argument=argument)
     return key_added
 
 

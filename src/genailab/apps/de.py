@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from genailab.apps._anndata import labelled_cells, record_params, require_count_model, require_obs_column
+from genailab.apps._anndata import check_key_added, labelled_cells, record_params, require_count_model, require_obs_column
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
@@ -102,6 +102,7 @@ def differential_expression(
     n_samples_per_cell = _DEFAULT_DRAWS[level] if n_samples_per_cell is None else n_samples_per_cell
     _check(delta=delta, fdr_target=fdr_target, n_samples_per_cell=n_samples_per_cell, max_cells=max_cells,
            n_pairs=n_pairs, pseudocount=pseudocount, seed=seed)  # fmt: skip
+    check_key_added(key_added, None, where="uns")
     require_count_model(model)
     in_group, in_reference = _groups(adata, groupby, group, reference)
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from anndata import AnnData
 
-from genailab.apps._anndata import key_or_keys, labelled_cells, record_params, require_obs_column
+from genailab.apps._anndata import check_key_added, key_or_keys, labelled_cells, record_params, require_obs_column
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
@@ -80,6 +80,8 @@ def integrate(
 
     library_size = check_library_size(library_size)
     covariate_keys = key_or_keys(covariate_keys)
+    check_key_added(key_added, None, where="obsm")
+    check_key_added(corrected_layer, None, where="layers", argument="corrected_layer")
     if corrected_layer == layer:
         raise ConfigError(f"corrected_layer={corrected_layer!r} is the layer the model reads; choose another name.")
     require_obs_column(adata, batch_key, argument="batch_key")

@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
-from genailab.apps._anndata import record_params
+from genailab.apps._anndata import check_key_added, record_params
 from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 
@@ -72,7 +72,7 @@ def transfer_labels(
     >>> query.obsm["X_genailab"] = query_model.get_latent()  # doctest: +SKIP
     >>> transfer_labels(query, reference, label_key="cell_type")  # doctest: +SKIP
     """
-    key_added = key_added or f"{label_key}_transferred"
+    key_added = check_key_added(key_added or f"{label_key}_transferred", None, where="obs")
     if key_added == label_key and label_key in query.obs.columns:
         raise ConfigError(f"key_added={key_added!r} is the query's own obs[{label_key!r}]: the transferred labels "
                           f"would replace it; choose another key_added (default {label_key + '_transferred'!r}).",

@@ -18,6 +18,7 @@ from genailab.cli.common import (
     write_h5ad,
 )
 from genailab import __version__
+from genailab.apps._anndata import check_key_added
 from genailab.anndata_models.base import storable_params
 from genailab.anndata_models.files import model_fingerprint
 from genailab.anndata_models.vae import VAE
@@ -95,6 +96,7 @@ def embed(run_dir, data, out, key, align_genes, device):
     from genailab import VAE
 
     check_output_file(out, suffix=".h5ad", data=data)  # fail before the work, not after
+    check_key_added(key, None, where="obsm", argument="key")
     adata = read_data(data)
     model = VAE.load(run_dir, adata, device=device)
     adata.obsm[key] = model.get_latent(adata, align_genes=align_genes)
