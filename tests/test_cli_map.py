@@ -142,3 +142,14 @@ def test_map_checks_the_labels_column_before_training(files, tmp_path):
     output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data",
                      files / "reference.h5ad", "--labels-key", "nope", "--epochs", 1, code=1)  # fmt: skip
     assert "has no obs column 'nope' (--labels-key)" in output and not out.exists()
+
+
+def test_map_checks_the_vote_has_enough_labelled_cells_before_training(files, tmp_path):
+    """--n-neighbors above the labelled reference cells failed after the query model was trained and saved."""
+    out = tmp_path / "mapped"
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--reference-data",
+                     files / "reference.h5ad", "--labels-key", "cell_type", "--n-neighbors", 100000, "--epochs", 1,
+                     code=2)  # fmt: skip
+    labelled = ad.read_h5ad(files / "reference.h5ad").n_obs
+    assert f"--n-neighbors 100000 must be between 1 and the {labelled} labelled reference cells" in output, output
+    assert not out.exists()

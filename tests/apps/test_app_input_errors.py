@@ -153,3 +153,16 @@ def test_python_key_added_an_h5ad_cannot_store_is_refused(app_data, nb_model):
         with pytest.raises(ConfigError, match="contains '/'") as info:
             call()
         assert info.value.argument == ("corrected_layer" if "corrected" in name else "key_added"), name
+
+
+def test_integrate_checks_the_labels_can_be_scored_before_training(app_data, tmp_path):
+    """Labels each confined to one batch failed in the scores, after the model was trained and saved."""
+    adata = app_data.copy()
+    adata.obs["per_batch"] = adata.obs["batch"].astype(str) + "_type"
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    out = tmp_path / "int"
+    result = CliRunner().invoke(main, ["integrate", str(tmp_path / "data.h5ad"), "--batch-key", "batch", "--layer",
+                                       "counts", "--labels-key", "per_batch", "--epochs", "1", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 1 and "No label of obs['per_batch'] has cells from two or more batches" in result.output
+    assert "check that --labels-key holds the cell types and --batch-key the batches" in result.output, result.output
+    assert not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from genailab.apps._anndata import check_key_added, key_or_keys, labelled_cells, record_params, require_obs_column
@@ -170,9 +171,7 @@ def integration_scores(
     )
 
     check_number("n_neighbors", n_neighbors, integer=True, ge=1, allow_none=True)
-    require_obs_column(adata, batch_key, argument="batch_key")
-    if label_key is not None:
-        require_obs_column(adata, label_key, argument="label_key")
+    known = check_scorable(adata, batch_key=batch_key, label_key=label_key)
     if key not in adata.obsm:
         raise InputDataError(f"obsm has no {key!r} (given as `key`); run integrate() first or choose one of "
                              f"{list(adata.obsm.keys())}.", argument="key")  # fmt: skip
@@ -187,7 +186,6 @@ def integration_scores(
         "knn_batch_inverse_simpson": knn_batch_inverse_simpson(latent, batch, k=k),
     }
     if label_key is not None:
-        known = labelled_cells(adata, label_key, argument="label_key")
         latent, batch, labels = latent[known], batch[known], adata.obs[label_key].astype(str).to_numpy()[known]
         n_cells = int(known.sum())
         scores["batch_silhouette"] = batch_silhouette(latent, batch, labels)
@@ -198,3 +196,28 @@ def integration_scores(
         scores.update(ari=agreement["ari"], nmi=agreement["nmi"], leiden_resolution=agreement["resolution"])
         scores["label_silhouette"] = label_silhouette(latent, labels)
     return scores
+
+
+def check_scorable(adata: AnnData, *, batch_key: str, label_key: str | None = None) -> np.ndarray | None:
+    """Refuse columns ``integration_scores`` cannot score, from ``obs`` alone (no latent), so that a
+    caller can check them before it trains the model the latent comes from. Returns the mask of the
+    cells with a label, (n_cells,) (None without ``label_key``)."""
+    require_obs_column(adata, batch_key, argument="batch_key")
+    if label_key is None:
+        return None
+    require_obs_column(adata, label_key, argument="label_key")
+    known = labelled_cells(adata, label_key, argument="label_key")
+    cells = pd.DataFrame({"batch": adata.obs[batch_key].astype(str).to_numpy()[known],
+                          "label": adata.obs[label_key].astype(str).to_numpy()[known]})  # fmt: skip
+    n_labels = cells["label"].nunique()
+    if not 2 <= n_labels < len(cells):
+        raise InputDataError(f"obs[{label_key!r}] has {n_labels} labels among {len(cells)} labelled cells; the "
+                             "conservation scores need at least two labels and fewer labels than cells.",
+                             argument="label_key")  # fmt: skip
+    per_label = cells.groupby("label")["batch"].agg(["nunique", "size"])
+    if not ((per_label["nunique"] > 1) & (per_label["nunique"] < per_label["size"])).any():
+        raise InputDataError(f"No label of obs[{label_key!r}] has cells from two or more batches of "
+                             f"obs[{batch_key!r}] (with more cells than batches), so mixing within cell types "
+                             "cannot be measured; check that `label_key` holds the cell types and `batch_key` the batches.",
+                             argument="label_key")  # fmt: skip
+    return known

@@ -85,24 +85,7 @@ def transfer_labels(
             f"The query latent has {query_latent.shape[1]} dimensions and the reference's {reference_latent.shape[1]}; "
             "embed both with the same model (the query model of map_query and its reference)."
         )
-    if label_key not in reference.obs.columns:
-        raise ConfigError(f"reference.obs has no column {label_key!r} (columns: {list(reference.obs.columns)[:20]}).",
-                          argument="label_key")
-    labels = reference.obs[label_key]
-    labelled = ~labels.isna().to_numpy()
-    if not labelled.all():
-        logger.warning("%d reference cells have no %r label and do not vote.", int((~labelled).sum()), label_key)
-    names, codes = np.unique(labels[labelled].astype(str).to_numpy(), return_inverse=True)
-    if unknown_label in names:
-        raise ConfigError(f"{unknown_label!r} is a reference label; choose another unknown_label.")
-    check_number("n_neighbors", n_neighbors, integer=True, ge=1)
-    if not labelled.any():
-        raise InputDataError(f"reference.obs[{label_key!r}] has no label: every value is missing; label the "
-                             "reference cells (or name the column that holds their labels).", argument="label_key")
-    if n_neighbors > int(labelled.sum()):
-        raise ConfigError(f"n_neighbors={n_neighbors} must be between 1 and the {int(labelled.sum())} labelled reference cells.",
-                          argument="n_neighbors")
-
+    labelled, names, codes = reference_labels(reference, label_key, n_neighbors=n_neighbors, unknown_label=unknown_label)
     distances, neighbours = NearestNeighbors(n_neighbors=n_neighbors).fit(reference_latent[labelled]).kneighbors(query_latent)
     weights = _vote_weights(distances)  # (n_query, k)
     votes = np.zeros((query_latent.shape[0], names.size))
@@ -120,6 +103,33 @@ def transfer_labels(
                   unknown_threshold=unknown_threshold, unknown_label=unknown_label)  # fmt: skip
     record_params(query, key_added, params, n_unknown=int((called == unknown_label).sum()))
     return predictions
+
+
+def reference_labels(
+    reference: AnnData, label_key: str, *, n_neighbors: int = 15, unknown_label: str = UNKNOWN
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reference labels ``transfer_labels`` votes with, checked (a column with enough labelled
+    cells for ``n_neighbors`` voters): the labelled cells' mask (n_ref,), the sorted label names
+    (n_labels,) and each labelled cell's code into them (n_labelled,). Needs no latent, so a caller
+    can check the labels before it trains the model the latent comes from."""
+    if label_key not in reference.obs.columns:
+        raise ConfigError(f"reference.obs has no column {label_key!r} (columns: {list(reference.obs.columns)[:20]}).",
+                          argument="label_key")
+    labels = reference.obs[label_key]
+    labelled = ~labels.isna().to_numpy()
+    if not labelled.all():
+        logger.warning("%d reference cells have no %r label and do not vote.", int((~labelled).sum()), label_key)
+    names, codes = np.unique(labels[labelled].astype(str).to_numpy(), return_inverse=True)
+    if unknown_label in names:
+        raise ConfigError(f"{unknown_label!r} is a reference label; choose another unknown_label.")
+    check_number("n_neighbors", n_neighbors, integer=True, ge=1)
+    if not labelled.any():
+        raise InputDataError(f"reference.obs[{label_key!r}] has no label: every value is missing; label the "
+                             "reference cells (or name the column that holds their labels).", argument="label_key")
+    if n_neighbors > int(labelled.sum()):
+        raise ConfigError(f"n_neighbors={n_neighbors} must be between 1 and the {int(labelled.sum())} labelled reference cells.",
+                          argument="n_neighbors")
+    return labelled, names, codes
 
 
 def _latent(adata: AnnData, key: str, which: str) -> np.ndarray:

@@ -11,8 +11,7 @@ from genailab.cli import main
 from genailab.cli.common import (
     CHECKPOINT_FILE, check_output_file, fail_cleanly, read_data, run_folder, unfinished_run, write_csv, write_h5ad,
 )
-from genailab.apps._anndata import require_obs_column
-from genailab.apps.integrate import integrate as integrate_batches
+from genailab.apps.integrate import check_scorable, integrate as integrate_batches
 from genailab.cli.options import (
     adversary_options,
     architecture_options,
@@ -160,12 +159,12 @@ def generate(run_dir, n_cells, conditions, out, source, data, library_size, seed
 @hidden_alias("--covariate", "covariate_keys", multiple=True)
 @adversary_options(argument_default(integrate_batches, "adversary"))
 @click.option("--reference-batch", default=None, help="Batch every cell is decoded into (default: the largest).")
-@click.option("--labels-key", "labels", default=None, help="obs column of known cell types: also report their conservation.")
-@hidden_alias("--labels", "labels")
+@click.option("--labels-key", "label_key", default=None, help="obs column of known cell types: also report their conservation.")
+@hidden_alias("--labels", "label_key")
 @architecture_options("latent_dim", "hidden_dims")
 @functools.partial(train_options, checkpoints=False)  # integrate writes no checkpoint to resume from
 @click.option("--overwrite", is_flag=True, help="Replace the model already saved in --out.")
-def integrate(data, batch_key, out, layer, likelihood, covariate_keys, adversary, reference_batch, labels, model_options,
+def integrate(data, batch_key, out, layer, likelihood, covariate_keys, adversary, reference_batch, label_key, model_options,
               train_options, overwrite):
     """Batch-correct DATA with an adversarial CVAE; model, corrected latent and expression in --out."""
     if batch_key is None:
@@ -176,8 +175,7 @@ def integrate(data, batch_key, out, layer, likelihood, covariate_keys, adversary
     with run_folder(out, overwrite=overwrite, names=(*RUN_FILES, INTEGRATED_FILE, CHECKPOINT_FILE)):
         stale = unfinished_run(out, resume_from=None, overwrite=overwrite)
         adata = read_data(data)
-        if labels is not None:  # checked before training: the scores come after it
-            require_obs_column(adata, labels, argument="labels")
+        check_scorable(adata, batch_key=batch_key, label_key=label_key)  # before training: the scores come after it
         if stale is not None:  # integrate writes no checkpoint: another run's would be taken for this one's
             stale.unlink(missing_ok=True)
         model = integrate_batches(
@@ -186,7 +184,7 @@ def integrate(data, batch_key, out, layer, likelihood, covariate_keys, adversary
         )  # fmt: skip
         write_run(model, out)
         write_h5ad(adata, out / INTEGRATED_FILE)
-        scores = integration_scores(adata, batch_key=batch_key, label_key=labels, seed=train_options["seed"])
+        scores = integration_scores(adata, batch_key=batch_key, label_key=label_key, seed=train_options["seed"])
         click.echo(f"Trained {len(model.history)} epochs; corrected latent in obsm['X_genailab_integrated'], expression "
                    f"decoded into batch {adata.uns['X_genailab_integrated']['params']['reference_batch']!r} in "
                    f"layers['genailab_corrected'] of {out / 'integrated.h5ad'}")  # fmt: skip

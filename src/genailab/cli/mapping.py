@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, START_LATENT_SPREAD, aligned_query, map_query
-from genailab.apps.transfer import transfer_labels
+from genailab.apps.transfer import reference_labels, transfer_labels
 from genailab.cli import main
 from genailab.cli.common import (
     CHECKPOINT_FILE, check_output_file, fail_cleanly, fit_in_run_folder, is_same_file, read_data, run_folder, unfinished_run,
@@ -94,6 +94,8 @@ def map_command(ref_run, query, out, reference_data, label_key, unfreeze, encode
         if label_key is not None and label_key not in cells.obs:  # before training: the labels come after it
             raise InputDataError(f"--reference-data {reference_data} has no obs column {label_key!r} (--labels-key); "
                                  f"choose one of {list(cells.obs.columns)}.")  # fmt: skip
+        if label_key is not None:  # enough labelled reference cells for the vote, before training
+            reference_labels(cells, label_key, n_neighbors=n_neighbors)
         mapped = read_data(query)  # written back with the latent and labels added, every field of its own kept
         model = map_query(mapped, reference, unfreeze=unfreeze, encoder_start=encoder_start, encoder_stage=encoder_stage,
                           encoder_anchor=encoder_anchor, epochs=epochs, reference_data=cells,
