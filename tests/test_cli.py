@@ -119,3 +119,18 @@ def test_errors_speak_the_command_lines_options(h5ad, tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code != 0 and expected in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_demo_replaces_its_saved_model_only_with_overwrite(h5ad, tmp_path):
+    """The demo replaced out/model (leaving the old run's report files) without --overwrite."""
+    from genailab import VAE
+
+    old = VAE(ad.read_h5ad(h5ad), likelihood="nb", latent_dim=2, hidden_dims=(8,))
+    old.save(tmp_path / "model")
+    before = (tmp_path / "model" / "model.pt").read_bytes()
+    refused = CliRunner().invoke(main, ["demo", "--epochs", "1", "--out", str(tmp_path)])
+    assert refused.exit_code == 1 and "already holds a saved model; pass --overwrite" in refused.output, refused.output
+    assert (tmp_path / "model" / "model.pt").read_bytes() == before and not (tmp_path / "metrics.json").exists()
+    replaced = CliRunner().invoke(main, ["demo", "--epochs", "1", "--out", str(tmp_path), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert VAE.load(tmp_path / "model").schema.n_genes == json.loads((tmp_path / "metrics.json").read_text())["n_genes"]

@@ -114,13 +114,14 @@ def embed(run_dir, data, out, key, align_genes, device):
 @click.option("--epochs", default=150, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
+@click.option("--overwrite", is_flag=True, help="Replace the demo model already saved in --out/model.")
 @fail_cleanly
-def demo(out, epochs, seed, device):
+def demo(out, epochs, seed, device, overwrite):
     """Train an NB model on the embedded PBMC counts, embed, cluster, and report."""
     from genailab.cli.demo import run_demo
 
     if epochs < 1:
         raise ConfigError("--epochs must be positive.")
-    summary = run_demo(out, epochs=epochs, seed=seed, device=device)
+    summary = run_demo(out, epochs=epochs, seed=seed, device=device, overwrite=overwrite)
     for line in summary:
         click.echo(line)

@@ -10,14 +10,18 @@ from genailab.data.datasets import pbmc68k_counts
 from genailab.train.config import TrainConfig
 
 
-def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0, device: str = "auto") -> list[str]:
+def run_demo(
+    out: str | Path, *, epochs: int = 150, seed: int = 0, device: str = "auto", overwrite: bool = False
+) -> list[str]:
     """Fit an NB model to the bundled PBMC counts and write model, embedding, UMAP and scores.
 
     ``device`` as in :class:`~genailab.train.config.TrainConfig`. Returns the summary lines the CLI
     prints. Writes under ``out``: ``model/`` (saved model, history.csv, training_curves.png),
     ``pbmc68k_genailab.h5ad`` (latent in ``obsm['X_genailab']``, UMAP, Leiden clusters, marker
-    genes), ``umap.png`` and ``metrics.json``.
+    genes), ``umap.png`` and ``metrics.json``. A model already saved there is replaced only with
+    ``overwrite``.
     """
+    from genailab.anndata_models.files import check_model_folder
     from genailab.apps import cluster
     from genailab.cli.common import write_h5ad
     from genailab.report.run_folder import RUN_FILES, write_run
@@ -25,6 +29,7 @@ def run_demo(out: str | Path, *, epochs: int = 150, seed: int = 0, device: str =
 
     out = check_output_folder(out, names=("umap.png", "metrics.json", "pbmc68k_genailab.h5ad"))
     check_output_folder(out / "model", names=RUN_FILES)
+    check_model_folder(out / "model", overwrite=overwrite)
     adata = pbmc68k_counts()
     model = VAE(adata, likelihood="nb", layer="counts", latent_dim=10, hidden_dims=(128, 128))
     model.fit(TrainConfig(epochs=epochs, seed=seed, batch_size=128, kl_warmup_epochs=20, device=device))
