@@ -92,3 +92,37 @@ def test_fidelity_and_report_run_at_their_defaults_on_15_genes(tmp_path):
         metrics["generation"]["overall"]
     )
     assert {"metrics.json", "index.html", "gene_agreement.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_cells_the_report_cannot_score_are_refused_before_writing(partial, tmp_path):
+    """Empty cells failed late with the internal 'library must be one positive number', and 1 or 3
+    cells with sklearn/scipy tracebacks, after the first figures were written."""
+    import scipy.sparse as sp
+    from click.testing import CliRunner
+
+    from genailab.cli import main
+    from genailab.report.model_generation import generate_like
+
+    adata, model = partial
+    empty = adata.copy()
+    counts = empty.layers["counts"].toarray() if sp.issparse(empty.layers["counts"]) else empty.layers["counts"].copy()
+    counts[[3, 7]] = 0
+    empty.layers["counts"] = sp.csr_matrix(counts)
+    with pytest.raises(InputDataError, match=r"2 of the 300 cells scored have zero total counts .*first: 'cell_3'"):
+        write_report(empty, model, tmp_path / "empty")
+    with pytest.raises(InputDataError, match="zero total counts"):
+        generate_like(empty, model, indices=np.arange(10))
+    with pytest.raises(InputDataError, match="has only 3 cell.s.; .* needs at least 16 cells"):
+        write_report(adata[:3].copy(), model, tmp_path / "three")
+    small = adata[:40].copy()
+    small_model = VAE(small, likelihood="nb", layer="counts", latent_dim=2, hidden_dims=[8]).fit(epochs=1, progress=False)
+    with pytest.raises(InputDataError, match=r"scores 4 cells \(validation cells.*5-fold cross-validation needs at least 5"):
+        write_report(small, small_model, tmp_path / "few")
+    assert not any((tmp_path / name).exists() for name in ("empty", "three", "few"))
+
+    model.save(tmp_path / "run")
+    adata[:1].copy().write_h5ad(tmp_path / "one.h5ad")
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run"), str(tmp_path / "one.h5ad"), "--out",
+                                       str(tmp_path / "report" / "one")])  # fmt: skip
+    assert result.exit_code == 1 and "has only 1 cell(s)" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "report").exists()

@@ -127,12 +127,20 @@ def run_folder(out: Path, *, overwrite: bool, names: tuple[str, ...] = (), lock:
     from genailab.anndata_models.files import MODEL_FILES, check_model_folder
     from genailab.safe_write import FolderLock, check_output_folder
 
-    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    try:
+    with output_folder(out):
         check_output_folder(out, names=MODEL_FILES + names)
         check_model_folder(out, overwrite=overwrite, option="--overwrite")
         with FolderLock(out) if lock else contextlib.nullcontext():
             yield out
+
+
+@contextlib.contextmanager
+def output_folder(out: Path):
+    """Remove the folders on the way to ``out`` that this block created, when it fails and they
+    are still empty: a command that fails before writing anything leaves no folder behind."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    try:
+        yield out
     except BaseException:
         for folder in created:
             with contextlib.suppress(OSError):  # not empty (or gone): kept as it is

@@ -8,7 +8,7 @@ import click
 
 from genailab.cli import main
 from genailab.cli.options import device_option, hidden_alias
-from genailab.cli.common import fail_cleanly, read_data
+from genailab.cli.common import fail_cleanly, output_folder, read_data
 from genailab.safe_write import FolderLock, check_output_folder
 
 
@@ -47,7 +47,7 @@ def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epoch
     from genailab.report.evaluate import REPORT_FILES
 
     latent_dims = _sizes(latent_sweep)
-    with FolderLock(check_output_folder(out, names=REPORT_FILES)):  # fail before the work, not after
+    with output_folder(out), FolderLock(check_output_folder(out, names=REPORT_FILES)):  # fail before the work
         adata = read_data(data)
         model = VAE.load(run_dir, adata, device=device)
         metrics = write_report(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 REPORT_FILES = ("metrics.json", "index.html", "training_curves.png", "latent_umap.png", "gene_agreement.png",
                 "latent_sweep.png")  # what write_report may write into its folder
 MAX_LATENT_CELLS = 20_000  # cells (a seeded subsample) for the UMAP and the latent-space metrics
+LATENT_NEIGHBOURS = 15  # neighbours of each cell in the latent graph of the UMAP and Leiden
 _MIN_GROUP = 10  # cells a label needs in the held-out set to be contrasted in the DE check
 
 
@@ -111,8 +113,9 @@ def write_report(
     if batch_key is not None and pd.api.types.is_float_dtype(adata.obs[batch_key]):
         raise ConfigError(f"batch_key={batch_key!r} holds numbers ({adata.obs[batch_key].nunique()} distinct values); "
                           "name a categorical obs column of batches.", argument="batch_key")  # fmt: skip
-    out = check_output_folder(out, names=REPORT_FILES)
     indices, scored = _heldout(model, adata)
+    _check_enough_cells(model, adata, indices, scored)
+    out = check_output_folder(out, names=REPORT_FILES)
     metrics = {"provenance": _provenance(data_path, command=command, seed=seed)}
     metrics["run"] = _describe(model, adata, scored, indices)
     _stage(f"held-out likelihood on {indices.size} cells (IWAE, K={n_samples})")
@@ -239,6 +242,20 @@ def _heldout(model, adata: AnnData) -> tuple[np.ndarray, str]:
     return np.arange(adata.n_obs), "every cell of data other than the training data (its cells may still overlap them)"
 
 
+def _check_enough_cells(model, adata: AnnData, indices: np.ndarray, scored: str) -> None:
+    """Refuse, before any file is written, cells the report cannot score: too few for the latent
+    graph or for the real-vs-generated classifier's folds, or held-out cells with no counts."""
+    if adata.n_obs <= LATENT_NEIGHBOURS:
+        raise InputDataError(f"The data has only {adata.n_obs} cell(s); the report's latent graph links each cell to its "
+                             f"{LATENT_NEIGHBOURS} nearest, so it needs at least {LATENT_NEIGHBOURS + 1} cells.")
+    n_folds = inspect.signature(metrics_lib.classifier_two_sample_auc).parameters["n_folds"].default
+    if indices.size < n_folds:
+        raise InputDataError(f"The report scores {indices.size} cells ({scored}); the real-vs-generated classifier's "
+                             f"{n_folds}-fold cross-validation needs at least {n_folds}. Evaluate on more cells (a model "
+                             "whose validation split is this small: pass data with more cells, scored as new data).")
+    model_generation.observed_libraries(model, adata, indices)
+
+
 def _describe(model, adata: AnnData, scored: str, indices: np.ndarray) -> dict:
     return {
         "likelihood": model.config.likelihood,
@@ -335,7 +352,7 @@ def _latent(model, adata: AnnData, out: Path, *, label_key, batch_key, seed: int
     columns = [key for key in dict.fromkeys((label_key, batch_key)) if key is not None]
     colours = pd.DataFrame({key: _colours(obs[key]) for key in columns}, index=obs.index.astype(str))
     graph = AnnData(obs=colours, obsm={"X_latent": latent})
-    sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=15, random_state=seed, transformer="sklearn")
+    sc.pp.neighbors(graph, use_rep="X_latent", n_neighbors=LATENT_NEIGHBOURS, random_state=seed, transformer="sklearn")
     sc.tl.umap(graph, random_state=seed)
     return scores, plot_latent_umap(graph, columns, out / "latent_umap.png")
 

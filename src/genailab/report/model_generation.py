@@ -36,6 +36,20 @@ _MIN_GROUP_CELLS = 10  # a condition needs this many real cells to be scored on 
 _NORMALISED_TOTAL = 1e4  # counts per cell before log1p in the distances and fold changes
 
 
+def observed_libraries(model, adata: AnnData, indices: np.ndarray) -> np.ndarray | None:
+    """Total counts of the cells at ``indices`` (n,), the library sizes their generated look-alikes
+    take; None for a Gaussian model. An empty cell (total 0) is refused: nothing can be drawn at depth 0."""
+    if not model.config.is_count_model:
+        return None
+    library = np.asarray(observed(model, adata, indices).sum(axis=1)).ravel()
+    empty = np.flatnonzero(library <= 0)
+    if empty.size:
+        raise InputDataError(f"{empty.size} of the {indices.size} cells scored have zero total counts in the model's "
+                             f"genes (first: {str(adata.obs_names[indices[empty[0]]])!r}), so no look-alike can be drawn "
+                             "at their depth; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1).")  # fmt: skip
+    return library
+
+
 @torch.no_grad()
 def generate_like(adata: AnnData, model, *, indices=None, seed: int = 0) -> AnnData:
     """One generated cell per real cell, from the prior, with the real cell's conditions and library.
@@ -63,7 +77,7 @@ def generate_like(adata: AnnData, model, *, indices=None, seed: int = 0) -> AnnD
     """
     adata, indices = heldout_cells(adata, model, indices=indices)
     obs = adata.obs.iloc[indices]
-    library = np.asarray(observed(model, adata, indices).sum(axis=1)).ravel() if model.config.is_count_model else None
+    library = observed_libraries(model, adata, indices)
     with seeded(seed):
         z = torch.randn(indices.size, model.config.latent_dim).numpy()
         values = model.decode(z, conditions=model.encode_conditions(obs), library=library, sample=True)
