@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,22 @@ def test_demo_replaces_its_saved_model_only_with_overwrite(h5ad, tmp_path):
     replaced = CliRunner().invoke(main, ["demo", "--epochs", "1", "--out", str(tmp_path), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert VAE.load(tmp_path / "model").schema.n_genes == json.loads((tmp_path / "metrics.json").read_text())["n_genes"]
+
+
+def test_running_out_of_memory_is_one_line_naming_the_size_options(h5ad, tmp_path):
+    """A size beyond the machine's memory gave numpy's or torch's allocation traceback."""
+    runner = CliRunner()
+    assert runner.invoke(main, ["train", str(h5ad), "--epochs", "1", "--latent-dim", "2", "--hidden", "8",
+                                "--out", str(tmp_path / "run")]).exit_code == 0  # fmt: skip
+    limited = "ulimit -v 8000000; exec " + shlex.join([sys.executable, "-m", "genailab"])
+    commands = {
+        "generate": (["generate", str(tmp_path / "run"), "--n-cells", "100000000000", "--out", str(tmp_path / "g.h5ad")],
+                     "an allocation of 1.46 TiB failed; lower --n-cells or run"),
+        "train": (["train", str(h5ad), "--hidden", "100000000", "--epochs", "1", "--out", str(tmp_path / "big")],
+                  "failed; lower --hidden, --batch-size, --latent-dim or run"),
+    }  # fmt: skip
+    for name, (args, expected) in commands.items():
+        result = subprocess.run(["bash", "-c", f"{limited} {shlex.join(args)}"], capture_output=True, text=True)
+        assert result.returncode == 1 and "Error: Out of memory: " in result.stderr, (name, result.stderr[-2000:])
+        assert expected in result.stderr and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+    assert not (tmp_path / "big").exists() and not (tmp_path / "g.h5ad").exists()

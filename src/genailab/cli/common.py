@@ -32,8 +32,36 @@ def fail_cleanly(command):
             error = click.ClickException(f"{type(exc).__name__}: {message}")
             error.exit_code = 2 if isinstance(exc, ConfigError) else 1
             raise error from exc
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not _out_of_memory(exc):
+                raise
+            raise click.ClickException(_memory_message(exc, click.get_current_context().command)) from exc
 
     return wrapper
+
+
+SIZE_OPTIONS = ("n_cells", "hidden_dims", "batch_size", "n_samples", "latent_dim")  # what sets a command's memory
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether torch could not allocate (CPU allocator message, or CUDA's OutOfMemoryError)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
+
+
+def _memory_message(exc: BaseException, command: click.Command) -> str:
+    """One line for an allocation that failed: how much was asked for, and the options that size it."""
+    text = str(exc)
+    asked = re.search(r"tried to allocate (\d+) bytes", text)  # torch's allocator
+    if asked:
+        what = f"an allocation of {int(asked.group(1)) / 2**30:.3g} GiB"
+    elif text.startswith("Unable to allocate "):  # numpy's wording: "Unable to allocate 1.46 TiB for an array ..."
+        what = f"an allocation of {text[len('Unable to allocate '):].split(' for ')[0]}"
+    else:
+        what = "an allocation"
+    names = {p.name: max(p.opts, key=len) for p in command.params if isinstance(p, click.Option)}
+    sizes = [names[name] for name in SIZE_OPTIONS if name in names]
+    lower = f"lower {', '.join(sizes)} or " if sizes else ""
+    return f"Out of memory: {what} failed; {lower}run the command on a machine with more memory."
 
 
 def in_option_terms(message: str, command: click.Command, *, argument: str | None = None) -> str:
