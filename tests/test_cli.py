@@ -154,3 +154,25 @@ def test_running_out_of_memory_is_one_line_naming_the_size_options(h5ad, tmp_pat
         assert result.returncode == 1 and "Error: Out of memory: " in result.stderr, (name, result.stderr[-2000:])
         assert expected in result.stderr and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
     assert not (tmp_path / "big").exists() and not (tmp_path / "g.h5ad").exists()
+
+
+def test_overwrite_removes_the_old_runs_outputs_it_does_not_write_again(h5ad, tmp_path):
+    """train --overwrite over an integrate run left its integrated.h5ad beside the new model."""
+    from genailab.cli.common import COMMAND_OUTPUTS
+    from genailab.report.run_folder import RUN_FILES
+
+    assert COMMAND_OUTPUTS[: len(RUN_FILES)] == RUN_FILES
+    run, runner = tmp_path / "run", CliRunner()
+    (tmp_path / "run").mkdir()
+    (run / "notes.txt").write_text("the user's own file")
+    integrated = runner.invoke(main, ["integrate", str(h5ad), "--batch-key", "batch", "--layer", "counts",
+                                      "--latent-dim", "2", "--hidden", "8", "--epochs", "1", "--out", str(run)])  # fmt: skip
+    assert integrated.exit_code == 0 and (run / "integrated.h5ad").is_file(), integrated.output
+    refused = runner.invoke(main, ["train", str(h5ad), "--epochs", "1", "--out", str(run)])
+    assert refused.exit_code == 1 and (run / "integrated.h5ad").is_file()  # without --overwrite nothing changes
+    trained = runner.invoke(main, ["train", str(h5ad), "--layer", "counts", "--latent-dim", "3", "--hidden", "8",
+                                   "--epochs", "2", "--out", str(run), "--overwrite"])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert not (run / "integrated.h5ad").exists() and (run / "notes.txt").read_text() == "the user's own file"
+    assert len(pd.read_csv(run / "history.csv")) == 2 and (run / "training_curves.png").is_file()
+    assert json.loads((run / "genailab.json").read_text())["model_config"]["latent_dim"] == 3

@@ -9,7 +9,8 @@ import click
 
 from genailab.cli import main
 from genailab.cli.common import (
-    CHECKPOINT_FILE, check_output_file, fail_cleanly, read_data, run_folder, unfinished_run, write_csv, write_h5ad,
+    CHECKPOINT_FILE, INTEGRATED_FILE, check_output_file, fail_cleanly, read_data, run_folder, unfinished_run,
+    write_csv, write_h5ad,
 )
 from genailab.apps.integrate import check_scorable, integrate as integrate_batches
 from genailab.cli.options import (
@@ -27,7 +28,6 @@ from genailab.errors import ConfigError, SchemaMismatchError
 _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
 _DATA = click.Path(exists=True, dir_okay=True, path_type=Path)
 _OUT = click.Path(dir_okay=False, path_type=Path)
-INTEGRATED_FILE = "integrated.h5ad"  # the corrected latent and expression, beside the model in --out
 
 
 def _conditions(pairs: tuple[str, ...], model) -> dict[str, object]:

@@ -14,6 +14,12 @@ import click
 from genailab.errors import CheckpointError, ConfigError, GenailabError
 
 CHECKPOINT_FILE = "checkpoint.pt"  # where `genailab train` keeps the resumable checkpoint of its run
+INTEGRATED_FILE = "integrated.h5ad"  # `integrate`: the corrected latent and expression, beside the model
+MAPPED_FILE = "query.h5ad"  # `map`: the query with its latent and transferred labels, beside the query model
+UMAP_FILE = "umap.png"  # `map`: reference and query together, by dataset and by label
+# Every file a command writes beside the model in a run folder (the report's RUN_FILES first): those an
+# --overwrite run does not write again are the old run's, and go once the new run has finished.
+COMMAND_OUTPUTS = ("history.csv", "training_curves.png", INTEGRATED_FILE, MAPPED_FILE, UMAP_FILE)
 
 
 def fail_cleanly(command):
@@ -155,11 +161,28 @@ def run_folder(out: Path, *, overwrite: bool, names: tuple[str, ...] = (), lock:
     from genailab.anndata_models.files import MODEL_FILES, check_model_folder
     from genailab.safe_write import FolderLock, check_output_folder
 
+    from genailab.anndata_models.files import CONFIG_FILE
+
     with output_folder(out):
         check_output_folder(out, names=MODEL_FILES + names)
         check_model_folder(out, overwrite=overwrite, option="--overwrite")
         with FolderLock(out) if lock else contextlib.nullcontext():
+            replaced = _stamps(out) if lock and overwrite and (out / CONFIG_FILE).exists() else {}
             yield out
+            for path, stamp in replaced.items():  # the old run's outputs this run did not write again
+                if _stamps(out).get(path) == stamp:
+                    path.unlink(missing_ok=True)
+
+
+def _stamps(out: Path) -> dict[Path, tuple[int, int, int]]:
+    """(inode, mtime, size) of each command output in ``out``: a file written again (atomically,
+    so under a new inode) has another stamp."""
+    stamps = {}
+    for name in COMMAND_OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            info = (out / name).lstat()
+            stamps[out / name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+    return stamps
 
 
 @contextlib.contextmanager

@@ -10,15 +10,13 @@ from genailab.anndata_models.mapping import ENCODER_ANCHOR, ENCODER_STARTS, STAR
 from genailab.apps.transfer import reference_labels, transfer_labels
 from genailab.cli import main
 from genailab.cli.common import (
-    CHECKPOINT_FILE, check_output_file, fail_cleanly, fit_in_run_folder, is_same_file, read_data, run_folder, unfinished_run,
-    write_h5ad,
+    CHECKPOINT_FILE, MAPPED_FILE, UMAP_FILE, check_output_file, fail_cleanly, fit_in_run_folder, is_same_file,
+    read_data, run_folder, unfinished_run, write_h5ad,
 )
 from genailab.cli.options import argument_default, hidden_alias
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.surgery import UNFREEZE
 
-MAPPED_FILE = "query.h5ad"  # the query with its latent and transferred labels, beside the query model
-UMAP_FILE = "umap.png"  # reference and query together, by dataset and by label
 LATENT_KEY = "X_genailab"
 
 
