@@ -145,3 +145,18 @@ def test_no_command_replaces_its_input_file(run, tmp_path, command):
     assert result.exit_code == 2 and "is the input file DATA" in result.output, result.output
     assert "cells_genailab.h5ad" in result.output and "Traceback" not in result.output
     assert copy.read_bytes() == data.read_bytes()
+
+
+def test_generate_without_a_condition_suggests_the_option(run, tmp_path):
+    """The error suggested Python's conditions={'batch': ...} on the command line."""
+    run_dir, _ = run
+    result = CliRunner().invoke(main, ["generate", str(run_dir), "--n-cells", "5", "--condition", "cell_type=type_0",
+                                       "--out", str(tmp_path / "g.h5ad")])  # fmt: skip
+    assert result.exit_code == 2 and "e.g. --condition batch=batch_0 (known: ['batch_0', 'batch_1'])" in result.output
+    assert "conditions" not in result.output and not (tmp_path / "g.h5ad").exists()
+
+
+def test_perturb_evaluate_names_hidden_when_its_sizes_are_not_numbers(run, tmp_path):
+    _, data = run
+    result = CliRunner().invoke(main, ["perturb", "evaluate", str(data), "--hidden", "abc", "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 2 and "Invalid value for '--hidden'" in result.output, result.output

@@ -262,9 +262,12 @@ class VAE(AnnDataModel):
             elif key in obs.columns:
                 frame[key] = obs[key].to_numpy()
             else:
+                known = dict(zip(self.schema.categorical_keys, self.schema.categories)).get(key)
+                example = repr(str(known[0])) if known is not None and len(known) else "VALUE"
                 raise ConfigError(
-                    f"No values for the model's condition {key!r}: add the obs column or give it, "
-                    f"e.g. conditions={{{key!r}: ...}}."
+                    f"No values for the model's condition {key!r}: add the obs column, or give every cell one "
+                    f"value, e.g. conditions[{key!r}] = {example}"
+                    + (f" (known: {[str(c) for c in known][:20]})." if known is not None else ".")
                 )
         return self.schema.encode_obs(frame)
 

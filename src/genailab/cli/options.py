@@ -75,8 +75,9 @@ def sizes(value: str | tuple[int, ...]) -> tuple[int, ...]:
     return dims
 
 
-def _sizes_option(ctx, param, value):
-    return sizes(value)
+def sizes_option(ctx, param, value):
+    """Click callback: an option's layer sizes (None, the option left out, stays None)."""
+    return None if value is None else sizes(value)
 
 
 def _patience(ctx, param, value):
@@ -104,7 +105,7 @@ def config_option(*flags: str, config, field: str, help: str | None = None, **ex
     if field in CHOICES:
         settings["type"] = click.Choice(CHOICES[field])
     elif isinstance(default, tuple):
-        settings.update(default=",".join(map(str, default)), callback=_sizes_option)
+        settings.update(default=",".join(map(str, default)), callback=sizes_option)
     elif kind is bool:
         settings["is_flag"] = True
     elif kind in (int, float):

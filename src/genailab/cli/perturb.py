@@ -22,7 +22,7 @@ from genailab.cli.options import (
     hidden_alias,
     likelihood_option,
     patience_option,
-    sizes,
+    sizes_option,
     train_options,
 )
 from genailab.train.config import TrainConfig
@@ -140,7 +140,8 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
               help="Held-out protocol (repeatable; default every one the data allow).")
 @click.option("--n-groups", default=None, type=int, help="Drugs (or pairs) to hold out per protocol (default all).")
 @click.option("--latent-dim", default=10, show_default=True, type=int)
-@click.option("--hidden", default=None, help="Hidden layer sizes, comma-separated (default: the model's).")
+@click.option("--hidden", "hidden_dims", default=None, callback=sizes_option,
+              help="Hidden layer sizes, comma-separated (default: the model's).")
 @click.option("--likelihood", type=click.Choice(["nb", "zinb"]), show_default=True,
               default=argument_default(PerturbationModel.__init__, "likelihood"), help="Count likelihood of the neural methods.")
 @click.option("--epochs", default=100, show_default=True, type=int)
@@ -150,7 +151,7 @@ def predict_command(run_dir, data, drug, dose, out, cell_types, seed, align_gene
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
 @fail_cleanly
-def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hidden, likelihood, epochs, batch_size, lr,
+def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hidden_dims, likelihood, epochs, batch_size, lr,
                      early_stopping_patience, seed, device):
     """Hold out groups of DATA, retrain the model and the baselines without them, and score each method.
 
@@ -183,7 +184,6 @@ def evaluate_command(data, out, keys, layer, protocols, n_groups, latent_dim, hi
         raise ConfigError("No protocol applies to these data; see `genailab perturb evaluate --help`.")
     train_options = dict(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=early_stopping_patience,
                          seed=seed, progress=False, device=device)
-    hidden_dims = sizes(hidden) if hidden else None
     tables = []
     for split in splits:
         methods = default_methods(latent_dim=latent_dim, hidden_dims=hidden_dims, likelihood=likelihood, train_options=train_options,
