@@ -8,11 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.figure
-import numpy as np
 import pandas as pd
 import pytest
 import torch
