@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
@@ -15,6 +16,8 @@ from genailab.data.schema import category_label, category_labels
 from genailab.anndata_models.vae import generated_anndata
 from genailab.checks import check_library_size, check_number
 from genailab.errors import ConfigError, InputDataError
+from genailab.eval._inputs import matched_by_name
+from genailab.data.validation import is_integer_counts
 
 SOURCES = ("prior", "posterior")
 
@@ -148,7 +151,9 @@ def _as_anndata(model, counts, obs, conditions, *, source_cells: bool, params: d
     return generated_anndata(model, counts, out_obs, params=params)
 
 
-def generated_vs_real(real, generated, *, n_comps: int = 20, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
+def generated_vs_real(
+    real, generated, *, layer: str | None = None, n_comps: int = 20, n_folds: int = 5, seed: int = 0
+) -> dict[str, float]:
     """How close generated counts are to real counts of the same condition (:mod:`genailab.eval`).
 
     For cells from :func:`generate` (any source, any real cells); :func:`genailab.report.generation_fidelity`
@@ -160,7 +165,13 @@ def generated_vs_real(real, generated, *, n_comps: int = 20, n_folds: int = 5, s
     Parameters
     ----------
     real, generated
-        Count matrices (arrays, sparse or AnnData ``.X``) over the same genes.
+        Counts (arrays, sparse matrices or AnnData) over the same genes. Two AnnData (or
+        DataFrames) are matched by gene name, and genes that differ are refused; arrays are taken
+        in the same gene order.
+    layer
+        ``layers`` key of the counts of ``real`` when it is an AnnData (e.g. ``"counts"`` when its
+        ``X`` holds log-normalised values); default ``X``. ``generated`` is read from ``X``, where
+        :func:`generate` writes its counts.
     n_comps
         Principal components for the distances and the classifier (capped by the data size).
     n_folds
@@ -179,7 +190,9 @@ def generated_vs_real(real, generated, *, n_comps: int = 20, n_folds: int = 5, s
     """
     from genailab.eval import classifier_two_sample_auc, gene_moment_agreement, pca_distance
 
-    real, generated = (x.X if isinstance(x, AnnData) else x for x in (real, generated))
+    check_number("n_folds", n_folds, integer=True, ge=2)
+    generated = matched_by_name(real, generated, names=("real", "generated"))
+    real, generated = _counts(real, layer, "real"), _counts(generated, None, "generated")
     scores = gene_moment_agreement(real, generated)
     real_log, generated_log = log_normalize(real), log_normalize(generated)
     check_number("n_comps", n_comps, integer=True, ge=1)
@@ -189,3 +202,19 @@ def generated_vs_real(real, generated, *, n_comps: int = 20, n_folds: int = 5, s
     scores["classifier_auc"] = classifier_two_sample_auc(real_log, generated_log, n_comps=n_comps, n_folds=n_folds,
                                                          seed=seed)  # fmt: skip
     return scores
+
+
+def _counts(data, layer: str | None, name: str):
+    """The counts of one input to :func:`generated_vs_real`: an AnnData's ``layers[layer]`` (or
+    ``X``), refused unless whole non-negative numbers (log-normalised values would pass for counts)."""
+    if isinstance(data, AnnData):
+        if layer is not None and layer not in data.layers:
+            raise InputDataError(f"{name} has no layers[{layer!r}] (given as `layer`); its layers: "
+                                 f"{list(data.layers.keys())}.", argument="layer")  # fmt: skip
+        data = data.X if layer is None else data.layers[layer]
+    matrix = data.to_numpy() if isinstance(data, pd.DataFrame) else data
+    if not is_integer_counts(matrix if sp.issparse(matrix) else np.asarray(matrix)):
+        hint = " (for an AnnData with log-normalised X, pass layer='counts' or wherever its counts are)"
+        raise InputDataError(f"{name} is not raw counts (whole numbers >= 0): generated_vs_real compares "
+                             f"counts{hint}.")
+    return matrix
