@@ -81,6 +81,6 @@ def labelled_cells(adata: AnnData, key: str, *, argument: str = "labels_key") ->
         raise InputDataError(f"obs[{key!r}] has no value in any cell; pass a column with labels as {argument}.",
                              argument=argument)
     if not known.all():
-        logger.warning("%d of %d cells have no %r (NaN) and are left out of the label scores.",
+        logger.warning("%d of %d cells have no %r (NaN) and are left out of the scores that use it.",
                        int((~known).sum()), known.size, key)
     return known

@@ -171,48 +171,56 @@ def integration_scores(
     )
 
     check_number("n_neighbors", n_neighbors, integer=True, ge=1, allow_none=True)
-    known = check_scorable(adata, batch_key=batch_key, label_key=label_key)
+    batched, labelled = check_scorable(adata, batch_key=batch_key, label_key=label_key)
     if key not in adata.obsm:
         raise InputDataError(f"obsm has no {key!r} (given as `key`); run integrate() first or choose one of "
                              f"{list(adata.obsm.keys())}.", argument="key")  # fmt: skip
     latent = np.asarray(adata.obsm[key])
     batch = adata.obs[batch_key].astype(str).to_numpy()
-    k = n_neighbors or min(90, max(10, adata.n_obs // 20), adata.n_obs - 1)
-    perplexity = min(30, adata.n_obs // 3)
+    n_batched = int(batched.sum())
+    k = n_neighbors or min(90, max(10, n_batched // 20), n_batched - 1)
     scores = {
-        "ilisi": ilisi(latent, batch, perplexity=perplexity),
-        "kbet": kbet(latent, batch, n_neighbors=min(50, adata.n_obs)),
-        "knn_batch_entropy": knn_batch_entropy(latent, batch, k=min(50, k)),
-        "knn_batch_inverse_simpson": knn_batch_inverse_simpson(latent, batch, k=k),
+        "ilisi": ilisi(latent[batched], batch[batched], perplexity=min(30, n_batched // 3)),
+        "kbet": kbet(latent[batched], batch[batched], n_neighbors=min(50, n_batched)),
+        "knn_batch_entropy": knn_batch_entropy(latent[batched], batch[batched], k=min(50, k)),
+        "knn_batch_inverse_simpson": knn_batch_inverse_simpson(latent[batched], batch[batched], k=k),
     }
     if label_key is not None:
-        latent, batch, labels = latent[known], batch[known], adata.obs[label_key].astype(str).to_numpy()[known]
-        n_cells = int(known.sum())
-        scores["batch_silhouette"] = batch_silhouette(latent, batch, labels)
-        scores["kbet_per_label"] = kbet_per_label(latent, batch, labels, n_neighbors=min(50, n_cells - 1))
+        labels = adata.obs[label_key].astype(str).to_numpy()
+        both = labelled & batched
+        scores["batch_silhouette"] = batch_silhouette(latent[both], batch[both], labels[both])
+        scores["kbet_per_label"] = kbet_per_label(latent[both], batch[both], labels[both],
+                                                  n_neighbors=min(50, int(both.sum()) - 1))  # fmt: skip
+        latent, labels, n_cells = latent[labelled], labels[labelled], int(labelled.sum())
         scores["clisi"] = clisi(latent, labels, perplexity=min(30, n_cells // 3))
-        scores["graph_connectivity"] = graph_connectivity(latent, labels, n_neighbors=min(15, n_cells))
-        agreement = leiden_ari_nmi_best_resolution(latent, labels, seed=seed)
+        graph_k = min(15, n_cells - 1)  # scIB's 15 neighbours, fewer on a handful of cells
+        scores["graph_connectivity"] = graph_connectivity(latent, labels, n_neighbors=graph_k)
+        agreement = leiden_ari_nmi_best_resolution(latent, labels, n_neighbors=graph_k, seed=seed)
         scores.update(ari=agreement["ari"], nmi=agreement["nmi"], leiden_resolution=agreement["resolution"])
         scores["label_silhouette"] = label_silhouette(latent, labels)
     return scores
 
 
-def check_scorable(adata: AnnData, *, batch_key: str, label_key: str | None = None) -> np.ndarray | None:
+def check_scorable(
+    adata: AnnData, *, batch_key: str, label_key: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Refuse columns ``integration_scores`` cannot score, from ``obs`` alone (no latent), so that a
-    caller can check them before it trains the model the latent comes from. Returns the mask of the
-    cells with a label, (n_cells,) (None without ``label_key``)."""
+    caller can check them before it trains the model the latent comes from. Returns the masks of
+    the cells with a batch and of those with a label, (n_cells,) each (None without ``label_key``);
+    cells without one (NaN) are left out of the scores that need it, with a logged warning."""
     require_obs_column(adata, batch_key, argument="batch_key")
+    batched = labelled_cells(adata, batch_key, argument="batch_key")
     if label_key is None:
-        return None
+        return batched, None
     require_obs_column(adata, label_key, argument="label_key")
-    known = labelled_cells(adata, label_key, argument="label_key")
-    cells = pd.DataFrame({"batch": adata.obs[batch_key].astype(str).to_numpy()[known],
-                          "label": adata.obs[label_key].astype(str).to_numpy()[known]})  # fmt: skip
-    n_labels = cells["label"].nunique()
-    if not 2 <= n_labels < len(cells):
-        raise InputDataError(f"obs[{label_key!r}] has {n_labels} labels among {len(cells)} labelled cells; the "
-                             "conservation scores need at least two labels and fewer labels than cells.",
+    labelled = labelled_cells(adata, label_key, argument="label_key")
+    both = batched & labelled
+    cells = pd.DataFrame({"batch": adata.obs[batch_key].astype(str).to_numpy()[both],
+                          "label": adata.obs[label_key].astype(str).to_numpy()[both]})  # fmt: skip
+    n_labels = adata.obs[label_key][labelled].astype(str).nunique()
+    if not 2 <= n_labels < int(labelled.sum()):
+        raise InputDataError(f"obs[{label_key!r}] has {n_labels} labels among {int(labelled.sum())} labelled cells; "
+                             "the conservation scores need at least two labels and fewer labels than cells.",
                              argument="label_key")  # fmt: skip
     per_label = cells.groupby("label")["batch"].agg(["nunique", "size"])
     if not ((per_label["nunique"] > 1) & (per_label["nunique"] < per_label["size"])).any():
@@ -220,4 +228,4 @@ def check_scorable(adata: AnnData, *, batch_key: str, label_key: str | None = No
                              f"obs[{batch_key!r}] (with more cells than batches), so mixing within cell types "
                              "cannot be measured; check that `label_key` holds the cell types and `batch_key` the batches.",
                              argument="label_key")  # fmt: skip
-    return known
+    return batched, labelled
