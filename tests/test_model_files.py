@@ -143,3 +143,19 @@ def test_a_hash_in_a_description_labelled_format_1_is_still_checked(saved, tmp_p
     _edit(copy, edit, rehash=False)
     with pytest.raises(CheckpointError, match="does not match the hash recorded in it"):
         genailab.VAE.load(copy)
+
+
+def test_home_paths_expand_and_an_empty_path_is_refused(tmp_path, monkeypatch):
+    """save('~/x') wrote a folder literally named '~' in the working folder, and save('') wrote the
+    model files into the working folder itself."""
+    from genailab.errors import ConfigError
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = genailab.VAE(simulate(60, 12, n_cell_types=2, n_markers=3, seed=0), latent_dim=2, hidden_dims=(8,))
+    assert model.save("~/models/m") == tmp_path / "home" / "models" / "m" and not (tmp_path / "~").exists()
+    assert genailab.VAE.load("~/models/m").schema.gene_names == model.schema.gene_names
+    for call in (lambda: model.save(""), lambda: genailab.VAE.load(" ")):
+        with pytest.raises(ConfigError, match="The path is empty"):
+            call()
+    assert not (tmp_path / "genailab.json").exists()

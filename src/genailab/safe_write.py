@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from genailab.errors import CheckpointError
+from genailab.errors import CheckpointError, ConfigError
 
 LOCK_FILE = ".genailab.lock"
 _PROBE_BYTES = 4096  # written and removed by the writability probe, so a full disk shows up early
@@ -38,9 +38,17 @@ _HELD: dict[str, int] = {}  # folders this process holds the lock of -> how many
 
 
 # -- checks before the work starts ------------------------------------------------------------
+def user_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path with ``~`` expanded (as a shell would); an empty path is refused (it would
+    silently mean the working folder)."""
+    if not str(os.fspath(path)).strip():
+        raise ConfigError("The path is empty; give a file or folder name (an empty one would mean the current folder).")
+    return Path(path).expanduser()
+
+
 def refuse_link(path: str | os.PathLike) -> Path:
-    """Raise :class:`CheckpointError` if ``path`` is a symbolic link; returns ``path``."""
-    path = Path(path)
+    """Raise :class:`CheckpointError` if ``path`` is a symbolic link; returns ``path`` (``~`` expanded)."""
+    path = user_path(path)
     if path.is_symlink():
         target = os.readlink(path)
         raise CheckpointError(
@@ -90,7 +98,7 @@ def check_output_folder(directory: str | os.PathLike, *, names: Iterable[str] = 
 def check_output_file(path: str | os.PathLike) -> Path:
     """Check, before long work, that ``path`` can be written as a file: its folder is created if
     needed and writable, and ``path`` is neither a folder nor a symbolic link. Returns ``path``."""
-    path = Path(path)
+    path = user_path(path)
     _check_file_name(path)
     if path.parent.exists() and not path.parent.is_dir():
         raise CheckpointError(f"Cannot write {path}: {path.parent} is a file, not a folder; choose another path.")

@@ -30,7 +30,7 @@ from genailab.errors import CheckpointError
 from genailab.model.adversary import AdversaryConfig
 from genailab.model.config import ModelConfig
 from genailab.model.perturbation import PerturbationConfig
-from genailab.safe_write import FolderLock, check_output_folder, refuse_link, write_text
+from genailab.safe_write import FolderLock, check_output_folder, refuse_link, user_path, write_text
 from genailab.train.checkpoint import atomic_torch_save, safe_torch_load
 from genailab.train.config import TrainConfig
 
@@ -174,7 +174,7 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
     description agrees with itself (gene names vs input size, categories vs condition widths,
     no unknown option names).
     """
-    directory = Path(directory)
+    directory = user_path(directory)
     config_path = directory / CONFIG_FILE
     weights_present = (directory / WEIGHTS_FILE).is_file() or (directory / PENDING_WEIGHTS_FILE).is_file()
     if not config_path.is_file() or not weights_present:  # pending weights: a first save stopped before its rename
