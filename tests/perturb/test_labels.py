@@ -36,6 +36,7 @@ def test_a_missing_drug_label_is_an_error_not_a_drug_called_nan(small, model_opt
     ("drug_0+drug_0", r"names \['drug_0'\] more than once"),
     ("drug_0+", "has an empty drug name"),
     ("+drug_1", "has an empty drug name"),
+    ("drug_0+control", r"combines the control label 'control' with drugs; .* label those cells 'drug_0'"),
 ])
 def test_an_ambiguous_combination_is_an_error(small, model_options, label, message):
     small.obs["drug"] = small.obs["drug"].astype(object)
@@ -49,6 +50,14 @@ def test_an_ambiguous_combination_is_an_error(small, model_options, label, messa
 def test_a_doubled_drug_in_a_prediction_request_is_refused(trained, controls):
     with pytest.raises(InputDataError, match="more than once"):
         trained.predict(controls, drug="drug_0+drug_0", dose=1.0)
+
+
+def test_a_prediction_request_names_its_own_mistake(trained, controls):
+    """'drug_0+' was told it named the control label."""
+    with pytest.raises(ConfigError, match=r"drug='drug_0\+' has an empty drug name"):
+        trained.predict(controls, drug="drug_0+", dose=1.0)
+    with pytest.raises(ConfigError, match="not the control label 'control'"):
+        trained.predict(controls, drug="control+drug_0", dose=1.0)
 
 
 def test_training_without_controls_warns_that_predictions_need_them(small, caplog):

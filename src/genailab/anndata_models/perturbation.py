@@ -319,7 +319,10 @@ def _label(drug: str | Sequence[str], keys: ObsKeys) -> str:
         names = [d.strip() for d in drug.split(keys.separator)]
     else:
         names = [str(d) for d in drug]
-    if not names or any(not d for d in names) or keys.control in names:
+    if not names or any(not d for d in names):
+        raise ConfigError(f"drug={drug!r} has an empty drug name; name one drug, or join drugs as "
+                          f"'A{keys.separator}B' with no leading, trailing or doubled separator.")
+    if keys.control in names:
         raise ConfigError(
             f"drug={drug!r} must name one or more drugs (not the control label {keys.control!r}); "
             "for the control state predict dose=0."

@@ -46,6 +46,12 @@ class ObsKeys:
                 f"The drug label {label!r} has an empty drug name; join drugs as 'A{self.separator}B' with no "
                 "leading, trailing or doubled separator."
             )
+        if self.control in drugs:
+            alone = self.separator.join(d for d in drugs if d != self.control)
+            raise InputDataError(
+                f"The drug label {label!r} combines the control label {self.control!r} with drugs; the control "
+                f"is no drug: label those cells {alone!r}."
+            )
         twice = sorted({d for d in drugs if drugs.count(d) > 1})
         if twice:
             raise InputDataError(
