@@ -387,6 +387,20 @@ def test_decode_checks_its_inputs_and_takes_conditions_as_a_dict(trained):
         trained.decode(np.zeros((4, 3)), conditions={"batch": "b1"})
 
 
+def test_decode_takes_an_obs_table_and_inference_refuses_a_fractional_batch_size(trained, pbmc):
+    """decode(conditions=adata.obs[...]) raised numpy's 'could not determine the shape'; get_latent
+    (batch_size=10.0) a TypeError from slicing."""
+    obs = pbmc.obs.iloc[:4]
+    z = np.zeros((4, 4), dtype=np.float32)
+    np.testing.assert_array_equal(trained.decode(z, conditions=obs[["batch"]], library=100.0),
+                                  trained.decode(z, conditions=trained.encode_conditions(obs), library=100.0))
+    with pytest.raises(ConfigError, match=r"library must be one positive number or a 1-D array .* got shape \(4, 1\)"):
+        trained.decode(z, conditions=obs, library=np.full((4, 1), 50.0))
+    for call in (lambda: trained.get_latent(batch_size=10.0), lambda: trained.get_normalized_expression(batch_size=0)):
+        with pytest.raises(ConfigError, match="batch_size must be a whole number >= 1"):
+            call()
+
+
 def test_gaussian_draws_follow_each_genes_variance():
     """The per-gene variance started at 1 and barely moved in a default fit: draws had a variance of
     about 1 whatever the gene's (correlation with the data's -0.02 on 1,500 cells); it now starts at

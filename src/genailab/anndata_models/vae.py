@@ -346,9 +346,10 @@ class VAE(AnnDataModel):
         z
             Latent points, (n, latent_dim).
         conditions
-            Their condition matrix from :meth:`encode_conditions`, (n, raw_condition_dim), or a dict
-            of one value per condition for every point (e.g. ``{"batch": "batch_0"}``); None for a
-            model without conditions.
+            Their condition matrix from :meth:`encode_conditions`, (n, raw_condition_dim), an obs
+            table with the condition columns (n rows, e.g. ``adata.obs``), or a dict of one value
+            per condition for every point (e.g. ``{"batch": "batch_0"}``); None for a model without
+            conditions.
         library
             Total count per cell, (n,) or one number (count models); None gives the training median.
         sample
@@ -374,6 +375,8 @@ class VAE(AnnDataModel):
         n = z.shape[0]
         if isinstance(conditions, Mapping):  # one value per condition for every point, as other methods take them
             conditions = self.encode_conditions(None, conditions, n_cells=n)
+        elif isinstance(conditions, pd.DataFrame):  # an obs table: one row of condition columns per point
+            conditions = self.encode_conditions(conditions)
         if conditions is not None and np.shape(conditions)[0] != n:
             raise ConfigError(f"conditions has {np.shape(conditions)[0]} rows for {n} latent points; give one row per "
                               "point (encode_conditions) or a dict of one value per condition.", argument="conditions")
@@ -381,8 +384,8 @@ class VAE(AnnDataModel):
             library = np.full(n, self.default_library, dtype=np.float32)
         library = np.asarray(library, dtype=np.float32)
         if library.ndim > 1 or library.size not in (1, n) or not (np.isfinite(library).all() and (library > 0).all()):
-            raise ConfigError(f"library must be one positive number or one per latent point ({n}), finite; got "
-                              f"{library.size} value(s), smallest {library.min() if library.size else 'none'}.",
+            raise ConfigError(f"library must be one positive number or a 1-D array of one per latent point ({n}), "
+                              f"finite; got shape {library.shape}, smallest {library.min() if library.size else 'none'}.",
                               argument="library")
         library = np.broadcast_to(library.reshape(-1) if library.ndim else library, (n,))
         module = self.module.eval()

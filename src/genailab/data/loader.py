@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from genailab.checks import check_number
 from genailab.errors import ConfigError
 from genailab.likelihood.sparse_counts import SparseCounts
 
@@ -258,8 +259,7 @@ class MinibatchLoader:
         chunk_rows: int | None = None,
         chunks_in_memory: int | None = None,
     ):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        batch_size = int(check_number("batch_size", batch_size, integer=True, ge=1))
         given = {k: v for k, v in (("chunk_rows", chunk_rows), ("chunks_in_memory", chunks_in_memory)) if v is not None}
         if options is not None and given:
             raise ConfigError("Pass either options=LoaderOptions(...) or chunk_rows/chunks_in_memory, not both.")
