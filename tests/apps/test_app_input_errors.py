@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -194,3 +195,19 @@ def test_integration_scores_on_few_cells_name_no_internal_option(app_data):
     adata.obsm["Z"] = np.random.default_rng(0).normal(size=(15, 2))
     scores = integration_scores(adata, batch_key="batch", label_key="cell_type", key="Z")
     assert 0 <= scores["graph_connectivity"] <= 1
+
+
+def test_de_groups_and_the_reference_batch_read_numbers_as_the_model_does(app_data, nb_model):
+    """group=1 found no cells in a float column ('1.0'), nor reference_batch=1 in integrate."""
+    from genailab.apps import integrate
+
+    adata = app_data.copy()
+    adata.obs["f"] = adata.obs["cell_type"].cat.codes.astype(float)  # 0.0, 1.0, 2.0
+    by_float = differential_expression(adata.copy(), nb_model, groupby="f", group=1, reference=2.0, seed=0)
+    adata.obs["i"] = adata.obs["cell_type"].cat.codes.astype(int)
+    by_int = differential_expression(adata.copy(), nb_model, groupby="i", group="1", reference=2, seed=0)
+    pd.testing.assert_frame_equal(by_float, by_int)
+    adata.obs["fb"] = (adata.obs["batch"] == "batch_1").astype(float)
+    integrate(adata, batch_key="fb", layer="counts", reference_batch=1, latent_dim=2, hidden_dims=(8,),
+              train=TrainConfig(epochs=1, progress=False))  # fmt: skip
+    assert adata.uns["X_genailab_integrated"]["params"]["reference_batch"] == 1

@@ -23,6 +23,7 @@ from anndata import AnnData
 
 from genailab.apps._anndata import check_key_added, labelled_cells, record_params, require_count_model, require_obs_column
 from genailab.checks import check_number
+from genailab.data.schema import category_label, category_labels
 from genailab.errors import ConfigError, InputDataError
 
 LEVELS = ("cell", "group")
@@ -157,21 +158,22 @@ def _check(**options) -> None:
 def _groups(adata: AnnData, groupby: str, group: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
     require_obs_column(adata, groupby, argument="groupby")
     known = labelled_cells(adata, groupby, argument="groupby")  # NaN cells join neither side
-    labels = np.where(known, adata.obs[groupby].astype(str).to_numpy(), None)
-    in_group = labels == str(group)
+    labels = np.where(known, category_labels(adata.obs[groupby]), None)  # 1, 1.0 and "1" are one group
+    group_label = category_label(group)
+    in_group = labels == group_label
     if reference == "rest" and "rest" in labels:
         raise ConfigError(
             f"obs[{groupby!r}] has a group called 'rest', so reference='rest' could mean it or every other cell; "
             f"rename that group (e.g. adata.obs[{groupby!r}] = adata.obs[{groupby!r}].replace('rest', 'rest_group')).",
             argument="reference",
         )
-    in_reference = (known & ~in_group) if reference == "rest" else labels == str(reference)
+    in_reference = (known & ~in_group) if reference == "rest" else labels == category_label(reference)
     for name, mask, value in (("group", in_group, group), ("reference", in_reference, reference)):
         if not mask.any():
             raise InputDataError(
                 f"{name} {value!r} has no cells in obs[{groupby!r}] (values: {sorted(set(labels[known]))[:20]})."
             )
-    if str(group) == str(reference):
+    if group_label == category_label(reference):
         raise ConfigError("group and reference are the same; compare two different groups.")
     return in_group, in_reference
 

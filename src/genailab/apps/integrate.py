@@ -10,6 +10,7 @@ from anndata import AnnData
 
 from genailab.apps._anndata import check_key_added, key_or_keys, labelled_cells, record_params, require_obs_column
 from genailab.checks import check_library_size, check_number
+from genailab.data.schema import category_label, category_labels
 from genailab.errors import ConfigError, InputDataError
 from genailab.model.adversary import BATCH_CORRECTION, AdversaryConfig
 from genailab.train.config import TrainConfig
@@ -90,10 +91,10 @@ def integrate(
         raise ConfigError(f"{batch_key!r} is the batch; leave it out of covariate_keys.", argument="covariate_keys")
     for key in covariate_keys:
         require_obs_column(adata, key, argument="covariate_keys")
-    batches = adata.obs[batch_key].astype(str)
+    batches = pd.Series(category_labels(adata.obs[batch_key]))  # as the model spells its categories
     if reference_batch is None:
         reference_batch = str(batches.value_counts().idxmax())
-    elif str(reference_batch) not in set(batches):
+    elif category_label(reference_batch) not in set(batches):
         raise ConfigError(
             f"reference_batch={reference_batch!r} is not a value of obs[{batch_key!r}]: {sorted(set(batches))}."
         )
