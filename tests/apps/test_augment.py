@@ -94,3 +94,5 @@ def test_generated_vs_real_matches_genes_by_name_and_reads_counts(app_data, app_
     assert generated_vs_real(real, generated, layer="counts", n_comps=5, n_folds=2) == pytest.approx(scores)  # same X
     with pytest.raises(ConfigError, match="n_folds must be a whole number >= 2, got 1"):
         generated_vs_real(real, generated, layer="counts", n_folds=1)
+    with pytest.raises(InputDataError, match="real has 1 gene.s.; .* need at least 2 genes"):
+        generated_vs_real(real[:, :1].copy(), generated[:, real.var_names[:1]].copy(), layer="counts")

@@ -196,6 +196,9 @@ def generated_vs_real(
     scores = gene_moment_agreement(real, generated)
     real_log, generated_log = log_normalize(real), log_normalize(generated)
     check_number("n_comps", n_comps, integer=True, ge=1)
+    if real.shape[1] < 2:
+        raise InputDataError(f"real has {real.shape[1]} gene(s); the distances and the classifier compare cells in "
+                             "principal components, which need at least 2 genes.")
     n_comps = min(n_comps, real.shape[0] + generated.shape[0] - 1, real.shape[1] - 1)
     for name, metric in (("energy_distance", "energy"), ("mmd", "mmd")):
         scores[name] = pca_distance(real_log, generated_log, n_comps=n_comps, metric=metric, seed=seed)
