@@ -97,3 +97,24 @@ def test_named_genes_are_matched_by_name_not_position():
         ge.gene_moment_agreement(real, other)
     with pytest.raises(InputDataError, match="name different genes"):
         ge.top_k_overlap(scores, pd.Series(scores.to_numpy(), index=other.var_names), k=5)
+
+
+def test_a_sparse_matrix_with_unsorted_indices_is_read_not_scrambled():
+    """scipy shares index arrays across a dtype change: sorting the float64 copy's indices (as its
+    arithmetic does) reordered the caller's float32 indices under unchanged values, so a second
+    metric on the same matrix saw other numbers (energy distance 12.4 then 6.4)."""
+    import scipy.sparse as sp
+
+    from genailab.data.preprocess import log_normalize
+
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(1.0, size=(60, 12)).astype(np.float32))[:, ::-1]  # indices unsorted
+    other = sp.csr_matrix(rng.poisson(2.0, size=(40, 12)).astype(np.float32))[:, ::-1]
+    assert not counts.has_sorted_indices
+    before = counts.toarray()
+    first = ge.gene_moment_agreement(counts, other)
+    np.testing.assert_array_equal(counts.toarray(), before)
+    assert ge.gene_moment_agreement(counts, other) == pytest.approx(first)
+    assert ge.gene_moment_agreement(before, other.toarray()) == pytest.approx(first)
+    log_normalize(counts)
+    np.testing.assert_array_equal(counts.toarray(), before)

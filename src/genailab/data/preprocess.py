@@ -80,7 +80,7 @@ def prepare_counts(
     out = adata.to_memory() if adata.isbacked else adata.copy()
     counts = out.layers[layer] if layer is not None else out.X
     check_expression(counts, counts=True, source=f"adata.{'X' if layer is None else f'layers[{layer!r}]'}")
-    counts = sp.csr_matrix(counts, dtype=np.float32) if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
+    counts = sp.csr_matrix(counts, dtype=np.float32, copy=True) if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
     out.X = counts.copy()
     out.layers[counts_layer] = counts
     n_cells, n_genes = out.shape
@@ -173,7 +173,7 @@ def log_normalize(counts, *, target_sum: float = 1e4):
     the result is of the same kind (CSR or ndarray), float64; cells with no counts stay 0.
     """
     if sp.issparse(counts):
-        counts = sp.csr_matrix(counts, dtype=np.float64)
+        counts = sp.csr_matrix(counts, dtype=np.float64, copy=True)
         totals = np.asarray(counts.sum(axis=1)).ravel()
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         out = sp.csr_matrix(sp.diags(scale) @ counts)

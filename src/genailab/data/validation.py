@@ -157,7 +157,7 @@ def gene_variances(matrix) -> np.ndarray:
     """Variance of each gene over the cells (population form), (n_genes,) float64."""
     n_cells, total, squares = 0, 0.0, 0.0
     for block in row_blocks(matrix):
-        block = sp.csr_matrix(block, dtype=np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
+        block = sp.csr_matrix(block, dtype=np.float64, copy=True) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
         n_cells += block.shape[0]
         total = total + np.asarray(block.sum(axis=0)).ravel()
         squares = squares + np.asarray((block.multiply(block) if sp.issparse(block) else block * block).sum(axis=0)).ravel()

@@ -23,7 +23,9 @@ def as_matrix(data, *, name: str) -> np.ndarray | sp.csr_matrix:
         if data is None:
             raise InputDataError(f"{name} is an AnnData without .X; pass the matrix to compare instead.")
     try:
-        matrix = sp.csr_matrix(data, dtype=np.float64) if sp.issparse(data) else np.asarray(data, dtype=np.float64)
+        # a copy for sparse input: scipy shares the caller's index arrays across a dtype change, and sorting
+        # them (as its arithmetic does) would scramble the caller's matrix
+        matrix = sp.csr_matrix(data, dtype=np.float64, copy=True) if sp.issparse(data) else np.asarray(data, np.float64)
     except (TypeError, ValueError) as error:
         raise InputDataError(f"{name} could not be read as a numeric matrix ({error}).") from error
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] == 0:

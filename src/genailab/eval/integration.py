@@ -270,7 +270,7 @@ def diffusion_embedding(connectivities: sp.spmatrix, *, n_components: int = 100)
     from scipy.linalg import eigh
     from scipy.sparse.linalg import eigsh
 
-    kernel = sp.csr_matrix(connectivities, dtype=np.float64)
+    kernel = sp.csr_matrix(connectivities, dtype=np.float64, copy=True)
     density = np.asarray(kernel.sum(axis=0)).ravel()
     kernel = sp.diags(1 / density) @ kernel @ sp.diags(1 / density)
     scale = 1 / np.sqrt(np.asarray(kernel.sum(axis=0)).ravel())

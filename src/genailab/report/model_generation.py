@@ -256,7 +256,7 @@ def log_fold_change(
     groups = np.asarray(groups)
     missing = pd.isna(groups)  # a missing group (NaN, None) is no group, not one called 'nan'
     groups = groups.astype(str)
-    matrix = sp.csr_matrix(values, dtype=np.float64) if sp.issparse(values) else np.asarray(values, dtype=np.float64)
+    matrix = sp.csr_matrix(values, dtype=np.float64, copy=True) if sp.issparse(values) else np.asarray(values, dtype=np.float64)
     if groups.shape != (matrix.shape[0],):
         raise InputDataError(f"groups has shape {groups.shape}; give one group per cell ({matrix.shape[0]}).")
     means = []
