@@ -127,6 +127,26 @@ def test_duplicated_column_headers_raise_instead_of_being_renamed(tmp_path):
         read_bulk_counts(tmp_path / "b.tsv")
 
 
+def test_a_table_without_a_name_column_is_refused_not_read_one_gene_short(tmp_path):
+    """Without a name column the first gene's counts became the cell names (not unique), the gene was
+    lost and training exited 0."""
+    pd.DataFrame({"g0": [2, 1, 2, 3], "g1": [0, 4, 1, 1], "g2": [5, 5, 0, 2]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputDataError, match=r"first column, read as the row names, repeats \['2'\]: if the table "
+                                             "has no name column, add one"):  # fmt: skip
+        read(tmp_path / "t.csv")
+
+
+@pytest.mark.parametrize("kind", ["loom renamed", "no groups"])
+def test_an_hdf5_file_that_is_not_10x_is_named_as_such(tmp_path, counts, kind):
+    """scanpy's 10x reader raised AttributeError or IndexError, shown as a traceback."""
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as handle:
+        if kind == "loom renamed":
+            handle["matrix"] = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    with pytest.raises(InputDataError, match="could not read .*x.h5 .*not in the format its name says"):
+        read(path)
+
+
 def test_loom_round_trip(tmp_path, counts):
     pytest.importorskip("loompy")
     path = tmp_path / "x.loom"

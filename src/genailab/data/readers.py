@@ -56,7 +56,8 @@ def read(path: str | Path, *, transpose: bool = False, backed: bool = False) -> 
         return _read_any(path, transpose=transpose, backed=backed)
     except GenailabError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, EOFError) as err:  # h5py, pandas, scanpy on a bad file
+    # h5py, pandas, scanpy on a bad file (scanpy's 10x .h5 reader fails with AttributeError/IndexError on other HDF5)
+    except (OSError, ValueError, TypeError, KeyError, EOFError, AttributeError, IndexError) as err:
         raise InputDataError(
             f"could not read {path} ({type(err).__name__}: {err}); the file is truncated, corrupt or not in the "
             f"format its name says. Supported are {SUPPORTED}."
@@ -231,6 +232,13 @@ def _read_table(path: Path, separator: str, *, skiprows: int = 0) -> pd.DataFram
         )
     values.columns = columns
     values.index = pd.Index(names, name=header[0] if len(header) > values.shape[1] else None)
+    if values.index.has_duplicates:  # most often a table without a name column: its first gene became the names
+        repeated = list(values.index[values.index.duplicated()].unique()[:3])
+        raise InputDataError(
+            f"{path}'s first column, read as the row names, repeats {repeated}: if the table has no name "
+            "column, add one (a unique name per row) so that its first column of values is not taken for names; "
+            "otherwise make the names unique."
+        )
     return values
 
 
