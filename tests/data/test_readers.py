@@ -57,6 +57,29 @@ def test_10x_mtx_folder_and_matrix_file(tmp_path, counts, v3):
         assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
 
 
+@pytest.mark.parametrize(("features", "gzipped"), [("features.tsv", ()), ("genes.tsv", ("matrix.mtx", "genes.tsv",
+                         "barcodes.tsv")), ("features.tsv", ("matrix.mtx",))], ids=["v3-plain", "v2-gz", "mixed"])
+def test_10x_folders_scanpy_refuses_read_the_same(tmp_path, counts, features, gzipped):
+    """Plain v3 files and gzipped v2 files were refused: 'Did not find file .../matrix.mtx.gz'."""
+    reference = tmp_path / "reference"
+    _write_mtx_folder(reference, counts, v3=True)
+    expected = read(reference).var
+    folder = tmp_path / "other"
+    _write_mtx_folder(folder, counts, v3=False)  # plain files, genes.tsv with ids and names
+    if features == "features.tsv":
+        (folder / "genes.tsv").unlink()
+        genes = pd.DataFrame({"id": [f"ENSG{j}" for j in range(5)], "name": GENES, "type": "Gene Expression"})
+        genes.to_csv(folder / "features.tsv", sep="\t", header=False, index=False)
+    else:
+        expected = expected[["gene_ids"]]
+    for name in gzipped:
+        _gzip(folder / name)
+    adata = read(folder)
+    np.testing.assert_array_equal(adata.X.toarray(), counts)
+    assert list(adata.obs_names) == CELLS and list(adata.var_names) == GENES
+    pd.testing.assert_frame_equal(adata.var, expected)
+
+
 def test_10x_h5(tmp_path, counts):
     csc = sp.csc_matrix(counts.T)  # genes x cells, compressed by cell as Cell Ranger writes it
     path = tmp_path / "filtered_feature_bc_matrix.h5"

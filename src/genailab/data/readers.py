@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 from genailab.errors import ConfigError, GenailabError, InputDataError
@@ -171,7 +172,48 @@ def _read_10x_folder(folder: Path) -> AnnData:
             f"{folder} has no matrix.mtx or matrix.mtx.gz; a 10x folder holds matrix.mtx.gz, features.tsv.gz "
             "and barcodes.tsv.gz (Cell Ranger 3+) or matrix.mtx, genes.tsv and barcodes.tsv (older)."
         )
-    return sc.read_10x_mtx(folder)
+    files = {role: _one_of(folder, names) for role, names in _10X_FILES.items()}
+    if None in files.values():
+        missing = " or ".join(_10X_FILES[next(role for role, path in files.items() if path is None)])
+        raise InputDataError(f"{folder} has no {missing}; a 10x folder holds matrix.mtx, features.tsv (genes.tsv "
+                             "before Cell Ranger 3) and barcodes.tsv, each plain or gzipped.")  # fmt: skip
+    v3 = all(path.suffix == ".gz" for path in files.values()) and files["features"].name.startswith("features")
+    v2 = not any(path.suffix == ".gz" for path in files.values()) and files["features"].name == "genes.tsv"
+    if v3 or v2:  # the layouts scanpy reads
+        return sc.read_10x_mtx(folder)
+    return _read_10x_files(**files)  # plain v3, gzipped v2, or a mix: the same conventions
+
+
+_10X_FILES = {
+    "matrix": ("matrix.mtx", "matrix.mtx.gz"),
+    "features": ("features.tsv", "features.tsv.gz", "genes.tsv", "genes.tsv.gz"),
+    "barcodes": ("barcodes.tsv", "barcodes.tsv.gz"),
+}
+
+
+def _one_of(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / name for name in names if (folder / name).is_file()), None)
+
+
+def _read_10x_files(*, matrix: Path, features: Path, barcodes: Path) -> AnnData:
+    """A 10x matrix folder as scanpy reads one (gene symbols as unique var_names, ``gene_ids`` and
+    ``feature_types`` in var), for the layouts scanpy's reader refuses."""
+    import scipy.io
+
+    counts = sp.csr_matrix(scipy.io.mmread(matrix).T, dtype=np.float32)  # the file is genes x cells
+    genes = pd.read_csv(features, sep="\t", header=None, dtype=str)
+    cells = pd.read_csv(barcodes, sep="\t", header=None, dtype=str)[0]
+    if genes.shape[0] != counts.shape[1] or cells.shape[0] != counts.shape[0]:
+        raise InputDataError(f"{matrix} is {counts.shape[1]} genes x {counts.shape[0]} cells, but {features.name} "
+                             f"lists {genes.shape[0]} genes and {barcodes.name} {cells.shape[0]} barcodes; a header "
+                             "line or a file from another run?")  # fmt: skip
+    symbols = genes[genes.columns[min(1, genes.shape[1] - 1)]].to_numpy()  # scanpy's var_names="gene_symbols"
+    var = pd.DataFrame({"gene_ids": genes[0].to_numpy()}, index=pd.Index(symbols))
+    if genes.shape[1] > 2:
+        var["feature_types"] = genes[2].to_numpy()
+    adata = AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(cells.to_numpy())), var=var)
+    adata.var_names_make_unique()
+    return adata
 
 
 def _read_loom(path: Path) -> AnnData:
