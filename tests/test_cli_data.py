@@ -73,3 +73,20 @@ def test_output_files_must_be_named_for_what_is_written(tmp_path):
     assert notes.read_text() == "my notes\n"
     result = CliRunner().invoke(main, ["simulate", "--n-cells", "50", "--n-genes", "60", "--out", str(tmp_path / "s.H5AD")])
     assert result.exit_code == 0, result.output
+
+
+def test_convert_reads_a_genes_x_cells_table_with_transpose(tmp_path):
+    """A genes x cells table (GEO's usual layout) trained with genes as cells and exit 0: no command
+    could transpose it. `convert --transpose` writes it the right way round."""
+    counts = np.random.default_rng(0).poisson(2.0, size=(6, 4))  # 6 cells x 4 genes
+    table = pd.DataFrame(counts.T, index=[f"g{j}" for j in range(4)], columns=[f"c{i}" for i in range(6)])
+    table.to_csv(tmp_path / "genes_x_cells.csv")
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "genes_x_cells.csv"), "--transpose", "--out",
+                                       str(tmp_path / "cells.h5ad")])  # fmt: skip
+    assert result.exit_code == 0 and "Wrote 6 cells x 4 genes" in result.output, result.output
+    converted = ad.read_h5ad(tmp_path / "cells.h5ad")
+    assert list(converted.obs_names) == list(table.columns) and list(converted.var_names) == list(table.index)
+    np.testing.assert_array_equal(converted.X, counts)
+    as_is = CliRunner().invoke(main, ["convert", str(tmp_path / "genes_x_cells.csv"), "--out", str(tmp_path / "a.h5ad")])
+    assert "as 4 cells x 6 genes (cells in rows); a genes x cells table needs transpose=True" in as_is.output
+    assert ad.read_h5ad(tmp_path / "a.h5ad").shape == (4, 6)  # an unnamed index column writes a readable file

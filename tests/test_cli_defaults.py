@@ -109,7 +109,7 @@ def _leaf_commands():
 
 def test_one_vocabulary_across_commands():
     """README, Command line: `--device` on every command that runs a model, `--labels-key` for labels."""
-    no_model = {"simulate"}
+    no_model = {"simulate", "convert"}
     for name, command in _leaf_commands():
         visible = {opt for param in command.params if isinstance(param, click.Option) and not param.hidden
                    for opt in param.opts}  # fmt: skip

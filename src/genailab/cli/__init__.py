@@ -21,6 +21,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 COMMANDS = {
     "simulate": ("genailab.cli.data", "Write simulated counts with known ground truth to --out."),
+    "convert": (
+        "genailab.cli.data",
+        "Write DATA (10x folder or .h5, .loom, or a text table) as an h5ad that every command reads.",
+    ),
     "train": ("genailab.cli.core", "Train a conditional VAE on DATA (h5ad, 10x, loom, csv) and save it to --out."),
     "embed": ("genailab.cli.core", "Write the latent posterior means of DATA's cells to obsm[KEY] of --out."),
     "demo": ("genailab.cli.core", "Train an NB model on the embedded PBMC counts, embed, cluster, and report."),

@@ -1,4 +1,4 @@
-"""Commands of the data layer: simulate."""
+"""Commands of the data layer: simulate, convert."""
 
 from __future__ import annotations
 
@@ -68,3 +68,23 @@ def simulate_command(n_cells, n_genes, n_cell_types, n_batches, likelihood, drop
         with atomic_path(out) as tmp:
             write_simulated_h5ad(tmp, n_cells, n_genes, **options)
         click.echo(f"Wrote {n_cells} cells x {n_genes} genes (counts in X, no true means) chunk by chunk to {out}")
+
+
+@main.command("convert")
+@click.argument("data", type=click.Path(exists=True, dir_okay=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="h5ad to write.")
+@click.option("--transpose", is_flag=True, help="DATA is a text table with genes in rows and cells in columns.")
+@fail_cleanly
+def convert_command(data, out, transpose):
+    """Write DATA (10x folder or .h5, .loom, or a text table) as an h5ad that every command reads.
+
+    Text tables are read with cells in rows and genes in columns; --transpose reads a genes x cells
+    table (the usual layout of a GEO supplementary file).
+    """
+    from genailab.data.readers import read
+
+    check_output_file(out, suffix=".h5ad", data=data)
+    adata = read(data, transpose=transpose)
+    write_h5ad(adata, out)
+    click.echo(f"Wrote {adata.n_obs} cells x {adata.n_vars} genes to {out} (cells e.g. {list(adata.obs_names[:3])}, "
+               f"genes e.g. {list(adata.var_names[:3])})")

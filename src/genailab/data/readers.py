@@ -79,7 +79,11 @@ def _read_any(path: Path, *, transpose: bool, backed: bool) -> AnnData:
     if suffix in TEXT_SEPARATORS:
         _only(path, "a text table", backed=backed)
         table = _read_table(path, TEXT_SEPARATORS[suffix])
-        return _table_to_anndata(table, path, transpose=transpose)
+        adata = _table_to_anndata(table, path, transpose=transpose)
+        logger.info("Read %s as %d cells x %d genes (cells in %s)%s.", path.name, adata.n_obs, adata.n_vars,
+                    "columns" if transpose else "rows",
+                    "" if transpose else "; a genes x cells table needs transpose=True (genailab convert --transpose)")
+        return adata
     if suffix == ".h5":
         _only(path, "10x .h5", transpose=transpose, backed=backed)
         import scanpy as sc
@@ -296,8 +300,11 @@ def _table_to_anndata(table: pd.DataFrame, path: Path, *, transpose: bool = Fals
         )
     if transpose:
         numeric = numeric.T
+    def names(index: pd.Index) -> pd.Index:  # an empty header ("" from an unnamed index) makes an unreadable h5ad
+        return index.astype(str).rename(index.name or None)
+
     return AnnData(
         X=numeric.to_numpy(dtype=np.float32),
-        obs=pd.DataFrame(index=numeric.index.astype(str)),
-        var=pd.DataFrame(index=numeric.columns.astype(str)),
+        obs=pd.DataFrame(index=names(numeric.index)),
+        var=pd.DataFrame(index=names(numeric.columns)),
     )
