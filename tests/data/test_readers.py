@@ -239,3 +239,15 @@ def test_missing_empty_unknown_and_malformed_files(tmp_path, counts):
         read(tmp_path / "header.csv")
     with pytest.raises(ConfigError, match="backed=True"):
         read(tmp_path / "text.csv", backed=True)
+
+
+def test_repeated_gene_names_are_shown_as_plain_names_with_a_fix_for_files(tmp_path, counts):
+    """The message showed [np.str_('G0')] and only Python's fix."""
+    import anndata as ad
+
+    from genailab import VAE
+
+    adata = ad.AnnData(counts, var=pd.DataFrame(index=["G0", "G0", "G2", "G3", "G4"]))
+    with pytest.raises(InputDataError, match=r"not unique \(e.g. \['G0'\]\); call adata.var_names_make_unique\(\) in "
+                                             "Python, or rename or merge the repeated genes in the file"):  # fmt: skip
+        VAE(adata, latent_dim=2, hidden_dims=(4,))

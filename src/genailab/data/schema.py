@@ -90,8 +90,9 @@ class DataSchema:
         if adata.n_obs == 0 or var_names.size == 0:
             raise InputDataError(f"The AnnData is empty ({adata.n_obs} cells x {var_names.size} genes).")
         if not var_names.is_unique:
-            dupes = var_names[var_names.duplicated()].unique()[:5].tolist()
-            raise InputDataError(f"Gene names are not unique (e.g. {dupes}); call adata.var_names_make_unique().")
+            dupes = [str(name) for name in var_names[var_names.duplicated()].unique()[:5]]
+            raise InputDataError(f"Gene names are not unique (e.g. {dupes}); call adata.var_names_make_unique() in "
+                                 "Python, or rename or merge the repeated genes in the file.")
         categories = []
         for key in categorical_keys:
             column = adata.obs[key]
