@@ -251,3 +251,15 @@ def test_repeated_gene_names_are_shown_as_plain_names_with_a_fix_for_files(tmp_p
     with pytest.raises(InputDataError, match=r"not unique \(e.g. \['G0'\]\); call adata.var_names_make_unique\(\) in "
                                              "Python, or rename or merge the repeated genes in the file"):  # fmt: skip
         VAE(adata, latent_dim=2, hidden_dims=(4,))
+
+
+def test_encoding_and_gzipped_hdf5_name_their_fix(tmp_path, sim_adata):
+    """A Latin-1 table was asked whether it was really tab-separated; a gzipped h5ad was called
+    truncated or corrupt."""
+    (tmp_path / "t.tsv").write_bytes("cell\tgene_\xb5\nc1\t1\n".encode("latin-1"))
+    with pytest.raises(InputDataError, match="is not UTF-8 text .*save it again as UTF-8"):
+        read(tmp_path / "t.tsv")
+    sim_adata.write_h5ad(tmp_path / "d.h5ad")
+    _gzip(tmp_path / "d.h5ad")
+    with pytest.raises(InputDataError, match=r"d.h5ad.gz is gzipped; unpack it first \(gunzip d.h5ad.gz\)"):
+        read(tmp_path / "d.h5ad.gz")

@@ -71,6 +71,9 @@ def _read_any(path: Path, *, transpose: bool, backed: bool) -> AnnData:
         return _read_10x_folder(path if path.is_dir() else path.parent)
     _check_not_empty(path)
     suffix = _suffix(path)
+    if suffix in (".h5ad", ".h5", ".loom") and path.name.lower().endswith(".gz"):  # HDF5 files are read unpacked
+        raise InputDataError(f"{path.name} is gzipped; unpack it first (gunzip {path.name}) and read "
+                             f"{path.name[:-3]}.")
     if suffix == ".h5ad":
         _only(path, ".h5ad", transpose=transpose)
         import anndata
@@ -262,7 +265,10 @@ def _read_table(path: Path, separator: str, *, skiprows: int = 0) -> pd.DataFram
         names = pd.read_csv(path, index_col=0, usecols=[0], dtype={0: str}, na_filter=False, **options).index
     except pd.errors.EmptyDataError:
         raise InputDataError(f"{path} has no data (no header or rows).") from None
-    except (UnicodeDecodeError, pd.errors.ParserError) as err:
+    except UnicodeDecodeError as err:
+        raise InputDataError(f"{path} is not UTF-8 text ({err}); save it again as UTF-8 (e.g. from a spreadsheet: "
+                             "CSV UTF-8), or check that it is a text table at all.") from err
+    except pd.errors.ParserError as err:
         raise InputDataError(f"{path} is not a readable text table ({err}); is it really {separator!r}-separated text?") from err
     if values.shape[1] == 0 or values.shape[0] == 0:
         raise InputDataError(
