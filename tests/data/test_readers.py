@@ -263,3 +263,10 @@ def test_encoding_and_gzipped_hdf5_name_their_fix(tmp_path, sim_adata):
     _gzip(tmp_path / "d.h5ad")
     with pytest.raises(InputDataError, match=r"d.h5ad.gz is gzipped; unpack it first \(gunzip d.h5ad.gz\)"):
         read(tmp_path / "d.h5ad.gz")
+
+
+def test_a_separator_ending_every_line_adds_no_gene(tmp_path):
+    """It became a gene named '' of NaN values, refused later as 'contains NaN'."""
+    (tmp_path / "t.csv").write_text("cell,g0,g1,\nc0,1,2,\nc1,3,0,\n")
+    adata = read(tmp_path / "t.csv")
+    assert list(adata.var_names) == ["g0", "g1"] and adata.X.tolist() == [[1, 2], [3, 0]]

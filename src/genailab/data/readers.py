@@ -283,6 +283,8 @@ def _read_table(path: Path, separator: str, *, skiprows: int = 0) -> pd.DataFram
             "columns) and read the file again."
         )
     values.columns = columns
+    if columns[-1] == "" and values.iloc[:, -1].isna().all():  # every line ends with a separator: no column there
+        values = values.iloc[:, :-1]
     values.index = pd.Index(names, name=header[0] if len(header) > values.shape[1] else None)
     if values.index.has_duplicates:  # most often a table without a name column: its first gene became the names
         repeated = list(values.index[values.index.duplicated()].unique()[:3])
