@@ -217,6 +217,13 @@ def test_evaluate_and_embed_name_their_options_and_the_way_to_new_batches(counts
     result = CliRunner().invoke(main, ["evaluate", str(run), str(counts_file), "--out", str(tmp_path / "report"),
                                        "--latent-sweep", "0,2"])  # fmt: skip
     assert result.exit_code == 2 and "Invalid value for '--latent-sweep'" in result.output
+    n_genes = counts.n_vars  # a size at or above the genes failed after the first sections were written
+    for sweep, message in ((f"2,{n_genes}", f"--latent-sweep must be a whole number in [1, {n_genes}), got {n_genes}"),
+                           ("2,2", "--latent-sweep 2,2 gives a size more than once")):  # fmt: skip
+        result = CliRunner().invoke(main, ["evaluate", str(run), str(counts_file), "--out", str(tmp_path / "sweep"),
+                                           "--latent-sweep", sweep])  # fmt: skip
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "sweep").exists()
     new_batch = counts.copy()
     new_batch.obs["batch"] = "batch_9"
     new_batch.write_h5ad(tmp_path / "new.h5ad")

@@ -12,7 +12,7 @@ from genailab.cli.common import fail_cleanly, output_folder, read_data
 from genailab.safe_write import FolderLock, check_output_folder
 
 
-def _sizes(value: str | None) -> tuple[int, ...]:
+def _sizes(ctx, param, value: str | None) -> tuple[int, ...]:
     if not value:
         return ()
     try:
@@ -32,7 +32,8 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.option("--labels-key", "label_key", default=None, help="obs column of known cell types (ARI/NMI, silhouette, DE check).")
 @hidden_alias("--label-key", "label_key")
 @click.option("--batch-key", default=None, help="obs column of batches (kNN batch entropy, iLISI, batch silhouette).")
-@click.option("--latent-sweep", default=None, help="Latent sizes to retrain and compare, e.g. 2,5,10.")
+@click.option("--latent-sweep", "latent_dims", default=None, callback=_sizes,
+              help="Latent sizes to retrain and compare, e.g. 2,5,10.")
 @click.option("--sweep-epochs", default=None, type=click.IntRange(min=1), help="Epochs per retrained model (default: the run's).")
 @click.option("--imputation", is_flag=True, help="Also run scVI's imputation protocol (hide 10% of counts, retrain).")
 @click.option("--n-samples", default=100, show_default=True, type=click.IntRange(min=1),
@@ -40,13 +41,12 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
 @fail_cleanly
-def evaluate(run_dir, data, out, label_key, batch_key, latent_sweep, sweep_epochs, imputation, n_samples, seed, device):
+def evaluate(run_dir, data, out, label_key, batch_key, latent_dims, sweep_epochs, imputation, n_samples, seed, device):
     """Evaluate the model in RUN_DIR on DATA: metrics.json, PNG figures and index.html in --out."""
     from genailab import VAE
     from genailab.report import write_report
     from genailab.report.evaluate import REPORT_FILES
 
-    latent_dims = _sizes(latent_sweep)
     with output_folder(out), FolderLock(check_output_folder(out, names=REPORT_FILES)):  # fail before the work
         adata = read_data(data)
         model = VAE.load(run_dir, adata, device=device)

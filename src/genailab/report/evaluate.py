@@ -19,6 +19,7 @@ import scanpy as sc
 from anndata import AnnData
 
 from genailab import eval as metrics_lib
+from genailab.checks import check_number
 from genailab.errors import ConfigError, InputDataError
 import genailab.report.model_generation as model_generation
 import genailab.report.model_metrics as model_metrics
@@ -113,6 +114,7 @@ def write_report(
     if batch_key is not None and pd.api.types.is_float_dtype(adata.obs[batch_key]):
         raise ConfigError(f"batch_key={batch_key!r} holds numbers ({adata.obs[batch_key].nunique()} distinct values); "
                           "name a categorical obs column of batches.", argument="batch_key")  # fmt: skip
+    _check_latent_dims(latent_dims, n_genes=model.schema.n_genes)
     indices, scored = _heldout(model, adata)
     _check_enough_cells(model, adata, indices, scored)
     out = check_output_folder(out, names=REPORT_FILES)
@@ -240,6 +242,16 @@ def _heldout(model, adata: AnnData) -> tuple[np.ndarray, str]:
         return np.arange(adata.n_obs), "every cell, all of them training cells (the model has no validation split): not held out"
     logger.warning("adata is not the data the model was trained on; scoring every cell")
     return np.arange(adata.n_obs), "every cell of data other than the training data (its cells may still overlap them)"
+
+
+def _check_latent_dims(latent_dims: Sequence[int], *, n_genes: int) -> None:
+    """Refuse, before any work, sweep sizes the sweep's models would refuse after the report's first
+    sections, and sizes given twice (the same model retrained)."""
+    for dim in latent_dims:
+        check_number("latent_dims", dim, integer=True, ge=1, lt=n_genes, hint=f"The model has {n_genes} genes.")
+    if len(set(latent_dims)) < len(latent_dims):
+        raise ConfigError(f"latent_dims={','.join(map(str, latent_dims))} gives a size more than once; give each once.",
+                          argument="latent_dims")
 
 
 def _check_enough_cells(model, adata: AnnData, indices: np.ndarray, scored: str) -> None:
