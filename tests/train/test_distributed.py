@@ -87,3 +87,21 @@ def test_perturbation_model_with_its_adversary_under_torchrun_matches_one_proces
     assert ddp[-1]["val_elbo_loss"] < 0.9 * ddp[0]["val_elbo_loss"]  # it trained
     assert ddp[-1]["val_elbo_loss"] == pytest.approx(single[-1]["val_elbo_loss"], rel=0.02)
     assert ddp[-1]["train_adversary_loss"] == pytest.approx(single[-1]["train_adversary_loss"], rel=0.1)
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "meta"])
+def test_a_device_torch_parses_but_genailab_does_not_run_on_is_refused(name, tmp_path):
+    """--device mps/xpu/meta gave torch's RuntimeError or AssertionError as a traceback."""
+    from click.testing import CliRunner
+
+    from genailab.cli import main
+    from genailab.data import simulate
+    from genailab.errors import ConfigError
+    from genailab.train.distributed import DistributedContext
+
+    with pytest.raises(ConfigError, match=rf"device='{name}' is not supported: genailab runs on 'cpu' or CUDA"):
+        DistributedContext().device(name)
+    simulate(60, 12, n_cell_types=2, n_markers=3, seed=0).write_h5ad(tmp_path / "s.h5ad")
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "s.h5ad"), "--epochs", "1", "--device", name,
+                                       "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 2 and f"--device {name} is not supported" in result.output, result.output

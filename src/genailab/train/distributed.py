@@ -48,8 +48,14 @@ class DistributedContext:
             device = torch.device(name)
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"device={name!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
+        if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: torch parses them, genailab does not run there
+            raise ConfigError(f"device={name!r} is not supported: genailab runs on 'cpu' or CUDA ('cuda', 'cuda:N'); "
+                              "use 'auto' to take a GPU when there is one.")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={name!r} asks for CUDA, which this machine or torch build lacks; use 'auto' or 'cpu'.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} names GPU {device.index}, but this machine has "
+                              f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
         return device
 
     def shard(self, indices: np.ndarray) -> np.ndarray:
