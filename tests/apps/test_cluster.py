@@ -91,3 +91,11 @@ def test_cells_without_a_label_are_left_out_of_the_agreement(app_data, app_model
     known = adata.obs["partial"].notna().to_numpy()
     expected = adjusted_rand_score(adata.obs["partial"][known].astype(str), adata.obs["leiden"][known])
     assert adata.uns["leiden"]["scores"]["ari"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("resolution", "fix"), [(1e6, "lower `resolution`"), (1e-4, "raise `resolution`")])
+def test_too_many_or_too_few_clusters_say_which_way_to_move_the_resolution(app_data, app_model, resolution, fix):
+    """Singleton clusters were told to raise the resolution, in a message listing every cluster."""
+    with pytest.raises(InputDataError, match=fix) as info:
+        cluster(app_data.copy(), app_model, resolution=resolution)
+    assert len(str(info.value)) < 300 and info.value.argument == "resolution"

@@ -165,8 +165,11 @@ def _markers(adata: AnnData, model, groupby: str) -> dict:
     sizes = adata.obs[groupby].value_counts()
     groups = [str(g) for g in sizes.index[sizes >= 2]]
     if len(groups) < 2:
+        fix = "lower `resolution`" if (sizes == 1).sum() > sizes.size // 2 else "raise `resolution`"
+        shown = ", ".join(f"{name}: {int(n)}" for name, n in sizes.head(5).items())
         raise InputDataError(
-            f"Leiden found fewer than two clusters of two cells or more ({dict(sizes)}); raise the resolution."
+            f"Leiden found {sizes.size} cluster(s) ({shown}{', ...' if sizes.size > 5 else ''} cells) but fewer than "
+            f"two of two cells or more, so there are no marker genes to rank; {fix}.", argument="resolution"
         )
     same_genes = list(map(str, adata.var_names)) == list(model.schema.gene_names)
     target = adata if same_genes else AnnData(
