@@ -99,3 +99,13 @@ def test_too_many_or_too_few_clusters_say_which_way_to_move_the_resolution(app_d
     with pytest.raises(InputDataError, match=fix) as info:
         cluster(app_data.copy(), app_model, resolution=resolution)
     assert len(str(info.value)) < 300 and info.value.argument == "resolution"
+
+
+def test_a_plot_path_matplotlib_cannot_write_is_refused_before_the_work(app_data, app_model, tmp_path):
+    """plot='x.txt' raised matplotlib's ValueError after the clustering had written into adata."""
+    from genailab.errors import ConfigError
+
+    adata = app_data.copy()
+    with pytest.raises(ConfigError, match=r"plot='.*x.txt' must end in a figure format, e.g. .png"):
+        cluster(adata, app_model, plot=tmp_path / "x.txt")
+    assert "leiden" not in adata.obs and "X_genailab" not in adata.obsm

@@ -98,6 +98,7 @@ def cluster(
                           f"scanpy's {sorted(scanpy_keys)}); give key_added and markers_key names of their own.")
     if plot is not None:
         check_output_file(plot)  # before the work
+        _check_figure_format(Path(plot))
     if labels_key is not None:
         require_obs_column(adata, labels_key, argument="labels_key")
     missing = [c for c in color if c not in adata.obs]
@@ -183,6 +184,16 @@ def _markers(adata: AnnData, model, groupby: str) -> dict:
 
 def _natural(label: str):
     return (0, int(label)) if label.isdigit() else (1, label)
+
+
+def _check_figure_format(path: Path) -> None:
+    """Refuse a ``plot`` path whose suffix matplotlib cannot write (it would fail after the clustering)."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"plot={str(path)!r} must end in a figure format, e.g. .png, .pdf or .svg (supported: "
+                          f"{', '.join(sorted(formats))}).", argument="plot")
 
 
 def _plot_umap(adata: AnnData, columns: list[str], path: Path) -> None:
