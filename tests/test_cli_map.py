@@ -153,3 +153,13 @@ def test_map_checks_the_vote_has_enough_labelled_cells_before_training(files, tm
     labelled = ad.read_h5ad(files / "reference.h5ad").n_obs
     assert f"--n-neighbors 100000 must be between 1 and the {labelled} labelled reference cells" in output, output
     assert not out.exists()
+
+
+def test_no_encoder_stage_refusal_names_the_flag_given(files, tmp_path):
+    """The error named --encoder-stage, the opposite of the --no-encoder-stage given, and offered
+    'no --encoder-stage (the default)'."""
+    out = tmp_path / "mapped"
+    output = _invoke("map", files / "ref_run", files / "query.h5ad", "--out", out, "--unfreeze", "encoder",
+                     "--encoder-start", "batch_norm", "--no-encoder-stage", "--epochs", 1, code=2)  # fmt: skip
+    assert output.startswith("Error: ConfigError: --no-encoder-stage holds the new encoder columns"), output
+    assert "or leave --no-encoder-stage out (the default trains them)" in output and not out.exists()

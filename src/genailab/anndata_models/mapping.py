@@ -415,7 +415,8 @@ class QueryVAE(VAE):
             raise ConfigError(
                 f"encoder_stage=False holds the new encoder columns at their start, but with unfreeze={self.unfreeze!r} and "
                 f"these conditions the stages are {[name for name, _ in stages]}; use unfreeze='new_categories' with "
-                "one-hot conditions seen by both networks, or encoder_stage=None (the default)."
+                "one-hot conditions seen by both networks, or leave encoder_stage=False out (the default trains them).",
+                argument="encoder_stage",
             )
         hold = encoder_stage is False or (encoder_stage is None and refined and separate and self.unfreeze == "new_categories")
         return stages[:1] if hold else stages

@@ -88,6 +88,8 @@ def in_option_terms(message: str, command: click.Command, *, argument: str | Non
         name, value = match.group(1), match.group(2).strip("'\"")
         if value == "None":  # an option's None is the option left out
             return f"no {spelled(name)}"
+        if options[name].is_flag and value == "False" and options[name].secondary_opts:  # --x/--no-x given as --no-x
+            return max(options[name].secondary_opts, key=len)
         return spelled(name) if options[name].is_flag else f"{spelled(name)} {value}"
 
     names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
