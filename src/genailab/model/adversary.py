@@ -35,8 +35,7 @@ class AdversaryConfig:
         # named adversary_<field>, as the command line's options are, so that no message confuses them with lr & co.
         object.__setattr__(self, "weight", check_number("adversary_weight", self.weight, ge=0))
         object.__setattr__(self, "warmup_epochs", check_number("adversary_warmup_epochs", self.warmup_epochs, ge=0))
-        object.__setattr__(self, "lr", check_number("adversary_lr", self.lr, gt=0, le=10,
-                                                       hint="1e-3 is typical; larger steps overflow Adam's update."))
+        object.__setattr__(self, "lr", check_number("adversary_lr", self.lr, gt=0))
         object.__setattr__(self, "hidden_dims", check_sizes("adversary_hidden_dims", self.hidden_dims))
         if self.mode not in ADVERSARY_MODES:
             raise ConfigError(f"adversary mode {self.mode!r} is not one of {ADVERSARY_MODES}.", argument="mode")

@@ -125,7 +125,7 @@ _NUMBERS = {
     "lr_warmup_fraction": dict(ge=0, lt=1),
     "kl_warmup_fraction": dict(ge=0, le=1),
     "batch_size": dict(integer=True, ge=1),
-    "lr": dict(gt=0, le=10, hint="1e-3 is typical; larger steps overflow Adam's float32 update."),
+    "lr": dict(gt=0),
     "one_cycle_peak": dict(ge=1),
     "weight_decay": dict(ge=0),
     "grad_clip": dict(gt=0, allow_none=True, hint="None disables clipping."),
